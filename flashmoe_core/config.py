@@ -1,0 +1,226 @@
+"""The MoE layer configuration: one frozen, validated value object.
+
+Every field is checked on construction; an impossible or unsupported value raises
+``ValueError`` naming the field, the value and what is allowed, so bad input is
+rejected before anything touches a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Optional, Tuple
+
+__all__ = ["MoEConfig", "MLP_KINDS", "ACTIVATIONS", "DTYPES", "MAX_TOP_K", "MAX_EXPERTS"]
+
+MLP_KINDS = ("vanilla", "gated")
+ACTIVATIONS = ("relu", "gelu", "silu")
+DTYPES = ("float32", "tfloat32", "bfloat16", "float16")
+MAX_TOP_K = 8
+MAX_EXPERTS = 1024
+MAX_TOKENS = 1 << 20
+# Rows travel and stream through shared memory in 16-byte vectors: 8 elements of a
+# 16-bit type, 4 of a 32-bit one. A multiple of 8 works for every dtype.
+ROW_ALIGN = 8
+MAX_WORLD_SIZE = 1024
+
+
+def _fail(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"MoEConfig.{field}={value!r} is not allowed: {allowed}")
+
+
+def _check_int(field: str, value: Any, lo: int, hi: int, extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(field, value, f"an int in [{lo}, {hi}]{extra}")
+    if not lo <= value <= hi:
+        raise _fail(field, value, f"an int in [{lo}, {hi}]{extra}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Shape, numerics and placement of one MoE layer.
+
+    Parameters
+    ----------
+    tokens : int
+        Tokens per rank. For the GPU layer this is an upper bound: a forward pass
+        may carry any token count from 1 to ``tokens`` without recompiling.
+    hidden : int
+        Model width (a multiple of 8).
+    ffn : int
+        Expert intermediate width (a multiple of 8).
+    experts : int
+        Number of experts in the whole layer (all ranks together).
+    top_k : int
+        Experts per token, 1..8 and at most ``experts``.
+    mlp : {"vanilla", "gated"}
+        ``"vanilla"``: ``act(x W1 + b1) W2 + b2``. ``"gated"``: ``(act(x Wg) * (x Wu)) W2``.
+    activation : {"relu", "gelu", "silu"}
+        ``gelu`` is the exact erf form, ``silu`` is ``x * sigmoid(x)``.
+    dtype : {"float32", "tfloat32", "bfloat16", "float16"}
+        Storage type of activations and weights. ``tfloat32`` stores float32 arrays
+        whose values are rounded to TF32 (10-bit mantissa). Accumulation is float32.
+    capacity_factor : float or None
+        ``None`` is dropless. Otherwise each (expert, source rank) pair accepts at
+        most ``ceil(capacity_factor * tokens * top_k / experts)`` assignments.
+    renormalize : bool
+        Scale each token's top-k weights to sum to 1.
+    world_size : int
+        Number of ranks (GPUs) sharing the experts.
+    placement : tuple of int or None
+        Owner rank of every expert. ``None`` gives contiguous blocks, the first
+        ``experts % world_size`` ranks holding one expert more.
+    """
+
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int = 2
+    mlp: str = "vanilla"
+    activation: str = "relu"
+    dtype: str = "bfloat16"
+    capacity_factor: Optional[float] = None
+    renormalize: bool = True
+    world_size: int = 1
+    placement: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        _check_int("tokens", self.tokens, 1, MAX_TOKENS)
+        for name in ("hidden", "ffn"):
+            value = getattr(self, name)
+            _check_int(name, value, ROW_ALIGN, 1 << 16, f" and a multiple of {ROW_ALIGN}")
+            if value % ROW_ALIGN:
+                raise _fail(
+                    name, value,
+                    f"a multiple of {ROW_ALIGN} (rows move as 16-byte vectors); "
+                    f"pad it to {math.ceil(value / ROW_ALIGN) * ROW_ALIGN}")
+        _check_int("experts", self.experts, 1, MAX_EXPERTS)
+        _check_int("top_k", self.top_k, 1, MAX_TOP_K)
+        if self.top_k > self.experts:
+            raise _fail("top_k", self.top_k, f"at most experts={self.experts}")
+        if self.mlp not in MLP_KINDS:
+            raise _fail("mlp", self.mlp, f"one of {MLP_KINDS}")
+        if self.activation not in ACTIVATIONS:
+            raise _fail("activation", self.activation, f"one of {ACTIVATIONS}")
+        if self.dtype not in DTYPES:
+            raise _fail("dtype", self.dtype, f"one of {DTYPES}")
+        cf = self.capacity_factor
+        if cf is not None:
+            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) \
+                    or cf <= 0:
+                raise _fail("capacity_factor", cf, "None (dropless) or a finite number > 0")
+            object.__setattr__(self, "capacity_factor", float(cf))
+        if not isinstance(self.renormalize, bool):
+            raise _fail("renormalize", self.renormalize, "True or False")
+        _check_int("world_size", self.world_size, 1, MAX_WORLD_SIZE)
+        if self.tokens * self.world_size * self.top_k >= 1 << 31:
+            raise _fail("tokens", self.tokens,
+                        "tokens * world_size * top_k below 2**31 (32-bit assignment indices)")
+        if self.placement is not None:
+            placement = self.placement
+            if isinstance(placement, (str, bytes)) or not hasattr(placement, "__len__"):
+                raise _fail("placement", placement, "None or a sequence of owner ranks")
+            placement = tuple(placement)
+            if len(placement) != self.experts:
+                raise _fail("placement", self.placement,
+                            f"one owner rank per expert ({self.experts} entries), "
+                            f"got {len(placement)}")
+            for e, owner in enumerate(placement):
+                if isinstance(owner, bool) or not isinstance(owner, int) \
+                        or not 0 <= owner < self.world_size:
+                    raise _fail("placement", self.placement,
+                                f"owner ranks in [0, {self.world_size}); expert {e} has {owner!r}")
+            object.__setattr__(self, "placement", placement)
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def expert_owner(self) -> Tuple[int, ...]:
+        """Owner rank of each expert (``placement``, or contiguous blocks)."""
+        if self.placement is not None:
+            return self.placement
+        base, extra = divmod(self.experts, self.world_size)
+        owners = []
+        for rank in range(self.world_size):
+            owners += [rank] * (base + (1 if rank < extra else 0))
+        return tuple(owners)
+
+    def local_experts(self, rank: int) -> Tuple[int, ...]:
+        """Global ids of the experts owned by ``rank``, ascending."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank} is outside [0, world_size={self.world_size})")
+        return tuple(e for e, r in enumerate(self.expert_owner) if r == rank)
+
+    @property
+    def max_local_experts(self) -> int:
+        """The most experts any rank owns (sizes per-rank buffers identically)."""
+        counts = [0] * self.world_size
+        for r in self.expert_owner:
+            counts[r] += 1
+        return max(counts)
+
+    def capacity(self, tokens: Optional[int] = None) -> Optional[int]:
+        """Assignments one source rank may send one expert; ``None`` when dropless.
+
+        Parameters
+        ----------
+        tokens : int, optional
+            Tokens on the source rank in this pass (defaults to ``self.tokens``).
+        """
+        if self.capacity_factor is None:
+            return None
+        t = self.tokens if tokens is None else tokens
+        return math.ceil(self.capacity_factor * t * self.top_k / self.experts)
+
+    @property
+    def storage_dtype(self) -> str:
+        """NumPy-side storage type: tfloat32 values live in float32 arrays."""
+        return "float32" if self.dtype == "tfloat32" else self.dtype
+
+    def flops(self, tokens: Optional[int] = None) -> int:
+        """Useful FLOPs of one forward pass on one rank (router + expert GEMMs)."""
+        t = self.tokens if tokens is None else tokens
+        gemms = 3 if self.mlp == "gated" else 2
+        return 2 * t * self.hidden * self.experts + gemms * 2 * t * self.top_k * self.hidden * self.ffn
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["placement"] is not None:
+            d["placement"] = list(d["placement"])
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        """Serialise to JSON (``from_json`` reads it back to an equal config)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoEConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a MoEConfig JSON document must be an object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s) {unknown}; known fields: {sorted(known)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in d and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"MoEConfig JSON lacks required field(s) {missing}")
+        d = dict(d)
+        if d.get("placement") is not None and isinstance(d["placement"], list):
+            d["placement"] = tuple(d["placement"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MoEConfig":
+        """Parse a config written by ``to_json`` (or by hand)."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"MoEConfig JSON is not valid JSON: {exc}") from None
+        return cls.from_dict(d)

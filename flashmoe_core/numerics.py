@@ -1,0 +1,143 @@
+"""Element types and the rounding rules shared by the oracle and the GPU layer.
+
+The storage types are float32, tfloat32 (float32 containers holding TF32 values),
+bfloat16 (``ml_dtypes.bfloat16``, the type JAX uses) and float16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["storage_dtype", "round_to", "round_tf32", "as_f32", "itemsize", "erf", "erfc", "activation", "activation_grad"]
+
+_STORAGE = {
+    "float32": np.dtype(np.float32),
+    "tfloat32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """NumPy dtype that stores values of the named element type."""
+    try:
+        return _STORAGE[dtype]
+    except KeyError:
+        raise ValueError(f"unknown element type {dtype!r}; known: {sorted(_STORAGE)}") from None
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of the named element type."""
+    return storage_dtype(dtype).itemsize
+
+
+def round_tf32(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to TF32 (10-bit mantissa), half away from zero.
+
+    This is the rounding of the GPU's ``cvt.rna.tf32.f32``, which the kernel uses to
+    feed tensor cores. Infinities and NaNs pass through.
+    """
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    bits = a.view(np.uint32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    # Adding half an ulp to the magnitude bits and truncating rounds half away from
+    # zero; a carry into the exponent is the correct result.
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).astype(np.uint32)
+    return np.where(finite, rounded, bits).view(np.float32).reshape(a.shape)
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round to the named element type; returns an array of its storage dtype."""
+    if dtype == "tfloat32":
+        return round_tf32(np.asarray(x, dtype=np.float32))
+    target = storage_dtype(dtype)
+    a = np.asarray(x)
+    if a.dtype == np.float64 and target != np.float32:
+        # Round once: float64 -> float32 -> 16-bit could round twice.
+        a = a.astype(np.float32)
+    return a.astype(target)
+
+
+def as_f32(x: np.ndarray) -> np.ndarray:
+    """Exact widening of any storage type to float32."""
+    return np.asarray(x).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- activations
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+
+def _erf_series(ax: np.ndarray) -> np.ndarray:
+    """erf for 0 <= ax < 2: 2/sqrt(pi) exp(-x^2) sum_n 2^n x^(2n+1) / (2n+1)!! (no
+    cancellation: every term is positive)."""
+    x2 = ax * ax
+    term = ax.copy()
+    total = ax.copy()
+    for n in range(1, 40):  # x^2 < 4: the 40th term is below 1e-20 of the sum
+        term *= 2.0 * x2 / (2 * n + 1)
+        total += term
+    return _TWO_OVER_SQRT_PI * np.exp(-x2) * total
+
+
+def _erfc_fraction(ax: np.ndarray) -> np.ndarray:
+    """erfc for ax >= 2 by its continued fraction (accurate to a few ulp, relative)."""
+    t = ax.copy()
+    for n in range(120, 0, -1):
+        t = ax + (0.5 * n) / t
+    return np.exp(-ax * ax) / (math.sqrt(math.pi) * t)
+
+
+def erfc(x: np.ndarray) -> np.ndarray:
+    """Complementary error function in float64, accurate in relative terms for x > 0."""
+    x = np.asarray(x, dtype=np.float64)
+    ax = np.abs(x)
+    small = ax < 2.0
+    out = np.empty_like(ax)
+    out[small] = 1.0 - _erf_series(ax[small])
+    out[~small] = _erfc_fraction(ax[~small])
+    return np.where(x < 0, 2.0 - out, out)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """Error function in float64, accurate to a few ulp (NumPy has none built in)."""
+    x = np.asarray(x, dtype=np.float64)
+    ax = np.abs(x)
+    small = ax < 2.0
+    out = np.empty_like(ax)
+    out[small] = _erf_series(ax[small])
+    out[~small] = 1.0 - _erfc_fraction(ax[~small])
+    return np.copysign(out, x)
+
+
+def activation(name: str, x: np.ndarray) -> np.ndarray:
+    """Apply an activation to float32 input; computed in float64, returned as float32."""
+    a = np.asarray(x, dtype=np.float64)
+    if name == "relu":
+        out = np.maximum(a, 0.0)
+    elif name == "gelu":
+        # 0.5 x (1 + erf(x / sqrt 2)), written with erfc so that it stays accurate
+        # where 1 + erf cancels (large negative x).
+        out = 0.5 * a * erfc(-a / math.sqrt(2.0))
+    elif name == "silu":
+        out = a / (1.0 + np.exp(-a))
+    else:
+        raise ValueError(f"unknown activation {name!r}; known: relu, gelu, silu")
+    return out.astype(np.float32)
+
+
+def activation_grad(name: str, x: np.ndarray) -> np.ndarray:
+    """Derivative of an activation at float64 input ``x``, in float64."""
+    a = np.asarray(x, dtype=np.float64)
+    if name == "relu":
+        return (a > 0).astype(np.float64)
+    if name == "gelu":
+        cdf = 0.5 * erfc(-a / math.sqrt(2.0))
+        pdf = np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+        return cdf + a * pdf
+    if name == "silu":
+        s = 1.0 / (1.0 + np.exp(-a))
+        return s * (1.0 + a * (1.0 - s))
+    raise ValueError(f"unknown activation {name!r}; known: relu, gelu, silu")

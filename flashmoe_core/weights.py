@@ -1,0 +1,165 @@
+"""Weights of one MoE layer as NumPy arrays in the configured storage type."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import MoEConfig
+from .numerics import round_to, storage_dtype
+
+__all__ = ["MoEWeights"]
+
+# Draw order of the random generator; never reorder (it would change every seed).
+_TENSOR_IDS = {"router": 0, "w1": 1, "b1": 2, "w2": 3, "b2": 4, "wg": 5, "wu": 6}
+
+
+def expert_tensor_names(mlp: str) -> Tuple[str, ...]:
+    """Per-expert tensor names for an MLP kind, in a fixed order."""
+    return ("w1", "b1", "w2", "b2") if mlp == "vanilla" else ("wg", "wu", "w2")
+
+
+class MoEWeights:
+    """Router and expert weights of one layer.
+
+    Attributes are NumPy arrays of the config's storage type (``ml_dtypes.bfloat16``
+    for bfloat16, ``float32`` for float32 and tfloat32, ``float16``):
+
+    - ``router`` [hidden, experts]
+    - vanilla MLP: ``w1`` [E, hidden, ffn], ``b1`` [E, ffn], ``w2`` [E, ffn, hidden],
+      ``b2`` [E, hidden]
+    - gated MLP: ``wg``, ``wu`` [E, hidden, ffn], ``w2`` [E, ffn, hidden]
+
+    E is ``len(expert_ids)``: all experts by default, or the subset one rank owns.
+
+    Parameters
+    ----------
+    cfg : MoEConfig
+    expert_ids : sequence of int, optional
+        Global ids of the experts held, ascending (default: all).
+    cast : bool
+        Round arrays of another floating type to the storage type instead of
+        rejecting them.
+    **arrays : numpy.ndarray
+        ``router`` and the per-expert tensors of ``cfg.mlp``.
+    """
+
+    def __init__(self, cfg: MoEConfig, *, expert_ids: Optional[Sequence[int]] = None,
+                 cast: bool = False, **arrays: np.ndarray) -> None:
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        ids = tuple(range(cfg.experts)) if expert_ids is None else tuple(int(e) for e in expert_ids)
+        if list(ids) != sorted(set(ids)) or any(not 0 <= e < cfg.experts for e in ids):
+            raise ValueError(f"expert_ids={ids} must be distinct, ascending ids in [0, {cfg.experts})")
+        self.expert_ids = ids
+        expected = self.expected_shapes(cfg, len(ids))
+        unknown = sorted(set(arrays) - set(expected))
+        if unknown:
+            raise ValueError(f"unexpected weight(s) {unknown} for mlp={cfg.mlp!r}; "
+                             f"expected {sorted(expected)}")
+        missing = sorted(set(expected) - set(arrays))
+        if missing:
+            raise ValueError(f"missing weight(s) {missing} for mlp={cfg.mlp!r}")
+        want = storage_dtype(cfg.dtype)
+        for name, shape in expected.items():
+            a = np.asarray(arrays[name])
+            if a.shape != shape:
+                raise ValueError(f"weight {name!r} has shape {a.shape}, expected {shape} "
+                                 f"for {cfg}")
+            if a.dtype != want:
+                if not cast:
+                    raise ValueError(
+                        f"weight {name!r} has dtype {a.dtype}, expected {want} for "
+                        f"dtype={cfg.dtype!r}; pass cast=True to round it")
+            a = round_to(a, cfg.dtype) if (cast or cfg.dtype == "tfloat32") else a
+            setattr(self, name, np.ascontiguousarray(a))
+
+    # ------------------------------------------------------------------ shapes
+    @staticmethod
+    def expected_shapes(cfg: MoEConfig, n_experts: Optional[int] = None) -> Dict[str, tuple]:
+        """Name -> shape of every array for ``cfg`` with ``n_experts`` experts held."""
+        e = cfg.experts if n_experts is None else n_experts
+        h, f = cfg.hidden, cfg.ffn
+        shapes = {"router": (h, cfg.experts)}
+        if cfg.mlp == "vanilla":
+            shapes.update(w1=(e, h, f), b1=(e, f), w2=(e, f, h), b2=(e, h))
+        else:
+            shapes.update(wg=(e, h, f), wu=(e, h, f), w2=(e, f, h))
+        return shapes
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return ("router",) + expert_tensor_names(self.cfg.mlp)
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """Name -> array, router first."""
+        return {n: getattr(self, n) for n in self.names}
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
+    def local_index(self, expert: int) -> int:
+        """Position of a global expert id in the per-expert arrays."""
+        try:
+            return self.expert_ids.index(expert)
+        except ValueError:
+            raise KeyError(f"expert {expert} is not held here (held: {self.expert_ids})") from None
+
+    def subset(self, expert_ids: Iterable[int]) -> "MoEWeights":
+        """The same weights restricted to some experts (router kept whole)."""
+        ids = tuple(sorted(set(int(e) for e in expert_ids)))
+        rows = [self.local_index(e) for e in ids]
+        arrays = {"router": self.router}
+        for n in expert_tensor_names(self.cfg.mlp):
+            arrays[n] = getattr(self, n)[rows]
+        return MoEWeights(self.cfg, expert_ids=ids, **arrays)
+
+    # ------------------------------------------------------------------ random
+    @classmethod
+    def random(cls, cfg: MoEConfig, seed: int = 0,
+               expert_ids: Optional[Sequence[int]] = None) -> "MoEWeights":
+        """Deterministic random weights scaled so layer outputs are O(1).
+
+        Every (tensor, expert) pair has its own random stream keyed by ``seed``, so a
+        rank that materialises only its own experts gets exactly the same values as a
+        process that materialises all of them.
+        """
+        ids = tuple(range(cfg.experts)) if expert_ids is None else tuple(sorted(expert_ids))
+        h, f = cfg.hidden, cfg.ffn
+        gain = 2.0 if cfg.activation == "relu" else 2.5
+
+        def draw(name: str, shape: tuple, scale: float, expert: int = 0) -> np.ndarray:
+            rng = np.random.default_rng([int(seed), _TENSOR_IDS[name], expert])
+            return round_to(rng.standard_normal(shape, dtype=np.float32) * np.float32(scale),
+                            cfg.dtype)
+
+        arrays = {"router": draw("router", (h, cfg.experts), 1.0 / np.sqrt(h))}
+        per_expert = {
+            "w1": ((h, f), 1.0 / np.sqrt(h)),
+            "b1": ((f,), 0.1),
+            "w2": ((f, h), np.sqrt(gain / f)),
+            "b2": ((h,), 0.1),
+            "wg": ((h, f), 1.0 / np.sqrt(h)),
+            "wu": ((h, f), 1.0 / np.sqrt(h)),
+        }
+        if cfg.mlp == "gated":
+            per_expert["w2"] = ((f, h), np.sqrt(2.0 * gain / f))
+        for name in expert_tensor_names(cfg.mlp):
+            shape, scale = per_expert[name]
+            arrays[name] = np.stack([draw(name, shape, scale, e) for e in ids]) if ids else \
+                np.zeros((0,) + shape, dtype=storage_dtype(cfg.dtype))
+        return cls(cfg, expert_ids=ids, **arrays)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)
+        return f"MoEWeights({self.cfg.dtype}, experts={len(self.expert_ids)}, {shapes})"
+
+
+def random_tokens(cfg: MoEConfig, seed: int = 0, tokens: Optional[int] = None,
+                  rank: int = 0) -> np.ndarray:
+    """Deterministic N(0, 1) activations [tokens, hidden] for one rank, rounded to dtype."""
+    t = cfg.tokens if tokens is None else tokens
+    rng = np.random.default_rng([int(seed), 1000, rank])
+    return round_to(rng.standard_normal((t, cfg.hidden), dtype=np.float32), cfg.dtype)

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+
+from flashmoe_core import MoEConfig
+
+BASE = dict(tokens=64, hidden=32, ffn=48, experts=8)
+
+
+def cfg(**kw):
+    return MoEConfig(**{**BASE, **kw})
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("tokens", 0, "tokens"), ("tokens", -3, "tokens"), ("tokens", 1.5, "tokens"),
+    ("tokens", True, "tokens"), ("tokens", 2 ** 21, "tokens"),
+    ("hidden", 30, "multiple of 8"), ("hidden", 0, "hidden"), ("hidden", "32", "hidden"),
+    ("ffn", 12, "multiple of 8"), ("ffn", 4, "ffn"),
+    ("experts", 0, "experts"), ("experts", 2000, "experts"),
+    ("top_k", 0, "top_k"), ("top_k", 9, "top_k"), ("top_k", 9.0, "top_k"),
+    ("mlp", "swiglu", "mlp"), ("activation", "tanh", "activation"),
+    ("dtype", "float64", "dtype"), ("dtype", "bf16", "dtype"),
+    ("capacity_factor", 0, "capacity_factor"), ("capacity_factor", -1.0, "capacity_factor"),
+    ("capacity_factor", float("inf"), "capacity_factor"), ("capacity_factor", "1", "capacity_factor"),
+    ("renormalize", 1, "renormalize"), ("world_size", 0, "world_size"),
+    ("placement", (0,) * 7, "placement"), ("placement", "01234567", "placement"),
+])
+def test_each_field_rejects_bad_values(field, value, fragment):
+    with pytest.raises(ValueError) as exc:
+        cfg(**{field: value})
+    msg = str(exc.value)
+    assert f"MoEConfig.{field}=" in msg and fragment in msg and "allowed" in msg
+
+
+def test_top_k_above_experts():
+    with pytest.raises(ValueError, match=r"top_k=5 .* at most experts=4"):
+        cfg(experts=4, top_k=5)
+
+
+def test_placement_rank_out_of_world():
+    with pytest.raises(ValueError, match=r"owner ranks in \[0, 2\); expert 1 has 2"):
+        cfg(world_size=2, placement=(0, 2, 1, 1, 0, 0, 1, 1))
+
+
+def test_32bit_index_bound():
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        cfg(tokens=2 ** 20, world_size=512, top_k=8, experts=8)
+
+
+def test_defaults_and_derived():
+    c = cfg()
+    assert (c.top_k, c.mlp, c.activation, c.dtype, c.capacity_factor, c.renormalize,
+            c.world_size) == (2, "vanilla", "relu", "bfloat16", None, True, 1)
+    assert c.capacity() is None
+    assert c.expert_owner == (0,) * 8
+    assert c.storage_dtype == "bfloat16"
+    assert cfg(dtype="tfloat32").storage_dtype == "float32"
+
+
+def test_contiguous_uneven_placement():
+    c = cfg(experts=7, world_size=3)
+    assert c.expert_owner == (0, 0, 0, 1, 1, 2, 2)
+    assert c.local_experts(0) == (0, 1, 2) and c.local_experts(2) == (5, 6)
+    assert c.max_local_experts == 3
+    with pytest.raises(ValueError, match="rank=3"):
+        c.local_experts(3)
+
+
+def test_explicit_placement_may_leave_a_rank_empty():
+    c = cfg(experts=4, world_size=3, placement=[2, 0, 2, 0])
+    assert c.placement == (2, 0, 2, 0)
+    assert c.local_experts(1) == () and c.local_experts(2) == (0, 2)
+
+
+def test_capacity_rule():
+    c = cfg(tokens=100, experts=8, top_k=2, capacity_factor=1.25)
+    assert c.capacity() == 32  # ceil(1.25 * 100 * 2 / 8) = ceil(31.25)
+    assert c.capacity(10) == 4  # ceil(3.125)
+    assert isinstance(cfg(capacity_factor=2).capacity_factor, float)
+
+
+def test_frozen():
+    c = cfg()
+    with pytest.raises(Exception):
+        c.tokens = 3
+
+
+def test_json_round_trip():
+    c = cfg(world_size=2, placement=(1, 0, 1, 0, 1, 0, 1, 0), capacity_factor=1.5,
+            mlp="gated", activation="silu", dtype="float16", renormalize=False)
+    text = c.to_json()
+    assert json.loads(text)["placement"] == [1, 0, 1, 0, 1, 0, 1, 0]
+    assert MoEConfig.from_json(text) == c
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("[1, 2]", "must be an object"), ("{bad json", "not valid JSON"),
+    ('{"tokens": 4, "hidden": 8, "ffn": 8, "experts": 2, "colour": 1}', "unknown MoEConfig field"),
+    ('{"tokens": 4, "hidden": 8}', "lacks required field"),
+    ('{"tokens": 4, "hidden": 9, "ffn": 8, "experts": 2}', "MoEConfig.hidden=9"),
+])
+def test_json_errors(text, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        MoEConfig.from_json(text)
+
+
+def test_flops():
+    c = cfg(tokens=10, hidden=16, ffn=32, experts=4, top_k=2)
+    assert c.flops() == 2 * 10 * 16 * 4 + 2 * 2 * 10 * 2 * 16 * 32
+    assert cfg(tokens=10, hidden=16, ffn=32, experts=4, mlp="gated").flops() == \
+        2 * 10 * 16 * 4 + 3 * 2 * 10 * 2 * 16 * 32
