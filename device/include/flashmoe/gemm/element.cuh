@@ -1,0 +1,128 @@
+/**
+ * @file element.cuh
+ * @brief Element types: what memory stores, what tensor cores consume, how to round.
+ *
+ * Type ids (the FMOE_DTYPE macro, mirrored in Python):
+ *   0 float32  - float storage, 3xTF32 tensor-core passes (float32-accurate products)
+ *   1 tfloat32 - float storage rounded to TF32, one TF32 pass
+ *   2 bfloat16 - bf16 storage, one bf16 pass, float32 accumulation
+ *   3 float16  - fp16 storage, one fp16 pass, float32 accumulation
+ */
+#pragma once
+
+#include "../prelude.cuh"
+
+namespace flashmoe {
+namespace gemm {
+
+enum DType : int { kFloat32 = 0, kTFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+/// Round a float to TF32, half away from zero (what the oracle does).
+FMOE_DEVICE uint32_t tf32_rna_bits(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+FMOE_DEVICE float round_tf32(float x) { return __uint_as_float(tf32_rna_bits(x)); }
+
+template <int kDtype>
+struct Element;
+
+template <>
+struct Element<kFloat32> {
+  using Storage = float;
+  using Operand = cute::tfloat32_t;  // shared memory and fragments hold the raw float bits
+  using MmaAtom = cute::SM80_16x8x8_F32TF32TF32F32_TN;
+  static constexpr int kPasses = 3;  // big*big + big*small + small*big
+  static constexpr int kMmaK = 8;
+  FMOE_DEVICE static Storage from_float(float v) { return v; }
+  FMOE_DEVICE static float to_float(Storage v) { return v; }
+};
+
+template <>
+struct Element<kTFloat32> {
+  using Storage = float;
+  using Operand = cute::tfloat32_t;
+  using MmaAtom = cute::SM80_16x8x8_F32TF32TF32F32_TN;
+  static constexpr int kPasses = 1;
+  static constexpr int kMmaK = 8;
+  FMOE_DEVICE static Storage from_float(float v) { return round_tf32(v); }
+  FMOE_DEVICE static float to_float(Storage v) { return v; }
+};
+
+template <>
+struct Element<kBFloat16> {
+  using Storage = cute::bfloat16_t;
+  using Operand = cute::bfloat16_t;
+  using MmaAtom = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+  static constexpr int kPasses = 1;
+  static constexpr int kMmaK = 16;
+  FMOE_DEVICE static Storage from_float(float v) { return Storage(v); }
+  FMOE_DEVICE static float to_float(Storage v) { return float(v); }
+};
+
+template <>
+struct Element<kFloat16> {
+  using Storage = cute::half_t;
+  using Operand = cute::half_t;
+  using MmaAtom = cute::SM80_16x8x16_F32F16F16F32_TN;
+  static constexpr int kPasses = 1;
+  static constexpr int kMmaK = 16;
+  FMOE_DEVICE static Storage from_float(float v) { return Storage(v); }
+  FMOE_DEVICE static float to_float(Storage v) { return float(v); }
+};
+
+/// Convert 8 floats and store them with 16-byte stores (dst 16-byte aligned).
+template <class E>
+FMOE_DEVICE void store8(typename E::Storage* dst, const float (&v)[8]) {
+  using S = typename E::Storage;
+  alignas(16) S out[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out[j] = E::from_float(v[j]);
+#pragma unroll
+  for (int j = 0; j < int(8 * sizeof(S) / 16); ++j) {
+    reinterpret_cast<uint4*>(dst)[j] = reinterpret_cast<const uint4*>(out)[j];
+  }
+}
+
+/// Load 8 elements (16-byte aligned) as floats.
+template <class E>
+FMOE_DEVICE void load8(const typename E::Storage* src, float (&v)[8]) {
+  using S = typename E::Storage;
+  alignas(16) S in[8];
+#pragma unroll
+  for (int j = 0; j < int(8 * sizeof(S) / 16); ++j) {
+    reinterpret_cast<uint4*>(in)[j] = reinterpret_cast<const uint4*>(src)[j];
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = E::to_float(in[j]);
+}
+
+/// Activation ids (FMOE_ACT): 0 relu, 1 gelu (erf), 2 silu, 3 identity.
+enum Act : int { kRelu = 0, kGelu = 1, kSilu = 2, kIdentity = 3 };
+
+template <int kAct>
+FMOE_DEVICE float activate(float x) {
+  if constexpr (kAct == kRelu) {
+    return fmaxf(x, 0.0f);
+  } else if constexpr (kAct == kGelu) {
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+  } else if constexpr (kAct == kSilu) {
+    return x / (1.0f + expf(-x));
+  } else {
+    return x;
+  }
+}
+
+FMOE_DEVICE float activate_dyn(int act, float x) {
+  switch (act) {
+    case kRelu: return activate<kRelu>(x);
+    case kGelu: return activate<kGelu>(x);
+    case kSilu: return activate<kSilu>(x);
+    default: return x;
+  }
+}
+
+}  // namespace gemm
+}  // namespace flashmoe

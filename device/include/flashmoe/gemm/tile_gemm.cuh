@@ -1,0 +1,267 @@
+/**
+ * @file tile_gemm.cuh
+ * @brief One thread block computes one BM x BN tile of C = A * B^T on tensor cores.
+ *
+ * Both operands are K-major (rows of K contiguous elements). Rows are reached
+ * through per-tile row-pointer tables in shared memory, which gives three things
+ * for free: gathering token rows by index (dispatch without a copy), stacking rows
+ * of two weight matrices into one B tile (the gated MLP's Wg and Wu side by side),
+ * and zero rows past the end of a matrix (a null pointer).
+ *
+ * Data path (SM80 style, runs on Ampere and Hopper):
+ *   global --cp.async (16 B, zero-fill predicated)--> swizzled shared memory,
+ *   kStages-deep pipeline --ldmatrix--> registers --mma.sync (CuTe MMA atom)--> fp32.
+ * The MMA atom and the copy path are chosen by Element<> and the layouts below; a
+ * Hopper WGMMA/TMA path replaces this file's mainloop, not its interface.
+ *
+ * Shape rules: K is a multiple of 8 (whole 16-byte vectors), BM and BN multiples of
+ * 32, BK whole 128-byte shared-memory rows. Any M, N: tails read as zeros.
+ */
+#pragma once
+
+#include "element.cuh"
+
+namespace flashmoe {
+namespace gemm {
+
+/// A valid global address for predicated-off copies (they read nothing from it).
+__device__ uint4 g_zero_source;
+
+/// cp.async of one 16-byte vector; with pred false it writes zeros and reads nothing.
+FMOE_DEVICE void cp_async_16(void* smem, const void* gmem, bool pred) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const void* src = pred ? gmem : static_cast<const void*>(&g_zero_source);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+FMOE_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+FMOE_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <int kDtype, int BM_, int BN_, int BK_, int kStages_>
+struct TileGemm {
+  using E = Element<kDtype>;
+  using Storage = typename E::Storage;
+  using T = typename E::Operand;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, kStages = kStages_;
+  static constexpr int kThreads = 128;
+  static constexpr int kBytes = sizeof(T);
+  static constexpr int kVec = 16 / kBytes;     // elements per 16-byte vector
+  static constexpr int kAtomK = 128 / kBytes;  // elements per 128-byte smem row
+  static_assert(sizeof(Storage) == sizeof(T), "storage and operand types must match in size");
+  static_assert(BK % kAtomK == 0, "BK must be whole 128-byte shared-memory rows");
+  static_assert(BM % 32 == 0 && BN % 32 == 0, "BM and BN must be multiples of 32");
+  static_assert(kStages >= 2, "the pipeline needs at least two stages");
+
+  // 128-byte swizzle: 8 rows of 128 B, 16-byte chunks XOR-permuted by row, so that
+  // cp.async writes and ldmatrix reads are free of bank conflicts.
+  using SmemAtom = decltype(cute::composition(
+      cute::Swizzle<3, (kBytes == 2 ? 3 : 2), 3>{},
+      cute::Layout<cute::Shape<cute::_8, cute::Int<kAtomK>>,
+                   cute::Stride<cute::Int<kAtomK>, cute::_1>>{}));
+  using LayoutA = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<BM>, cute::Int<BK>, cute::Int<kStages>>{}));
+  using LayoutB = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<BN>, cute::Int<BK>, cute::Int<kStages>>{}));
+
+  // 2x2 warps; the 32x32 permutation tile lets one ldmatrix.x4 feed each operand.
+  using Mma = cute::TiledMMA<cute::MMA_Atom<typename E::MmaAtom>,
+                             cute::Layout<cute::Shape<cute::_2, cute::_2, cute::_1>>,
+                             cute::Tile<cute::_32, cute::_32, cute::Int<E::kMmaK>>>;
+  using S2RAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, T>;
+  static_assert(cute::size(Mma{}) == kThreads, "the tiled MMA must use 128 threads");
+
+  static constexpr int kSmemA = BM * BK * kStages * kBytes;
+  static constexpr int kSmemB = BN * BK * kStages * kBytes;
+  static constexpr int kSmemPipe = kSmemA + kSmemB;
+  static constexpr int kSmemRowTables = (BM + BN) * int(sizeof(const Storage*));
+  /// Shared memory one tile needs (pipeline + row tables); the output staging reuses
+  /// the pipeline area.
+  static constexpr int kSmemBytes = kSmemPipe + kSmemRowTables;
+
+  using Acc = decltype(cute::partition_fragment_C(Mma{}, cute::Shape<cute::Int<BM>, cute::Int<BN>>{}));
+
+  /// Row-pointer tables, at the end of the tile's shared memory.
+  FMOE_DEVICE static const Storage** rows_a(char* smem) {
+    return reinterpret_cast<const Storage**>(smem + kSmemPipe);
+  }
+  FMOE_DEVICE static const Storage** rows_b(char* smem) { return rows_a(smem) + BM; }
+
+  /// Element coordinates (m, n) of each accumulator entry of this thread.
+  FMOE_DEVICE static auto acc_coords() {
+    Mma mma;
+    auto thr = mma.get_slice(threadIdx.x);
+    return thr.partition_C(cute::make_identity_tensor(cute::Shape<cute::Int<BM>, cute::Int<BN>>{}));
+  }
+
+  FMOE_DEVICE static void load_stage(char* smem, int k_tile, int stage, int K) {
+    using namespace cute;
+    Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)), LayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)), LayoutB{});
+    const Storage** ra = rows_a(smem);
+    const Storage** rb = rows_b(smem);
+    const int k0 = k_tile * BK;
+    constexpr int kVecsPerRow = BK / kVec;
+    CUTE_UNROLL
+    for (int i = 0; i < BM * kVecsPerRow / kThreads; ++i) {
+      const int v = threadIdx.x + i * kThreads;
+      const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
+      const Storage* row = ra[r];
+      const bool p = row != nullptr && k0 + c < K;
+      cp_async_16(raw_pointer_cast(&sA(r, c, stage)), p ? row + k0 + c : nullptr, p);
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < BN * kVecsPerRow / kThreads; ++i) {
+      const int v = threadIdx.x + i * kThreads;
+      const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
+      const Storage* row = rb[r];
+      const bool p = row != nullptr && k0 + c < K;
+      cp_async_16(raw_pointer_cast(&sB(r, c, stage)), p ? row + k0 + c : nullptr, p);
+    }
+  }
+
+  template <class Frag>
+  FMOE_DEVICE static void round_tf32_frag(Frag&& f) {
+    CUTE_UNROLL
+    for (int i = 0; i < cute::size(f); ++i) {
+      uint32_t& bits = reinterpret_cast<uint32_t&>(f(i));
+      bits = tf32_rna_bits(__uint_as_float(bits));
+    }
+  }
+
+  /// hi <- tf32(x), lo <- tf32(x - hi): x = hi + lo to ~22 bits (3xTF32).
+  template <class Frag, class FragLo>
+  FMOE_DEVICE static void split_tf32_frag(Frag&& hi, FragLo&& lo) {
+    CUTE_UNROLL
+    for (int i = 0; i < cute::size(hi); ++i) {
+      uint32_t& h = reinterpret_cast<uint32_t&>(hi(i));
+      const float x = __uint_as_float(h);
+      const uint32_t big = tf32_rna_bits(x);
+      reinterpret_cast<uint32_t&>(lo(i)) = tf32_rna_bits(x - __uint_as_float(big));
+      h = big;
+    }
+  }
+
+  /**
+   * acc += A_tile * B_tile^T over K. The caller filled rows_a/rows_b (null rows are
+   * zeros) and synchronised the block. Leaves the pipeline drained and the block
+   * synchronised, so shared memory may be reused at once.
+   */
+  FMOE_DEVICE static void mainloop(Acc& acc, char* smem, int K) {
+    using namespace cute;
+    Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)), LayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)), LayoutB{});
+
+    Mma mma;
+    auto thr_mma = mma.get_slice(threadIdx.x);
+    Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+    Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));  // (MMA, MMA_N, MMA_K)
+    auto s2r_a = make_tiled_copy_A(S2RAtom{}, mma);
+    auto s2r_b = make_tiled_copy_B(S2RAtom{}, mma);
+    auto thr_a = s2r_a.get_slice(threadIdx.x);
+    auto thr_b = s2r_b.get_slice(threadIdx.x);
+    Tensor tXsA = thr_a.partition_S(sA);   // (CPY, MMA_M, MMA_K, STAGE)
+    Tensor tXrA = thr_a.retile_D(tCrA);    // (CPY, MMA_M, MMA_K)
+    Tensor tXsB = thr_b.partition_S(sB);
+    Tensor tXrB = thr_b.retile_D(tCrB);
+    constexpr int kBlocks = decltype(size<2>(tCrA))::value;  // MMA k-steps per BK
+
+    const int num_k = (K + BK - 1) / BK;
+    CUTE_UNROLL
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < num_k) load_stage(smem, s, s, K);
+      cp_async_commit();
+    }
+    int next_k = kStages - 1;
+    int read_stage = 0;
+    int write_stage = kStages - 1;
+
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    copy(s2r_a, tXsA(_, _, 0, read_stage), tXrA(_, _, 0));
+    copy(s2r_b, tXsB(_, _, 0, read_stage), tXrB(_, _, 0));
+
+    [[maybe_unused]] auto tCrA_lo = make_fragment_like(tCrA);
+    [[maybe_unused]] auto tCrB_lo = make_fragment_like(tCrB);
+
+    CUTE_NO_UNROLL
+    for (int kt = 0; kt < num_k; ++kt) {
+      CUTE_UNROLL
+      for (int kb = 0; kb < kBlocks; ++kb) {
+        if (kb == kBlocks - 1) {
+          // The next stage must have landed, and everybody must be done reading the
+          // stage that the next cp.async batch overwrites.
+          cp_async_wait<kStages - 2>();
+          __syncthreads();
+        }
+        const int kb_next = (kb + 1) % kBlocks;
+        copy(s2r_a, tXsA(_, _, kb_next, read_stage), tXrA(_, _, kb_next));
+        copy(s2r_b, tXsB(_, _, kb_next, read_stage), tXrB(_, _, kb_next));
+        if (kb == 0) {
+          if (next_k < num_k) load_stage(smem, next_k, write_stage, K);
+          cp_async_commit();
+          ++next_k;
+          write_stage = read_stage;
+          read_stage = (read_stage + 1 == kStages) ? 0 : read_stage + 1;
+        }
+        if constexpr (kDtype == kFloat32) {
+          split_tf32_frag(tCrA(_, _, kb), tCrA_lo(_, _, kb));
+          split_tf32_frag(tCrB(_, _, kb), tCrB_lo(_, _, kb));
+          cute::gemm(mma, tCrA_lo(_, _, kb), tCrB(_, _, kb), acc);
+          cute::gemm(mma, tCrA(_, _, kb), tCrB_lo(_, _, kb), acc);
+        } else if constexpr (kDtype == kTFloat32) {
+          round_tf32_frag(tCrA(_, _, kb));
+          round_tf32_frag(tCrB(_, _, kb));
+        }
+        cute::gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  // ------------------------------------------------------------------ epilogue
+  /// Floats per staged accumulator row (padding keeps rows in different banks).
+  static constexpr int kStageLd = BN + 4;
+  static constexpr int kSmemStage = BM * kStageLd * int(sizeof(float));
+  static_assert(kSmemStage <= kSmemPipe, "the staged tile must fit in the pipeline's smem");
+
+  /**
+   * Write the float32 accumulators to shared memory as a row-major BM x BN tile
+   * (row stride kStageLd). Call after mainloop; synchronise before reading it.
+   */
+  FMOE_DEVICE static float* stage_acc(const Acc& acc, char* smem) {
+    float* staged = reinterpret_cast<float*>(smem);
+    auto coords = acc_coords();
+    CUTE_UNROLL
+    for (int i = 0; i < cute::size(acc); ++i) {
+      staged[cute::get<0>(coords(i)) * kStageLd + cute::get<1>(coords(i))] = acc(i);
+    }
+    return staged;
+  }
+
+  /**
+   * Row-wise epilogue over a staged tile, 8 columns per step: f(r, c, v) receives 8
+   * floats of row r from column c and writes them wherever they go. Columns c +
+   * 0..7 are < n_cols; f decides what to do with rows and columns past the valid
+   * ones. One loop, not unrolled per element, so heavy activations stay compact.
+   */
+  template <class F>
+  FMOE_DEVICE static void for_each_row_chunk(const float* staged, int n_cols, F f) {
+    const int chunks = n_cols / 8;
+    for (int v = threadIdx.x; v < BM * chunks; v += kThreads) {
+      const int r = v / chunks, c = (v % chunks) * 8;
+      float vals[8];
+      const float4 lo = *reinterpret_cast<const float4*>(staged + r * kStageLd + c);
+      const float4 hi = *reinterpret_cast<const float4*>(staged + r * kStageLd + c + 4);
+      vals[0] = lo.x; vals[1] = lo.y; vals[2] = lo.z; vals[3] = lo.w;
+      vals[4] = hi.x; vals[5] = hi.y; vals[6] = hi.z; vals[7] = hi.w;
+      f(r, c, vals);
+    }
+  }
+};
+
+}  // namespace gemm
+}  // namespace flashmoe

@@ -1,0 +1,34 @@
+/**
+ * @file prelude.cuh
+ * @brief Common includes and small helpers for every flashmoe device translation unit.
+ *
+ * The sources are compiled by NVRTC at run time (no host compiler): only device
+ * headers are included, and everything unannotated is device code
+ * (-default-device), which CuTe's constexpr helpers need.
+ */
+#pragma once
+
+#include <cuda/std/cstdint>
+#include <cuda/std/type_traits>
+#include <cute/tensor.hpp>
+
+#define FMOE_DEVICE __device__ __forceinline__
+
+namespace flashmoe {
+
+using cuda::std::int32_t;
+using cuda::std::int64_t;
+using cuda::std::uint16_t;
+using cuda::std::uint32_t;
+using cuda::std::uint64_t;
+
+/// Nanoseconds from the GPU's global timer (the same clock on every SM).
+FMOE_DEVICE uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+FMOE_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace flashmoe

@@ -1,0 +1,164 @@
+"""On-disk cache of compiled kernels (cubin), safe under concurrent writers.
+
+An entry is ``MAGIC + sha256(payload) + payload``; a load that finds a short file,
+another magic or a digest mismatch treats the entry as corrupt, removes it and
+reports a miss, so the caller rebuilds. Writes go to a temporary file in the same
+folder, are flushed to disk and then renamed over the entry, so a reader sees either
+nothing or a whole entry. Ranks compiling the same kernel at once serialise on a
+per-entry lock file (``fcntl.flock``), and the losers find the winner's entry; the
+wait is bounded, after which a rank compiles on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+__all__ = ["KernelCache", "SCHEMA"]
+
+SCHEMA = 1
+_MAGIC = b"FLASHMOE-CUBIN-1\n"
+_DIGEST_LEN = 64
+
+
+class KernelCache:
+    """A folder of compiled kernels keyed by content hash.
+
+    Parameters
+    ----------
+    root : path
+        Cache folder (created on first write).
+    lock_timeout_s : float
+        Longest wait for another process compiling the same entry.
+    """
+
+    def __init__(self, root, lock_timeout_s: float = 900.0) -> None:
+        self.root = Path(root)
+        self.lock_timeout_s = lock_timeout_s
+
+    def _dir(self) -> Path:
+        return self.root / f"v{SCHEMA}"
+
+    def path(self, key: str) -> Path:
+        """File of the entry for ``key``."""
+        return self._dir() / key[:2] / f"{key}.cubin"
+
+    # ------------------------------------------------------------------ entries
+    def load(self, key: str) -> Optional[bytes]:
+        """The cached payload, or None on a miss or a corrupt entry (then removed)."""
+        p = self.path(key)
+        try:
+            blob = p.read_bytes()
+        except OSError:
+            return None
+        head = len(_MAGIC) + _DIGEST_LEN
+        if len(blob) > head and blob.startswith(_MAGIC):
+            digest = blob[len(_MAGIC):head].decode("ascii", "replace")
+            payload = blob[head:]
+            if hashlib.sha256(payload).hexdigest() == digest:
+                return payload
+        with contextlib.suppress(OSError):
+            p.unlink()
+        return None
+
+    def store(self, key: str, payload: bytes, meta: Optional[dict] = None) -> Path:
+        """Write an entry atomically; ``meta`` goes to a JSON file beside it."""
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        blob = _MAGIC + hashlib.sha256(payload).hexdigest().encode("ascii") + payload
+        self._atomic_write(p, blob)
+        if meta is not None:
+            self._atomic_write(p.with_suffix(".json"),
+                               json.dumps(meta, indent=1, sort_keys=True, default=str).encode())
+        return p
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[bool]:
+        """Hold the entry's lock; yields False if it could not be had in time."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: atomic writes alone keep entries whole
+            yield False
+            return
+        p = self.path(key).with_suffix(".lock")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield False
+            return
+        got = False
+        try:
+            deadline = time.monotonic() + self.lock_timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    got = True
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+            yield got
+        finally:
+            if got:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # ------------------------------------------------------------------ compile times
+    def _timings(self) -> Path:
+        return self._dir() / "compile-seconds.json"
+
+    def estimate_seconds(self, name: str, default: float) -> float:
+        """Last measured compile time of a kernel family (for progress messages)."""
+        try:
+            return float(json.loads(self._timings().read_text())[name])
+        except (OSError, ValueError, KeyError, TypeError):
+            return default
+
+    def record_seconds(self, name: str, seconds: float) -> None:
+        try:
+            data = json.loads(self._timings().read_text())
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        data[name] = round(seconds, 1)
+        with contextlib.suppress(OSError):
+            self._timings().parent.mkdir(parents=True, exist_ok=True)
+            self._atomic_write(self._timings(), json.dumps(data, sort_keys=True).encode())
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many kernels were removed."""
+        n = 0
+        d = self._dir()
+        if not d.exists():
+            return 0
+        for p in sorted(d.rglob("*"), reverse=True):
+            if p.is_file():
+                n += p.suffix == ".cubin"
+                p.unlink()
+            else:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+        return n
