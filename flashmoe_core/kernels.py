@@ -13,7 +13,8 @@ from .host.abi import abi_defines
 from .host.compiler import KernelSpec
 
 __all__ = ["DTYPE_IDS", "ACT_IDS", "tile_config", "tile_gemm_spec", "nvshmem_ping_spec",
-           "abi_check_spec", "test_specs"]
+           "ring_test_spec", "abi_check_spec", "test_specs", "moe_defines", "moe_spec",
+           "moe_specs"]
 
 DTYPE_IDS: Dict[str, int] = {"float32": 0, "tfloat32": 1, "bfloat16": 2, "float16": 3}
 ACT_IDS: Dict[str, int] = {"relu": 0, "gelu": 1, "silu": 2, "identity": 3}
@@ -42,6 +43,12 @@ def nvshmem_ping_spec() -> KernelSpec:
                            label="the NVSHMEM ping kernel", family="nvshmem_ping")
 
 
+def ring_test_spec() -> KernelSpec:
+    """The task-ring protocol on its own (kernel-level test)."""
+    return KernelSpec.make("kernels/ring_test.cu", {}, label="the task-ring test kernel",
+                           family="ring_test")
+
+
 def abi_check_spec() -> KernelSpec:
     """Compile-only check of host/abi.py against abi.cuh."""
     return KernelSpec.make("kernels/abi_check.cu", abi_defines(), label="the ABI check",
@@ -51,5 +58,37 @@ def abi_check_spec() -> KernelSpec:
 def test_specs() -> List[KernelSpec]:
     """Every kernel the test tier and ahead-of-time builds compile."""
     specs = [tile_gemm_spec(d) for d in DTYPE_IDS]
-    specs += [nvshmem_ping_spec(), abi_check_spec()]
+    specs += [nvshmem_ping_spec(), ring_test_spec(), abi_check_spec()]
     return specs
+
+
+def moe_defines(cfg) -> Dict[str, int]:
+    """Compile-time constants of the fused kernel for a MoEConfig.
+
+    Token count, capacity, world size and placement are runtime values: one build
+    serves every token count up to the layer's bound.
+    """
+    return {
+        "FMOE_DTYPE": DTYPE_IDS[cfg.dtype],
+        "FMOE_H": cfg.hidden,
+        "FMOE_F": cfg.ffn,
+        "FMOE_E": cfg.experts,
+        "FMOE_K": cfg.top_k,
+        "FMOE_GATED": int(cfg.mlp == "gated"),
+        "FMOE_ACT": ACT_IDS[cfg.activation],
+        "FMOE_RENORM": int(cfg.renormalize),
+        "FMOE_BK": tile_config(cfg.dtype)["FMOE_BK"],
+        "FMOE_STAGES": tile_config(cfg.dtype)["FMOE_STAGES"],
+    }
+
+
+def moe_spec(cfg) -> KernelSpec:
+    """The fused MoE forward kernel for a configuration."""
+    return KernelSpec.make("kernels/moe_fused.cu", moe_defines(cfg),
+                           label="the fused MoE kernel", family="moe_fused",
+                           context={"config": cfg.to_json()})
+
+
+def moe_specs(cfg) -> List[KernelSpec]:
+    """Every kernel a layer of this configuration uses."""
+    return [moe_spec(cfg)]

@@ -11,9 +11,10 @@ from typing import Dict
 
 import numpy as np
 
-__all__ = ["ABI_VERSION", "FAULT_RECORD", "STRUCTS", "FAULT_CODES", "abi_defines", "decode_fault"]
+__all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "STRUCTS", "FAULT_CODES", "STATE",
+           "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "abi_defines", "decode_fault"]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 FAULT_CODES = {0: "ok", 1: "timeout", 2: "protocol", 3: "bad_launch"}
 
@@ -38,7 +39,24 @@ FAULT_RECORD = _struct([
     ("epoch", "<u4", 48),
 ], 64)
 
-STRUCTS: Dict[str, np.dtype] = {"FaultRecord": FAULT_RECORD}
+_PTR = "<u8"  # device pointers travel as 64-bit integers
+MOE_LAYOUT_POINTERS = (
+    "router_t", "w_up", "w_up2", "b_up", "w_down", "b_down", "logits", "topk_expert",
+    "topk_weight", "token_rows", "row_token", "tile_counts", "expert_total", "expert_kept",
+    "tile_kept", "z", "y_expert", "dep_rowtile", "dep_combine", "ring", "state", "fault")
+MOE_LAYOUT = _struct(
+    [(name, _PTR, 8 * i) for i, name in enumerate(MOE_LAYOUT_POINTERS)]
+    + [("timeout_ns", "<u8", 176), ("max_tokens", "<i4", 184), ("experts", "<i4", 188),
+       ("local_experts", "<i4", 192), ("first_expert", "<i4", 196),
+       ("max_rowtiles", "<i4", 200), ("ring_capacity", "<i4", 204), ("rank", "<i4", 208),
+       ("world", "<i4", 212)], 216)
+
+# Words of MoeLayout.state and the kernel's modes (abi.cuh StateWord / Mode).
+STATE_WORDS = 16
+STATE = {"epoch": 0, "barrier": 1, "exit": 2, "head": 3, "published": 4}
+MODES = {"full": 0, "gate_only": 1, "dispatch_only": 2, "combine_only": 3}
+
+STRUCTS: Dict[str, np.dtype] = {"FaultRecord": FAULT_RECORD, "MoeLayout": MOE_LAYOUT}
 
 
 def abi_defines() -> Dict[str, int]:

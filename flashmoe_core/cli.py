@@ -1,0 +1,83 @@
+"""Command-line pieces shared by ``flashmoe_core.run`` and ``flashmoe_core.build``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from .config import ACTIVATIONS, DTYPES, MLP_KINDS, MoEConfig
+
+__all__ = ["add_config_args", "config_from_args", "DEFAULTS"]
+
+# Defaults of the command line (the paper's layer shape, bf16, top-2, 64 experts).
+DEFAULTS = dict(tokens=2048, hidden=2048, ffn=2048, experts=64, top_k=2, mlp="vanilla",
+                activation="relu", dtype="bfloat16", capacity_factor=None, renormalize=True,
+                world_size=None, placement=None)
+
+
+def _placement(text: str):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--placement {text!r}: expected comma-separated owner ranks, e.g. 0,0,1,1") from None
+
+
+def _capacity(text: str):
+    if text.lower() in ("none", "dropless"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--capacity-factor {text!r}: expected a number or 'none'") from None
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per MoEConfig field, plus --config FILE (flags override the file)."""
+    g = p.add_argument_group("layer configuration (flags override --config)")
+    g.add_argument("--config", type=Path, metavar="FILE",
+                   help="JSON file with MoEConfig fields (MoEConfig.to_json writes one)")
+    g.add_argument("--tokens", type=int, help=f"tokens per rank (default {DEFAULTS['tokens']})")
+    g.add_argument("--hidden", type=int, help=f"model width (default {DEFAULTS['hidden']})")
+    g.add_argument("--ffn", type=int, help=f"expert width (default {DEFAULTS['ffn']})")
+    g.add_argument("--experts", type=int, help=f"experts (default {DEFAULTS['experts']})")
+    g.add_argument("--top-k", type=int, dest="top_k",
+                   help=f"experts per token (default {DEFAULTS['top_k']})")
+    g.add_argument("--mlp", choices=MLP_KINDS, help="expert MLP kind (default vanilla)")
+    g.add_argument("--activation", choices=ACTIVATIONS, help="activation (default relu)")
+    g.add_argument("--dtype", choices=DTYPES, help="element type (default bfloat16)")
+    g.add_argument("--capacity-factor", type=_capacity, dest="capacity_factor",
+                   help="capacity factor, or 'none' for dropless (default none)")
+    g.add_argument("--renormalize", dest="renormalize", action="store_true", default=None,
+                   help="renormalise top-k weights to sum to 1 (default)")
+    g.add_argument("--no-renormalize", dest="renormalize", action="store_false")
+    g.add_argument("--world-size", type=int, dest="world_size",
+                   help="ranks sharing the experts (default: the MPI world size)")
+    g.add_argument("--placement", type=_placement,
+                   help="owner rank of every expert, comma-separated (default: blocks)")
+
+
+def config_from_args(args: argparse.Namespace, world_size: int = 1) -> MoEConfig:
+    """Build the config: defaults, then --config FILE, then explicit flags.
+
+    Raises ValueError (naming the field) for any bad value.
+    """
+    values = dict(DEFAULTS)
+    if args.config is not None:
+        try:
+            text = args.config.read_text()
+        except OSError as exc:
+            raise ValueError(f"--config {args.config}: cannot read it ({exc.strerror})") from None
+        values.update(MoEConfig.from_json(text).to_dict())
+    for f in dataclasses.fields(MoEConfig):
+        v: Optional[object] = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    if values.get("world_size") is None:
+        values["world_size"] = world_size
+    if isinstance(values.get("placement"), list):
+        values["placement"] = tuple(values["placement"])
+    return MoEConfig(**values)

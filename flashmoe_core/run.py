@@ -1,0 +1,253 @@
+"""Run one MoE layer forward pass, time it and optionally check it.
+
+Single process::
+
+    python -m flashmoe_core.run --tokens 4096 --experts 64 --check
+
+Expert parallel, one rank per GPU (or per CPU core with the reference backend)::
+
+    mpirun -np 8 python -m flashmoe_core.run --check
+
+``--backend auto`` uses the fused GPU kernel when a GPU is usable and the reference
+(NumPy) backend otherwise, saying so in one line. Rank 0 prints one summary. The
+exit status is 0 on success, 1 when a check fails, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+
+from . import env
+from .cli import add_config_args, config_from_args
+from .config import MoEConfig
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flashmoe_core.run",
+        description="Run, time and check one distributed MoE layer forward pass.",
+        epilog="Under mpirun -np N each rank owns tokens/rank tokens and its share of the "
+               "experts; rank 0 prints the summary.")
+    add_config_args(p)
+    r = p.add_argument_group("run")
+    r.add_argument("--backend", choices=("auto", "gpu", "reference"), default="auto",
+                   help="auto: the GPU kernel if a GPU is usable, else the NumPy reference")
+    r.add_argument("--seed", type=int, default=0, help="seed of weights and tokens")
+    r.add_argument("--warmup", type=int, default=None,
+                   help="untimed passes first (default 32 on GPU, 0 on the reference)")
+    r.add_argument("--iters", type=int, default=None,
+                   help="timed passes (default 32 on GPU, 2 on the reference)")
+    r.add_argument("--check", action="store_true",
+                   help="compare with the oracle (GPU: on identical routing; MPI reference: "
+                        "distributed == single-process, bit for bit)")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.add_argument("--verbose", action="store_true", help="print the environment and plan")
+    return p
+
+
+def _mpi_comm():
+    if not env.launched_by_mpi():
+        return None
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def _say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _choose_backend(requested: str, rank: int, world: int) -> str:
+    if requested == "reference":
+        return "reference"
+    from .host.device import probe
+
+    ok, why = probe()
+    if requested == "gpu":
+        if not ok:
+            raise _Fail(2, f"--backend gpu needs an NVIDIA GPU, but {why}")
+        if world > 1:
+            raise _Fail(2, "--backend gpu runs one GPU per job for now (no expert "
+                           "parallelism across GPUs yet); use --backend reference under mpirun")
+        return "gpu"
+    if not ok:
+        _say(rank, f"flashmoe_core: no usable GPU ({why}); using the reference backend")
+        return "reference"
+    if world > 1:
+        _say(rank, "flashmoe_core: the GPU kernel is single-GPU for now; using the reference "
+                   "backend across the MPI ranks")
+        return "reference"
+    return "gpu"
+
+
+class _Fail(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _time(fn, warmup: int, iters: int, comm=None, sync=None) -> List[float]:
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    times = []
+    for _ in range(iters):
+        if comm is not None:
+            comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        dt = time.perf_counter() - t0
+        if comm is not None:
+            dt = comm.allreduce(dt, op=_mpi_max())
+        times.append(dt)
+    return times
+
+
+def _mpi_max():
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def _run_reference(cfg: MoEConfig, args, comm, rank: int) -> dict:
+    from .reference import moe_forward
+    from .weights import MoEWeights, random_tokens
+
+    warmup = 0 if args.warmup is None else args.warmup
+    iters = 2 if args.iters is None else args.iters
+    result = {"backend": "reference"}
+    if comm is None:
+        w = MoEWeights.random(cfg, args.seed)
+        x = random_tokens(cfg, args.seed)
+        out = {}
+
+        def step():
+            out["y"], out["routing"] = moe_forward(cfg, w, x)
+
+        times = _time(step, warmup, iters)
+        if args.check:
+            # The reference is the oracle: the check is that it is deterministic.
+            y2, _ = moe_forward(cfg, w, x)
+            same = np.array_equal(y2.view(np.uint8), out["y"].view(np.uint8))
+            result["check"] = {"what": "reference determinism (bitwise)", "passed": bool(same)}
+    else:
+        from .distributed import moe_forward_distributed
+
+        w = MoEWeights.random(cfg, args.seed, expert_ids=cfg.local_experts(rank))
+        x = random_tokens(cfg, args.seed, rank=rank)
+        out = {}
+
+        def step():
+            out["y"], out["routing"] = moe_forward_distributed(cfg, w, x, comm)
+
+        times = _time(step, warmup, iters, comm=comm)
+        if args.check:
+            ys = comm.gather(out["y"], root=0)
+            if rank == 0:
+                full_w = MoEWeights.random(cfg, args.seed)
+                xs = np.concatenate([random_tokens(cfg, args.seed, rank=r)
+                                     for r in range(cfg.world_size)])
+                y_ref, _ = moe_forward(cfg, full_w, xs)
+                y_dist = np.concatenate(ys)
+                same = np.array_equal(y_dist.view(np.uint8), y_ref.view(np.uint8))
+                result["check"] = {"what": "distributed oracle == single-process oracle "
+                                           "(bitwise)", "passed": bool(same)}
+    result["times_s"] = times
+    kept = out["routing"].kept
+    result["dropped_assignments"] = int(kept.size - kept.sum())
+    return result
+
+
+def _run_gpu(cfg: MoEConfig, args, comm, rank: int) -> dict:
+    from .gpu_run import run_benchmark
+
+    warmup = 32 if args.warmup is None else args.warmup
+    iters = 32 if args.iters is None else args.iters
+    return run_benchmark(cfg, seed=args.seed, warmup=warmup, iters=iters, check=args.check,
+                         comm=comm, verbose=args.verbose)
+
+
+def _summary(cfg: MoEConfig, res: dict) -> dict:
+    times = res.get("times_s") or [float("nan")]
+    med = statistics.median(times)
+    flops = cfg.flops()
+    s = {
+        "backend": res["backend"],
+        "config": cfg.to_dict(),
+        "median_ms": med * 1e3,
+        "min_ms": min(times) * 1e3,
+        "iters": len(times),
+        "tflops_per_rank": flops / med / 1e12 if med > 0 else float("nan"),
+    }
+    for k in ("check", "dropped_assignments", "device", "peak_tflops", "percent_of_peak",
+              "routing_agreement", "rel_error", "grid", "arch"):
+        if k in res:
+            s[k] = res[k]
+    return s
+
+
+def _format(s: dict) -> str:
+    c = s["config"]
+    line = (f"{s['backend']}: tokens/rank={c['tokens']} hidden={c['hidden']} ffn={c['ffn']} "
+            f"experts={c['experts']} top_k={c['top_k']} {c['mlp']}/{c['activation']} "
+            f"{c['dtype']} world={c['world_size']} | median {s['median_ms']:.3f} ms over "
+            f"{s['iters']} | {s['tflops_per_rank']:.3f} TFLOP/s per rank")
+    if "percent_of_peak" in s:
+        line += f" ({s['percent_of_peak']:.1f}% of {s['peak_tflops']:.0f} TFLOP/s peak)"
+    if "check" in s:
+        chk = s["check"]
+        line += f" | check {'PASS' if chk['passed'] else 'FAIL'}: {chk['what']}"
+    return line
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    comm = _mpi_comm()
+    rank = 0 if comm is None else comm.Get_rank()
+    size = 1 if comm is None else comm.Get_size()
+    try:
+        cfg = config_from_args(args, world_size=size)
+        if cfg.world_size != size:
+            raise _Fail(2, f"world_size={cfg.world_size} but {size} rank(s) are running; "
+                           f"launch with mpirun -np {cfg.world_size} or drop --world-size")
+        for name in ("warmup", "iters"):
+            v = getattr(args, name)
+            if v is not None and v < (1 if name == "iters" else 0):
+                raise _Fail(2, f"--{name} {v} is out of range (iters >= 1, warmup >= 0)")
+        if args.verbose:
+            _say(rank, f"flashmoe_core: environment {json.dumps(env.describe())}")
+        backend = _choose_backend(args.backend, rank, size)
+        if backend == "reference":
+            res = _run_reference(cfg, args, comm, rank)
+        else:
+            res = _run_gpu(cfg, args, comm, rank)
+    except ValueError as exc:
+        _say(rank, f"error: {exc}")
+        return 2
+    except _Fail as exc:
+        _say(rank, f"error: {exc}")
+        return exc.code
+    summary = _summary(cfg, res)
+    if rank == 0:
+        print(json.dumps(summary, indent=1) if args.json else _format(summary), flush=True)
+    passed = summary.get("check", {}).get("passed", True)
+    if comm is not None:
+        passed = comm.bcast(passed, root=0)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The run and build command lines."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HAS_GPU, run_mpi
+
+SMALL = ["--tokens", "64", "--hidden", "32", "--ffn", "48", "--experts", "6"]
+
+
+def run(args, env=None, cwd=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "flashmoe_core.run"] + list(args),
+                          capture_output=True, text=True, env=e, cwd=cwd, timeout=300)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the GPU-less fallback")
+def test_auto_falls_back_to_reference_in_one_line(tmp_path):
+    p = run(SMALL + ["--check"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    notes = [l for l in p.stderr.splitlines() if "reference backend" in l]
+    assert len(notes) == 1 and "no usable GPU" in notes[0]
+    assert p.stdout.startswith("reference: tokens/rank=64") and "check PASS" in p.stdout
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the GPU-less error")
+def test_gpu_backend_without_gpu_is_a_clear_error():
+    p = run(SMALL + ["--backend", "gpu"])
+    assert p.returncode == 2 and "needs an NVIDIA GPU" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_json_summary():
+    p = run(SMALL + ["--backend", "reference", "--json", "--iters", "1", "--mlp", "gated",
+                     "--activation", "silu", "--dtype", "float16", "--capacity-factor", "1.0"])
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["backend"] == "reference" and s["iters"] == 1 and s["median_ms"] > 0
+    assert s["config"]["mlp"] == "gated" and s["config"]["capacity_factor"] == 1.0
+    assert s["dropped_assignments"] >= 0
+
+
+def test_config_file_and_flag_override(tmp_path):
+    from flashmoe_core import MoEConfig
+
+    f = tmp_path / "cfg.json"
+    f.write_text(MoEConfig(tokens=32, hidden=16, ffn=16, experts=4, top_k=1,
+                           dtype="float32").to_json())
+    p = run(["--config", str(f), "--experts", "5", "--backend", "reference", "--json"])
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)["config"]
+    assert (s["tokens"], s["experts"], s["top_k"], s["dtype"]) == (32, 5, 1, "float32")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--top-k", "9"], "MoEConfig.top_k=9"),
+    (["--hidden", "30"], "multiple of 8"),
+    (["--world-size", "2"], "launch with mpirun -np 2"),
+    (["--iters", "0"], "--iters 0"),
+    (["--config", "/nonexistent.json"], "cannot read it"),
+])
+def test_bad_input_exits_2_with_a_message(args, fragment):
+    p = run(SMALL + ["--backend", "reference"] + args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert fragment in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_flag_value_is_an_argparse_error():
+    p = run(["--capacity-factor", "lots"])
+    assert p.returncode == 2 and "expected a number or 'none'" in p.stderr
+
+
+def test_help_lists_every_config_field():
+    p = run(["--help"])
+    for flag in ("--tokens", "--hidden", "--ffn", "--experts", "--top-k", "--mlp",
+                 "--activation", "--dtype", "--capacity-factor", "--renormalize",
+                 "--world-size", "--placement", "--config", "--backend", "--seed", "--warmup",
+                 "--iters", "--check", "--json"):
+        assert flag in p.stdout
+
+
+@pytest.mark.mpi
+def test_mpirun_runs_the_distributed_oracle_and_checks_it():
+    p = run_mpi(3, ["-m", "flashmoe_core.run", "--backend", "reference", "--check",
+                    "--tokens", "32", "--hidden", "16", "--ffn", "24", "--experts", "7",
+                    "--capacity-factor", "1.0"])
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0 only
+    assert "world=3" in lines[0] and "check PASS: distributed oracle == single-process" in lines[0]
+
+
+@pytest.mark.mpi
+def test_mpirun_placement_must_fit_the_world():
+    p = run_mpi(2, ["-m", "flashmoe_core.run", "--backend", "reference", "--tokens", "8",
+                    "--hidden", "8", "--ffn", "8", "--experts", "3", "--placement", "0,1,2"])
+    assert p.returncode == 2 and "MoEConfig.placement" in p.stderr
+
+
+def test_build_command_rejects_bad_arch():
+    p = subprocess.run([sys.executable, "-m", "flashmoe_core.build", "--arch", "sm_70"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "sm_70" in p.stderr and "not supported" in p.stderr
+
+
+@pytest.mark.compile
+def test_build_command_fills_the_cache(tmp_path):
+    env = dict(os.environ, FLASHMOE_CACHE_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "flashmoe_core.build", "--arch", "sm_80", "--kernels", "tests"]
+    from flashmoe_core import kernels
+
+    # Only the cheap kernels: swap in a spec list without the tile GEMMs.
+    code = ("import sys, flashmoe_core.build as b, flashmoe_core.kernels as k;"
+            "b.test_specs = lambda: [k.abi_check_spec()];"
+            "sys.exit(b.main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code] + cmd[3:], capture_output=True, text=True,
+                       env=env)
+    assert p.returncode == 0, p.stderr
+    assert "kernels/abi_check.cu" in p.stdout and "compiled in" in p.stdout
+    p2 = subprocess.run([sys.executable, "-c", code] + cmd[3:], capture_output=True, text=True,
+                        env=dict(env, FLASHMOE_DISABLE_JIT="1"))
+    assert p2.returncode == 0 and "cached" in p2.stdout
+    assert kernels is not None
