@@ -9,7 +9,9 @@ from flashmoe_core import CompileError, JitDisabledError
 from flashmoe_core.host.cache import KernelCache
 from flashmoe_core.host.compiler import KernelSpec, build, cache_key, normalize_arch
 from flashmoe_core.host.toolchain import find_toolchain
-from flashmoe_core.kernels import abi_check_spec, nvshmem_ping_spec, tile_gemm_spec
+from flashmoe_core import MoEConfig
+from flashmoe_core.kernels import (abi_check_spec, moe_spec, nvshmem_ping_spec, ring_test_spec,
+                                   tile_gemm_spec)
 
 pytestmark = pytest.mark.compile
 
@@ -22,12 +24,20 @@ MATRIX = [
     ("sm_80", tile_gemm_spec("float32")),
     ("sm_90a", nvshmem_ping_spec()),
     ("sm_80", nvshmem_ping_spec()),
+    ("sm_90a", ring_test_spec()),
+    ("sm_80", ring_test_spec()),
     ("sm_90a", abi_check_spec()),
     ("sm_80", abi_check_spec()),
+    # The fused kernel: the benchmark's shape on Hopper; odd shapes, gated, fp16 on Ampere.
+    ("sm_90a", moe_spec(MoEConfig(tokens=8192, hidden=2048, ffn=2048, experts=64, top_k=2))),
+    ("sm_80", moe_spec(MoEConfig(tokens=256, hidden=1000, ffn=1032, experts=7, top_k=7,
+                                 mlp="gated", activation="silu", dtype="float16"))),
 ]
 SYMBOLS = {"kernels/tile_gemm.cu": b"flashmoe_tile_gemm",
            "kernels/nvshmem_ping.cu": b"flashmoe_nvshmem_ping",
-           "kernels/abi_check.cu": b"flashmoe_abi_check"}
+           "kernels/abi_check.cu": b"flashmoe_abi_check",
+           "kernels/ring_test.cu": b"flashmoe_ring_test",
+           "kernels/moe_fused.cu": b"flashmoe_moe_forward"}
 
 
 @pytest.fixture(scope="module")

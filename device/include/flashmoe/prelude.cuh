@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cuda/std/cstdint>
+#include <cuda/std/limits>
 #include <cuda/std/type_traits>
 #include <cute/tensor.hpp>
 

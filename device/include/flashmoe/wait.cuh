@@ -55,7 +55,7 @@ FMOE_DEVICE bool bounded_wait(const WaitSite& site, int32_t phase, int32_t task,
   if (pred()) return true;
   const uint64_t start = global_timer_ns();
   uint32_t spins = 0;
-  while (!pred()) {
+  while (!pred()) {  // bounded: gives up after site.timeout_ns
     if ((++spins & 63u) == 0u) {
       const uint64_t now = global_timer_ns();
       if (fault_raised(site)) return false;

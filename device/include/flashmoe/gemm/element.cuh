@@ -86,14 +86,16 @@ FMOE_DEVICE void store8(typename E::Storage* dst, const float (&v)[8]) {
   }
 }
 
-/// Load 8 elements (16-byte aligned) as floats.
-template <class E>
+/// Load 8 elements (16-byte aligned) as floats; kL2Only reads through L2 (data written
+/// by other blocks during the launch).
+template <class E, bool kL2Only = false>
 FMOE_DEVICE void load8(const typename E::Storage* src, float (&v)[8]) {
   using S = typename E::Storage;
   alignas(16) S in[8];
 #pragma unroll
   for (int j = 0; j < int(8 * sizeof(S) / 16); ++j) {
-    reinterpret_cast<uint4*>(in)[j] = reinterpret_cast<const uint4*>(src)[j];
+    const uint4* p = reinterpret_cast<const uint4*>(src) + j;
+    reinterpret_cast<uint4*>(in)[j] = kL2Only ? __ldcg(p) : *p;
   }
 #pragma unroll
   for (int j = 0; j < 8; ++j) v[j] = E::to_float(in[j]);

@@ -1,0 +1,35 @@
+/**
+ * @file moe_fused.cu
+ * @brief Entry point of the persistent fused MoE forward kernel.
+ *
+ * Launch contract (docs/design.md): block 128 threads; grid = every co-resident block
+ * (occupancy x SMs, from the host's occupancy query); dynamic shared memory
+ * flashmoe_moe_smem bytes (opt-in above 48 KiB); `layout` points to a MoeLayout in
+ * device memory; the fault record it names is host-visible. Not cooperative-launched:
+ * co-residency comes from the grid size.
+ *
+ * Compile-time constants (flashmoe_core/kernels.py): FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E,
+ * FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, FMOE_BK, FMOE_STAGES.
+ */
+#include <flashmoe/moe/fused.cuh>
+
+#if !defined(FMOE_DTYPE) || !defined(FMOE_H) || !defined(FMOE_F) || !defined(FMOE_E) || \
+    !defined(FMOE_K) || !defined(FMOE_GATED) || !defined(FMOE_ACT) || !defined(FMOE_RENORM)
+#error "the fused kernel needs FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM"
+#endif
+
+using Cfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED != 0,
+                                  FMOE_ACT, FMOE_RENORM != 0, FMOE_BK, FMOE_STAGES>;
+using S = Cfg::S;
+
+/// Dynamic shared memory per block, read by the host from the module.
+extern "C" __device__ const int flashmoe_moe_smem = Cfg::kSmemBytes;
+/// The ABI version the kernel was built with (checked by the host at load).
+extern "C" __device__ const unsigned flashmoe_moe_abi = flashmoe::abi::kAbiVersion;
+
+extern "C" __global__ void __launch_bounds__(128)
+flashmoe_moe_forward(const flashmoe::abi::MoeLayout* __restrict__ layout,
+                     const S* __restrict__ x, S* __restrict__ y, int tokens, int capacity,
+                     int mode) {
+  flashmoe::moe::forward<Cfg>(layout, x, y, tokens, capacity, mode);
+}

@@ -1,0 +1,105 @@
+"""Sizes of every buffer a layer allocates, computed from its configuration.
+
+No GPU is needed: the plan is checked against free memory before anything is
+allocated, printed with ``--verbose``, and tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict
+
+from .config import MoEConfig
+from .numerics import itemsize
+
+__all__ = ["LayerPlan", "plan_layer", "TILE"]
+
+TILE = 128  # rows per row tile, tokens per token tile (the kernel's constant)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """Derived sizes of one layer on one rank.
+
+    Attributes
+    ----------
+    token_tiles : int
+        ceil(tokens / 128).
+    logits_stride : int
+        Experts rounded up to 8 (row stride of the logits).
+    max_rowtiles : int
+        Row tiles in the worst case: ceil(tokens * top_k / 128) + experts.
+    up_tiles, down_tiles : int
+        Column tiles of the up (F) and down (H) projections.
+    ring_capacity : int
+        Task-ring slots: every down and combine task of the worst case.
+    workspace : dict
+        Buffer name -> bytes (device memory).
+    weights : dict
+        Buffer name -> bytes of the uploaded (K-major) weights.
+    """
+
+    token_tiles: int
+    logits_stride: int
+    max_rowtiles: int
+    up_tiles: int
+    down_tiles: int
+    ring_capacity: int
+    workspace: Dict[str, int]
+    weights: Dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.workspace.values()) + sum(self.weights.values())
+
+    def describe(self) -> str:
+        """Human-readable table of the plan."""
+        lines = [f"{'buffer':<14}{'MiB':>12}"]
+        for group in (self.weights, self.workspace):
+            for name, n in group.items():
+                lines.append(f"{name:<14}{n / 2**20:>12.2f}")
+        lines.append(f"{'total':<14}{self.total_bytes / 2**20:>12.2f}")
+        return "\n".join(lines)
+
+
+def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
+    """The buffers of one rank of a layer (``local_experts`` defaults to all)."""
+    el = cfg.experts if local_experts is None else local_experts
+    t, k, e, h, f = cfg.tokens, cfg.top_k, cfg.experts, cfg.hidden, cfg.ffn
+    b = itemsize(cfg.dtype)
+    tt = math.ceil(t / TILE)
+    ep = math.ceil(e / 8) * 8
+    up_cols = 64 if cfg.mlp == "gated" else 128
+    up_tiles = math.ceil(f / up_cols)
+    down_tiles = math.ceil(h / 128)
+    max_rowtiles = math.ceil(t * k / TILE) + e
+    ring = max_rowtiles * down_tiles + tt * down_tiles
+    workspace = {
+        "logits": t * ep * 4,
+        "topk_expert": t * k * 4,
+        "topk_weight": t * k * 4,
+        "token_rows": t * k * 4,
+        "row_token": t * k * 4,
+        "tile_counts": tt * e * 4,
+        "expert_total": e * 4,
+        "expert_kept": e * 4,
+        "tile_kept": tt * 4,
+        "z": t * k * f * b,
+        "y_expert": t * k * h * b,
+        "dep_rowtile": max_rowtiles * 4,
+        "dep_combine": tt * down_tiles * 4,
+        "ring": ring * 8,
+        "state": 16 * 4,
+        "x_stage": t * h * b,
+        "y_stage": t * h * b,
+    }
+    weights = {"router_t": e * h * b}
+    if cfg.mlp == "vanilla":
+        weights.update(w_up=el * f * h * b, b_up=el * f * b, w_down=el * h * f * b,
+                       b_down=el * h * b)
+    else:
+        weights.update(w_up=el * f * h * b, w_up2=el * f * h * b, w_down=el * h * f * b)
+    return LayerPlan(token_tiles=tt, logits_stride=ep, max_rowtiles=max_rowtiles,
+                     up_tiles=up_tiles, down_tiles=down_tiles, ring_capacity=ring,
+                     workspace=workspace, weights=weights)

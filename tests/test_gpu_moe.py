@@ -1,0 +1,263 @@
+"""GPU tier: the fused kernel, whole and component by component, against the oracle."""
+
+import numpy as np
+import pytest
+
+from flashmoe_core import FlashMoETimeout, MoEConfig, MoEWeights, random_tokens
+from flashmoe_core.gpu_run import TOLERANCE, compare
+from flashmoe_core.reference import dispatch_lists, gate, route
+
+pytestmark = pytest.mark.gpu
+
+_layers = {}
+
+
+def layer_for(cfg, seed=0):
+    """Layers are cached per config (each new config compiles a kernel)."""
+    from flashmoe_core.layer import MoELayer
+
+    key = (cfg, seed)
+    if key not in _layers:
+        w = MoEWeights.random(cfg, seed)
+        _layers[key] = (MoELayer(cfg, w), w)
+    return _layers[key]
+
+
+def check_whole(cfg, tokens=None, seed=0, x=None):
+    layer, w = layer_for(cfg, seed)
+    x = random_tokens(cfg, seed + 1, tokens=tokens) if x is None else x
+    y, routing = layer(x, return_routing=True)
+    res = compare(cfg, w, x, y, routing)
+    assert res["rel_error"] <= TOLERANCE[cfg.dtype], res
+    assert res["routing_agreement"] >= 0.999 or res["max_prob_gap_at_mismatch"] < 1e-5, res
+    return y, routing, res
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "tfloat32", "float32"])
+def test_whole_kernel_each_dtype(dtype):
+    check_whole(MoEConfig(tokens=512, hidden=256, ffn=512, experts=16, top_k=2, dtype=dtype))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(tokens=333, hidden=256, ffn=384, experts=8, top_k=2),               # partial tiles
+    dict(tokens=10, hidden=128, ffn=256, experts=64, top_k=1),               # idle experts
+    dict(tokens=256, hidden=1000, ffn=1032, experts=7, top_k=7, mlp="gated",
+         activation="silu"),                                                 # odd shapes
+    dict(tokens=300, hidden=256, ffn=256, experts=256, top_k=8, activation="gelu"),
+    dict(tokens=200, hidden=192, ffn=320, experts=12, top_k=3, capacity_factor=0.5),
+    dict(tokens=1, hidden=64, ffn=64, experts=4, top_k=2, renormalize=False),
+], ids=["partial", "idle-experts", "odd-gated", "e256-k8", "capacity", "one-token"])
+def test_whole_kernel_awkward_shapes(kw):
+    y, routing, _ = check_whole(MoEConfig(dtype="bfloat16", **kw))
+    if "capacity_factor" in kw:
+        assert not routing.kept.all()
+
+
+def test_all_tokens_on_one_expert():
+    cfg = MoEConfig(tokens=400, hidden=128, ffn=256, experts=8, top_k=1, dtype="float32")
+    w = MoEWeights.random(cfg, 3)
+    w.router[:, 5] = 0.0
+    x = random_tokens(cfg, 4)
+    x[:, 0] = np.abs(x[:, 0]) + 4.0
+    w.router[0, 5] = 20.0  # expert 5 wins for every token
+    from flashmoe_core.layer import MoELayer
+
+    layer = MoELayer(cfg, w)
+    y, routing = layer(x, return_routing=True)
+    assert (routing.experts[:, 0] == 5).all()
+    res = compare(cfg, w, x, y, routing)
+    assert res["rel_error"] <= TOLERANCE["float32"], res
+
+
+def test_token_count_changes_without_recompiling():
+    cfg = MoEConfig(tokens=512, hidden=128, ffn=128, experts=8, top_k=2)
+    layer, w = layer_for(cfg)
+    for t in (512, 7, 129, 256):
+        x = random_tokens(cfg, t, tokens=t)
+        y, routing = layer(x, return_routing=True)
+        assert y.shape == (t, 128)
+        assert compare(cfg, w, x, y, routing)["rel_error"] <= TOLERANCE["bfloat16"]
+
+
+def test_deterministic_across_launches():
+    cfg = MoEConfig(tokens=512, hidden=256, ffn=256, experts=16, top_k=4)
+    layer, _ = layer_for(cfg)
+    x = random_tokens(cfg, 9)
+    first = layer(x)
+    for _ in range(5):
+        assert np.array_equal(layer(x).view(np.uint16), first.view(np.uint16))
+    assert layer.state()["epoch"] >= 6 and layer.state()["barrier"] == 0
+
+
+# ---------------------------------------------------------------- components
+def test_gate_and_topk_component():
+    cfg = MoEConfig(tokens=300, hidden=256, ffn=128, experts=40, top_k=3, dtype="float32")
+    layer, w = layer_for(cfg)
+    x = random_tokens(cfg, 2)
+    layer.run_mode(x, "gate_only")
+    experts = layer.workspace("topk_expert", (300, 3), np.int32)
+    weights = layer.workspace("topk_weight", (300, 3), np.float32)
+    _, probs = gate(cfg, w, x)
+    ref = route(cfg, probs)
+    agree = experts == ref.experts
+    assert agree.mean() >= 0.999
+    assert np.allclose(weights[agree], ref.weights[agree], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cf", [None, 0.75])
+def test_dispatch_lists_component(cf):
+    cfg = MoEConfig(tokens=333, hidden=128, ffn=128, experts=12, top_k=2, capacity_factor=cf)
+    layer, _ = layer_for(cfg)
+    x = random_tokens(cfg, 5)
+    layer.run_mode(x, "dispatch_only")
+    t, k = 333, 2
+    experts = layer.workspace("topk_expert", (t, k), np.int32)
+    rows = layer.workspace("token_rows", (t, k), np.int32)
+    kept_gpu = rows >= 0
+    from flashmoe_core.reference import Routing, _capacity_mask
+
+    kept = np.ones((t, k), bool) if cf is None else _capacity_mask(experts, cfg.capacity(t))
+    assert np.array_equal(kept_gpu, kept)
+    lists = dispatch_lists(cfg, Routing(experts, np.zeros((t, k), np.float32), kept))
+    n_rows = int(kept.sum())
+    row_token = layer.workspace("row_token", (n_rows,), np.int32)
+    expect_rows = np.full((t, k), -1, np.int32)
+    offset = 0
+    for tok, slot in lists:
+        expect_rows[tok, slot] = offset + np.arange(tok.size)
+        assert np.array_equal(row_token[offset:offset + tok.size], tok)
+        offset += tok.size
+    assert np.array_equal(rows, expect_rows)
+
+
+def test_combine_component():
+    from flashmoe_core.reference import Routing, combine
+    from flashmoe_core.numerics import round_to
+
+    cfg = MoEConfig(tokens=200, hidden=264, ffn=64, experts=4, top_k=3)
+    layer, _ = layer_for(cfg)
+    rng = np.random.default_rng(0)
+    t, k, h = 200, 3, 264
+    rows = rng.permutation(t * k).astype(np.int32).reshape(t, k)
+    rows[rng.random((t, k)) < 0.2] = -1
+    weights = rng.random((t, k)).astype(np.float32)
+    y_expert = round_to(rng.standard_normal((t * k, h)).astype(np.float32), "bfloat16")
+    layer.fill_workspace("token_rows", rows)
+    layer.fill_workspace("topk_weight", weights)
+    layer.fill_workspace("y_expert", y_expert)
+    y = layer.combine_only(t)
+    gathered = np.zeros((t, k, h), y_expert.dtype)
+    gathered[rows >= 0] = y_expert[rows[rows >= 0]]
+    want = combine(cfg, Routing(np.zeros((t, k), np.int32), weights, rows >= 0), gathered)
+    err = np.abs(y.astype(np.float64) - want.astype(np.float64)).max()
+    assert err <= 2 ** -7 * np.abs(want.astype(np.float64)).max()
+
+
+def test_task_ring_protocol_under_contention():
+    from flashmoe_core import ops
+    from flashmoe_core.host import launch as L
+    from flashmoe_core.host import memory
+    from flashmoe_core.host.abi import FAULT_RECORD, decode_fault
+    from flashmoe_core.jit import compile_kernel, target_arch
+    from flashmoe_core.kernels import ring_test_spec
+
+    dev, stream = ops.runtime()
+    mod = L.Module(compile_kernel(ring_test_spec(), target_arch(dev)).cubin, "ring_test")
+    kern = mod.kernel("flashmoe_ring_test")
+    grid, _ = L.resident_grid(kern, dev, 128, 0)
+    seeds, fanout = 3000, 5
+    state = memory.alloc(dev, 64, stream)
+    ring = memory.alloc(dev, seeds * fanout * 8, stream)
+    seen = memory.alloc(dev, seeds * (1 + fanout) * 4, stream)
+    record = memory.PinnedArray(FAULT_RECORD)
+    for buf in (state, ring, seen):
+        memory.zero(buf, stream)
+    for launch in range(3):  # epochs advance; the ring is never cleared
+        memory.zero(seen, stream)
+        args = (np.uint64(int(state.handle)), np.uint64(int(ring.handle)),
+                np.int32(seeds * fanout), np.uint64(int(seen.handle)), np.int32(seeds),
+                np.int32(fanout), np.uint64(record.ptr), np.uint64(10 ** 10))
+        L.launch_kernel(stream, kern, (grid, 1, 1), (128, 1, 1), args)
+        counts = memory.download(seen, (seeds * (1 + fanout),), np.uint32, stream)
+        assert decode_fault(record.array.tobytes())["code"] == 0
+        assert (counts == 1).all(), (launch, np.unique(counts, return_counts=True))
+        words = memory.download(state, (16,), np.uint32, stream)
+        assert words[0] == launch + 1 and words[1] == 0 and words[2] == 0
+
+
+# ---------------------------------------------------------------- API
+def test_bad_inputs_are_rejected_before_launch():
+    cfg = MoEConfig(tokens=64, hidden=128, ffn=128, experts=4)
+    layer, _ = layer_for(cfg)
+    x = random_tokens(cfg, 0)
+    with pytest.raises(ValueError, match="1..64"):
+        layer(np.concatenate([x, x]))
+    with pytest.raises(ValueError, match="expected \\[tokens, hidden=128\\]"):
+        layer(x[:, :64].copy())
+    with pytest.raises(ValueError, match="dtype float32"):
+        layer(x.astype(np.float32))
+    with pytest.raises(TypeError, match="NumPy array or a DLPack GPU tensor"):
+        layer([[1.0] * 128])
+    assert layer.state()["barrier"] == 0
+
+
+def test_timeout_becomes_an_exception_with_the_record():
+    from flashmoe_core.layer import MoELayer
+
+    cfg = MoEConfig(tokens=4096, hidden=256, ffn=256, experts=8)
+    w = MoEWeights.random(cfg, 0)
+    layer = MoELayer(cfg, w, timeout_s=1e-6)
+    with pytest.raises(FlashMoETimeout) as exc:
+        layer(random_tokens(cfg, 0))
+    rec = exc.value.record
+    assert rec["code_name"] == "timeout" and rec["phase"] in (1, 2, 3, 4, 5)
+    assert rec["expected"] > rec["counter"] >= 0 and rec["elapsed_ns"] > 0
+
+
+def test_cupy_zero_copy_and_graph_capture():
+    cupy = pytest.importorskip("cupy")
+    from cuda.core import Device
+
+    cfg = MoEConfig(tokens=256, hidden=128, ffn=256, experts=8, top_k=2, dtype="float16")
+    layer, w = layer_for(cfg)
+    x_np = random_tokens(cfg, 1)
+    x = cupy.asarray(x_np)
+    y = layer(x)
+    assert isinstance(y, cupy.ndarray) and y.dtype == np.float16
+    assert np.array_equal(cupy.asnumpy(y), layer(x_np))
+    out = cupy.empty_like(x)
+    stream = Device(layer.device.device_id).create_stream()
+    gb = stream.create_graph_builder()
+    gb.begin_building()
+    layer(x, out=out, stream=gb)
+    graph = gb.end_building().complete()
+    for _ in range(3):
+        out.fill(0)
+        graph.launch(stream)
+        stream.sync()
+        assert np.array_equal(cupy.asnumpy(out), layer(x_np))
+
+
+def test_torch_tensor_in_torch_tensor_out():
+    torch = pytest.importorskip("torch")
+    cfg = MoEConfig(tokens=128, hidden=128, ffn=128, experts=4, dtype="bfloat16")
+    layer, _ = layer_for(cfg)
+    x_np = random_tokens(cfg, 2)
+    x = torch.from_numpy(x_np.view(np.int16)).view(torch.bfloat16).cuda()
+    y = layer(x)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and y.is_cuda
+    want = layer(x_np)
+    got = y.view(torch.int16).cpu().numpy().view(np.uint16)
+    assert np.array_equal(got, want.view(np.uint16))
+
+
+def test_jax_array_in():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    cfg = MoEConfig(tokens=128, hidden=128, ffn=128, experts=4, dtype="float32")
+    layer, _ = layer_for(cfg)
+    x_np = random_tokens(cfg, 3)
+    x = jax.device_put(jnp.asarray(x_np), jax.devices("gpu")[0])
+    y = layer(x)
+    assert np.array_equal(np.asarray(y), layer(x_np))

@@ -1,0 +1,40 @@
+"""The benchmark and GPU-evidence tools, on what they can do without a GPU."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_dry_run_lists_the_sweep():
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--dry-run"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(l) for l in p.stdout.splitlines()]
+    assert {r["dtype"] for r in rows} == {"bfloat16", "tfloat32"}
+    bf = [r for r in rows if r["dtype"] == "bfloat16"]
+    assert sorted(r["tokens"] for r in bf if r["experts"] == 64) == [128, 512, 2048, 8192, 16384]
+    assert sorted(r["experts"] for r in bf if r["tokens"] == 16384) == [8, 16, 32, 64, 128, 256]
+    assert len(bf) == len({(r["tokens"], r["experts"]) for r in bf})
+
+
+def test_bench_rejects_bad_arguments():
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--iters", "0",
+                        "--dry-run"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--iters >= 1" in p.stderr
+
+
+def test_gpu_results_collects_counts(tmp_path):
+    (tmp_path / "junit.xml").write_text(
+        '<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2"/></testsuites>')
+    (tmp_path / "bench.json").write_text(json.dumps({"meta": {}, "rows": [{"fused_ms": 1.0}]}))
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_results.py"), "--out",
+                        str(tmp_path), "--test-rc", "1", "--commit", "abc", "--device-tree",
+                        "def"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["gpu_tier"] == {"passed": 7, "failed": 1, "errors": 0, "skipped": 2,
+                             "exit_code": 1}
+    assert r["commit"] == "abc" and r["device_tree"] == "def"
+    assert r["bench"]["rows"][0]["fused_ms"] == 1.0
