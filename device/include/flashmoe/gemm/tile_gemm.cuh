@@ -175,13 +175,14 @@ struct TileGemm {
       cp_async_commit();
     }
     int next_k = kStages - 1;
-    int read_stage = 0;
-    int write_stage = kStages - 1;
+    int read_stage = 0;              // next stage to consume (advanced when refilling)
+    int write_stage = kStages - 1;   // stage the next cp.async batch fills
+    int cur_stage = 0;               // stage the fragment copies read now
 
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    copy(s2r_a, tXsA(_, _, 0, read_stage), tXrA(_, _, 0));
-    copy(s2r_b, tXsB(_, _, 0, read_stage), tXrB(_, _, 0));
+    copy(s2r_a, tXsA(_, _, 0, cur_stage), tXrA(_, _, 0));
+    copy(s2r_b, tXsB(_, _, 0, cur_stage), tXrB(_, _, 0));
 
     [[maybe_unused]] auto tCrA_lo = make_fragment_like(tCrA);
     [[maybe_unused]] auto tCrB_lo = make_fragment_like(tCrB);
@@ -191,14 +192,15 @@ struct TileGemm {
       CUTE_UNROLL
       for (int kb = 0; kb < kBlocks; ++kb) {
         if (kb == kBlocks - 1) {
-          // The next stage must have landed, and everybody must be done reading the
-          // stage that the next cp.async batch overwrites.
+          // Move to the next stage: it must have landed, and every thread must be done
+          // reading the stage that the next cp.async batch overwrites.
+          cur_stage = read_stage;
           cp_async_wait<kStages - 2>();
           __syncthreads();
         }
         const int kb_next = (kb + 1) % kBlocks;
-        copy(s2r_a, tXsA(_, _, kb_next, read_stage), tXrA(_, _, kb_next));
-        copy(s2r_b, tXsB(_, _, kb_next, read_stage), tXrB(_, _, kb_next));
+        copy(s2r_a, tXsA(_, _, kb_next, cur_stage), tXrA(_, _, kb_next));
+        copy(s2r_b, tXsB(_, _, kb_next, cur_stage), tXrB(_, _, kb_next));
         if (kb == 0) {
           if (next_k < num_k) load_stage(smem, next_k, write_stage, K);
           cp_async_commit();
