@@ -28,20 +28,23 @@ rows ``[r*t, (r+1)*t)`` belonging to rank ``r``.
 Every product goes through :func:`matmul_f32`, which gives each output row the same
 bits whatever other rows share the call; that is what lets the distributed oracle
 equal this one bit for bit.
+
+:func:`moe_backward` is the matching gradient oracle: exact float64 math through the
+same routing (held fixed), checked against finite differences.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .config import MoEConfig
-from .numerics import activation, as_f32, round_to, storage_dtype
-from .weights import MoEWeights
+from .numerics import activation, activation_grad, as_f32, erfc, round_to, storage_dtype
+from .weights import MoEWeights, expert_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "expert_ffn", "combine", "matmul_f32",
-           "check_tokens"]
+           "check_tokens", "MoEGrads", "moe_backward"]
 
 
 class Routing(NamedTuple):
@@ -239,3 +242,326 @@ def moe_forward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
         if tok.size:
             out[tok, slot] = expert_ffn(cfg, weights, expert, x[tok])
     return combine(cfg, routing, out), routing
+
+
+# ============================================================================ backward
+
+class MoEGrads:
+    """Gradients of a scalar loss with respect to every tensor of a :class:`MoEWeights`.
+
+    Each attribute is a float64 array with the shape of the weight of the same name:
+    ``router`` [hidden, experts]; vanilla ``w1, b1, w2, b2``; gated ``wg, wu, w2``
+    (leading dimension: the experts held, ``expert_ids``).
+
+    Parameters
+    ----------
+    mlp : str
+        ``"vanilla"`` or ``"gated"``; fixes the tensor names.
+    expert_ids : sequence of int
+        Global ids of the experts the per-expert arrays hold, in order.
+    **arrays : ndarray
+        One array per name in ``names``.
+    """
+
+    def __init__(self, mlp: str, expert_ids: Sequence[int], **arrays: np.ndarray) -> None:
+        self.names: Tuple[str, ...] = ("router",) + expert_tensor_names(mlp)
+        if set(arrays) != set(self.names):
+            raise ValueError(f"MoEGrads for mlp={mlp!r} needs exactly {list(self.names)}, "
+                             f"got {sorted(arrays)}")
+        self.mlp = mlp
+        self.expert_ids = tuple(int(e) for e in expert_ids)
+        for name in self.names:
+            setattr(self, name, np.asarray(arrays[name], dtype=np.float64))
+
+    @classmethod
+    def zeros_like(cls, weights: MoEWeights) -> "MoEGrads":
+        """Zero gradients shaped like ``weights`` (the backward accumulates into them)."""
+        return cls(weights.cfg.mlp, weights.expert_ids,
+                   **{n: np.zeros(a.shape, dtype=np.float64)
+                      for n, a in weights.arrays().items()})
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """Name -> gradient array, router first (the order of ``MoEWeights.arrays``)."""
+        return {n: getattr(self, n) for n in self.names}
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)
+        return f"MoEGrads({self.mlp}, experts={len(self.expert_ids)}, {shapes})"
+
+
+def _weights64(cfg: MoEConfig, weights: MoEWeights) -> Dict[str, np.ndarray]:
+    """The weight values the forward oracle multiplies with, exactly, in float64."""
+    # MoEWeights stores its arrays already rounded to cfg.dtype (tfloat32 included), and
+    # the forward multiplies with them as stored: widening them is all that is needed.
+    return {n: a.astype(np.float64) for n, a in weights.arrays().items()}
+
+
+def _act64(name: str, a: np.ndarray) -> np.ndarray:
+    """Activation in float64 without the forward's float32 rounding (exact-math twin of
+    :func:`flashmoe_core.numerics.activation`, differentiated by ``activation_grad``)."""
+    if name == "relu":
+        return np.maximum(a, 0.0)
+    if name == "gelu":
+        return 0.5 * a * erfc(-a / np.sqrt(2.0))
+    if name == "silu":
+        with np.errstate(over="ignore"):  # exp(-a) -> inf for a << 0 gives the right 0
+            return a / (1.0 + np.exp(-a))
+    raise ValueError(f"unknown activation {name!r}; known: relu, gelu, silu")
+
+
+class _ExpertRun(NamedTuple):
+    """One expert's float64 pass over its kept assignments, and what its backward needs."""
+
+    tok: np.ndarray    # token rows served, token order
+    slot: np.ndarray   # their slots
+    index: int         # local index into the per-expert arrays
+    rows: np.ndarray   # input rows [n, hidden]
+    out: np.ndarray    # output rows [n, hidden]
+    cache: tuple       # vanilla (h, act'(a)); gated (u, act(g), h, act'(g)); act' or None
+
+
+def _run_experts64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], x64: np.ndarray,
+                   routing: Routing, local_index: Callable[[int], int],
+                   need_grad: bool = False) -> List[_ExpertRun]:
+    """Every expert on its kept rows in exact float64 math (no rounding).
+
+    vanilla ``a = x W1 + b1``, ``h = act(a)``, ``out = h W2 + b2``; gated ``g = x Wg``,
+    ``u = x Wu``, ``h = act(g) * u``, ``out = h W2``. ``local_index`` maps a global
+    expert id to its position in the per-expert arrays; ``need_grad`` also keeps
+    ``act'`` of the pre-activations.
+    """
+    jobs = [(tok, slot, local_index(e))
+            for e, (tok, slot) in enumerate(dispatch_lists(cfg, routing)) if tok.size]
+    vanilla = cfg.mlp == "vanilla"
+    rows = [x64[tok] for tok, _, _ in jobs]
+    pre = [r @ w64["w1"][i] + w64["b1"][i] if vanilla else r @ w64["wg"][i]
+           for r, (_, _, i) in zip(rows, jobs)]
+    # One activation call over the rows of all experts: the erfc behind gelu costs per
+    # call far more than per element.
+    pre_all = np.concatenate(pre) if pre else np.zeros((0, cfg.ffn))
+    act_all = _act64(cfg.activation, pre_all)
+    dact_all = None
+    if need_grad:
+        with np.errstate(over="ignore"):  # silu' at a << 0: exp(-a) -> inf gives the right 0
+            dact_all = activation_grad(cfg.activation, pre_all)
+    runs = []
+    start = 0
+    for (tok, slot, i), r in zip(jobs, rows):
+        part = slice(start, start + tok.size)
+        start += tok.size
+        act = act_all[part]
+        dact = None if dact_all is None else dact_all[part]
+        if vanilla:
+            out = act @ w64["w2"][i] + w64["b2"][i]
+            cache: tuple = (act, dact)
+        else:
+            u = r @ w64["wu"][i]
+            h = act * u
+            out = h @ w64["w2"][i]
+            cache = (u, act, h, dact)
+        runs.append(_ExpertRun(tok, slot, i, r, out, cache))
+    return runs
+
+
+def _expert_backward64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], run: _ExpertRun,
+                       dout: np.ndarray, grads: MoEGrads) -> np.ndarray:
+    """Accumulate one expert's weight gradients into ``grads``; returns d(rows).
+
+    ``dout`` is the gradient of the expert's output rows (already scaled by the
+    combine weights); ``run`` must come from ``_run_experts64(..., need_grad=True)``.
+    """
+    i, rows = run.index, run.rows
+    if cfg.mlp == "vanilla":
+        h, dact = run.cache
+        grads.w2[i] += h.T @ dout
+        grads.b2[i] += dout.sum(axis=0)
+        da = (dout @ w64["w2"][i].T) * dact
+        grads.w1[i] += rows.T @ da
+        grads.b1[i] += da.sum(axis=0)
+        return da @ w64["w1"][i].T
+    u, act_g, h, dact = run.cache
+    grads.w2[i] += h.T @ dout
+    dh = dout @ w64["w2"][i].T
+    dg = dh * u * dact
+    du = dh * act_g
+    grads.wg[i] += rows.T @ dg
+    grads.wu[i] += rows.T @ du
+    return dg @ w64["wg"][i].T + du @ w64["wu"][i].T
+
+
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _combine_weights64(cfg: MoEConfig, probs: np.ndarray,
+                       experts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Combine weights as a differentiable function of the softmax probabilities.
+
+    Returns ``(total, w)``: the sum of the selected probabilities over the k slots
+    [T, 1] (dropped slots included, as the forward renormalises before the capacity
+    drop; ones when not renormalising) and the weights ``p[experts] / total`` [T, k].
+    """
+    p_sel = np.take_along_axis(probs, experts.astype(np.intp), axis=1)
+    if cfg.renormalize:
+        total = p_sel.sum(axis=1, keepdims=True)
+    else:
+        total = np.ones((p_sel.shape[0], 1), dtype=np.float64)
+    return total, p_sel / total
+
+
+def _index_of(expert_ids: Optional[Sequence[int]], cfg: MoEConfig) -> Callable[[int], int]:
+    """Global expert id -> position in per-expert arrays holding ``expert_ids``."""
+    index = {int(e): i for i, e in enumerate(range(cfg.experts) if expert_ids is None
+                                             else expert_ids)}
+
+    def local_index(expert: int) -> int:
+        if expert not in index:
+            raise KeyError(f"expert {expert} is not held here (held: {tuple(index)})")
+        return index[expert]
+
+    return local_index
+
+
+def _forward_fixed_routing64(cfg: MoEConfig, weights64: Mapping[str, np.ndarray],
+                             x64: np.ndarray, routing: Routing,
+                             expert_ids: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The layer in exact float64 math with the routing held fixed: what
+    :func:`moe_backward` differentiates.
+
+    ``y_t = sum_j kept_tj * w_tj * f_{e_tj}(x_t)`` with ``w`` recomputed from
+    ``softmax(x R)`` (see :func:`moe_backward`); ``routing.weights`` is ignored. No
+    value is rounded, so finite differences of this function check the backward.
+
+    Parameters
+    ----------
+    cfg : MoEConfig
+    weights64 : mapping of str to float64 ndarray
+        ``router`` and the per-expert tensors of ``cfg.mlp`` (as ``MoEWeights.arrays``).
+    x64 : float64 ndarray [T, hidden]
+    routing : Routing
+        Its ``experts`` and ``kept`` fix the choice; validated by :func:`check_routing`.
+    expert_ids : sequence of int, optional
+        Global ids of the experts the per-expert arrays hold (default: all, in order).
+
+    Returns
+    -------
+    y : float64 ndarray [T, hidden]
+    """
+    x64 = np.asarray(x64, dtype=np.float64)
+    routing = check_routing(cfg, routing, x64.shape[0])
+    probs = _softmax64(x64 @ weights64["router"])
+    _, w = _combine_weights64(cfg, probs, routing.experts)
+    y = np.zeros((x64.shape[0], cfg.hidden), dtype=np.float64)
+    for run in _run_experts64(cfg, weights64, x64, routing, _index_of(expert_ids, cfg)):
+        # add.at: an explicit routing may name one expert twice for a token.
+        np.add.at(y, run.tok, w[run.tok, run.slot, None] * run.out)
+    return y
+
+
+def _check_grad_output(cfg: MoEConfig, dy: np.ndarray, rows: int) -> np.ndarray:
+    """Validate the upstream gradient; returns it as float64."""
+    dy = np.asarray(dy)
+    expected = (rows, cfg.hidden)
+    if dy.shape != expected:
+        raise ValueError(f"dy has shape {dy.shape}; expected {expected}, the shape of y "
+                         f"(world_size * tokens rows of hidden={cfg.hidden})")
+    if dy.dtype.kind not in "fV":
+        raise ValueError(f"dy has dtype {dy.dtype}; expected a floating type")
+    return dy.astype(np.float64)
+
+
+def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndarray,
+                 routing: Optional[Routing] = None) -> Tuple[np.ndarray, MoEGrads]:
+    """The layer's backward pass: an exact-math (float64) reference.
+
+    Differentiates, with the routing held fixed,
+
+    - ``y_t = sum_j kept_tj * w_tj * f_{e_tj}(x_t)``
+    - vanilla ``f(x) = act(x W1 + b1) W2 + b2``; gated ``f(x) = (act(x Wg) * (x Wu)) W2``
+    - ``p_t = softmax(x_t R)``, ``w_tj = p_t[e_tj] / S_t`` with
+      ``S_t = sum_{i<k} p_t[e_ti]`` over all k slots, dropped ones included (the
+      forward renormalises before the capacity drop), or ``S_t = 1`` when
+      ``cfg.renormalize`` is False.
+
+    With ``g_tj = kept_tj * <dy_t, f_{e_tj}(x_t)>`` (the gradient of each combine weight;
+    zero for a dropped assignment), the router part is
+
+    - ``dL/dp_t[e_tj] += (g_tj - sum_i g_ti w_ti) / S_t`` when renormalising, else
+      ``g_tj`` (accumulated over slots naming the same expert; zero for other experts),
+    - ``dL/dz_t = p_t * (dL/dp_t - <dL/dp_t, p_t>)`` (softmax, ``z_t = x_t R``),
+    - ``dR = x^T dL/dz`` and ``dx_t += dL/dz_t R^T``.
+
+    Each kept assignment sends ``kept_tj * w_tj * dy_t`` back through its expert:
+    vanilla ``a = x W1 + b1``, ``h = act(a)``: ``dW2 += h^T d``, ``db2 += sum d``,
+    ``da = (d W2^T) * act'(a)``, ``dW1 += x^T da``, ``db1 += sum da``,
+    ``dx += da W1^T``; gated ``g = x Wg``, ``u = x Wu``, ``h = act(g) * u``:
+    ``dW2 += h^T d``, ``dh = d W2^T``, ``dg = dh * u * act'(g)``, ``du = dh * act(g)``,
+    ``dWg += x^T dg``, ``dWu += x^T du``, ``dx += dg Wg^T + du Wu^T``.
+
+    Values: ``x`` and the weights are rounded to ``cfg.dtype`` exactly as the forward
+    oracle rounds them, then promoted to float64; everything after that (logits,
+    softmax, combine weights, expert intermediates and outputs, ``dy``) is float64 with
+    no intermediate rounding. The input rounding is treated as the identity
+    (``dx`` is the gradient with respect to the rounded ``x``). No gradient flows
+    through the top-k choice or the capacity rule; ``act'(0) = 0`` for relu.
+
+    Parameters
+    ----------
+    cfg : MoEConfig
+    weights : MoEWeights
+        Must hold every expert a kept assignment reaches.
+    x : ndarray [world_size * t, hidden]
+        Token rows, rank-major, as for :func:`moe_forward`.
+    dy : ndarray [world_size * t, hidden]
+        Upstream gradient ``dL/dy``, any floating type.
+    routing : Routing, optional
+        The routing to hold fixed; by default the one :func:`moe_forward` computes.
+        Only ``experts`` and ``kept`` are used: the combine weights are recomputed from
+        the logits as above (``routing.weights`` would carry no gradient to the router),
+        so they equal ``routing.weights`` only when those came from this ``x``, up to
+        the forward's float32 rounding.
+
+    Returns
+    -------
+    dx : float64 ndarray, the shape of ``x``
+    grads : MoEGrads
+        float64 gradients of ``router`` and the expert tensors, shaped like ``weights``.
+    """
+    t = check_tokens(cfg, x)
+    x = np.asarray(x)
+    dy64 = _check_grad_output(cfg, dy, x.shape[0])
+    if routing is None:
+        # The same choice as moe_forward makes (float32 logits and probabilities).
+        _, probs32 = gate(cfg, weights, x)
+        routing = route(cfg, probs32, t)
+    else:
+        routing = check_routing(cfg, routing, x.shape[0])
+    x64 = round_to(x, cfg.dtype).astype(np.float64)
+    w64 = _weights64(cfg, weights)
+    grads = MoEGrads.zeros_like(weights)
+    dx = np.zeros_like(x64)
+
+    probs = _softmax64(x64 @ w64["router"])
+    total, w = _combine_weights64(cfg, probs, routing.experts)
+
+    # Experts: their outputs give the combine-weight gradients g; the weighted dy goes
+    # back through them.
+    g = np.zeros_like(w)
+    for run in _run_experts64(cfg, w64, x64, routing, weights.local_index, need_grad=True):
+        tok, slot = run.tok, run.slot
+        g[tok, slot] = np.einsum("rh,rh->r", dy64[tok], run.out)
+        d_rows = _expert_backward64(cfg, w64, run, w[tok, slot, None] * dy64[tok], grads)
+        np.add.at(dx, tok, d_rows)  # add.at: a token may reach one expert twice
+
+    # Router: combine weights -> selected probabilities -> all probabilities -> logits.
+    if cfg.renormalize:
+        d_sel = (g - (g * w).sum(axis=1, keepdims=True)) / total
+    else:
+        d_sel = g
+    d_probs = np.zeros_like(probs)
+    np.add.at(d_probs, (np.arange(probs.shape[0])[:, None], routing.experts), d_sel)
+    d_logits = probs * (d_probs - (d_probs * probs).sum(axis=1, keepdims=True))
+    grads.router += x64.T @ d_logits
+    dx += d_logits @ w64["router"].T
+    return dx, grads
