@@ -14,6 +14,8 @@ FLASHMOE_CUTLASS_INCLUDE   CUTLASS/CuTe include folder                         (
 FLASHMOE_LINEINFO          1: keep source lines in kernels (profilers)         0
 FLASHMOE_QUIET             1: no progress messages                             0
 FLASHMOE_TIMEOUT_S         bound of every device-side wait, seconds            10
+NVSHMEM_SYMMETRIC_SIZE     read as a floor: the layer raises it to what its     (sized)
+                           symmetric buffers need before NVSHMEM starts
 =========================  ==================================================  ==========
 
 The cache defaults to ``$XDG_CACHE_HOME/flashmoe_core`` or ``~/.cache/flashmoe_core``.
@@ -26,7 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["cache_dir", "jit_disabled", "arch_override", "device_dir", "cutlass_include",
-           "lineinfo", "quiet", "timeout_s", "launched_by_mpi", "describe"]
+           "lineinfo", "quiet", "timeout_s", "nvshmem_symmetric_size", "launched_by_mpi",
+           "describe"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -96,6 +99,23 @@ def timeout_s() -> float:
     return value
 
 
+def nvshmem_symmetric_size():
+    """NVSHMEM_SYMMETRIC_SIZE as set by the user, in bytes (None if unset).
+
+    Accepts plain bytes or NVSHMEM's suffixes (K, M, G, T; powers of 1024)."""
+    raw = _text("NVSHMEM_SYMMETRIC_SIZE")
+    if raw is None:
+        return None
+    scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    text = raw.lower().rstrip("b")
+    mult = scale.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if mult > 1 else text) * mult)
+    except ValueError:
+        raise ValueError(f"NVSHMEM_SYMMETRIC_SIZE={raw!r} is not a size (e.g. 4G, 1073741824)") \
+            from None
+
+
 # Variables a process launcher sets for every rank it starts.
 _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
                        "SLURM_NTASKS")
@@ -121,4 +141,5 @@ def describe() -> dict:
         "FLASHMOE_LINEINFO": lineinfo(),
         "FLASHMOE_QUIET": quiet(),
         "FLASHMOE_TIMEOUT_S": timeout_s(),
+        "NVSHMEM_SYMMETRIC_SIZE": nvshmem_symmetric_size(),
     }

@@ -35,21 +35,11 @@ import numpy as np
 
 from .config import MoEConfig
 from .numerics import itemsize, storage_dtype
-from .plan import TILE, plan_layer
+from .plan import TILE, max_peer_tiles, plan_layer, slot_rows
 from .reference import Routing, combine, dispatch_lists, expert_ffn, gate, route
 
 __all__ = ["HeapPlan", "plan_heap", "PeerTile", "SendPlan", "RecvPlan", "plan_send",
            "plan_recv", "TaskCounts", "task_counts", "simulate", "slot_rows", "max_peer_tiles"]
-
-
-def slot_rows(cfg: MoEConfig) -> int:
-    """Rows one source can send one peer at most: tokens * min(top_k, max local experts)."""
-    return cfg.tokens * min(cfg.top_k, cfg.max_local_experts)
-
-
-def max_peer_tiles(cfg: MoEConfig) -> int:
-    """Tiles of one source -> peer stream at most (each expert may add a partial tile)."""
-    return math.ceil(slot_rows(cfg) / TILE) + cfg.max_local_experts
 
 
 # ------------------------------------------------------------------------------ heap
@@ -99,15 +89,19 @@ def plan_heap(cfg: MoEConfig) -> HeapPlan:
         "send_rows": cfg.tokens * cfg.top_k * h * b,  # gathered rows in compact order
         "y_expert": cfg.tokens * cfg.top_k * h * b,   # results, written by owners
         "headers": w * el * 8,                   # [source][local expert] {n, src_row0}
+        "headers_out": w * el * 8,               # [peer][its expert] what we tell each peer
         "header_sig": w * 8,                     # one per source
         "dispatch_sig": w * tiles * 8,           # [source][tile]
         "return_sig": w * tiles * 8,             # [owner][tile]
+        "done_sig": w * 8,                       # [peer] finished its last launch
     }
     local = {k: v for k, v in base.workspace.items() if k != "y_expert"}
     local.update(base.weights)
     local["z_remote"] = w * slots * f * b       # owner-side up outputs of received rows
     local["y_remote"] = w * slots * h * b       # owner-side results before the return put
     local["dep_remote"] = w * tiles * 4 * 2     # up / down tiles done per received tile
+    local["expert_owner"] = cfg.experts * 4
+    local["expert_local"] = cfg.experts * 4
     return HeapPlan(symmetric=symmetric, local=local)
 
 

@@ -82,24 +82,29 @@ def compare(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, y: np.ndarray,
 
 def run_benchmark(cfg: MoEConfig, seed: int = 0, warmup: int = 32, iters: int = 32,
                   check: bool = False, comm=None, verbose: bool = False) -> dict:
-    """Build a layer with random weights, time it, and optionally check it."""
+    """Build a layer with random weights (this rank's experts), time it, and optionally
+    check it against the oracle. Under MPI every rank runs one PE; rank 0 reports."""
+    import sys
+
     from .layer import MoELayer
 
-    if comm is not None and comm.Get_size() > 1:
-        raise ValueError("the GPU backend runs one GPU per process for now; run expert "
-                         "parallelism with --backend reference")
-    w = MoEWeights.random(cfg, seed)
-    x = random_tokens(cfg, seed)
-    layer = MoELayer(cfg, w)
+    rank = 0 if comm is None else comm.Get_rank()
+    multi = comm is not None and comm.Get_size() > 1
+    ids = cfg.local_experts(rank) if multi else None
+    w = MoEWeights.random(cfg, seed, expert_ids=ids)
+    x = random_tokens(cfg, seed, rank=rank)
+    layer = MoELayer(cfg, w, comm=comm if multi else None)
     try:
-        if verbose:
-            import sys
-
+        if verbose and rank == 0:
             print(f"flashmoe_core: {layer.device.name}, {layer.arch}, grid {layer.grid} "
                   f"({layer.blocks_per_sm}/SM), {layer.smem} B smem/block\n"
-                  f"{layer.plan.describe()}", file=sys.stderr)
+                  f"{layer.describe()}", file=sys.stderr)
         t = layer.stage(x)
+        if multi:
+            comm.Barrier()
         times = time_layer(layer, t, warmup, iters)
+        if multi:  # a pass ends when its slowest rank does
+            times = list(np.max(np.array(comm.allgather(times)), axis=0))
         result = {"backend": "gpu", "times_s": times, "device": layer.device.name,
                   "arch": layer.arch, "grid": layer.grid}
         peak = peak_tflops(layer.device.name, cfg.dtype)
@@ -111,12 +116,23 @@ def run_benchmark(cfg: MoEConfig, seed: int = 0, warmup: int = 32, iters: int = 
             layer.launch_staged(t)
             y = layer.staged_output(t)
             routing = layer.routing(t)
-            result["dropped_assignments"] = int(routing.kept.size - routing.kept.sum())
-            cmp = compare(cfg, w, x, y, routing)
-            result["check"] = {"what": f"vs oracle on the kernel's routing: rel error "
-                                       f"{cmp['rel_error']:.2e} (<= {cmp['tolerance']:.0e}), "
-                                       f"routing agreement {cmp['routing_agreement']:.4%}",
-                               "passed": cmp["passed"], **cmp}
+            if multi:
+                ys, rs = comm.gather(y, root=0), comm.gather(routing, root=0)
+            else:
+                ys, rs = [y], [routing]
+            if rank == 0:
+                full = MoEWeights.random(cfg, seed) if multi else w
+                xs = np.concatenate([random_tokens(cfg, seed, rank=r)
+                                     for r in range(cfg.world_size)])
+                routing_all = Routing(*(np.concatenate([getattr(r, f) for r in rs])
+                                        for f in Routing._fields))
+                cmp = compare(cfg, full, xs, np.concatenate(ys), routing_all)
+                result["dropped_assignments"] = int(routing_all.kept.size -
+                                                    routing_all.kept.sum())
+                result["check"] = {"what": f"vs oracle on the kernel's routing: rel error "
+                                           f"{cmp['rel_error']:.2e} (<= {cmp['tolerance']:.0e}), "
+                                           f"routing agreement {cmp['routing_agreement']:.4%}",
+                                   "passed": cmp["passed"], **cmp}
         return result
     finally:
         layer.close()

@@ -65,8 +65,9 @@ def test_specs() -> List[KernelSpec]:
 def moe_defines(cfg) -> Dict[str, int]:
     """Compile-time constants of the fused kernel for a MoEConfig.
 
-    Token count, capacity, world size and placement are runtime values: one build
-    serves every token count up to the layer's bound.
+    Token count, capacity and placement are runtime values: one build serves every
+    token count up to the layer's bound. Only whether experts are spread over several
+    GPUs (world_size > 1: the NVSHMEM build) is compile-time, not the world size.
     """
     return {
         "FMOE_DTYPE": DTYPE_IDS[cfg.dtype],
@@ -79,13 +80,17 @@ def moe_defines(cfg) -> Dict[str, int]:
         "FMOE_RENORM": int(cfg.renormalize),
         "FMOE_BK": tile_config(cfg.dtype)["FMOE_BK"],
         "FMOE_STAGES": tile_config(cfg.dtype)["FMOE_STAGES"],
+        "FMOE_EP": int(cfg.world_size > 1),
     }
 
 
 def moe_spec(cfg) -> KernelSpec:
     """The fused MoE forward kernel for a configuration."""
-    return KernelSpec.make("kernels/moe_fused.cu", moe_defines(cfg),
-                           label="the fused MoE kernel", family="moe_fused",
+    ep = cfg.world_size > 1
+    return KernelSpec.make("kernels/moe_fused.cu", moe_defines(cfg), nvshmem=ep,
+                           label="the expert-parallel fused MoE kernel" if ep
+                           else "the fused MoE kernel",
+                           family="moe_fused_ep" if ep else "moe_fused",
                            context={"config": cfg.to_json()})
 
 

@@ -20,15 +20,16 @@ from . import env
 from .config import MoEConfig
 from .host import launch as _launch
 from .host import memory
-from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, MOE_LAYOUT, MOE_LAYOUT_POINTERS,
-                       STATE, STATE_WORDS, decode_fault)
+from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, MOE_EP_POINTERS, MOE_LAYOUT,
+                       MOE_LAYOUT_POINTERS, STATE, STATE_WORDS, decode_fault)
 from .host.device import get_device
 from .host.errors import FlashMoEError, FlashMoETimeout, KernelFault
 from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
 from .jit import compile_kernel, target_arch
 from .kernels import moe_spec
 from .numerics import round_to, storage_dtype
-from .plan import plan_layer
+from .ep import plan_heap
+from .plan import max_peer_tiles, plan_layer, slot_rows
 from .reference import Routing
 from .weights import MoEWeights
 
@@ -36,77 +37,133 @@ __all__ = ["MoELayer"]
 
 _PHASES = {1: "grid barrier after the gate", 2: "grid barrier after top-k",
            3: "grid barrier after the scan", 4: "grid barrier after the dispatch lists",
-           5: "task-ring slot", 6: "task ring capacity"}
+           5: "task-ring slot", 6: "task ring capacity",
+           7: "peer's end of the previous launch", 8: "peer's header",
+           9: "tile dispatched by a peer", 10: "result tile owed by a peer"}
 
 
 class MoELayer:
-    """A Mixture-of-Experts layer on one GPU.
+    """A Mixture-of-Experts layer on one GPU, or one rank of an expert-parallel layer.
 
     Parameters
     ----------
     cfg : MoEConfig
-        ``cfg.tokens`` is the largest token count a call may carry.
+        ``cfg.tokens`` is the largest token count a call may carry (per rank).
     weights : MoEWeights
-        Uploaded once (transposed to K-major for the tensor cores).
+        Uploaded once (transposed to K-major for the tensor cores). One GPU: every
+        expert. Several ranks: at least this rank's experts (``cfg.local_experts``).
     device : int, optional
-        GPU ordinal (default: the current one, else 0).
+        GPU ordinal (default: one GPU, the current one or 0; several ranks, the node-
+        local rank modulo the GPU count).
     timeout_s : float, optional
         Bound of every device-side wait (default ``FLASHMOE_TIMEOUT_S`` or 10 s).
+    comm : mpi4py communicator, optional
+        Required when ``cfg.world_size > 1``: the ranks sharing the experts (one PE per
+        process; NVSHMEM is initialised over it on first use).
+    max_blocks : int, optional
+        Cap the persistent grid (default: every co-resident block, divided by the number
+        of ranks sharing this GPU).
     """
 
     def __init__(self, cfg: MoEConfig, weights: MoEWeights, device: Optional[int] = None,
-                 timeout_s: Optional[float] = None) -> None:
+                 timeout_s: Optional[float] = None, comm=None,
+                 max_blocks: Optional[int] = None) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
             raise ValueError("weights must be MoEWeights built for this same config")
-        if cfg.world_size != 1:
-            raise ValueError(f"MoELayer runs one GPU (world_size=1); cfg.world_size="
-                             f"{cfg.world_size}. Expert parallelism across GPUs is not "
-                             "available yet.")
-        if weights.expert_ids != tuple(range(cfg.experts)):
-            raise ValueError("a single-GPU layer needs the weights of every expert")
         self.cfg = cfg
-        self.plan = plan_layer(cfg)
+        self.world = cfg.world_size
+        if self.world > 1:
+            if comm is None or comm.Get_size() != self.world:
+                got = "no communicator" if comm is None else f"{comm.Get_size()} ranks"
+                raise ValueError(f"cfg.world_size={self.world} needs comm= with that many "
+                                 f"ranks (got {got}); launch with mpirun -np {self.world}")
+            self.rank = int(comm.Get_rank())
+        else:
+            self.rank = 0
+        self.local_ids = cfg.local_experts(self.rank)
+        missing = sorted(set(self.local_ids) - set(weights.expert_ids))
+        if missing:
+            raise ValueError(f"rank {self.rank} owns experts {missing} but the weights lack "
+                             "them")
+        if max_blocks is not None and max_blocks < 2:
+            raise ValueError(f"max_blocks={max_blocks} must be at least 2")
         self._timeout_s = env.timeout_s() if timeout_s is None else float(timeout_s)
         if not 0 < self._timeout_s <= 3600:
             raise ValueError(f"timeout_s={timeout_s} must be in (0, 3600] seconds")
+        self.plan = plan_layer(cfg, local_experts=len(self.local_ids))
+        self.heap = plan_heap(cfg) if self.world > 1 else None
+        self._comm = comm if self.world > 1 else None
+        sharing = 1
+        if self._comm is not None:
+            local_rank, sharing = _node_placement(self._comm)
+            if device is None:
+                from .host.device import device_count
+
+                count = max(device_count(), 1)
+                device = local_rank % count
+                sharing = -(-sharing // count)  # ranks per GPU on this node
         self.device = get_device(device)
         self.arch = target_arch(self.device)
         self._stream = self.device.create_stream()
         self._dtype = storage_dtype(cfg.dtype)
+        self._delay_ns = 0
 
-        kernel = compile_kernel(moe_spec(cfg), self.arch)
-        self._module = _launch.Module(kernel.cubin, name="moe_fused")
+        spec = moe_spec(cfg)
+        kernel = compile_kernel(spec, self.arch)
+        if self.world > 1:
+            from .host import bootstrap
+
+            bootstrap.init(self.device, self._comm, heap_bytes=self._heap_bytes())
+        self._module = _launch.Module(kernel.cubin, name="moe_fused", nvshmem=spec.nvshmem)
         abi = int(self._module.read_global("flashmoe_moe_abi", np.uint32)[0])
         if abi != ABI_VERSION:
             raise FlashMoEError(f"kernel ABI {abi} differs from host ABI {ABI_VERSION}; "
                                 "clear the kernel cache (FLASHMOE_CACHE_DIR)")
         self._kernel = self._module.kernel("flashmoe_moe_forward")
-        self.smem = int(self._module.read_global("flashmoe_moe_smem", np.int32)[0])
+        # Expert parallelism adds two prefix tables over peers to the kernel's tables.
+        self.smem = int(self._module.read_global("flashmoe_moe_smem", np.int32)[0]) + \
+            (2 * (self.world + 1) * 4 if self.world > 1 else 0)
         self._module.ensure_smem(self._kernel, self.smem, self.device)
-        self.grid, self.blocks_per_sm = _launch.resident_grid(self._kernel, self.device, 128,
-                                                              self.smem)
+        resident, self.blocks_per_sm = _launch.resident_grid(self._kernel, self.device, 128,
+                                                             self.smem)
+        # Ranks sharing a GPU run their kernels side by side: each gets its share of the
+        # resident blocks, so that every block of every kernel is resident at once.
+        self.grid = max(2, resident // max(sharing, 1))
+        if max_blocks is not None:
+            self.grid = min(self.grid, max_blocks)
         self._check_memory()
         self._buffers = {}
-        self._upload_weights(weights)
+        self._upload_weights(weights.subset(self.local_ids) if self.world > 1 else weights)
         self._allocate_workspace()
         self._fault = memory.PinnedArray(FAULT_RECORD)
         self._layout = self._make_layout()
 
     # ------------------------------------------------------------------ setup
+    def _heap_bytes(self) -> int:
+        # Room for every symmetric buffer plus NVSHMEM's own bookkeeping and alignment.
+        need = int(self.heap.symmetric_bytes * 1.05) + 256 * 2**20
+        user = env.nvshmem_symmetric_size()
+        return max(need, user or 0)
+
     def _check_memory(self) -> None:
         from cuda.bindings import driver
 
         from .host.driver import check
 
         free, total = check(driver.cuMemGetInfo(), "querying GPU memory")
-        need = self.plan.total_bytes
+        need = self.plan.total_bytes if self.heap is None else self.heap.total_bytes
         if need > 0.95 * free:
+            table = self.plan.describe() if self.heap is None else self.heap.describe()
             raise FlashMoEError(
                 f"the layer needs {need / 2**30:.2f} GiB of GPU memory, {free / 2**30:.2f} GiB "
                 f"of {total / 2**30:.2f} GiB is free; lower MoEConfig.tokens (the bound) or "
-                f"the layer size\n{self.plan.describe()}")
+                f"the layer size\n{table}")
+
+    def describe(self) -> str:
+        """Buffers this layer allocates (the --verbose plan)."""
+        return self.plan.describe() if self.heap is None else self.heap.describe()
 
     def _upload(self, name: str, array: np.ndarray) -> None:
         self._buffers[name] = memory.upload(self.device, np.ascontiguousarray(array),
@@ -126,11 +183,34 @@ class MoELayer:
             self._upload("w_down", w.w2.transpose(0, 2, 1))
 
     def _allocate_workspace(self) -> None:
-        for name, nbytes in self.plan.workspace.items():
+        if self.heap is None:
+            local, symmetric = self.plan.workspace, {}
+        else:
+            local = {k: v for k, v in self.heap.local.items() if k not in self.plan.weights}
+            symmetric = self.heap.symmetric
+        for name, nbytes in local.items():
             self._buffers[name] = memory.alloc(self.device, nbytes, self._stream)
+        self._symmetric = []
+        if symmetric:
+            from .host import bootstrap
+
+            self._stream.sync()
+            for name, nbytes in symmetric.items():  # collective: same order on every PE
+                self._buffers[name] = buf = bootstrap.symmetric_alloc(nbytes)
+                self._symmetric.append(buf)
+                memory.zero(buf, self._stream)
+            owner = np.asarray(self.cfg.expert_owner, np.int32)
+            local_index = np.zeros(self.cfg.experts, np.int32)
+            for r in range(self.world):
+                for i, e in enumerate(self.cfg.local_experts(r)):
+                    local_index[e] = i
+            memory.copy_in(self._buffers["expert_owner"], owner, self._stream)
+            memory.copy_in(self._buffers["expert_local"], local_index, self._stream)
         for name in ("state", "ring", "dep_rowtile", "dep_combine"):
             memory.zero(self._buffers[name], self._stream)
         self._stream.sync()
+        if symmetric:
+            self._comm.Barrier()  # every PE's signals are zero before anyone launches
 
     def _ptr(self, name: str) -> int:
         buf = self._buffers.get(name)
@@ -138,18 +218,35 @@ class MoELayer:
 
     def _make_layout(self):
         rec = np.zeros((), dtype=MOE_LAYOUT)
-        for name in MOE_LAYOUT_POINTERS:
+        for name in MOE_LAYOUT_POINTERS + MOE_EP_POINTERS:
             rec[name] = self._fault.ptr if name == "fault" else self._ptr(name)
         rec["timeout_ns"] = int(self._timeout_s * 1e9)
         rec["max_tokens"] = self.cfg.tokens
         rec["experts"] = self.cfg.experts
-        rec["local_experts"] = self.cfg.experts
+        rec["local_experts"] = len(self.local_ids)
         rec["first_expert"] = 0
         rec["max_rowtiles"] = self.plan.max_rowtiles
         rec["ring_capacity"] = self.plan.ring_capacity
-        rec["rank"] = 0
-        rec["world"] = 1
-        return memory.upload(self.device, np.frombuffer(rec.tobytes(), np.uint8), self._stream)
+        rec["rank"] = self.rank
+        rec["world"] = self.world
+        rec["delay_ns"] = self._delay_ns
+        if self.world > 1:
+            rec["slot_rows"] = slot_rows(self.cfg)
+            rec["max_peer_tiles"] = max_peer_tiles(self.cfg)
+            rec["max_local_experts"] = self.cfg.max_local_experts
+        data = np.frombuffer(rec.tobytes(), np.uint8)
+        if getattr(self, "_layout", None) is not None:
+            memory.copy_in(self._layout, data, self._stream)
+            return self._layout
+        return memory.upload(self.device, data, self._stream)
+
+    def inject_delay(self, seconds: float) -> None:
+        """Delay every later launch of this rank by ``seconds`` (fault-injection tests)."""
+        if not 0 <= seconds <= 60:
+            raise ValueError(f"delay {seconds} s must be in [0, 60]")
+        self._delay_ns = int(seconds * 1e9)
+        self._stream.sync()
+        self._layout = self._make_layout()
 
     # ------------------------------------------------------------------ calls
     def _validate(self, shape, dtype, contiguous: bool = True) -> int:
@@ -352,12 +449,36 @@ class MoELayer:
         return {k: int(words[v]) for k, v in STATE.items()}
 
     def close(self) -> None:
-        """Free the layer's GPU memory (also done when it is garbage collected)."""
+        """Free the layer's GPU memory. With several ranks this is collective: every
+        rank must close its layer."""
+        if not self._buffers:
+            return
         self._stream.sync()
+        sym = {id(b) for b in getattr(self, "_symmetric", [])}
         for buf in self._buffers.values():
-            buf.close()
+            if id(buf) not in sym:
+                buf.close()
+        if sym:
+            import nvshmem.core as shmem
+
+            self._comm.Barrier()
+            for buf in self._symmetric:
+                shmem.free(buf)
+            self._symmetric = []
         self._buffers.clear()
         self._fault.close()
+        self._module.close()
+
+
+def _node_placement(comm):
+    """(node-local rank, ranks on this node) of the calling rank."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
 
 
 def _resolve_stream(device, default, stream):

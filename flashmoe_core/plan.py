@@ -13,9 +13,19 @@ from typing import Dict
 from .config import MoEConfig
 from .numerics import itemsize
 
-__all__ = ["LayerPlan", "plan_layer", "TILE"]
+__all__ = ["LayerPlan", "plan_layer", "TILE", "slot_rows", "max_peer_tiles"]
 
 TILE = 128  # rows per row tile, tokens per token tile (the kernel's constant)
+
+
+def slot_rows(cfg: MoEConfig) -> int:
+    """Rows one source can send one peer at most: tokens * min(top_k, max local experts)."""
+    return cfg.tokens * min(cfg.top_k, cfg.max_local_experts)
+
+
+def max_peer_tiles(cfg: MoEConfig) -> int:
+    """Tiles of one source -> peer stream at most (each expert may add a partial tile)."""
+    return math.ceil(slot_rows(cfg) / TILE) + cfg.max_local_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +43,9 @@ class LayerPlan:
     up_tiles, down_tiles : int
         Column tiles of the up (F) and down (H) projections.
     ring_capacity : int
-        Task-ring slots: every down and combine task of the worst case.
+        Task-ring slots: every published task of the worst case (local down tasks,
+        combine tasks, and with several ranks the up and down tasks of every tile
+        that can arrive from peers).
     workspace : dict
         Buffer name -> bytes (device memory).
     weights : dict
@@ -75,6 +87,8 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
     down_tiles = math.ceil(h / 128)
     max_rowtiles = math.ceil(t * k / TILE) + e
     ring = max_rowtiles * down_tiles + tt * down_tiles
+    if cfg.world_size > 1:
+        ring += cfg.world_size * max_peer_tiles(cfg) * (up_tiles + down_tiles)
     workspace = {
         "logits": t * ep * 4,
         "topk_expert": t * k * 4,

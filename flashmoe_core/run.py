@@ -76,16 +76,9 @@ def _choose_backend(requested: str, rank: int, world: int) -> str:
     if requested == "gpu":
         if not ok:
             raise _Fail(2, f"--backend gpu needs an NVIDIA GPU, but {why}")
-        if world > 1:
-            raise _Fail(2, "--backend gpu runs one GPU per job for now (no expert "
-                           "parallelism across GPUs yet); use --backend reference under mpirun")
         return "gpu"
     if not ok:
         _say(rank, f"flashmoe_core: no usable GPU ({why}); using the reference backend")
-        return "reference"
-    if world > 1:
-        _say(rank, "flashmoe_core: the GPU kernel is single-GPU for now; using the reference "
-                   "backend across the MPI ranks")
         return "reference"
     return "gpu"
 

@@ -12,9 +12,10 @@ from typing import Dict
 import numpy as np
 
 __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "STRUCTS", "FAULT_CODES", "STATE",
-           "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "abi_defines", "decode_fault"]
+           "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS", "abi_defines",
+           "decode_fault"]
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 FAULT_CODES = {0: "ok", 1: "timeout", 2: "protocol", 3: "bad_launch"}
 
@@ -44,12 +45,19 @@ MOE_LAYOUT_POINTERS = (
     "router_t", "w_up", "w_up2", "b_up", "w_down", "b_down", "logits", "topk_expert",
     "topk_weight", "token_rows", "row_token", "tile_counts", "expert_total", "expert_kept",
     "tile_kept", "z", "y_expert", "dep_rowtile", "dep_combine", "ring", "state", "fault")
+MOE_EP_POINTERS = (
+    "recv_rows", "send_rows", "headers", "headers_out", "header_sig", "dispatch_sig",
+    "return_sig", "done_sig", "z_remote", "y_remote", "dep_remote", "expert_owner",
+    "expert_local")
 MOE_LAYOUT = _struct(
     [(name, _PTR, 8 * i) for i, name in enumerate(MOE_LAYOUT_POINTERS)]
     + [("timeout_ns", "<u8", 176), ("max_tokens", "<i4", 184), ("experts", "<i4", 188),
        ("local_experts", "<i4", 192), ("first_expert", "<i4", 196),
        ("max_rowtiles", "<i4", 200), ("ring_capacity", "<i4", 204), ("rank", "<i4", 208),
-       ("world", "<i4", 212)], 216)
+       ("world", "<i4", 212)]
+    + [(name, _PTR, 216 + 8 * i) for i, name in enumerate(MOE_EP_POINTERS)]
+    + [("delay_ns", "<u8", 320), ("slot_rows", "<i4", 328), ("max_peer_tiles", "<i4", 332),
+       ("max_local_experts", "<i4", 336)], 344)
 
 # Words of MoeLayout.state and the kernel's modes (abi.cuh StateWord / Mode).
 STATE_WORDS = 16

@@ -27,6 +27,7 @@ class ShmemWorld:
     size: int
     device_id: int
     comm: object = None
+    heap_bytes: int = 0
 
 
 _world: Optional[ShmemWorld] = None
@@ -38,15 +39,18 @@ def current() -> Optional[ShmemWorld]:
     return _world
 
 
-def init(device, comm=None) -> ShmemWorld:
+def init(device, comm=None, heap_bytes: int = 0) -> ShmemWorld:
     """Initialise NVSHMEM for this process on ``device`` (idempotent).
 
     Parameters
     ----------
     device : cuda.core.Device
-        Already made current; one GPU per PE.
+        Already made current.
     comm : mpi4py communicator, optional
         All PEs; None for a single-process world.
+    heap_bytes : int
+        Symmetric heap size to start NVSHMEM with (exported as NVSHMEM_SYMMETRIC_SIZE,
+        which NVSHMEM reads at start-up); 0 keeps NVSHMEM's default.
 
     Raises
     ------
@@ -58,11 +62,20 @@ def init(device, comm=None) -> ShmemWorld:
     size = 1 if comm is None else int(comm.Get_size())
     if _world is not None:
         if (_world.rank, _world.size, _world.device_id) == (rank, size, device.device_id):
+            if heap_bytes > _world.heap_bytes > 0:
+                raise BootstrapError(
+                    f"NVSHMEM runs with a {_world.heap_bytes} B symmetric heap; this layer "
+                    f"needs {heap_bytes} B. Create the largest layer first, or set "
+                    "NVSHMEM_SYMMETRIC_SIZE before the first one")
             return _world
         raise BootstrapError(
             f"NVSHMEM is already initialised as PE {_world.rank}/{_world.size} on GPU "
             f"{_world.device_id}; call finalize() before initialising as PE {rank}/{size} "
             f"on GPU {device.device_id}")
+    if heap_bytes > 0:
+        import os
+
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(int(heap_bytes))
     try:
         import nvshmem.core as shmem
     except ImportError as exc:
@@ -81,7 +94,8 @@ def init(device, comm=None) -> ShmemWorld:
     if (got_rank, got_size) != (rank, size):
         raise BootstrapError(f"NVSHMEM reports PE {got_rank}/{got_size}, MPI says "
                              f"{rank}/{size}")
-    _world = ShmemWorld(rank=rank, size=size, device_id=device.device_id, comm=comm)
+    _world = ShmemWorld(rank=rank, size=size, device_id=device.device_id, comm=comm,
+                        heap_bytes=int(heap_bytes))
     if not _atexit_registered:
         atexit.register(finalize)
         _atexit_registered = True

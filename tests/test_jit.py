@@ -32,6 +32,9 @@ MATRIX = [
     ("sm_90a", moe_spec(MoEConfig(tokens=8192, hidden=2048, ffn=2048, experts=64, top_k=2))),
     ("sm_80", moe_spec(MoEConfig(tokens=256, hidden=1000, ffn=1032, experts=7, top_k=7,
                                  mlp="gated", activation="silu", dtype="float16"))),
+    # Expert parallelism: the NVSHMEM build, linked with libnvshmem_device.a.
+    ("sm_90a", moe_spec(MoEConfig(tokens=8192, hidden=2048, ffn=2048, experts=64, top_k=2,
+                                  world_size=8))),
 ]
 SYMBOLS = {"kernels/tile_gemm.cu": b"flashmoe_tile_gemm",
            "kernels/nvshmem_ping.cu": b"flashmoe_nvshmem_ping",
@@ -56,6 +59,7 @@ def test_matrix_covers_every_kernel_file_on_both_archs(tc):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,spec", MATRIX,
                          ids=[f"{a}-{s.entry.split('/')[-1]}-{dict(s.defines).get('FMOE_DTYPE', '')}"
+                              f"{'-ep' if s.nvshmem and 'moe' in s.entry else ''}"
                               for a, s in MATRIX])
 def test_kernel_compiles(arch, spec, tc, shared_cache):
     k = build(spec, arch, tc, cache=KernelCache(shared_cache))

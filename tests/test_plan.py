@@ -26,6 +26,15 @@ def test_plan_sizes():
     assert "total" in p.describe()
 
 
+def test_ring_holds_remote_tasks_with_several_ranks():
+    from flashmoe_core.plan import max_peer_tiles
+
+    one = plan_layer(MoEConfig(tokens=256, hidden=256, ffn=256, experts=8))
+    cfg = MoEConfig(tokens=256, hidden=256, ffn=256, experts=8, world_size=4)
+    four = plan_layer(cfg)
+    assert four.ring_capacity == one.ring_capacity + 4 * max_peer_tiles(cfg) * (2 + 2)
+
+
 def test_gated_plan_has_two_up_matrices_and_half_width_tiles():
     p = plan_layer(MoEConfig(tokens=64, hidden=64, ffn=200, experts=2, mlp="gated",
                              dtype="float32"))
@@ -37,9 +46,13 @@ def test_gated_plan_has_two_up_matrices_and_half_width_tiles():
 def test_runtime_values_are_not_compile_time():
     base = MoEConfig(tokens=128, hidden=256, ffn=256, experts=8)
     d = moe_defines(base)
-    for changed in (base.replace(tokens=4096), base.replace(capacity_factor=1.25),
-                    base.replace(world_size=2), base.replace(world_size=2, placement=(1,) * 8)):
+    for changed in (base.replace(tokens=4096), base.replace(capacity_factor=1.25)):
         assert moe_defines(changed) == d
+    # Several GPUs need the NVSHMEM build, but not one per world size or placement.
+    ep = moe_defines(base.replace(world_size=2))
+    assert ep["FMOE_EP"] == 1 and d["FMOE_EP"] == 0
+    for changed in (base.replace(world_size=8), base.replace(world_size=2, placement=(1,) * 8)):
+        assert moe_defines(changed) == ep
     assert moe_defines(base.replace(top_k=3)) != d
     assert moe_defines(base.replace(dtype="float16"))["FMOE_DTYPE"] == 3
     assert moe_defines(base.replace(mlp="gated"))["FMOE_GATED"] == 1
@@ -69,5 +82,26 @@ def test_layer_rejects_bad_construction_before_touching_a_gpu():
     with pytest.raises(TypeError):
         MoELayer("cfg", MoEWeights.random(cfg))
     two = cfg.replace(world_size=2)
-    with pytest.raises(ValueError, match="world_size=1"):
+    with pytest.raises(ValueError, match="world_size=2 needs comm=.*mpirun -np 2"):
         MoELayer(two, MoEWeights.random(two))
+    with pytest.raises(ValueError, match="max_blocks=1"):
+        MoELayer(cfg, MoEWeights.random(cfg), max_blocks=1)
+    with pytest.raises(ValueError, match="timeout_s"):
+        MoELayer(cfg, MoEWeights.random(cfg), timeout_s=0)
+
+
+def test_layer_checks_the_ranks_experts_are_held():
+    from flashmoe_core import MoEWeights
+    from flashmoe_core.layer import MoELayer
+
+    class FakeComm:  # two ranks, this is rank 1: the check must fire before any GPU use
+        def Get_size(self):
+            return 2
+
+        def Get_rank(self):
+            return 1
+
+    cfg = MoEConfig(tokens=8, hidden=8, ffn=8, experts=4, world_size=2)
+    w = MoEWeights.random(cfg, expert_ids=[0, 1])
+    with pytest.raises(ValueError, match=r"rank 1 owns experts \[2, 3\]"):
+        MoELayer(cfg, w, comm=FakeComm())

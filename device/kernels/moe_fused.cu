@@ -9,7 +9,10 @@
  * co-residency comes from the grid size.
  *
  * Compile-time constants (flashmoe_core/kernels.py): FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E,
- * FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, FMOE_BK, FMOE_STAGES.
+ * FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, FMOE_BK, FMOE_STAGES, FMOE_EP.
+ * FMOE_EP=1 (expert parallelism) needs FLASHMOE_NVSHMEM=1, symmetric buffers in the
+ * layout, NVSHMEM initialised on every PE, the module registered with NVSHMEM, and
+ * 2 * (world + 1) * 4 more bytes of dynamic shared memory (peer tables).
  */
 #include <flashmoe/moe/fused.cuh>
 
@@ -18,11 +21,16 @@
 #error "the fused kernel needs FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM"
 #endif
 
+#ifndef FMOE_EP
+#define FMOE_EP 0
+#endif
+
 using Cfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED != 0,
-                                  FMOE_ACT, FMOE_RENORM != 0, FMOE_BK, FMOE_STAGES>;
+                                  FMOE_ACT, FMOE_RENORM != 0, FMOE_BK, FMOE_STAGES,
+                                  FMOE_EP != 0>;
 using S = Cfg::S;
 
-/// Dynamic shared memory per block, read by the host from the module.
+/// Dynamic shared memory per block without the peer tables, read by the host.
 extern "C" __device__ const int flashmoe_moe_smem = Cfg::kSmemBytes;
 /// The ABI version the kernel was built with (checked by the host at load).
 extern "C" __device__ const unsigned flashmoe_moe_abi = flashmoe::abi::kAbiVersion;

@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 2;
+constexpr cuda::std::uint32_t kAbiVersion = 3;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -99,6 +99,28 @@ struct MoeLayout {
   cuda::std::int32_t ring_capacity;
   cuda::std::int32_t rank;
   cuda::std::int32_t world;
+  // Expert parallelism (world > 1): NVSHMEM symmetric buffers, identical on every PE,
+  // and the placement tables. Null / zero on one GPU. With world > 1, y_expert above
+  // is symmetric too (owners put results into it). SR = slot_rows, PT =
+  // max_peer_tiles, Em = max_local_experts.
+  void* recv_rows;                   ///< sym [W, SR, H] rows dispatched to this rank
+  void* send_rows;                   ///< sym [T * k, H] gathered rows (put source)
+  cuda::std::int32_t* headers;       ///< sym [W, Em, 2] {rows, src_row0} from each source
+  cuda::std::int32_t* headers_out;   ///< sym [W, Em, 2] what this rank tells each peer
+  cuda::std::uint64_t* header_sig;   ///< sym [W]
+  cuda::std::uint64_t* dispatch_sig; ///< sym [W, PT] tile i of source s has landed
+  cuda::std::uint64_t* return_sig;   ///< sym [W, PT] results of tile i from owner p
+  cuda::std::uint64_t* done_sig;     ///< sym [W] peer p finished its launch
+  void* z_remote;                    ///< [W, SR, F] up outputs of received rows
+  void* y_remote;                    ///< [W, SR, H] down outputs before the return put
+  cuda::std::uint32_t* dep_remote;   ///< [W * PT, 2] up / down column tiles done
+  const cuda::std::int32_t* expert_owner;  ///< [E] owner rank
+  const cuda::std::int32_t* expert_local;  ///< [E] position among the owner's experts
+  cuda::std::uint64_t delay_ns;      ///< injected start delay (fault tests), 0 normally
+  cuda::std::int32_t slot_rows;
+  cuda::std::int32_t max_peer_tiles;
+  cuda::std::int32_t max_local_experts;
+  cuda::std::int32_t reserved;
 };
 
 }  // namespace abi
@@ -146,6 +168,23 @@ struct MoeLayout {
   X(MoeLayout, max_rowtiles) \
   X(MoeLayout, ring_capacity) \
   X(MoeLayout, rank)         \
-  X(MoeLayout, world)
+  X(MoeLayout, world)        \
+  X(MoeLayout, recv_rows)    \
+  X(MoeLayout, send_rows)    \
+  X(MoeLayout, headers)      \
+  X(MoeLayout, headers_out)  \
+  X(MoeLayout, header_sig)   \
+  X(MoeLayout, dispatch_sig) \
+  X(MoeLayout, return_sig)   \
+  X(MoeLayout, done_sig)     \
+  X(MoeLayout, z_remote)     \
+  X(MoeLayout, y_remote)     \
+  X(MoeLayout, dep_remote)   \
+  X(MoeLayout, expert_owner) \
+  X(MoeLayout, expert_local) \
+  X(MoeLayout, delay_ns)     \
+  X(MoeLayout, slot_rows)    \
+  X(MoeLayout, max_peer_tiles) \
+  X(MoeLayout, max_local_experts)
 
 #define FMOE_ABI_STRUCTS(X) X(FaultRecord) X(MoeLayout)

@@ -41,6 +41,10 @@ enum Phase : int32_t {
   kPhaseBarrierLists = 4,
   kPhaseRingSlot = 5,
   kPhaseRingFull = 6,
+  kPhasePeerDone = 7,      ///< waiting for a peer to finish the previous launch
+  kPhaseHeaders = 8,       ///< waiting for a peer's header
+  kPhaseDispatchWait = 9,  ///< waiting for a tile a peer dispatched to us
+  kPhaseReturnWait = 10,   ///< waiting for a result tile a peer owes us
 };
 
 /**
@@ -69,9 +73,11 @@ FMOE_DEVICE bool grid_barrier(uint32_t* state, int index, const WaitSite& site, 
 }
 
 /// Leave the launch: the last block out resets the barrier/exit words and advances the
-/// epoch (so the next launch, or a replayed graph, sees fresh ring tags).
-FMOE_DEVICE void leave_launch(uint32_t* state) {
+/// epoch (so the next launch, or a replayed graph, sees fresh ring tags). Returns true
+/// in thread 0 of the last block out.
+FMOE_DEVICE bool leave_launch(uint32_t* state) {
   __syncthreads();
+  bool last = false;
   if (threadIdx.x == 0) {
     __threadfence();
     const uint32_t out = atomicAdd(&state[abi::kExit], 1u) + 1u;
@@ -80,8 +86,10 @@ FMOE_DEVICE void leave_launch(uint32_t* state) {
       state[abi::kExit] = 0u;
       __threadfence();
       atomicAdd(&state[abi::kEpoch], 1u);
+      last = true;
     }
   }
+  return last;
 }
 
 /**

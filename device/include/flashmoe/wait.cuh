@@ -71,4 +71,12 @@ FMOE_DEVICE bool bounded_wait(const WaitSite& site, int32_t phase, int32_t task,
   return true;
 }
 
+/// Busy-wait for `ns` nanoseconds (fault injection: a delayed rank).
+FMOE_DEVICE void sleep_for(uint64_t ns) {
+  const uint64_t start = global_timer_ns();
+  while (global_timer_ns() - start < ns) {  // bounded: ends after ns
+    __nanosleep(1000);
+  }
+}
+
 }  // namespace flashmoe

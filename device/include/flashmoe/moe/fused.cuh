@@ -1,25 +1,30 @@
 /**
  * @file fused.cuh
- * @brief The persistent fused MoE forward: gate, dispatch, expert FFN, combine.
+ * @brief The persistent fused MoE forward: gate, dispatch, expert FFN, combine, on one
+ *        GPU or across GPUs (expert parallelism over NVSHMEM).
  *
  * Protocol, task formats and ordering rules: docs/design.md. Every block runs every
  * phase; phases are separated by grid barriers; the last phase is a task loop in
- * which blocks claim tile tasks and publish the tasks they unblock.
+ * which blocks claim tile tasks and publish the tasks they unblock. With expert
+ * parallelism the last block is the subscriber: it turns signals from peers into tasks.
  */
 #pragma once
 
 #include "../gemm/tile_gemm.cuh"
 #include "../sync.cuh"
+#if FLASHMOE_NVSHMEM
+#include "../shmem.cuh"
+#endif
 
 namespace flashmoe {
 namespace moe {
 
 /// Compile-time shape and numerics of one layer (the JIT's constants).
 template <int kDtype_, int H_, int F_, int E_, int K_, bool kGated_, int kAct_, bool kRenorm_,
-          int BK_, int kStages_>
+          int BK_, int kStages_, bool kEP_>
 struct Config {
   static constexpr int kDtype = kDtype_, H = H_, F = F_, E = E_, K = K_;
-  static constexpr bool kGated = kGated_, kRenorm = kRenorm_;
+  static constexpr bool kGated = kGated_, kRenorm = kRenorm_, kEP = kEP_;
   static constexpr int kAct = kAct_;
   static constexpr int kTile = 128;  // rows per row tile / tokens per token tile
   using G = gemm::TileGemm<kDtype, 128, 128, BK_, kStages_>;
@@ -36,15 +41,34 @@ struct Config {
   static_assert(H % 8 == 0 && F % 8 == 0, "hidden and ffn must be multiples of 8");
   static_assert(E >= 1 && E <= 1024, "1..1024 experts");
   static_assert(K >= 1 && K <= 8 && K <= E, "top_k in 1..min(8, experts)");
-  /// Shared memory: the tile GEMM, then two prefix arrays over experts.
-  static constexpr int kSmemOffsets = 2 * (E + 1) * int(sizeof(int32_t));
+#if !FLASHMOE_NVSHMEM
+  static_assert(!kEP, "expert parallelism needs a kernel built with NVSHMEM");
+#endif
+  /// Shared memory: the tile GEMM, then three tables over experts; expert parallelism
+  /// adds two prefix arrays over peers (2 * (world + 1) ints, sized at launch).
+  static constexpr int kSmemTables = 3 * (E + 1) * int(sizeof(int32_t));
   static constexpr int kSmemScratch = kTile * K * int(sizeof(int32_t));
   static_assert(kSmemScratch <= G::kSmemBytes, "list scratch must fit the GEMM area");
-  static constexpr int kSmemBytes = G::kSmemBytes + kSmemOffsets;
+  static constexpr int kSmemBytes = G::kSmemBytes + kSmemTables;
 };
 
-/// Task kinds of ring descriptors (index << 2 | kind); up tasks are never in the ring.
-enum TaskKind : uint32_t { kUp = 0, kDown = 1, kCombine = 2 };
+/// Task kinds of descriptors (index << 3 | kind). Send and local up tasks are never in
+/// the ring: their indices come first in the claim order.
+enum TaskKind : uint32_t {
+  kUp = 0, kDown = 1, kCombine = 2, kSend = 3, kUpRemote = 4, kDownRemote = 5,
+};
+
+FMOE_DEVICE uint32_t desc(uint32_t index, TaskKind kind) { return (index << 3) | kind; }
+
+/// Index of the interval of a prefix array p[0..n] (p[0] = 0, ascending) holding v.
+FMOE_DEVICE int find_interval(const int32_t* p, int n, int v) {
+  int lo = 0, hi = n;  // largest i < n with p[i] <= v
+  while (hi - lo > 1) {  // bounded: binary search, log2(n) steps
+    const int mid = (lo + hi) >> 1;
+    if (p[mid] <= v) lo = mid; else hi = mid;
+  }
+  return lo;
+}
 
 template <class C>
 struct Kernel {
@@ -60,10 +84,44 @@ struct Kernel {
   int TT;        // token tiles
   int capacity;  // per (expert, source rank); -1 dropless
   char* smem;
-  int32_t* s_eoff;   // [E + 1] first compact row of each expert
-  int32_t* s_rtoff;  // [E + 1] first row tile of each expert
+  int32_t* s_eoff;   // [E + 1] first compact row of each expert (all experts)
+  int32_t* s_rtoff;  // [El + 1] first row tile of each local expert
+  int32_t* s_lexp;   // [El] global id of each local expert
+  int32_t* s_src;    // [W + 1] expert parallelism: first remote tile id of each source
+  int32_t* s_dst;    // [W + 1] expert parallelism: first send task of each peer
   WaitSite site;
   TaskRing ring;
+  uint32_t tag;      // epoch + 1: marks this launch's ring slots and signals
+
+  // ---------------------------------------------------------------- helpers
+  /// Exclusive prefix sum over data[0..n) in shared memory; data[n] gets the total.
+  FMOE_DEVICE static void block_scan(int32_t* data, int n) {
+    __shared__ int32_t s_part[C::kThreads];
+    const int chunk = (n + C::kThreads - 1) / C::kThreads;
+    const int lo = min(n, int(threadIdx.x) * chunk), hi = min(lo + chunk, n);
+    int sum = 0;
+    for (int i = lo; i < hi; ++i) {
+      const int v = data[i];
+      data[i] = sum;
+      sum += v;
+    }
+    s_part[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int run = 0;
+      for (int i = 0; i < C::kThreads; ++i) {
+        const int v = s_part[i];
+        s_part[i] = run;
+        run += v;
+      }
+      data[n] = run;
+    }
+    __syncthreads();
+    for (int i = lo; i < hi; ++i) data[i] += s_part[threadIdx.x];
+    __syncthreads();
+  }
+
+  FMOE_DEVICE static int tiles_of(int rows) { return (rows + kTile - 1) / kTile; }
 
   // ---------------------------------------------------------------- phase 0: gate
   FMOE_DEVICE void zero_counters() {
@@ -76,6 +134,11 @@ struct Kernel {
     for (int i = gtid; i < TT * C::E; i += gsize) L.tile_counts[i] = 0;
     for (int i = gtid; i < L.max_rowtiles; i += gsize) L.dep_rowtile[i] = 0u;
     for (int i = gtid; i < TT * C::kDownTiles; i += gsize) L.dep_combine[i] = 0u;
+    if constexpr (C::kEP) {
+      const int remote_tiles = L.world * L.max_peer_tiles;
+      for (int i = gtid; i < 2 * remote_tiles; i += gsize) L.dep_remote[i] = 0u;
+      for (int i = gtid; i < 2 * L.world * L.max_local_experts; i += gsize) L.headers_out[i] = 0;
+    }
   }
 
   /// Router logits of 128 tokens x 128 experts: [T, Ep] float32.
@@ -110,12 +173,13 @@ struct Kernel {
   FMOE_DEVICE void topk_token(int t) {
     const int lane = threadIdx.x & 31;
     const float* row = L.logits + int64_t(t) * C::kEp;
+    constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
     float v[C::kPerLane];
-    float m = -cuda::std::numeric_limits<float>::infinity();
+    float m = kNegInf;
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
       const int e = lane + 32 * i;
-      v[i] = e < C::E ? load_cg(row + e) : -cuda::std::numeric_limits<float>::infinity();
+      v[i] = e < C::E ? load_cg(row + e) : kNegInf;
       m = fmaxf(m, v[i]);
     }
 #pragma unroll
@@ -190,42 +254,28 @@ struct Kernel {
   }
 
   // ---------------------------------------------------------------- phase 3: lists
-  /// Exclusive prefix sums over experts of kept rows and row tiles, in every block.
-  /// Returns the total number of row tiles.
+  FMOE_DEVICE bool is_local(int e) const {
+    return !C::kEP || load_cg(&L.expert_owner[e]) == L.rank;
+  }
+
+  /// Every block: compact-row offsets over all experts, the local expert table and the
+  /// row-tile offsets over local experts. Returns the number of local row tiles.
   FMOE_DEVICE int expert_offsets() {
-    __shared__ int32_t s_part[2][C::kThreads];
-    constexpr int kChunk = (C::E + C::kThreads - 1) / C::kThreads;
-    const int lo = threadIdx.x * kChunk;
-    int rows = 0, tiles = 0;
-    for (int e = lo; e < min(lo + kChunk, C::E); ++e) {
-      const int kept = load_cg(&L.expert_kept[e]);
-      s_eoff[e] = rows;
-      s_rtoff[e] = tiles;
-      rows += kept;
-      tiles += (kept + kTile - 1) / kTile;
-    }
-    s_part[0][threadIdx.x] = rows;
-    s_part[1][threadIdx.x] = tiles;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int a = 0, b = 0;
-      for (int i = 0; i < C::kThreads; ++i) {
-        const int ra = s_part[0][i], rb = s_part[1][i];
-        s_part[0][i] = a;
-        s_part[1][i] = b;
-        a += ra;
-        b += rb;
+    const int el = L.local_experts;
+    for (int e = threadIdx.x; e < C::E; e += C::kThreads) {
+      s_eoff[e] = load_cg(&L.expert_kept[e]);
+      if constexpr (C::kEP) {
+        if (load_cg(&L.expert_owner[e]) == L.rank) s_lexp[load_cg(&L.expert_local[e])] = e;
+      } else {
+        s_lexp[e] = e;
       }
-      s_eoff[C::E] = a;
-      s_rtoff[C::E] = b;
     }
     __syncthreads();
-    for (int e = lo; e < min(lo + kChunk, C::E); ++e) {
-      s_eoff[e] += s_part[0][threadIdx.x];
-      s_rtoff[e] += s_part[1][threadIdx.x];
-    }
+    for (int le = threadIdx.x; le < el; le += C::kThreads) s_rtoff[le] = tiles_of(s_eoff[s_lexp[le]]);
     __syncthreads();
-    return s_rtoff[C::E];
+    block_scan(s_eoff, C::E);
+    block_scan(s_rtoff, el);
+    return s_rtoff[el];
   }
 
   /// One token tile: each assignment's slot is its tile base plus its rank among the
@@ -263,7 +313,7 @@ struct Kernel {
       if (s_kept == 0) {  // nothing will complete this tile's combines: publish them now
         __threadfence();
         ok = ring.publish(C::kDownTiles, [&](int i) {
-          return (uint32_t(tt * C::kDownTiles + i) << 2) | kCombine;
+          return desc(uint32_t(tt * C::kDownTiles + i), kCombine);
         }, site);
       }
     }
@@ -271,38 +321,40 @@ struct Kernel {
     return ok && !fault_raised(site);
   }
 
-  // ---------------------------------------------------------------- phase 4: tasks
+  // ---------------------------------------------------------------- expert tiles
+  /// Where one row tile's rows come from and go to.
   struct RowTile {
-    int expert;  // global id
-    int row0;    // first compact row
-    int rows;    // valid rows (1..128)
+    int le;           // local expert (index into this rank's weights)
+    int rows;         // valid rows (1..128)
+    int a_row0;       // first input row (compact row, or receive-buffer row)
+    int out_row0;     // first output row in the up/down buffers
   };
 
-  FMOE_DEVICE RowTile row_tile(int rt) const {
-    int lo = 0, hi = C::E;  // largest e with s_rtoff[e] <= rt
-    while (hi - lo > 1) {  // bounded: binary search, log2(E) steps
-      const int mid = (lo + hi) >> 1;
-      if (s_rtoff[mid] <= rt) lo = mid; else hi = mid;
-    }
-    const int r = rt - s_rtoff[lo];
-    const int kept = s_eoff[lo + 1] - s_eoff[lo];
-    return RowTile{lo, s_eoff[lo] + r * kTile, min(kTile, kept - r * kTile)};
+  /// Local row tile rt: rows of one of this rank's experts from its own tokens.
+  FMOE_DEVICE RowTile local_tile(int rt) const {
+    const int le = find_interval(s_rtoff, L.local_experts, rt);
+    const int e = s_lexp[le];
+    const int r = rt - s_rtoff[le];
+    const int kept = s_eoff[e + 1] - s_eoff[e];
+    const int row0 = s_eoff[e] + r * kTile;
+    return RowTile{le, min(kTile, kept - r * kTile), row0, row0};
   }
 
-  /// Z[rows, cols] = act(X W1^T + b1) or act(X Wg^T) * (X Wu^T).
-  FMOE_DEVICE bool up_task(int index) {
-    const int rt = index / C::kUpTiles, col = index % C::kUpTiles;
-    const RowTile tile = row_tile(rt);
-    const int le = tile.expert - L.first_expert;
+  /**
+   * Up projection of one 128-column slice: out = act(A W1^T + b1) or act(A Wg^T) *
+   * (A Wu^T), A rows a_row(r), output rows out + r * F.
+   */
+  template <class ARow>
+  FMOE_DEVICE void up_compute(const RowTile& tile, int col, ARow a_row, S* out) {
     const int n0 = col * C::kUpCols;
     const S** ra = G::rows_a(smem);
     const S** rb = G::rows_b(smem);
     // Gated: B rows [0, 64) are Wg rows, [64, 128) the matching Wu rows.
-    const S* w_up = static_cast<const S*>(L.w_up) + int64_t(le) * C::F * C::H;
-    const S* w_up2 = C::kGated ? static_cast<const S*>(L.w_up2) + int64_t(le) * C::F * C::H
+    const S* w_up = static_cast<const S*>(L.w_up) + int64_t(tile.le) * C::F * C::H;
+    const S* w_up2 = C::kGated ? static_cast<const S*>(L.w_up2) + int64_t(tile.le) * C::F * C::H
                                : w_up;
     for (int r = threadIdx.x; r < G::BM; r += C::kThreads) {
-      ra[r] = r < tile.rows ? x + int64_t(load_cg(&L.row_token[tile.row0 + r])) * C::H : nullptr;
+      ra[r] = r < tile.rows ? a_row(r) : nullptr;
       const int half = r / C::kUpCols, n = n0 + r % C::kUpCols;
       rb[r] = n < C::F ? (half ? w_up2 : w_up) + int64_t(n) * C::H : nullptr;
     }
@@ -312,8 +364,7 @@ struct Kernel {
     G::mainloop(acc, smem, C::H);
     const float* staged = G::stage_acc(acc, smem);
     __syncthreads();
-    S* z = static_cast<S*>(L.z);
-    const S* b_up = C::kGated ? nullptr : static_cast<const S*>(L.b_up) + int64_t(le) * C::F;
+    const S* b_up = C::kGated ? nullptr : static_cast<const S*>(L.b_up) + int64_t(tile.le) * C::F;
     G::for_each_row_chunk(staged, C::kUpCols, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
       if (r >= tile.rows || n >= C::F) return;
@@ -327,37 +378,20 @@ struct Kernel {
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = gemm::activate<C::kAct>(v[j] + b[j]);
       }
-      gemm::store8<Elem>(z + int64_t(tile.row0 + r) * C::F + n, v);
+      gemm::store8<Elem>(out + int64_t(r) * C::F + n, v);
     });
     __syncthreads();
-    bool ok = true;
-    if (threadIdx.x == 0) {
-      __threadfence();
-      const uint32_t done = atomicAdd(&L.dep_rowtile[rt], 1u) + 1u;
-      if (done == uint32_t(C::kUpTiles)) {
-        ok = ring.publish(C::kDownTiles, [&](int i) {
-          return (uint32_t(rt * C::kDownTiles + i) << 2) | kDown;
-        }, site);
-      }
-    }
-    return ok;
   }
 
-  /// Y[rows, cols] = Z W2^T + b2, then credit the combine tasks of the rows' token tiles.
-  FMOE_DEVICE bool down_task(int index) {
-    __shared__ int32_t s_tt[kTile];
-    const int rt = index / C::kDownTiles, col = index % C::kDownTiles;
-    const RowTile tile = row_tile(rt);
-    const int le = tile.expert - L.first_expert;
+  /// Down projection of one 128-column slice: out = Z W2^T + b2 (rows z + r * F).
+  FMOE_DEVICE void down_compute(const RowTile& tile, int col, const S* z, S* out) {
     const int n0 = col * 128;
     const S** ra = G::rows_a(smem);
     const S** rb = G::rows_b(smem);
-    const S* z = static_cast<const S*>(L.z);
-    const S* w_down = static_cast<const S*>(L.w_down) + int64_t(le) * C::H * C::F;
+    const S* w_down = static_cast<const S*>(L.w_down) + int64_t(tile.le) * C::H * C::F;
     for (int r = threadIdx.x; r < G::BM; r += C::kThreads) {
-      ra[r] = r < tile.rows ? z + int64_t(tile.row0 + r) * C::F : nullptr;
+      ra[r] = r < tile.rows ? z + int64_t(r) * C::F : nullptr;
       rb[r] = n0 + r < C::H ? w_down + int64_t(n0 + r) * C::F : nullptr;
-      s_tt[r] = r < tile.rows ? load_cg(&L.row_token[tile.row0 + r]) / kTile : -1;
     }
     __syncthreads();
     typename G::Acc acc;
@@ -365,8 +399,8 @@ struct Kernel {
     G::mainloop(acc, smem, C::F);
     const float* staged = G::stage_acc(acc, smem);
     __syncthreads();
-    S* ye = static_cast<S*>(L.y_expert);
-    const S* b_down = C::kGated ? nullptr : static_cast<const S*>(L.b_down) + int64_t(le) * C::H;
+    const S* b_down =
+        C::kGated ? nullptr : static_cast<const S*>(L.b_down) + int64_t(tile.le) * C::H;
     G::for_each_row_chunk(staged, 128, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
       if (r >= tile.rows || n >= C::H) return;
@@ -376,24 +410,66 @@ struct Kernel {
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] += b[j];
       }
-      gemm::store8<Elem>(ye + int64_t(tile.row0 + r) * C::H + n, v);
+      gemm::store8<Elem>(out + int64_t(r) * C::H + n, v);
     });
     __syncthreads();
-    // Rows are in token order, so each token tile's rows form one run.
+  }
+
+  /**
+   * Credit combine tasks for finished result rows [row0, row0 + rows) of this rank's
+   * compact rows, columns [col_lo, col_hi). Rows are in token order, so each token
+   * tile's rows form one run. Called by one thread after its release fence.
+   */
+  FMOE_DEVICE bool credit_rows(int row0, int rows, int col_lo, int col_hi) {
     bool ok = true;
-    const int r = threadIdx.x;
-    if (r < tile.rows && (r == 0 || s_tt[r - 1] != s_tt[r])) {
-      const int tt = s_tt[r];
+    int r = 0;
+    while (r < rows) {  // bounded: r grows by at least one each turn, up to 128
+      const int tt = load_cg(&L.row_token[row0 + r]) / kTile;
       int len = 1;
-      while (r + len < tile.rows && s_tt[r + len] == tt) ++len;  // bounded: <= 128 rows
+      while (r + len < rows && load_cg(&L.row_token[row0 + r + len]) / kTile == tt) ++len;  // bounded: <= rows
+      const uint32_t target = uint32_t(load_cg(&L.tile_kept[tt]));
+      for (int c = col_lo; c < col_hi; ++c) {
+        const uint32_t done = atomicAdd(&L.dep_combine[tt * C::kDownTiles + c], uint32_t(len)) +
+                              uint32_t(len);
+        if (done == target) {
+          ok &= ring.publish(1, [&](int) {
+            return desc(uint32_t(tt * C::kDownTiles + c), kCombine);
+          }, site);
+        }
+      }
+      r += len;
+    }
+    return ok;
+  }
+
+  // ---------------------------------------------------------------- local tasks
+  FMOE_DEVICE bool up_task(int index) {
+    const int rt = index / C::kUpTiles, col = index % C::kUpTiles;
+    const RowTile tile = local_tile(rt);
+    up_compute(tile, col, [&](int r) {
+      return x + int64_t(load_cg(&L.row_token[tile.a_row0 + r])) * C::H;
+    }, static_cast<S*>(L.z) + int64_t(tile.out_row0) * C::F);
+    bool ok = true;
+    if (threadIdx.x == 0) {
       __threadfence();
-      uint32_t* dep = &L.dep_combine[tt * C::kDownTiles + col];
-      const uint32_t done = atomicAdd(dep, uint32_t(len)) + uint32_t(len);
-      if (done == uint32_t(load_cg(&L.tile_kept[tt]))) {
-        ok = ring.publish(1, [&](int) {
-          return (uint32_t(tt * C::kDownTiles + col) << 2) | kCombine;
+      if (atomicAdd(&L.dep_rowtile[rt], 1u) + 1u == uint32_t(C::kUpTiles)) {
+        ok = ring.publish(C::kDownTiles, [&](int i) {
+          return desc(uint32_t(rt * C::kDownTiles + i), kDown);
         }, site);
       }
+    }
+    return ok;
+  }
+
+  FMOE_DEVICE bool down_task(int index) {
+    const int rt = index / C::kDownTiles, col = index % C::kDownTiles;
+    const RowTile tile = local_tile(rt);
+    down_compute(tile, col, static_cast<const S*>(L.z) + int64_t(tile.a_row0) * C::F,
+                 static_cast<S*>(L.y_expert) + int64_t(tile.out_row0) * C::H);
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      ok = credit_rows(tile.out_row0, tile.rows, col, col + 1);
     }
     return ok;
   }
@@ -422,24 +498,251 @@ struct Kernel {
     }
   }
 
+#if FLASHMOE_NVSHMEM
+  // ---------------------------------------------------------------- expert parallelism
+  struct PeerTile {
+    int peer;      // the other rank (source of a received tile, owner of a sent one)
+    int index;     // position in that rank pair's stream (signal index)
+    int le;        // expert's position among the owner's experts
+    int rows;
+    int src_row;   // first row in the source's compact rows
+    int dst_row;   // first row in the source's slot of the owner's receive buffer
+  };
+
+  /// Tile i of a stream described by a header {rows, src_row0} per owner expert.
+  FMOE_DEVICE PeerTile walk_header(const int32_t* header, int peer, int i) const {
+    int dst = 0, left = i;
+    for (int le = 0; le < L.max_local_experts; ++le) {
+      const int n = load_cg(&header[2 * le]);
+      const int t = tiles_of(n);
+      if (left < t) {
+        const int src0 = load_cg(&header[2 * le + 1]);
+        return PeerTile{peer, i, le, min(kTile, n - left * kTile), src0 + left * kTile,
+                        dst + left * kTile};
+      }
+      left -= t;
+      dst += n;
+    }
+    return PeerTile{peer, i, 0, 0, 0, 0};  // not reached for a valid index
+  }
+
+  /// Received tile g (ids over all sources) as announced by its source's header.
+  FMOE_DEVICE PeerTile recv_tile(int g) const {
+    const int s = find_interval(s_src, L.world, g);
+    return walk_header(L.headers + int64_t(s) * L.max_local_experts * 2, s, g - s_src[s]);
+  }
+
+  /// Send task j (ids over all peers) as announced by this rank's header to the owner.
+  FMOE_DEVICE PeerTile send_tile(int j) const {
+    const int p = find_interval(s_dst, L.world, j);
+    return walk_header(L.headers_out + int64_t(p) * L.max_local_experts * 2, p, j - s_dst[p]);
+  }
+
+  FMOE_DEVICE int64_t slot_row(const PeerTile& t) const {
+    return int64_t(t.peer) * L.slot_rows + t.dst_row;
+  }
+
+  /// Phase 3: this rank's header entries for every peer (grid-stride over experts).
+  FMOE_DEVICE void write_headers() {
+    for (int e = blockIdx.x * C::kThreads + threadIdx.x; e < C::E; e += gridDim.x * C::kThreads) {
+      const int p = load_cg(&L.expert_owner[e]);
+      int32_t* h = L.headers_out + (int64_t(p) * L.max_local_experts +
+                                    load_cg(&L.expert_local[e])) * 2;
+      h[0] = s_eoff[e + 1] - s_eoff[e];
+      h[1] = s_eoff[e];
+    }
+  }
+
+  /// Phase 3b: send headers (after the peer finished the previous launch), then wait for
+  /// every peer's header and derive the per-peer tile prefixes.
+  FMOE_DEVICE bool exchange_headers(uint32_t epoch) {
+    const int me = L.rank;
+    if (blockIdx.x == 0) {
+      for (int p = threadIdx.x; p < L.world; p += C::kThreads) {
+        if (p == me) continue;
+        // The peer may still read what we sent last launch: wait for its "done".
+        if (epoch > 0u) {
+          const uint64_t* done = &L.done_sig[p];
+          if (!bounded_wait(site, kPhasePeerDone, -1, p,
+                            [&] { return load_volatile(done) == uint64_t(epoch); },
+                            [&](int64_t& seen, int64_t& want) {
+                              seen = int64_t(load_volatile(done));
+                              want = epoch;
+                            })) {
+            break;
+          }
+        }
+        const int64_t n = int64_t(L.max_local_experts) * 2;
+        nvshmem_putmem_signal_nbi(L.headers + me * n, L.headers_out + p * n,
+                                  size_t(n) * sizeof(int32_t), &L.header_sig[me], tag,
+                                  NVSHMEM_SIGNAL_SET, p);
+      }
+    }
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < L.world; ++s) {
+        if (s == me) continue;
+        const uint64_t* sig = &L.header_sig[s];
+        if (!bounded_wait(site, kPhaseHeaders, -1, s,
+                          [&] { return load_volatile(sig) == uint64_t(tag); },
+                          [&](int64_t& seen, int64_t& want) {
+                            seen = int64_t(load_volatile(sig));
+                            want = tag;
+                          })) {
+          break;
+        }
+      }
+      __threadfence();
+    }
+    __syncthreads();
+    if (fault_raised(site)) return false;
+    // Tiles per source (from its header to us) and per peer (from our header to it).
+    for (int p = threadIdx.x; p < L.world; p += C::kThreads) {
+      int in = 0, out = 0;
+      if (p != me) {
+        const int32_t* hin = L.headers + int64_t(p) * L.max_local_experts * 2;
+        const int32_t* hout = L.headers_out + int64_t(p) * L.max_local_experts * 2;
+        for (int le = 0; le < L.max_local_experts; ++le) {
+          in += tiles_of(load_cg(&hin[2 * le]));
+          out += tiles_of(load_cg(&hout[2 * le]));
+        }
+      }
+      s_src[p] = in;
+      s_dst[p] = out;
+    }
+    __syncthreads();
+    block_scan(s_src, L.world);
+    block_scan(s_dst, L.world);
+    return true;
+  }
+
+  /// Gather a tile's token rows into send_rows and put them into the owner's slot.
+  FMOE_DEVICE void send_task(int j) {
+    const PeerTile t = send_tile(j);
+    S* stage = static_cast<S*>(L.send_rows) + int64_t(t.src_row) * C::H;
+    constexpr int kPerVec = 16 / int(sizeof(S));  // elements per 16-byte vector
+    constexpr int kRowVecs = C::H / kPerVec;
+    for (int v = threadIdx.x; v < t.rows * kRowVecs; v += C::kThreads) {
+      const int r = v / kRowVecs, c = (v % kRowVecs) * kPerVec;
+      const S* src = x + int64_t(load_cg(&L.row_token[t.src_row + r])) * C::H + c;
+      *reinterpret_cast<uint4*>(stage + int64_t(r) * C::H + c) =
+          *reinterpret_cast<const uint4*>(src);
+    }
+    __syncthreads();
+    __threadfence();
+    S* dst = static_cast<S*>(L.recv_rows) + (int64_t(L.rank) * L.slot_rows + t.dst_row) * C::H;
+    nvshmemx_putmem_signal_nbi_block(dst, stage, size_t(t.rows) * C::H * sizeof(S),
+                                     &L.dispatch_sig[int64_t(L.rank) * L.max_peer_tiles + t.index],
+                                     tag, NVSHMEM_SIGNAL_SET, t.peer);
+  }
+
+  FMOE_DEVICE bool up_remote_task(int index) {
+    const int g = index / C::kUpTiles, col = index % C::kUpTiles;
+    const PeerTile pt = recv_tile(g);
+    const int64_t row0 = slot_row(pt);
+    const RowTile tile{pt.le, pt.rows, 0, 0};
+    const S* a = static_cast<const S*>(L.recv_rows) + row0 * C::H;
+    up_compute(tile, col, [&](int r) { return a + int64_t(r) * C::H; },
+               static_cast<S*>(L.z_remote) + row0 * C::F);
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      if (atomicAdd(&L.dep_remote[2 * g], 1u) + 1u == uint32_t(C::kUpTiles)) {
+        ok = ring.publish(C::kDownTiles, [&](int i) {
+          return desc(uint32_t(g * C::kDownTiles + i), kDownRemote);
+        }, site);
+      }
+    }
+    return ok;
+  }
+
+  /// Down slice of a received tile; the block finishing the tile's last slice puts
+  /// the result rows back into the source's y_expert with the return signal.
+  FMOE_DEVICE void down_remote_task(int index) {
+    __shared__ int s_last;
+    const int g = index / C::kDownTiles, col = index % C::kDownTiles;
+    const PeerTile pt = recv_tile(g);
+    const int64_t row0 = slot_row(pt);
+    const RowTile tile{pt.le, pt.rows, 0, 0};
+    S* out = static_cast<S*>(L.y_remote) + row0 * C::H;
+    down_compute(tile, col, static_cast<const S*>(L.z_remote) + row0 * C::F, out);
+    if (threadIdx.x == 0) {
+      __threadfence();
+      s_last = atomicAdd(&L.dep_remote[2 * g + 1], 1u) + 1u == uint32_t(C::kDownTiles);
+      __threadfence();
+    }
+    __syncthreads();
+    if (s_last) {
+      S* dst = static_cast<S*>(L.y_expert) + int64_t(pt.src_row) * C::H;
+      nvshmemx_putmem_signal_nbi_block(dst, out, size_t(pt.rows) * C::H * sizeof(S),
+                                       &L.return_sig[int64_t(L.rank) * L.max_peer_tiles + pt.index],
+                                       tag, NVSHMEM_SIGNAL_SET, pt.peer);
+    }
+  }
+
+  /**
+   * The subscriber (last block): waits for every tile dispatched to this rank and
+   * every result tile returned to it, and publishes the tasks they unblock.
+   */
+  FMOE_DEVICE bool subscribe() {
+    const int n_recv = s_src[L.world], n_ret = s_dst[L.world];
+    bool ok = true;
+    for (int ev = threadIdx.x; ok && ev < n_recv + n_ret; ev += C::kThreads) {
+      const bool arrival = ev < n_recv;
+      const PeerTile pt = arrival ? recv_tile(ev) : send_tile(ev - n_recv);
+      const uint64_t* sig = (arrival ? L.dispatch_sig : L.return_sig) +
+                            int64_t(pt.peer) * L.max_peer_tiles + pt.index;
+      ok = bounded_wait(site, arrival ? kPhaseDispatchWait : kPhaseReturnWait, pt.index,
+                        pt.peer, [&] { return load_volatile(sig) == uint64_t(tag); },
+                        [&](int64_t& seen, int64_t& want) {
+                          seen = int64_t(load_volatile(sig));
+                          want = tag;
+                        });
+      if (!ok) break;
+      __threadfence();
+      if (arrival) {
+        ok = ring.publish(C::kUpTiles, [&](int i) {
+          return desc(uint32_t(ev * C::kUpTiles + i), kUpRemote);
+        }, site);
+      } else {
+        ok = credit_rows(pt.src_row, pt.rows, 0, C::kDownTiles);
+      }
+    }
+    return __syncthreads_and(ok) != 0;
+  }
+
+  /// Tell every peer this launch is over for us (after our puts completed).
+  FMOE_DEVICE void announce_done() {
+    nvshmem_quiet();
+    for (int p = 0; p < L.world; ++p) {
+      if (p != L.rank) nvshmemx_signal_op(&L.done_sig[L.rank], tag, NVSHMEM_SIGNAL_SET, p);
+    }
+    nvshmem_quiet();
+  }
+#endif  // FLASHMOE_NVSHMEM
+
+  // ---------------------------------------------------------------- the task loop
+  struct Counts {
+    uint32_t send, up, down, up_remote, down_remote, combine;
+    FMOE_DEVICE uint32_t total() const { return send + up + down + up_remote + down_remote + combine; }
+  };
+
   /// Claim tasks until none are left; false if a wait failed.
-  FMOE_DEVICE bool task_loop(int n_rowtiles, bool combine_only) {
+  FMOE_DEVICE bool task_loop(const Counts& n, bool combine_only) {
     __shared__ int64_t s_task;
-    const uint32_t n_up = combine_only ? 0u : uint32_t(n_rowtiles * C::kUpTiles);
-    const uint32_t n_down = combine_only ? 0u : uint32_t(n_rowtiles * C::kDownTiles);
-    const uint32_t n_comb = uint32_t(TT * C::kDownTiles);
-    const uint32_t total = n_up + n_down + n_comb;
+    const uint32_t total = n.total();
     for (;;) {  // bounded: claimed indices only grow and stop at `total`
       if (threadIdx.x == 0) {
         const uint32_t idx = atomicAdd(&L.state[abi::kHead], 1u);
         if (idx >= total) {
           s_task = -2;
         } else if (combine_only) {
-          s_task = (int64_t(idx) << 2) | kCombine;
-        } else if (idx < n_up) {
-          s_task = (int64_t(idx) << 2) | kUp;
+          s_task = desc(idx, kCombine);
+        } else if (idx < n.send) {
+          s_task = desc(idx, kSend);
+        } else if (idx < n.send + n.up) {
+          s_task = desc(idx - n.send, kUp);
         } else {
-          s_task = ring.take(idx - n_up, site);
+          s_task = ring.take(idx - n.send - n.up, site);
         }
       }
       __syncthreads();
@@ -447,12 +750,18 @@ struct Kernel {
       __syncthreads();
       if (task == -2) return true;
       if (task < 0) return false;
-      const int index = int(task >> 2);
+      const int index = int(task >> 3);
       bool ok = true;
-      switch (uint32_t(task & 3)) {
+      switch (uint32_t(task & 7)) {
         case kUp: ok = up_task(index); break;
         case kDown: ok = down_task(index); break;
-        default: combine_task(index); break;
+        case kCombine: combine_task(index); break;
+#if FLASHMOE_NVSHMEM
+        case kSend: send_task(index); break;
+        case kUpRemote: ok = up_remote_task(index); break;
+        case kDownRemote: down_remote_task(index); break;
+#endif
+        default: ok = false; break;
       }
       // Publication can fail in one thread only; every thread must leave together.
       if (!__syncthreads_and(ok)) return false;
@@ -472,24 +781,26 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   const abi::MoeLayout& L = *layout;
   if (threadIdx.x == 0) s_epoch = read_epoch(L.state);
   __syncthreads();
+  int32_t* tables = reinterpret_cast<int32_t*>(smem + C::G::kSmemBytes);
+  int32_t* peer_tables = tables + 3 * (C::E + 1);
   Kernel<C> k{L, x, y, tokens, (tokens + C::kTile - 1) / C::kTile, capacity, smem,
-              reinterpret_cast<int32_t*>(smem + C::G::kSmemBytes),
-              reinterpret_cast<int32_t*>(smem + C::G::kSmemBytes) + (C::E + 1),
+              tables, tables + (C::E + 1), tables + 2 * (C::E + 1),
+              peer_tables, peer_tables + (L.world + 1),
               WaitSite{L.fault, L.timeout_ns, L.rank, s_epoch},
-              TaskRing{L.ring, L.state, L.ring_capacity, s_epoch + 1u}};
+              TaskRing{L.ring, L.state, L.ring_capacity, s_epoch + 1u}, s_epoch + 1u};
   const int warps = gridDim.x * C::kWarps;
   const int gwarp = blockIdx.x * C::kWarps + int(threadIdx.x >> 5);
 
   if (mode == abi::kModeCombineOnly) {
-    if (threadIdx.x == 0 && blockIdx.x == 0) {
-      L.state[abi::kHead] = 0u;
-    }
+    if (threadIdx.x == 0 && blockIdx.x == 0) L.state[abi::kHead] = 0u;
     if (!grid_barrier(L.state, 0, k.site, kPhaseBarrierGate)) return;
-    if (!k.task_loop(0, true)) return;
+    typename Kernel<C>::Counts n{0, 0, 0, 0, 0, uint32_t(k.TT * C::kDownTiles)};
+    if (!k.task_loop(n, true)) return;
     leave_launch(L.state);
     return;
   }
 
+  if (L.delay_ns != 0u && blockIdx.x == 0 && threadIdx.x == 0) sleep_for(L.delay_ns);
   k.zero_counters();
   for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) k.gate_tile(tile);
   if (!grid_barrier(L.state, 0, k.site, kPhaseBarrierGate)) return;
@@ -505,17 +816,40 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     k.scan_expert(e);
   if (!grid_barrier(L.state, 2, k.site, kPhaseBarrierScan)) return;
 
-  const int n_rowtiles = k.expert_offsets();
+  const int local_rowtiles = k.expert_offsets();
   for (int tt = blockIdx.x; tt < k.TT; tt += gridDim.x) {
     if (!k.fill_lists(tt)) return;
   }
+#if FLASHMOE_NVSHMEM
+  if constexpr (C::kEP) k.write_headers();
+#endif
   if (mode == abi::kModeDispatchOnly) {
     leave_launch(L.state);
     return;
   }
   if (!grid_barrier(L.state, 3, k.site, kPhaseBarrierLists)) return;
 
-  if (!k.task_loop(n_rowtiles, false)) return;
+  typename Kernel<C>::Counts n{0, uint32_t(local_rowtiles * C::kUpTiles),
+                               uint32_t(local_rowtiles * C::kDownTiles), 0, 0,
+                               uint32_t(k.TT * C::kDownTiles)};
+#if FLASHMOE_NVSHMEM
+  if constexpr (C::kEP) {
+    if (!k.exchange_headers(s_epoch)) return;
+    const uint32_t recv = uint32_t(k.s_src[L.world]);
+    n.send = uint32_t(k.s_dst[L.world]);
+    n.up_remote = recv * C::kUpTiles;
+    n.down_remote = recv * C::kDownTiles;
+    if (blockIdx.x == gridDim.x - 1) {  // the subscriber claims no tasks
+      if (!k.subscribe()) return;
+    } else if (!k.task_loop(n, false)) {
+      return;
+    }
+    nvshmem_quiet();
+    if (leave_launch(L.state) && threadIdx.x == 0) k.announce_done();
+    return;
+  }
+#endif
+  if (!k.task_loop(n, false)) return;
   leave_launch(L.state);
 }
 
