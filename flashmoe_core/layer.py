@@ -21,7 +21,7 @@ from .config import MoEConfig
 from .host import launch as _launch
 from .host import memory
 from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, MOE_EP_POINTERS, MOE_LAYOUT,
-                       MOE_LAYOUT_POINTERS, STATE, STATE_WORDS, decode_fault)
+                       MOE_LAYOUT_POINTERS, STATE, STATE_WORDS, TRACE_RECORD, decode_fault)
 from .host.device import get_device
 from .host.errors import FlashMoEError, FlashMoETimeout, KernelFault
 from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
@@ -63,11 +63,14 @@ class MoELayer:
     max_blocks : int, optional
         Cap the persistent grid (default: every co-resident block, divided by the number
         of ranks sharing this GPU).
+    trace_capacity : int
+        Record up to this many task/phase spans per launch (``trace()`` reads them; see
+        :mod:`flashmoe_core.trace`). 0, the default, records nothing.
     """
 
     def __init__(self, cfg: MoEConfig, weights: MoEWeights, device: Optional[int] = None,
                  timeout_s: Optional[float] = None, comm=None,
-                 max_blocks: Optional[int] = None) -> None:
+                 max_blocks: Optional[int] = None, trace_capacity: int = 0) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
@@ -89,6 +92,9 @@ class MoELayer:
                              "them")
         if max_blocks is not None and max_blocks < 2:
             raise ValueError(f"max_blocks={max_blocks} must be at least 2")
+        if not 0 <= int(trace_capacity) <= 1 << 26:
+            raise ValueError(f"trace_capacity={trace_capacity} must be in [0, 2**26]")
+        self.trace_capacity = int(trace_capacity)
         self._timeout_s = env.timeout_s() if timeout_s is None else float(timeout_s)
         if not 0 < self._timeout_s <= 3600:
             raise ValueError(f"timeout_s={timeout_s} must be in (0, 3600] seconds")
@@ -137,6 +143,10 @@ class MoELayer:
         self._buffers = {}
         self._upload_weights(weights.subset(self.local_ids) if self.world > 1 else weights)
         self._allocate_workspace()
+        if self.trace_capacity:
+            self._buffers["trace"] = memory.alloc(self.device,
+                                                  self.trace_capacity * TRACE_RECORD.itemsize,
+                                                  self._stream)
         self._fault = memory.PinnedArray(FAULT_RECORD)
         self._layout = self._make_layout()
 
@@ -230,6 +240,8 @@ class MoELayer:
         rec["rank"] = self.rank
         rec["world"] = self.world
         rec["delay_ns"] = self._delay_ns
+        rec["trace"] = self._ptr("trace")
+        rec["trace_capacity"] = self.trace_capacity
         if self.world > 1:
             rec["slot_rows"] = slot_rows(self.cfg)
             rec["max_peer_tiles"] = max_peer_tiles(self.cfg)
@@ -442,6 +454,13 @@ class MoELayer:
                             self._stream)
         self.check_fault()
         return y
+
+    def trace(self) -> np.ndarray:
+        """The last launch's task and phase records (synchronises); see flashmoe_core.trace."""
+        if not self.trace_capacity:
+            raise ValueError("this layer records no trace; build it with trace_capacity > 0")
+        n = min(self.state()["traced"], self.trace_capacity)
+        return self.workspace("trace", (n,), TRACE_RECORD)
 
     def state(self) -> dict:
         """The kernel's state words (epoch, counters) - for tests."""

@@ -12,10 +12,10 @@ from typing import Dict
 import numpy as np
 
 __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "STRUCTS", "FAULT_CODES", "STATE",
-           "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS", "abi_defines",
-           "decode_fault"]
+           "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS", "TRACE_RECORD",
+           "TASK_KINDS", "TRACE_PHASES", "abi_defines", "decode_fault"]
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 FAULT_CODES = {0: "ok", 1: "timeout", 2: "protocol", 3: "bad_launch"}
 
@@ -57,14 +57,24 @@ MOE_LAYOUT = _struct(
        ("world", "<i4", 212)]
     + [(name, _PTR, 216 + 8 * i) for i, name in enumerate(MOE_EP_POINTERS)]
     + [("delay_ns", "<u8", 320), ("slot_rows", "<i4", 328), ("max_peer_tiles", "<i4", 332),
-       ("max_local_experts", "<i4", 336)], 344)
+       ("max_local_experts", "<i4", 336), ("trace_capacity", "<i4", 340),
+       ("trace", _PTR, 344)], 352)
+
+TRACE_RECORD = _struct([("start_ns", "<u8", 0), ("end_ns", "<u8", 8), ("block", "<u4", 16),
+                        ("what", "<u4", 20)], 24)
 
 # Words of MoeLayout.state and the kernel's modes (abi.cuh StateWord / Mode).
 STATE_WORDS = 16
-STATE = {"epoch": 0, "barrier": 1, "exit": 2, "head": 3, "published": 4}
-MODES = {"full": 0, "gate_only": 1, "dispatch_only": 2, "combine_only": 3}
+STATE = {"epoch": 0, "barrier": 1, "exit": 2, "head": 3, "published": 4, "traced": 5}
+MODES = {"full": 0, "gate_only": 1, "dispatch_only": 2, "combine_only": 3, "comm_only": 4}
+# What a trace record's `what` names: task kinds (low 3 bits of a descriptor) and phases.
+TASK_KINDS = {0: "up", 1: "down", 2: "combine", 3: "send", 4: "up (remote)",
+              5: "down (remote)"}
+TRACE_PHASES = {8: "gate", 9: "top-k", 10: "scan", 11: "lists", 12: "headers",
+                13: "subscriber", 14: "wait for task"}
 
-STRUCTS: Dict[str, np.dtype] = {"FaultRecord": FAULT_RECORD, "MoeLayout": MOE_LAYOUT}
+STRUCTS: Dict[str, np.dtype] = {"FaultRecord": FAULT_RECORD, "MoeLayout": MOE_LAYOUT,
+                                "TraceRecord": TRACE_RECORD}
 
 
 def abi_defines() -> Dict[str, int]:

@@ -38,3 +38,22 @@ def test_gpu_results_collects_counts(tmp_path):
                              "exit_code": 1}
     assert r["commit"] == "abc" and r["device_tree"] == "def"
     assert r["bench"]["rows"][0]["fused_ms"] == 1.0
+
+
+def test_bench_ep_dry_run_and_weak_scaling(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench_ep.py"), "--dry-run"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(l) for l in p.stdout.splitlines()]
+    assert {r["experts"] for r in rows if r["tokens_per_pe"] == 16384} == {8, 16, 32, 64, 128}
+    runs = []
+    for world, ms in ((2, 3.33), (4, 3.43), (8, 3.70)):
+        f = tmp_path / f"w{world}.json"
+        f.write_text(json.dumps({"world": world, "rows": [
+            {"tokens": 8192, "experts": 32, "fused_ms": ms}]}))
+        runs.append(str(f))
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench_ep.py"), "--summarize",
+                        *runs], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    eff = {r["world"]: r["weak_scaling_efficiency"] for r in json.loads(p.stdout)}
+    assert eff[2] == 1.0 and abs(eff[8] - 3.33 / 3.70) < 1e-12

@@ -37,9 +37,14 @@ timeout 1500 $py -m pytest tests -m "gpu" -q -rs $workers --junitxml="$out/junit
 test_rc=$?
 
 bench_rc=0
-if [ -f tools/bench.py ]; then
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
   timeout 1200 $py tools/bench.py --out "$out" ${BENCH_ARGS:-} > "$out/bench.log" 2>&1
   bench_rc=$?
+  # Expert parallelism with two PEs sharing the GPU(s): protocol, overlap, timeline.
+  mpi="mpirun --oversubscribe -np 2"
+  [ "$(id -u)" = "0" ] && mpi="$mpi --allow-run-as-root"
+  timeout 900 $mpi $py tools/bench_ep.py --quick --out "$out/ep" > "$out/bench_ep.log" 2>&1 \
+    || bench_rc=$((bench_rc ? bench_rc : 1))
 fi
 
 $py tools/gpu_results.py --out "$out" --test-rc "$test_rc" --bench-rc "$bench_rc" \

@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 3;
+constexpr cuda::std::uint32_t kAbiVersion = 4;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -49,6 +49,7 @@ enum StateWord : int {
   kExit = 2,        ///< blocks that left the running launch
   kHead = 3,        ///< next task index to claim
   kPublished = 4,   ///< ring slots filled so far
+  kTraced = 5,      ///< trace records written this launch
   kStateWords = 16,
 };
 
@@ -58,6 +59,21 @@ enum Mode : cuda::std::int32_t {
   kModeGateOnly = 1,      ///< stop after softmax/top-k (topk_expert, topk_weight)
   kModeDispatchOnly = 2,  ///< stop after the dispatch lists (row_token, token_rows, ...)
   kModeCombineOnly = 3,   ///< combine y_expert given token_rows and topk_weight
+  kModeCommOnly = 4,      ///< full protocol, but expert tiles skip their GEMMs (timing)
+};
+
+/// Kinds of trace records besides task kinds 0..7 (phases every block runs).
+enum TraceKind : cuda::std::uint32_t {
+  kTraceGate = 8, kTraceTopk = 9, kTraceScan = 10, kTraceLists = 11, kTraceHeaders = 12,
+  kTraceSubscriber = 13, kTraceWait = 14,
+};
+
+/// One trace record: [start, end) of a task or phase on one block.
+struct TraceRecord {
+  cuda::std::uint64_t start_ns;   ///< global timer
+  cuda::std::uint64_t end_ns;
+  cuda::std::uint32_t block;
+  cuda::std::uint32_t what;       ///< task descriptor (index << 3 | kind) or TraceKind
 };
 
 /**
@@ -120,7 +136,8 @@ struct MoeLayout {
   cuda::std::int32_t slot_rows;
   cuda::std::int32_t max_peer_tiles;
   cuda::std::int32_t max_local_experts;
-  cuda::std::int32_t reserved;
+  cuda::std::int32_t trace_capacity;  ///< records `trace` holds; 0 disables tracing
+  TraceRecord* trace;                 ///< per-launch timeline (null: off)
 };
 
 }  // namespace abi
@@ -185,6 +202,12 @@ struct MoeLayout {
   X(MoeLayout, delay_ns)     \
   X(MoeLayout, slot_rows)    \
   X(MoeLayout, max_peer_tiles) \
-  X(MoeLayout, max_local_experts)
+  X(MoeLayout, max_local_experts) \
+  X(MoeLayout, trace_capacity) \
+  X(MoeLayout, trace)        \
+  X(TraceRecord, start_ns)   \
+  X(TraceRecord, end_ns)     \
+  X(TraceRecord, block)      \
+  X(TraceRecord, what)
 
-#define FMOE_ABI_STRUCTS(X) X(FaultRecord) X(MoeLayout)
+#define FMOE_ABI_STRUCTS(X) X(FaultRecord) X(MoeLayout) X(TraceRecord)

@@ -92,6 +92,19 @@ struct Kernel {
   WaitSite site;
   TaskRing ring;
   uint32_t tag;      // epoch + 1: marks this launch's ring slots and signals
+  bool compute;      // false in comm-only mode: expert tiles skip their GEMMs
+
+  // ---------------------------------------------------------------- tracing
+  FMOE_DEVICE bool tracing() const { return L.trace != nullptr; }
+
+  /// Record [start, now) of a task or phase; thread 0 only, no-op when tracing is off.
+  FMOE_DEVICE void trace(uint64_t start, uint32_t what) const {
+    if (L.trace == nullptr || threadIdx.x != 0) return;
+    const uint32_t i = atomicAdd(&L.state[abi::kTraced], 1u);
+    if (i < uint32_t(L.trace_capacity)) {
+      L.trace[i] = abi::TraceRecord{start, global_timer_ns(), blockIdx.x, what};
+    }
+  }
 
   // ---------------------------------------------------------------- helpers
   /// Exclusive prefix sum over data[0..n) in shared memory; data[n] gets the total.
@@ -130,6 +143,7 @@ struct Kernel {
     if (gtid == 0) {
       L.state[abi::kHead] = 0u;
       L.state[abi::kPublished] = 0u;
+      L.state[abi::kTraced] = 0u;
     }
     for (int i = gtid; i < TT * C::E; i += gsize) L.tile_counts[i] = 0;
     for (int i = gtid; i < L.max_rowtiles; i += gsize) L.dep_rowtile[i] = 0u;
@@ -346,6 +360,7 @@ struct Kernel {
    */
   template <class ARow>
   FMOE_DEVICE void up_compute(const RowTile& tile, int col, ARow a_row, S* out) {
+    if (!compute) return;
     const int n0 = col * C::kUpCols;
     const S** ra = G::rows_a(smem);
     const S** rb = G::rows_b(smem);
@@ -385,6 +400,7 @@ struct Kernel {
 
   /// Down projection of one 128-column slice: out = Z W2^T + b2 (rows z + r * F).
   FMOE_DEVICE void down_compute(const RowTile& tile, int col, const S* z, S* out) {
+    if (!compute) return;
     const int n0 = col * 128;
     const S** ra = G::rows_a(smem);
     const S** rb = G::rows_b(smem);
@@ -729,9 +745,11 @@ struct Kernel {
   /// Claim tasks until none are left; false if a wait failed.
   FMOE_DEVICE bool task_loop(const Counts& n, bool combine_only) {
     __shared__ int64_t s_task;
+    __shared__ uint64_t s_start;
     const uint32_t total = n.total();
     for (;;) {  // bounded: claimed indices only grow and stop at `total`
       if (threadIdx.x == 0) {
+        const uint64_t claimed = tracing() ? global_timer_ns() : 0u;
         const uint32_t idx = atomicAdd(&L.state[abi::kHead], 1u);
         if (idx >= total) {
           s_task = -2;
@@ -743,10 +761,13 @@ struct Kernel {
           s_task = desc(idx - n.send, kUp);
         } else {
           s_task = ring.take(idx - n.send - n.up, site);
+          if (tracing()) trace(claimed, abi::kTraceWait);
         }
+        s_start = tracing() ? global_timer_ns() : 0u;
       }
       __syncthreads();
       const int64_t task = s_task;
+      const uint64_t started = s_start;
       __syncthreads();
       if (task == -2) return true;
       if (task < 0) return false;
@@ -765,6 +786,7 @@ struct Kernel {
       }
       // Publication can fail in one thread only; every thread must leave together.
       if (!__syncthreads_and(ok)) return false;
+      trace(started, uint32_t(task));
     }
   }
 };
@@ -787,12 +809,16 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
               tables, tables + (C::E + 1), tables + 2 * (C::E + 1),
               peer_tables, peer_tables + (L.world + 1),
               WaitSite{L.fault, L.timeout_ns, L.rank, s_epoch},
-              TaskRing{L.ring, L.state, L.ring_capacity, s_epoch + 1u}, s_epoch + 1u};
+              TaskRing{L.ring, L.state, L.ring_capacity, s_epoch + 1u}, s_epoch + 1u,
+              mode != abi::kModeCommOnly};
   const int warps = gridDim.x * C::kWarps;
   const int gwarp = blockIdx.x * C::kWarps + int(threadIdx.x >> 5);
 
   if (mode == abi::kModeCombineOnly) {
-    if (threadIdx.x == 0 && blockIdx.x == 0) L.state[abi::kHead] = 0u;
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+      L.state[abi::kHead] = 0u;
+      L.state[abi::kTraced] = 0u;
+    }
     if (!grid_barrier(L.state, 0, k.site, kPhaseBarrierGate)) return;
     typename Kernel<C>::Counts n{0, 0, 0, 0, 0, uint32_t(k.TT * C::kDownTiles)};
     if (!k.task_loop(n, true)) return;
@@ -801,21 +827,28 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   }
 
   if (L.delay_ns != 0u && blockIdx.x == 0 && threadIdx.x == 0) sleep_for(L.delay_ns);
+  uint64_t t0 = k.tracing() ? global_timer_ns() : 0u;
   k.zero_counters();
   for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) k.gate_tile(tile);
   if (!grid_barrier(L.state, 0, k.site, kPhaseBarrierGate)) return;
+  k.trace(t0, abi::kTraceGate);  // recorded after the barrier: the trace counter is zeroed
 
+  t0 = k.tracing() ? global_timer_ns() : 0u;
   for (int t = gwarp; t < tokens; t += warps) k.topk_token(t);
+  k.trace(t0, abi::kTraceTopk);
   if (mode == abi::kModeGateOnly) {
     leave_launch(L.state);
     return;
   }
   if (!grid_barrier(L.state, 1, k.site, kPhaseBarrierTopk)) return;
 
+  t0 = k.tracing() ? global_timer_ns() : 0u;
   for (int e = blockIdx.x * C::kThreads + threadIdx.x; e < C::E; e += gridDim.x * C::kThreads)
     k.scan_expert(e);
+  k.trace(t0, abi::kTraceScan);
   if (!grid_barrier(L.state, 2, k.site, kPhaseBarrierScan)) return;
 
+  t0 = k.tracing() ? global_timer_ns() : 0u;
   const int local_rowtiles = k.expert_offsets();
   for (int tt = blockIdx.x; tt < k.TT; tt += gridDim.x) {
     if (!k.fill_lists(tt)) return;
@@ -823,6 +856,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
 #if FLASHMOE_NVSHMEM
   if constexpr (C::kEP) k.write_headers();
 #endif
+  k.trace(t0, abi::kTraceLists);
   if (mode == abi::kModeDispatchOnly) {
     leave_launch(L.state);
     return;
@@ -834,13 +868,17 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
                                uint32_t(k.TT * C::kDownTiles)};
 #if FLASHMOE_NVSHMEM
   if constexpr (C::kEP) {
+    t0 = k.tracing() ? global_timer_ns() : 0u;
     if (!k.exchange_headers(s_epoch)) return;
+    k.trace(t0, abi::kTraceHeaders);
     const uint32_t recv = uint32_t(k.s_src[L.world]);
     n.send = uint32_t(k.s_dst[L.world]);
     n.up_remote = recv * C::kUpTiles;
     n.down_remote = recv * C::kDownTiles;
     if (blockIdx.x == gridDim.x - 1) {  // the subscriber claims no tasks
+      t0 = k.tracing() ? global_timer_ns() : 0u;
       if (!k.subscribe()) return;
+      k.trace(t0, abi::kTraceSubscriber);
     } else if (!k.task_loop(n, false)) {
       return;
     }
