@@ -94,11 +94,12 @@ def plan_heap(cfg: MoEConfig) -> HeapPlan:
         "dispatch_sig": w * tiles * 8,           # [source][tile]
         "return_sig": w * tiles * 8,             # [owner][tile]
         "done_sig": w * 8,                       # [peer] finished its last launch
+        # Put sources must be registered with NVSHMEM for network transports.
+        "y_remote": w * slots * h * b,           # owner-side results before the return put
     }
     local = {k: v for k, v in base.workspace.items() if k != "y_expert"}
     local.update(base.weights)
     local["z_remote"] = w * slots * f * b       # owner-side up outputs of received rows
-    local["y_remote"] = w * slots * h * b       # owner-side results before the return put
     local["dep_remote"] = w * tiles * 4 * 2     # up / down tiles done per received tile
     local["expert_owner"] = cfg.experts * 4
     local["expert_local"] = cfg.experts * 4
