@@ -36,27 +36,19 @@ flashmoe_tile_gemm(const S* __restrict__ A, const int* __restrict__ a_index,
   const int m0 = blockIdx.x * G::BM;
   const int n0 = blockIdx.y * tile_n;
 
-  const S** ra = G::rows_a(smem);
-  const S** rb = G::rows_b(smem);
-  for (int r = threadIdx.x; r < G::BM; r += G::kThreads) {
-    const int m = m0 + r;
-    ra[r] = m < M ? A + int64_t(a_index ? a_index[m] : m) * K : nullptr;
-  }
-  for (int r = threadIdx.x; r < G::BN; r += G::kThreads) {
-    const int half = r / tile_n;  // gated: 0 = Bg rows, 1 = Bu rows
-    const int n = n0 + r % tile_n;
-    rb[r] = n < N ? B + (int64_t(half) * N + n) * K : nullptr;
-  }
-  __syncthreads();
+  const float* staged = G::compute_tile(
+      smem, K,
+      [&](int r) -> const S* {
+        const int m = m0 + r;
+        return m < M ? A + int64_t(a_index ? a_index[m] : m) * K : nullptr;
+      },
+      [&](int r) -> const S* {
+        const int half = r / tile_n;  // gated: 0 = Bg rows, 1 = Bu rows
+        const int n = n0 + r % tile_n;
+        return n < N ? B + (int64_t(half) * N + n) * K : nullptr;
+      });
 
-  G::Acc acc;
-  clear(acc);
-  G::mainloop(acc, smem, K);
-
-  // Epilogue: float32 tile to shared memory, then bias, activation (and gate),
-  // rounding and 16-byte stores, row by row.
-  const float* staged = G::stage_acc(acc, smem);
-  __syncthreads();
+  // Epilogue: bias, activation (and gate), rounding and 16-byte stores, row by row.
   G::for_each_row_chunk(staged, tile_n, [&](int r, int c, float (&v)[8]) {
     const int m = m0 + r, n = n0 + c;
     if (m >= M || n >= N) return;

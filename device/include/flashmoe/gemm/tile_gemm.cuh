@@ -224,6 +224,26 @@ struct TileGemm {
     __syncthreads();
   }
 
+  /**
+   * The whole tile: fill the row tables from a_row(r) / b_row(r) (null: a zero row),
+   * run the mainloop over K, stage the float32 result in shared memory and return it
+   * (row stride kStageLd), with the block synchronised.
+   */
+  template <class ARow, class BRow>
+  FMOE_DEVICE static const float* compute_tile(char* smem, int K, ARow a_row, BRow b_row) {
+    const Storage** ra = rows_a(smem);
+    const Storage** rb = rows_b(smem);
+    for (int r = threadIdx.x; r < BM; r += kThreads) ra[r] = a_row(r);
+    for (int r = threadIdx.x; r < BN; r += kThreads) rb[r] = b_row(r);
+    __syncthreads();
+    Acc acc;
+    cute::clear(acc);
+    mainloop(acc, smem, K);
+    const float* staged = stage_acc(acc, smem);
+    __syncthreads();
+    return staged;
+  }
+
   // ------------------------------------------------------------------ epilogue
   /// Floats per staged accumulator row (padding keeps rows in different banks).
   static constexpr int kStageLd = BN + 4;

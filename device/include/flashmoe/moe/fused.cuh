@@ -159,19 +159,13 @@ struct Kernel {
   FMOE_DEVICE void gate_tile(int tile) {
     const int tt = tile / C::kGateTiles, et = tile % C::kGateTiles;
     const int t0 = tt * kTile, e0 = et * 128;
-    const S** ra = G::rows_a(smem);
-    const S** rb = G::rows_b(smem);
     const S* router = static_cast<const S*>(L.router_t);
-    for (int r = threadIdx.x; r < G::BM; r += C::kThreads) {
-      ra[r] = t0 + r < T ? x + int64_t(t0 + r) * C::H : nullptr;
-      rb[r] = e0 + r < C::E ? router + int64_t(e0 + r) * C::H : nullptr;
-    }
-    __syncthreads();
-    typename G::Acc acc;
-    cute::clear(acc);
-    G::mainloop(acc, smem, C::H);
-    const float* staged = G::stage_acc(acc, smem);
-    __syncthreads();
+    const float* staged = G::compute_tile(
+        smem, C::H,
+        [&](int r) -> const S* { return t0 + r < T ? x + int64_t(t0 + r) * C::H : nullptr; },
+        [&](int r) -> const S* {
+          return e0 + r < C::E ? router + int64_t(e0 + r) * C::H : nullptr;
+        });
     G::for_each_row_chunk(staged, 128, [&](int r, int c, float(&v)[8]) {
       if (t0 + r >= T || e0 + c >= C::kEp) return;
       float4* dst = reinterpret_cast<float4*>(L.logits + int64_t(t0 + r) * C::kEp + e0 + c);
@@ -362,23 +356,16 @@ struct Kernel {
   FMOE_DEVICE void up_compute(const RowTile& tile, int col, ARow a_row, S* out) {
     if (!compute) return;
     const int n0 = col * C::kUpCols;
-    const S** ra = G::rows_a(smem);
-    const S** rb = G::rows_b(smem);
     // Gated: B rows [0, 64) are Wg rows, [64, 128) the matching Wu rows.
     const S* w_up = static_cast<const S*>(L.w_up) + int64_t(tile.le) * C::F * C::H;
     const S* w_up2 = C::kGated ? static_cast<const S*>(L.w_up2) + int64_t(tile.le) * C::F * C::H
                                : w_up;
-    for (int r = threadIdx.x; r < G::BM; r += C::kThreads) {
-      ra[r] = r < tile.rows ? a_row(r) : nullptr;
-      const int half = r / C::kUpCols, n = n0 + r % C::kUpCols;
-      rb[r] = n < C::F ? (half ? w_up2 : w_up) + int64_t(n) * C::H : nullptr;
-    }
-    __syncthreads();
-    typename G::Acc acc;
-    cute::clear(acc);
-    G::mainloop(acc, smem, C::H);
-    const float* staged = G::stage_acc(acc, smem);
-    __syncthreads();
+    const float* staged = G::compute_tile(
+        smem, C::H, [&](int r) -> const S* { return r < tile.rows ? a_row(r) : nullptr; },
+        [&](int r) -> const S* {
+          const int half = r / C::kUpCols, n = n0 + r % C::kUpCols;
+          return n < C::F ? (half ? w_up2 : w_up) + int64_t(n) * C::H : nullptr;
+        });
     const S* b_up = C::kGated ? nullptr : static_cast<const S*>(L.b_up) + int64_t(tile.le) * C::F;
     G::for_each_row_chunk(staged, C::kUpCols, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
@@ -402,19 +389,13 @@ struct Kernel {
   FMOE_DEVICE void down_compute(const RowTile& tile, int col, const S* z, S* out) {
     if (!compute) return;
     const int n0 = col * 128;
-    const S** ra = G::rows_a(smem);
-    const S** rb = G::rows_b(smem);
     const S* w_down = static_cast<const S*>(L.w_down) + int64_t(tile.le) * C::H * C::F;
-    for (int r = threadIdx.x; r < G::BM; r += C::kThreads) {
-      ra[r] = r < tile.rows ? z + int64_t(r) * C::F : nullptr;
-      rb[r] = n0 + r < C::H ? w_down + int64_t(n0 + r) * C::F : nullptr;
-    }
-    __syncthreads();
-    typename G::Acc acc;
-    cute::clear(acc);
-    G::mainloop(acc, smem, C::F);
-    const float* staged = G::stage_acc(acc, smem);
-    __syncthreads();
+    const float* staged = G::compute_tile(
+        smem, C::F,
+        [&](int r) -> const S* { return r < tile.rows ? z + int64_t(r) * C::F : nullptr; },
+        [&](int r) -> const S* {
+          return n0 + r < C::H ? w_down + int64_t(n0 + r) * C::F : nullptr;
+        });
     const S* b_down =
         C::kGated ? nullptr : static_cast<const S*>(L.b_down) + int64_t(tile.le) * C::H;
     G::for_each_row_chunk(staged, 128, [&](int r, int c, float(&v)[8]) {
