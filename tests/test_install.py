@@ -40,3 +40,13 @@ def test_wheel_carries_device_sources_and_host(tmp_path):
                  "flashmoe_core/host/compiler.py", "flashmoe_core/run.py"):
         assert must in names, must
     assert not any(n.startswith(("tests/", "tools/", "host/", "device/")) for n in names)
+    # The unpacked wheel alone (no checkout on the path) finds its device sources.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {k: v for k, v in os.environ.items() if k != "FLASHMOE_DEVICE_DIR"}
+    env["PYTHONPATH"] = str(site)
+    p = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True,
+                       text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    root, has_abi, includes = p.stdout.split()
+    assert Path(root) == site / "flashmoe_core" / "_device" and has_abi == "True"
