@@ -13,7 +13,7 @@ FLASHMOE_DEVICE_DIR        use these device sources (a checkout's device/)    (p
 FLASHMOE_CUTLASS_INCLUDE   CUTLASS/CuTe include folder                         (wheel)
 FLASHMOE_LINEINFO          1: keep source lines in kernels (profilers)         0
 FLASHMOE_QUIET             1: no progress messages                             0
-FLASHMOE_TIMEOUT_S         bound of every device-side wait, seconds            10
+FLASHMOE_TIMEOUT_S         bound of every device-side wait, seconds            5
 NVSHMEM_SYMMETRIC_SIZE     read as a floor: the layer raises it to what its     (sized)
                            symmetric buffers need before NVSHMEM starts
 =========================  ==================================================  ==========
@@ -88,7 +88,7 @@ def timeout_s() -> float:
     """Bound of every device-side wait before the kernel reports a timeout."""
     raw = _text("FLASHMOE_TIMEOUT_S")
     if raw is None:
-        return 10.0
+        return 5.0
     try:
         value = float(raw)
     except ValueError:

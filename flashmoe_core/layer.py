@@ -56,7 +56,7 @@ class MoELayer:
         GPU ordinal (default: one GPU, the current one or 0; several ranks, the node-
         local rank modulo the GPU count).
     timeout_s : float, optional
-        Bound of every device-side wait (default ``FLASHMOE_TIMEOUT_S`` or 10 s).
+        Bound of every device-side wait (default ``FLASHMOE_TIMEOUT_S`` or 5 s).
     comm : mpi4py communicator, optional
         Required when ``cfg.world_size > 1``: the ranks sharing the experts (one PE per
         process; NVSHMEM is initialised over it on first use).

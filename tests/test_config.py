@@ -109,3 +109,26 @@ def test_flops():
     assert c.flops() == 2 * 10 * 16 * 4 + 2 * 2 * 10 * 2 * 16 * 32
     assert cfg(tokens=10, hidden=16, ffn=32, experts=4, mlp="gated").flops() == \
         2 * 10 * 16 * 4 + 3 * 2 * 10 * 2 * 16 * 32
+
+
+def test_environment_values(monkeypatch):
+    from flashmoe_core import env
+
+    monkeypatch.delenv("FLASHMOE_TIMEOUT_S", raising=False)
+    assert env.timeout_s() == 5.0
+    monkeypatch.setenv("FLASHMOE_TIMEOUT_S", "0.5")
+    assert env.timeout_s() == 0.5
+    monkeypatch.setenv("FLASHMOE_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="FLASHMOE_TIMEOUT_S='soon'"):
+        env.timeout_s()
+    monkeypatch.setenv("FLASHMOE_DISABLE_JIT", "maybe")
+    with pytest.raises(ValueError, match="not a boolean"):
+        env.jit_disabled()
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "4G")
+    assert env.nvshmem_symmetric_size() == 4 * 2**30
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "1073741824")
+    assert env.nvshmem_symmetric_size() == 2**30
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", "/tmp/x")
+    assert str(env.cache_dir()) == "/tmp/x"
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert env.launched_by_mpi()
