@@ -20,7 +20,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   export PATH=/tmp/site/bin:$PATH
 fi
+# Editable if the image's setuptools can (PEP 660), a plain install otherwise.
 $py -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+  || $py -m pip install -q --no-deps --no-build-isolation . >> "$out/install.log" 2>&1 \
   || { cat "$out/install.log"; exit 3; }
 
 {
