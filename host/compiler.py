@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 from .cache import SCHEMA, KernelCache
 from .errors import CompileError, JitDisabledError

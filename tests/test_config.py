@@ -80,8 +80,10 @@ def test_capacity_rule():
 
 
 def test_frozen():
+    import dataclasses
+
     c = cfg()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.tokens = 3
 
 
