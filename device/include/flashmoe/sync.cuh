@@ -28,6 +28,17 @@ FMOE_DEVICE uint64_t load_volatile(const uint64_t* p) {
   return *reinterpret_cast<const volatile uint64_t*>(p);
 }
 
+/// Bounded wait until a 64-bit signal word (written by a peer) equals `value`.
+FMOE_DEVICE bool wait_signal(const WaitSite& site, int32_t phase, int32_t task, int32_t peer,
+                             const uint64_t* sig, uint64_t value) {
+  return bounded_wait(
+      site, phase, task, peer, [&] { return load_volatile(sig) == value; },
+      [&](int64_t& seen, int64_t& expected) {
+        seen = int64_t(load_volatile(sig));
+        expected = int64_t(value);
+      });
+}
+
 /// The launch epoch; read once by every block before anything else.
 FMOE_DEVICE uint32_t read_epoch(const uint32_t* state) {
   return load_volatile(&state[abi::kEpoch]);

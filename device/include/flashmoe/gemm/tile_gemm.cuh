@@ -100,25 +100,23 @@ struct TileGemm {
     using namespace cute;
     Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)), LayoutA{});
     Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)), LayoutB{});
-    const Storage** ra = rows_a(smem);
-    const Storage** rb = rows_b(smem);
+    load_rows<BM>(sA, rows_a(smem), k_tile, stage, K);
+    load_rows<BN>(sB, rows_b(smem), k_tile, stage, K);
+  }
+
+  /// One k-tile of kRows table rows into stage `stage` of a swizzled operand buffer.
+  template <int kRows, class SmemTensor>
+  FMOE_DEVICE static void load_rows(SmemTensor& s, const Storage* const* rows, int k_tile,
+                                    int stage, int K) {
     const int k0 = k_tile * BK;
     constexpr int kVecsPerRow = BK / kVec;
     CUTE_UNROLL
-    for (int i = 0; i < BM * kVecsPerRow / kThreads; ++i) {
+    for (int i = 0; i < kRows * kVecsPerRow / kThreads; ++i) {
       const int v = threadIdx.x + i * kThreads;
       const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
-      const Storage* row = ra[r];
+      const Storage* row = rows[r];
       const bool p = row != nullptr && k0 + c < K;
-      cp_async_16(raw_pointer_cast(&sA(r, c, stage)), p ? row + k0 + c : nullptr, p);
-    }
-    CUTE_UNROLL
-    for (int i = 0; i < BN * kVecsPerRow / kThreads; ++i) {
-      const int v = threadIdx.x + i * kThreads;
-      const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
-      const Storage* row = rb[r];
-      const bool p = row != nullptr && k0 + c < K;
-      cp_async_16(raw_pointer_cast(&sB(r, c, stage)), p ? row + k0 + c : nullptr, p);
+      cp_async_16(cute::raw_pointer_cast(&s(r, c, stage)), p ? row + k0 + c : nullptr, p);
     }
   }
 

@@ -558,16 +558,8 @@ struct Kernel {
       for (int p = threadIdx.x; p < L.world; p += C::kThreads) {
         if (p == me) continue;
         // The peer may still read what we sent last launch: wait for its "done".
-        if (epoch > 0u) {
-          const uint64_t* done = &L.done_sig[p];
-          if (!bounded_wait(site, kPhasePeerDone, -1, p,
-                            [&] { return load_volatile(done) == uint64_t(epoch); },
-                            [&](int64_t& seen, int64_t& want) {
-                              seen = int64_t(load_volatile(done));
-                              want = epoch;
-                            })) {
-            break;
-          }
+        if (epoch > 0u && !wait_signal(site, kPhasePeerDone, -1, p, &L.done_sig[p], epoch)) {
+          break;
         }
         const int64_t n = int64_t(L.max_local_experts) * 2;
         nvshmem_putmem_signal_nbi(L.headers + me * n, L.headers_out + p * n,
@@ -578,15 +570,7 @@ struct Kernel {
     if (threadIdx.x == 0) {
       for (int s = 0; s < L.world; ++s) {
         if (s == me) continue;
-        const uint64_t* sig = &L.header_sig[s];
-        if (!bounded_wait(site, kPhaseHeaders, -1, s,
-                          [&] { return load_volatile(sig) == uint64_t(tag); },
-                          [&](int64_t& seen, int64_t& want) {
-                            seen = int64_t(load_volatile(sig));
-                            want = tag;
-                          })) {
-          break;
-        }
+        if (!wait_signal(site, kPhaseHeaders, -1, s, &L.header_sig[s], tag)) break;
       }
       __threadfence();
     }
@@ -688,12 +672,8 @@ struct Kernel {
       const PeerTile pt = arrival ? recv_tile(ev) : send_tile(ev - n_recv);
       const uint64_t* sig = (arrival ? L.dispatch_sig : L.return_sig) +
                             int64_t(pt.peer) * L.max_peer_tiles + pt.index;
-      ok = bounded_wait(site, arrival ? kPhaseDispatchWait : kPhaseReturnWait, pt.index,
-                        pt.peer, [&] { return load_volatile(sig) == uint64_t(tag); },
-                        [&](int64_t& seen, int64_t& want) {
-                          seen = int64_t(load_volatile(sig));
-                          want = tag;
-                        });
+      ok = wait_signal(site, arrival ? kPhaseDispatchWait : kPhaseReturnWait, pt.index,
+                       pt.peer, sig, tag);
       if (!ok) break;
       __threadfence();
       if (arrival) {
