@@ -12,6 +12,12 @@
 #include <cuda/std/limits>
 #include <cuda/std/type_traits>
 #include <cute/tensor.hpp>
+#if FMOE_HOST_EMU
+#include <flashmoe_emu/atoms.h>  // CPU emulator: warp-cooperative mma.sync / ldmatrix
+#define FMOE_ARCH_ATOM(op) cute::EMU_##op
+#else
+#define FMOE_ARCH_ATOM(op) cute::op
+#endif
 
 #define FMOE_DEVICE __device__ __forceinline__
 
@@ -25,9 +31,13 @@ using cuda::std::uint64_t;
 
 /// Nanoseconds from the GPU's global timer (the same clock on every SM).
 FMOE_DEVICE uint64_t global_timer_ns() {
+#if FMOE_HOST_EMU
+  return fmoe_emu::now_ns();
+#else
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+#endif
 }
 
 FMOE_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }

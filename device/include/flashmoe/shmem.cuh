@@ -13,5 +13,9 @@
 #error "shmem.cuh needs a kernel built with FLASHMOE_NVSHMEM=1 (KernelSpec.nvshmem)"
 #endif
 
+#if FMOE_HOST_EMU
+#include <flashmoe_emu/nvshmem.h>  // CPU emulator: several PEs in one process
+#else
 #include <nvshmem.h>
 #include <nvshmemx.h>
+#endif

@@ -10,6 +10,8 @@
  */
 #pragma once
 
+#include <cuda/std/bit>
+
 #include "../prelude.cuh"
 
 namespace flashmoe {
@@ -19,9 +21,15 @@ enum DType : int { kFloat32 = 0, kTFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 /// Round a float to TF32, half away from zero (what the oracle does).
 FMOE_DEVICE uint32_t tf32_rna_bits(float x) {
+#if FMOE_HOST_EMU
+  uint32_t r = __float_as_uint(x);
+  if ((r & 0x7f800000u) == 0x7f800000u) return (r & 0x7fffffu) ? 0x7fffffffu : r;  // inf / NaN
+  return (r + 0x1000u) & 0xffffe000u;  // half away from zero on the magnitude
+#else
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
   return r;
+#endif
 }
 
 FMOE_DEVICE float round_tf32(float x) { return __uint_as_float(tf32_rna_bits(x)); }
@@ -33,7 +41,7 @@ template <>
 struct Element<kFloat32> {
   using Storage = float;
   using Operand = cute::tfloat32_t;  // shared memory and fragments hold the raw float bits
-  using MmaAtom = cute::SM80_16x8x8_F32TF32TF32F32_TN;
+  using MmaAtom = FMOE_ARCH_ATOM(SM80_16x8x8_F32TF32TF32F32_TN);
   static constexpr int kPasses = 3;  // big*big + big*small + small*big
   static constexpr int kMmaK = 8;
   FMOE_DEVICE static Storage from_float(float v) { return v; }
@@ -44,7 +52,7 @@ template <>
 struct Element<kTFloat32> {
   using Storage = float;
   using Operand = cute::tfloat32_t;
-  using MmaAtom = cute::SM80_16x8x8_F32TF32TF32F32_TN;
+  using MmaAtom = FMOE_ARCH_ATOM(SM80_16x8x8_F32TF32TF32F32_TN);
   static constexpr int kPasses = 1;
   static constexpr int kMmaK = 8;
   FMOE_DEVICE static Storage from_float(float v) { return round_tf32(v); }
@@ -55,7 +63,7 @@ template <>
 struct Element<kBFloat16> {
   using Storage = cute::bfloat16_t;
   using Operand = cute::bfloat16_t;
-  using MmaAtom = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+  using MmaAtom = FMOE_ARCH_ATOM(SM80_16x8x16_F32BF16BF16F32_TN);
   static constexpr int kPasses = 1;
   static constexpr int kMmaK = 16;
   FMOE_DEVICE static Storage from_float(float v) { return Storage(v); }
@@ -66,24 +74,36 @@ template <>
 struct Element<kFloat16> {
   using Storage = cute::half_t;
   using Operand = cute::half_t;
-  using MmaAtom = cute::SM80_16x8x16_F32F16F16F32_TN;
+  using MmaAtom = FMOE_ARCH_ATOM(SM80_16x8x16_F32F16F16F32_TN);
   static constexpr int kPasses = 1;
   static constexpr int kMmaK = 16;
   FMOE_DEVICE static Storage from_float(float v) { return Storage(v); }
   FMOE_DEVICE static float to_float(Storage v) { return float(v); }
 };
 
+/// Eight elements, and the same bytes as 16-byte vectors (register images for bit_cast).
+template <class S>
+struct Elements8 {
+  S e[8];
+};
+template <class S>
+struct Vectors8 {
+  static constexpr int kCount = int(8 * sizeof(S) / 16);
+  uint4 v[kCount];
+};
+
 /// Convert 8 floats and store them with 16-byte stores (dst 16-byte aligned).
 template <class E>
 FMOE_DEVICE void store8(typename E::Storage* dst, const float (&v)[8]) {
   using S = typename E::Storage;
-  alignas(16) S out[8];
+  Elements8<S> out;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) out[j] = E::from_float(v[j]);
+  for (int j = 0; j < 8; ++j) out.e[j] = E::from_float(v[j]);
+  // bit_cast, not a uint4 lvalue over S objects: that aliasing is undefined behaviour
+  // (host compilers miscompile it, and the CPU emulator builds this code).
+  const auto vec = cuda::std::bit_cast<Vectors8<S>>(out);
 #pragma unroll
-  for (int j = 0; j < int(8 * sizeof(S) / 16); ++j) {
-    reinterpret_cast<uint4*>(dst)[j] = reinterpret_cast<const uint4*>(out)[j];
-  }
+  for (int j = 0; j < Vectors8<S>::kCount; ++j) reinterpret_cast<uint4*>(dst)[j] = vec.v[j];
 }
 
 /// Load 8 elements (16-byte aligned) as floats; kL2Only reads through L2 (data written
@@ -91,14 +111,15 @@ FMOE_DEVICE void store8(typename E::Storage* dst, const float (&v)[8]) {
 template <class E, bool kL2Only = false>
 FMOE_DEVICE void load8(const typename E::Storage* src, float (&v)[8]) {
   using S = typename E::Storage;
-  alignas(16) S in[8];
+  Vectors8<S> vec;
 #pragma unroll
-  for (int j = 0; j < int(8 * sizeof(S) / 16); ++j) {
+  for (int j = 0; j < Vectors8<S>::kCount; ++j) {
     const uint4* p = reinterpret_cast<const uint4*>(src) + j;
-    reinterpret_cast<uint4*>(in)[j] = kL2Only ? __ldcg(p) : *p;
+    vec.v[j] = kL2Only ? __ldcg(p) : *p;
   }
+  const auto in = cuda::std::bit_cast<Elements8<S>>(vec);
 #pragma unroll
-  for (int j = 0; j < 8; ++j) v[j] = E::to_float(in[j]);
+  for (int j = 0; j < 8; ++j) v[j] = E::to_float(in.e[j]);
 }
 
 /// Activation ids (FMOE_ACT): 0 relu, 1 gelu (erf), 2 silu, 3 identity.

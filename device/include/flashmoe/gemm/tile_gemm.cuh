@@ -29,16 +29,26 @@ __device__ uint4 g_zero_source;
 
 /// cp.async of one 16-byte vector; with pred false it writes zeros and reads nothing.
 FMOE_DEVICE void cp_async_16(void* smem, const void* gmem, bool pred) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const void* src = pred ? gmem : static_cast<const void*>(&g_zero_source);
+#if FMOE_HOST_EMU
+  fmoe_emu::cp_async(smem, src, pred ? 16 : 0);
+#else
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
                "r"(pred ? 16 : 0));
+#endif
 }
+#if FMOE_HOST_EMU
+FMOE_DEVICE void cp_async_commit() { fmoe_emu::cp_async_commit(); }
+template <int N>
+FMOE_DEVICE void cp_async_wait() { fmoe_emu::cp_async_wait(N); }
+#else
 FMOE_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 FMOE_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 template <int kDtype, int BM_, int BN_, int BK_, int kStages_>
 struct TileGemm {
@@ -70,7 +80,7 @@ struct TileGemm {
   using Mma = cute::TiledMMA<cute::MMA_Atom<typename E::MmaAtom>,
                              cute::Layout<cute::Shape<cute::_2, cute::_2, cute::_1>>,
                              cute::Tile<cute::_32, cute::_32, cute::Int<E::kMmaK>>>;
-  using S2RAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, T>;
+  using S2RAtom = cute::Copy_Atom<FMOE_ARCH_ATOM(SM75_U32x4_LDSM_N), T>;
   static_assert(cute::size(Mma{}) == kThreads, "the tiled MMA must use 128 threads");
 
   static constexpr int kSmemA = BM * BK * kStages * kBytes;
