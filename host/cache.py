@@ -78,6 +78,39 @@ class KernelCache:
                                json.dumps(meta, indent=1, sort_keys=True, default=str).encode())
         return p
 
+    def file_path(self, key: str, suffix: str) -> Path:
+        """File of a plain-file entry (a library that is loaded from disk as it is)."""
+        return self.path(key).with_suffix(suffix)
+
+    def load_file(self, key: str, suffix: str) -> Optional[Path]:
+        """Path of a plain-file entry whose digest matches its record, else None (a
+        corrupt or half-recorded entry is removed)."""
+        p = self.file_path(key, suffix)
+        meta = p.with_name(p.name + ".json")
+        try:
+            digest = json.loads(meta.read_text())["sha256"]
+            ok = hashlib.sha256(p.read_bytes()).hexdigest() == digest
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            return p
+        for q in (p, meta):
+            with contextlib.suppress(OSError):
+                q.unlink()
+        return None
+
+    def store_file(self, key: str, payload: bytes, suffix: str,
+                   meta: Optional[dict] = None) -> Path:
+        """Write a plain-file entry atomically; its digest (and ``meta``) go to a JSON
+        record beside it, written last, so a reader never trusts a partial entry."""
+        p = self.file_path(key, suffix)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._atomic_write(p, payload)
+        record = dict(meta or {}, sha256=hashlib.sha256(payload).hexdigest())
+        self._atomic_write(p.with_name(p.name + ".json"),
+                           json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+        return p
+
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -156,7 +189,7 @@ class KernelCache:
             return 0
         for p in sorted(d.rglob("*"), reverse=True):
             if p.is_file():
-                n += p.suffix == ".cubin"
+                n += p.suffix in (".cubin", ".so")
                 p.unlink()
             else:
                 with contextlib.suppress(OSError):

@@ -20,9 +20,10 @@ from .errors import FlashMoEError
 __all__ = ["Toolchain", "find_toolchain", "device_root", "device_tree_digest"]
 
 # Distributions whose versions change the generated code (part of every cache key).
-_VERSIONED = ("nvidia-cuda-nvrtc", "nvidia-nvjitlink", "nvidia-cuda-runtime", "nvidia-cuda-cccl",
+_VERSIONED = ("nvidia-cuda-nvrtc", "nvidia-nvjitlink", "nvidia-cuda-runtime", "nvidia-cuda-crt",
+              "nvidia-cuda-cccl",
               "nvidia-cutlass", "nvidia-nvshmem-cu13", "cuda-core", "cuda-bindings")
-_DEVICE_SUFFIXES = (".cuh", ".cu", ".h")
+_DEVICE_SUFFIXES = (".cuh", ".cu", ".h", ".cpp")
 
 
 def device_root(override: Optional[str] = None) -> Path:

@@ -1,0 +1,37 @@
+/**
+ * @file entry.h
+ * @brief The C functions every emulator library exports besides its kernel launcher
+ *        (called from flashmoe_core.host.emulator through ctypes).
+ */
+#pragma once
+
+#include "atoms.h"
+#include "runtime.h"
+
+#define FMOE_EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+/// Set the launch options (runtime.h Options); returns 0.
+FMOE_EMU_EXPORT int emu_configure(unsigned long long seed, int lazy_cp_async, int poison_smem,
+                                  int chaos, int chaos_us, double watchdog_s, int stack_kib) {
+  fmoe_emu::Options& o = fmoe_emu::options();
+  o.seed = seed;
+  o.lazy_cp_async = lazy_cp_async != 0;
+  o.poison_smem = poison_smem != 0;
+  o.chaos = chaos;
+  o.chaos_us = chaos_us;
+  o.watchdog_s = watchdog_s;
+  o.stack_bytes = size_t(stack_kib) * 1024;
+  return 0;
+}
+
+/// Why the last launch stopped ("" if it did not).
+FMOE_EMU_EXPORT const char* emu_last_error() { return fmoe_emu::error_text().c_str(); }
+
+/// Fragment-layout disagreements between the emulated MMA atoms and CuTe (0 expected).
+FMOE_EMU_EXPORT int emu_mma_layout_mismatches() { return fmoe_emu::mma_layout_mismatches(); }
+
+/// Fill `bytes` of a block's dynamic shared memory with 0xFF (a float NaN) when asked,
+/// so that reading shared memory nobody wrote shows up in results.
+inline void emu_poison(void* smem, size_t bytes) {
+  if (fmoe_emu::options().poison_smem) std::memset(smem, 0xff, bytes);
+}
