@@ -14,6 +14,7 @@ FLASHMOE_CUTLASS_INCLUDE   CUTLASS/CuTe include folder                         (
 FLASHMOE_LINEINFO          1: keep source lines in kernels (profilers)         0
 FLASHMOE_QUIET             1: no progress messages                             0
 FLASHMOE_TIMEOUT_S         bound of every device-side wait, seconds            5
+FLASHMOE_CXX               host C++ compiler of the CPU emulator backend       g++
 NVSHMEM_SYMMETRIC_SIZE     read as a floor: the layer raises it to what its     (sized)
                            symmetric buffers need before NVSHMEM starts
 =========================  ==================================================  ==========
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["cache_dir", "jit_disabled", "arch_override", "device_dir", "cutlass_include",
-           "lineinfo", "quiet", "timeout_s", "nvshmem_symmetric_size", "launched_by_mpi",
+           "lineinfo", "quiet", "timeout_s", "cxx", "nvshmem_symmetric_size", "launched_by_mpi",
            "describe"]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -99,6 +100,11 @@ def timeout_s() -> float:
     return value
 
 
+def cxx() -> Optional[str]:
+    """The host C++ compiler the emulator backend uses (None: g++ or c++ on PATH)."""
+    return _text("FLASHMOE_CXX")
+
+
 def nvshmem_symmetric_size():
     """NVSHMEM_SYMMETRIC_SIZE as set by the user, in bytes (None if unset).
 
@@ -141,5 +147,6 @@ def describe() -> dict:
         "FLASHMOE_LINEINFO": lineinfo(),
         "FLASHMOE_QUIET": quiet(),
         "FLASHMOE_TIMEOUT_S": timeout_s(),
+        "FLASHMOE_CXX": cxx(),
         "NVSHMEM_SYMMETRIC_SIZE": nvshmem_symmetric_size(),
     }

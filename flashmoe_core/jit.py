@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional
 
@@ -10,7 +11,7 @@ from .host.cache import KernelCache
 from .host.compiler import CompiledKernel, KernelSpec, build, normalize_arch
 from .host.toolchain import Toolchain, find_toolchain
 
-__all__ = ["toolchain", "kernel_cache", "compile_kernel", "target_arch"]
+__all__ = ["toolchain", "kernel_cache", "compile_kernel", "target_arch", "emulator_library"]
 
 
 def toolchain() -> Toolchain:
@@ -47,3 +48,20 @@ def compile_kernel(spec: KernelSpec, arch: Optional[str] = None) -> CompiledKern
     arch = normalize_arch(arch) if arch else target_arch()
     return build(spec, arch, toolchain(), cache=kernel_cache(), lineinfo=env.lineinfo(),
                  allow_compile=not env.jit_disabled(), progress=_progress)
+
+
+@functools.lru_cache(maxsize=None)
+def _emulator_library(spec: KernelSpec, device_dir: Optional[str],
+                      cutlass_include: Optional[str], cxx: Optional[str]):
+    from .host import emulator
+
+    tc = find_toolchain(device_dir, cutlass_include)
+    compiler = emulator.find_compiler(cxx)
+    path = emulator.build_library(spec, tc, compiler, cache=kernel_cache(), progress=_progress)
+    return emulator.load_library(path)
+
+
+def emulator_library(spec: KernelSpec):
+    """The CPU-emulator build of a kernel, compiled (or cached) and loaded once per
+    process (see :mod:`flashmoe_core.host.emulator`)."""
+    return _emulator_library(spec, env.device_dir(), env.cutlass_include(), env.cxx())

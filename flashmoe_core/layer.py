@@ -66,11 +66,28 @@ class MoELayer:
     trace_capacity : int
         Record up to this many task/phase spans per launch (``trace()`` reads them; see
         :mod:`flashmoe_core.trace`). 0, the default, records nothing.
+    backend : {"gpu", "emulator"}
+        ``"emulator"`` returns an :class:`~flashmoe_core.emulator.EmulatedMoELayer`: the
+        same kernel compiled for the host and run on the CPU emulator (NumPy in and out;
+        ``max_blocks`` is its grid, ``emulator_options`` its scheduling knobs).
+    emulator_options : EmulatorOptions, optional
+        Only with ``backend="emulator"``.
     """
+
+    def __new__(cls, cfg: MoEConfig = None, weights: MoEWeights = None, *args,
+                backend: str = "gpu", **kwargs):
+        if backend == "gpu":
+            if kwargs.get("emulator_options") is not None:
+                raise ValueError("emulator_options= is for backend='emulator'")
+            return super().__new__(cls)
+        if backend != "emulator":
+            raise ValueError(f"backend={backend!r}: expected 'gpu' or 'emulator'")
+        return _emulated_layer(cfg, weights, *args, **kwargs)
 
     def __init__(self, cfg: MoEConfig, weights: MoEWeights, device: Optional[int] = None,
                  timeout_s: Optional[float] = None, comm=None,
-                 max_blocks: Optional[int] = None, trace_capacity: int = 0) -> None:
+                 max_blocks: Optional[int] = None, trace_capacity: int = 0,
+                 backend: str = "gpu", emulator_options=None) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
@@ -227,25 +244,10 @@ class MoELayer:
         return 0 if buf is None else int(buf.handle)
 
     def _make_layout(self):
-        rec = np.zeros((), dtype=MOE_LAYOUT)
-        for name in MOE_LAYOUT_POINTERS + MOE_EP_POINTERS:
-            rec[name] = self._fault.ptr if name == "fault" else self._ptr(name)
-        rec["timeout_ns"] = int(self._timeout_s * 1e9)
-        rec["max_tokens"] = self.cfg.tokens
-        rec["experts"] = self.cfg.experts
-        rec["local_experts"] = len(self.local_ids)
-        rec["first_expert"] = 0
-        rec["max_rowtiles"] = self.plan.max_rowtiles
-        rec["ring_capacity"] = self.plan.ring_capacity
-        rec["rank"] = self.rank
-        rec["world"] = self.world
-        rec["delay_ns"] = self._delay_ns
-        rec["trace"] = self._ptr("trace")
-        rec["trace_capacity"] = self.trace_capacity
-        if self.world > 1:
-            rec["slot_rows"] = slot_rows(self.cfg)
-            rec["max_peer_tiles"] = max_peer_tiles(self.cfg)
-            rec["max_local_experts"] = self.cfg.max_local_experts
+        rec = layout_record(self.cfg, self.plan, self._ptr, fault=self._fault.ptr,
+                            timeout_s=self._timeout_s, rank=self.rank,
+                            local_experts=len(self.local_ids), delay_ns=self._delay_ns,
+                            trace_capacity=self.trace_capacity)
         data = np.frombuffer(rec.tobytes(), np.uint8)
         if getattr(self, "_layout", None) is not None:
             memory.copy_in(self._layout, data, self._stream)
@@ -262,19 +264,7 @@ class MoELayer:
 
     # ------------------------------------------------------------------ calls
     def _validate(self, shape, dtype, contiguous: bool = True) -> int:
-        if len(shape) != 2 or shape[1] != self.cfg.hidden:
-            raise ValueError(f"x has shape {tuple(shape)}; expected [tokens, hidden="
-                             f"{self.cfg.hidden}]")
-        t = int(shape[0])
-        if not 1 <= t <= self.cfg.tokens:
-            raise ValueError(f"x carries {t} tokens; this layer takes 1..{self.cfg.tokens} "
-                             "(MoEConfig.tokens is the bound; build a layer with a larger one)")
-        if np.dtype(dtype) != self._dtype:
-            raise ValueError(f"x has dtype {np.dtype(dtype)}; this layer stores {self._dtype} "
-                             f"(dtype={self.cfg.dtype!r}); convert it first")
-        if not contiguous:
-            raise ValueError("x must be C-contiguous (rows of hidden elements)")
-        return t
+        return validate_input(self.cfg, shape, dtype, contiguous)
 
     def check_fault(self) -> None:
         """Raise the fault a previous launch recorded, if any (reads pinned memory)."""
@@ -283,16 +273,7 @@ class MoELayer:
             return
         info = decode_fault(rec.tobytes())
         self._recover()
-        phase = _PHASES.get(info["phase"], f"phase {info['phase']}")
-        if info["code_name"] == "timeout":
-            raise FlashMoETimeout(
-                f"the fused MoE kernel gave up waiting at the {phase}: block {info['block']} "
-                f"(task {info['task']}) saw {info['counter']} of {info['expected']} after "
-                f"{info['elapsed_ns'] / 1e9:.3f} s (rank {info['rank']}, peer {info['peer']})",
-                info)
-        raise KernelFault(f"the fused MoE kernel stopped: {info['code_name']} at the {phase} "
-                          f"(block {info['block']}, value {info['counter']}, limit "
-                          f"{info['expected']})", info)
+        raise fault_exception(info)
 
     def _recover(self) -> None:
         # A failed launch leaves counters mid-way: clear them for the next launch.
@@ -487,6 +468,96 @@ class MoELayer:
         self._buffers.clear()
         self._fault.close()
         self._module.close()
+
+
+def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_blocks=None,
+                    trace_capacity=0, emulator_options=None):
+    from .emulator import DEFAULT_GRID, EmulatedMoELayer, EmulatorOptions
+
+    if isinstance(cfg, MoEConfig) and cfg.world_size > 1:
+        raise ValueError("the emulator runs expert parallelism with every PE in one process: "
+                         "use flashmoe_core.emulator.EmulatedExpertParallel(cfg, weights)")
+    unused = [name for name, v in (("device", device), ("comm", comm)) if v is not None]
+    if trace_capacity:
+        unused.append("trace_capacity")
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do not apply to backend='emulator'")
+    return EmulatedMoELayer(cfg, weights, grid=DEFAULT_GRID if max_blocks is None else max_blocks,
+                            timeout_s=timeout_s,
+                            options=emulator_options or EmulatorOptions())
+
+
+def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, rank: int = 0,
+                  local_experts: Optional[int] = None, delay_ns: int = 0,
+                  trace_capacity: int = 0) -> np.ndarray:
+    """The MoeLayout a layer hands its kernel (one rank's view).
+
+    Parameters
+    ----------
+    cfg, plan : the layer's configuration and its :class:`~flashmoe_core.plan.LayerPlan`
+    ptr : callable
+        Buffer name -> address (0 for buffers the layer does not have).
+    fault : int
+        Address of the host-visible fault record.
+    """
+    rec = np.zeros((), dtype=MOE_LAYOUT)
+    for name in MOE_LAYOUT_POINTERS + MOE_EP_POINTERS:
+        rec[name] = fault if name == "fault" else ptr(name)
+    rec["timeout_ns"] = int(timeout_s * 1e9)
+    rec["max_tokens"] = cfg.tokens
+    rec["experts"] = cfg.experts
+    rec["local_experts"] = cfg.experts if local_experts is None else local_experts
+    rec["first_expert"] = 0
+    rec["max_rowtiles"] = plan.max_rowtiles
+    rec["ring_capacity"] = plan.ring_capacity
+    rec["rank"] = rank
+    rec["world"] = cfg.world_size
+    rec["delay_ns"] = delay_ns
+    rec["trace"] = ptr("trace")
+    rec["trace_capacity"] = trace_capacity
+    if cfg.world_size > 1:
+        rec["slot_rows"] = slot_rows(cfg)
+        rec["max_peer_tiles"] = max_peer_tiles(cfg)
+        rec["max_local_experts"] = cfg.max_local_experts
+    return rec
+
+
+def validate_input(cfg: MoEConfig, shape, dtype, contiguous: bool = True) -> int:
+    """Check an input's shape, dtype and layout against a layer; returns its token count.
+
+    Raises
+    ------
+    ValueError
+        Naming what is wrong and what the layer takes.
+    """
+    want = storage_dtype(cfg.dtype)
+    if len(shape) != 2 or shape[1] != cfg.hidden:
+        raise ValueError(f"x has shape {tuple(shape)}; expected [tokens, hidden={cfg.hidden}]")
+    t = int(shape[0])
+    if not 1 <= t <= cfg.tokens:
+        raise ValueError(f"x carries {t} tokens; this layer takes 1..{cfg.tokens} "
+                         "(MoEConfig.tokens is the bound; build a layer with a larger one)")
+    if np.dtype(dtype) != want:
+        raise ValueError(f"x has dtype {np.dtype(dtype)}; this layer stores {want} "
+                         f"(dtype={cfg.dtype!r}); convert it first")
+    if not contiguous:
+        raise ValueError("x must be C-contiguous (rows of hidden elements)")
+    return t
+
+
+def fault_exception(info: dict) -> KernelFault:
+    """The exception for a decoded fault record: FlashMoETimeout for a wait that ran
+    out, KernelFault otherwise; the message names the phase, block, rank and peer."""
+    phase = _PHASES.get(info["phase"], f"phase {info['phase']}")
+    if info["code_name"] == "timeout":
+        return FlashMoETimeout(
+            f"the fused MoE kernel gave up waiting at the {phase}: block {info['block']} "
+            f"(task {info['task']}) saw {info['counter']} of {info['expected']} after "
+            f"{info['elapsed_ns'] / 1e9:.3f} s (rank {info['rank']}, peer {info['peer']})",
+            info)
+    return KernelFault(f"the fused MoE kernel stopped: {info['code_name']} at the {phase} "
+                       f"(block {info['block']}, value {info['counter']}, limit "
+                       f"{info['expected']})", info)
 
 
 def _node_placement(comm):

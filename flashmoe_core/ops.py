@@ -20,7 +20,7 @@ from .jit import compile_kernel, target_arch
 from .kernels import ACT_IDS, DTYPE_IDS, nvshmem_ping_spec, tile_config, tile_gemm_spec
 from .numerics import round_to, storage_dtype
 
-__all__ = ["tile_gemm", "tile_gemm_launch", "nvshmem_ping", "runtime"]
+__all__ = ["tile_gemm", "tile_gemm_launch", "gemm_operands", "nvshmem_ping", "runtime"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,23 +70,14 @@ def tile_gemm_launch(dtype: str) -> TileGemmKernel:
     return TileGemmKernel(dtype)
 
 
-def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarray] = None,
-              activation: str = "identity", gated: bool = False,
-              a_index: Optional[np.ndarray] = None) -> np.ndarray:
-    """C = act(A B^T + bias), or act(A Bg^T) * (A Bu^T) when gated, on tensor cores.
-
-    Parameters
-    ----------
-    a : ndarray [Ma, K]
-    b : ndarray [N, K], or [2N, K] (Bg rows then Bu rows) when gated
-    dtype : element type name; inputs are rounded to it
-    bias : ndarray [N], optional (not with gated)
-    a_index : int ndarray [M], optional
-        Gather: row m of the product uses A row ``a_index[m]``.
+def gemm_operands(a, b, dtype: str, bias=None, activation: str = "identity", gated: bool = False,
+                  a_index=None):
+    """Validate and round tile-GEMM operands (shared by the GPU and emulator paths).
 
     Returns
     -------
-    ndarray [M, N] of the storage type.
+    (a, b, bias, a_index, m, n, k): contiguous arrays in the storage type (a_index
+    int32), and the product's shape.
     """
     if dtype not in DTYPE_IDS:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPE_IDS)}")
@@ -111,7 +102,28 @@ def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarra
                                                   a_index.max() >= a.shape[0])):
             raise ValueError(f"a_index must be 1-D with values in [0, {a.shape[0]})")
     m = a.shape[0] if a_index is None else a_index.size
+    return a, b, bias, a_index, m, n, k
 
+
+def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarray] = None,
+              activation: str = "identity", gated: bool = False,
+              a_index: Optional[np.ndarray] = None) -> np.ndarray:
+    """C = act(A B^T + bias), or act(A Bg^T) * (A Bu^T) when gated, on tensor cores.
+
+    Parameters
+    ----------
+    a : ndarray [Ma, K]
+    b : ndarray [N, K], or [2N, K] (Bg rows then Bu rows) when gated
+    dtype : element type name; inputs are rounded to it
+    bias : ndarray [N], optional (not with gated)
+    a_index : int ndarray [M], optional
+        Gather: row m of the product uses A row ``a_index[m]``.
+
+    Returns
+    -------
+    ndarray [M, N] of the storage type.
+    """
+    a, b, bias, a_index, m, n, k = gemm_operands(a, b, dtype, bias, activation, gated, a_index)
     dev, stream = runtime()
     kern = tile_gemm_launch(dtype)
     bufs = [memory.upload(dev, a, stream), memory.upload(dev, b, stream)]

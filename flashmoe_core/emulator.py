@@ -1,0 +1,513 @@
+"""The CPU emulator backend: the real device code, compiled for the host and run there.
+
+Every kernel of ``device/`` also builds with a host C++ compiler against a small
+emulation of the CUDA execution model (``device/emu/``): one OS thread per block,
+one fiber per CUDA thread, emulated tensor-core instructions, NVSHMEM between PEs in
+one process. The layers here reuse the GPU layer's plan, ABI and layout, keep every
+buffer in host memory and return NumPy::
+
+    layer = MoELayer(cfg, w, backend="emulator")      # an EmulatedMoELayer
+    y, routing = layer(x, return_routing=True)
+
+    ep = EmulatedExpertParallel(cfg, w)               # cfg.world_size PEs, one process
+    ys = ep([x0, x1])
+
+What it proves: the kernels' indexing, tiling, fragment layouts, pipelines, task and
+signal protocols, termination and fault paths, against the oracle. What it cannot:
+the GPU's weak memory model (the host orders more strongly), occupancy and
+co-residency limits, timing and performance.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .config import MoEConfig
+from .ep import plan_heap
+from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
+from .host.emulator import EmulatorError, EmulatorOptions
+from .host.errors import FlashMoEError
+from .jit import emulator_library
+from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
+from .layer import fault_exception, layout_record, validate_input
+from .numerics import round_to, storage_dtype
+from .plan import plan_layer
+from .reference import Routing
+from .weights import MoEWeights
+
+__all__ = ["EmulatorOptions", "EmulatorError", "EmulatedMoELayer", "EmulatedExpertParallel",
+           "tile_gemm", "ring_test", "nvshmem_ping", "DEFAULT_GRID", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_GRID = 4          # blocks per PE: each is an OS thread on a machine of few cores
+DEFAULT_TIMEOUT_S = 60.0  # the emulator is ~10^4x slower than a GPU: waits last longer
+_ALIGN = 256
+_P = ctypes.c_void_p
+
+
+def _aligned(nbytes: int, fill: Optional[int] = None) -> np.ndarray:
+    """A 256-byte-aligned byte array (GPU allocations are aligned at least that much)."""
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN
+    out = raw[off:off + nbytes]
+    if fill is not None:
+        out[...] = fill
+    return out
+
+
+def _addr(a: Optional[np.ndarray]) -> int:
+    return 0 if a is None else int(a.ctypes.data)
+
+
+def _timeout(timeout_s: Optional[float]) -> float:
+    t = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+    if not 0 < t <= 3600:
+        raise ValueError(f"timeout_s={timeout_s} must be in (0, 3600] seconds")
+    return t
+
+
+def _grid(grid: int, least: int) -> int:
+    if not least <= int(grid) <= 256:
+        raise ValueError(f"grid={grid} must be in [{least}, 256] blocks")
+    return int(grid)
+
+
+# ------------------------------------------------------------------------- kernels
+def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarray] = None,
+              activation: str = "identity", gated: bool = False,
+              a_index: Optional[np.ndarray] = None,
+              options: EmulatorOptions = EmulatorOptions()) -> np.ndarray:
+    """:func:`flashmoe_core.ops.tile_gemm` on the emulator (same arguments and result)."""
+    from .ops import gemm_operands
+
+    a, b, bias, a_index, m, n, k = gemm_operands(a, b, dtype, bias, activation, gated, a_index)
+    lib = emulator_library(tile_gemm_spec(dtype))
+    fn = lib.function("emu_tile_gemm", [_P, _P, _P, _P, _P] + [ctypes.c_int] * 5)
+    out = np.empty((m, n), storage_dtype(dtype))
+    bias = None if bias is None else np.ascontiguousarray(round_to(bias, dtype))
+    if m > 0:
+        lib.launch(options, fn, _addr(a), _addr(a_index), _addr(b), _addr(bias), _addr(out),
+                   m, n, k, ACT_IDS[activation], int(gated))
+    return out
+
+
+def ring_test(state: np.ndarray, ring: np.ndarray, seen: np.ndarray, seeds: int, fanout: int,
+              grid: int = 8, timeout_s: float = 10.0,
+              options: EmulatorOptions = EmulatorOptions()) -> dict:
+    """One launch of ``kernels/ring_test.cu`` on caller-owned buffers (kept between
+    launches, as on a GPU); returns the decoded fault record."""
+    for name, arr, dt in (("state", state, np.uint32), ("ring", ring, np.uint64),
+                          ("seen", seen, np.uint32)):
+        if arr.dtype != dt or not arr.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous {np.dtype(dt)} array")
+    if state.size < STATE_WORDS or ring.size < seeds * fanout or seen.size < seeds * (1 + fanout):
+        raise ValueError("state needs 16 words, ring seeds * fanout slots and seen "
+                         "seeds * (1 + fanout) counters")
+    lib = emulator_library(ring_test_spec())
+    fn = lib.function("emu_ring_test", [ctypes.c_int, _P, _P, ctypes.c_int, _P, ctypes.c_int,
+                                        ctypes.c_int, _P, ctypes.c_ulonglong])
+    record = np.zeros((), FAULT_RECORD)
+    lib.launch(options, fn, _grid(grid, 1), _addr(state), _addr(ring), ring.size, _addr(seen),
+               seeds, fanout, record.__array_interface__["data"][0], int(timeout_s * 1e9))
+    return decode_fault(record.tobytes())
+
+
+def nvshmem_ping(pes: int, count: int = 64, epoch: int = 1, timeout_s: float = 5.0,
+                 options: EmulatorOptions = EmulatorOptions()):
+    """``kernels/nvshmem_ping.cu`` on ``pes`` emulated PEs: each puts ``count`` words to
+    the next PE with a signal and waits for the previous one's.
+
+    Returns
+    -------
+    (received, records): received[p] are the words PE p got; records[p] its decoded
+    fault record (code 0 when its signal arrived in time).
+    """
+    if not 1 <= pes <= 64 or count < 1:
+        raise ValueError(f"pes={pes} must be in [1, 64] and count={count} positive")
+    lib = emulator_library(nvshmem_ping_spec())
+    fn = lib.function("emu_nvshmem_ping", [ctypes.c_int, _P, ctypes.c_ulonglong,
+                                           ctypes.c_ulonglong, _P, ctypes.c_ulonglong,
+                                           ctypes.c_int, ctypes.c_uint64, _P, ctypes.c_ulonglong,
+                                           _P])
+    heap_bytes = _ALIGN + count * 8
+    heaps = [_aligned(heap_bytes, 0) for _ in range(pes)]
+    srcs = [np.arange(count, dtype=np.uint64) + np.uint64(1000 * p) for p in range(pes)]
+    records = np.zeros(pes, FAULT_RECORD)
+    results = np.zeros(pes, np.int32)
+    heap_ptrs = (ctypes.c_void_p * pes)(*[_addr(h) for h in heaps])
+    src_ptrs = (ctypes.c_void_p * pes)(*[_addr(s) for s in srcs])
+    lib.launch(options, fn, pes, heap_ptrs, heap_bytes, _ALIGN, src_ptrs, 0, count, epoch,
+               _addr(records), int(timeout_s * 1e9), _addr(results))
+    received = [h[_ALIGN:].view(np.uint64).copy() for h in heaps]
+    return received, [decode_fault(records[p:p + 1].tobytes()) for p in range(pes)]
+
+
+# ------------------------------------------------------------------------- one PE
+class _PeBuffers:
+    """One PE's host-memory buffers and its MoeLayout (the layer's device memory)."""
+
+    def __init__(self, cfg: MoEConfig, weights: MoEWeights, rank: int, timeout_s: float,
+                 heap: Optional[np.ndarray] = None, heap_offsets: Optional[Dict[str, int]] = None):
+        self.cfg, self.rank, self.timeout_s = cfg, rank, timeout_s
+        self.local_ids = cfg.local_experts(rank) if cfg.world_size > 1 else list(range(cfg.experts))
+        self.plan = plan_layer(cfg, local_experts=len(self.local_ids))
+        self.buf: Dict[str, np.ndarray] = {}
+        self.delay_ns = 0
+        if cfg.world_size > 1:
+            hp = plan_heap(cfg)
+            workspace = {k: v for k, v in hp.local.items() if k not in self.plan.weights}
+            for name, off in heap_offsets.items():
+                self.buf[name] = heap[off:off + hp.symmetric[name]]
+            weights = weights.subset(self.local_ids)
+        else:
+            workspace = self.plan.workspace
+        # Workspace starts as garbage, as device memory does; the kernel must not rely on it.
+        for name, nbytes in workspace.items():
+            self.buf[name] = _aligned(nbytes, 0xA5)
+        self._upload_weights(weights)
+        if cfg.world_size > 1:
+            owner = np.asarray(cfg.expert_owner, np.int32)
+            local_index = np.zeros(cfg.experts, np.int32)
+            for r in range(cfg.world_size):
+                for i, e in enumerate(cfg.local_experts(r)):
+                    local_index[e] = i
+            self.view("expert_owner", (cfg.experts,), np.int32)[...] = owner
+            self.view("expert_local", (cfg.experts,), np.int32)[...] = local_index
+        self.fault = np.zeros(1, FAULT_RECORD)
+        self.reset()
+
+    def _put(self, name: str, array: np.ndarray) -> None:
+        a = np.ascontiguousarray(array)
+        self.buf[name] = _aligned(a.nbytes)
+        self.buf[name][...] = a.reshape(-1).view(np.uint8)
+
+    def _upload_weights(self, w: MoEWeights) -> None:
+        # The tensor cores read both operands K-major (MoELayer._upload_weights).
+        self._put("router_t", w.router.T)
+        if self.cfg.mlp == "vanilla":
+            self._put("w_up", w.w1.transpose(0, 2, 1))
+            self._put("b_up", w.b1)
+            self._put("w_down", w.w2.transpose(0, 2, 1))
+            self._put("b_down", w.b2)
+        else:
+            self._put("w_up", w.wg.transpose(0, 2, 1))
+            self._put("w_up2", w.wu.transpose(0, 2, 1))
+            self._put("w_down", w.w2.transpose(0, 2, 1))
+
+    def reset(self) -> None:
+        """Zero what a layer zeroes when it is built (counters, ring, signals)."""
+        for name in ("state", "ring", "dep_rowtile", "dep_combine"):
+            self.buf[name][...] = 0
+        for name in ("header_sig", "dispatch_sig", "return_sig", "done_sig"):
+            if name in self.buf:
+                self.buf[name][...] = 0
+        self.fault[...] = np.zeros(1, FAULT_RECORD)
+        self.make_layout()
+
+    def ptr(self, name: str) -> int:
+        return _addr(self.buf.get(name))
+
+    def make_layout(self) -> None:
+        rec = layout_record(self.cfg, self.plan, self.ptr, fault=_addr(self.fault),
+                            timeout_s=self.timeout_s, rank=self.rank,
+                            local_experts=len(self.local_ids), delay_ns=self.delay_ns)
+        self.layout = _aligned(rec.nbytes)
+        self.layout[...] = np.frombuffer(rec.tobytes(), np.uint8)
+
+    def view(self, name: str, shape, dtype) -> np.ndarray:
+        n = int(np.prod(shape))
+        return self.buf[name].view(dtype)[:n].reshape(shape)
+
+    def fault_info(self) -> Optional[dict]:
+        info = decode_fault(self.fault.tobytes())
+        return None if info["code"] == 0 else info
+
+    def routing(self, tokens: int) -> Routing:
+        k = self.cfg.top_k
+        return Routing(self.view("topk_expert", (tokens, k), np.int32).copy(),
+                       self.view("topk_weight", (tokens, k), np.float32).copy(),
+                       self.view("token_rows", (tokens, k), np.int32) >= 0)
+
+    def state(self) -> dict:
+        words = self.view("state", (STATE_WORDS,), np.uint32)
+        return {k: int(words[v]) for k, v in STATE.items()}
+
+
+class _Launcher:
+    """The fused kernel's emulator library for one configuration."""
+
+    def __init__(self, cfg: MoEConfig, options: EmulatorOptions) -> None:
+        if not isinstance(options, EmulatorOptions):
+            raise TypeError(f"options must be EmulatorOptions, got {type(options).__name__}")
+        self.cfg, self.options = cfg, options
+        self.lib = emulator_library(moe_spec(cfg))
+        abi = self.lib.function("emu_moe_abi", [], ctypes.c_uint)()
+        if abi != ABI_VERSION:
+            raise FlashMoEError(f"emulator kernel ABI {abi} differs from host ABI {ABI_VERSION}; "
+                                "clear the kernel cache (FLASHMOE_CACHE_DIR)")
+        max_world = self.lib.function("emu_moe_max_world", [])()
+        if cfg.world_size > max_world:
+            raise ValueError(f"world_size={cfg.world_size}: the emulator runs at most "
+                             f"{max_world} PEs in one process")
+        self.fn = self.lib.function("emu_moe_forward", [ctypes.c_int, _P, _P, _P, _P, _P, _P,
+                                                        ctypes.c_int, ctypes.c_int, _P,
+                                                        ctypes.c_ulonglong])
+
+    def __call__(self, pes: Sequence[_PeBuffers], tokens: Sequence[int], launched: Sequence[bool],
+                 mode: str, grid: int, x_ptrs: Sequence[int], y_ptrs: Sequence[int],
+                 heaps: Sequence[np.ndarray] = (), heap_bytes: int = 0) -> None:
+        n = len(pes)
+        arr = lambda t, vals: (t * n)(*vals)  # noqa: E731
+        caps = [self.cfg.capacity(t) for t in tokens]
+        self.lib.launch(
+            self.options, self.fn, n, arr(_P, [_addr(p.layout) for p in pes]), arr(_P, x_ptrs),
+            arr(_P, y_ptrs), arr(ctypes.c_int, tokens),
+            arr(ctypes.c_int, [-1 if c is None else c for c in caps]),
+            arr(ctypes.c_int, [int(bool(v)) for v in launched]), MODES[mode], grid,
+            arr(_P, [_addr(h) for h in heaps]) if heaps else None, heap_bytes)
+
+
+class EmulatedMoELayer:
+    """A one-GPU MoE layer whose fused kernel runs on the CPU emulator.
+
+    ``MoELayer(cfg, weights, backend="emulator")`` returns one. NumPy in, NumPy out.
+
+    Parameters
+    ----------
+    cfg : MoEConfig
+        ``world_size`` must be 1 (see :class:`EmulatedExpertParallel` for more PEs).
+    weights : MoEWeights
+    grid : int
+        Blocks of the persistent grid (each one OS thread).
+    timeout_s : float, optional
+        Bound of every device-side wait (default 60 s; the emulator is slow).
+    options : EmulatorOptions
+        Scheduling and perturbation of each launch.
+    """
+
+    def __init__(self, cfg: MoEConfig, weights: MoEWeights, grid: int = DEFAULT_GRID,
+                 timeout_s: Optional[float] = None,
+                 options: EmulatorOptions = EmulatorOptions()) -> None:
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+        if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
+            raise ValueError("weights must be MoEWeights built for this same config")
+        if cfg.world_size != 1:
+            raise ValueError(f"cfg.world_size={cfg.world_size}: an EmulatedMoELayer is one PE; "
+                             "use EmulatedExpertParallel to run several PEs in one process")
+        self.cfg = cfg
+        self.grid = _grid(grid, 1)
+        self.backend = "emulator"
+        self._launcher = _Launcher(cfg, options)
+        self._pe = _PeBuffers(cfg, weights, 0, _timeout(timeout_s))
+        self.plan = self._pe.plan
+
+    @property
+    def options(self) -> EmulatorOptions:
+        return self._launcher.options
+
+    @options.setter
+    def options(self, value: EmulatorOptions) -> None:
+        if not isinstance(value, EmulatorOptions):
+            raise TypeError("options must be EmulatorOptions")
+        self._launcher.options = value
+
+    def _launch(self, tokens: int, mode: str, x_ptr: int) -> None:
+        pe = self._pe
+        self._launcher([pe], [tokens], [True], mode, self.grid, [x_ptr], [pe.ptr("y_stage")])
+        self.check_fault()
+
+    def check_fault(self) -> None:
+        """Raise the fault the last launch recorded, if any (then reset the state)."""
+        info = self._pe.fault_info()
+        if info is not None:
+            self._pe.reset()
+            raise fault_exception(info)
+
+    def stage(self, x: np.ndarray) -> int:
+        """Copy x into the layer's input buffer; returns its token count."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"the emulator takes NumPy arrays, got {type(x).__name__}")
+        if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
+            x = round_to(x, "tfloat32")
+        t = validate_input(self.cfg, x.shape, x.dtype)
+        self._pe.view("x_stage", x.shape, x.dtype)[...] = x
+        return t
+
+    def __call__(self, x: np.ndarray, return_routing: bool = False):
+        """Forward pass: ``y`` (and the kernel's Routing) as NumPy."""
+        t = self.stage(x)
+        self._launch(t, "full", self._pe.ptr("x_stage"))
+        y = self._pe.view("y_stage", (t, self.cfg.hidden), storage_dtype(self.cfg.dtype)).copy()
+        return (y, self.routing(t)) if return_routing else y
+
+    def run_mode(self, x: np.ndarray, mode: str) -> None:
+        """Run a component on its own (tests): ``gate_only`` or ``dispatch_only``."""
+        if mode not in ("gate_only", "dispatch_only", "full"):
+            raise ValueError(f"mode={mode!r}: expected gate_only, dispatch_only or full")
+        self._launch(self.stage(x), mode, self._pe.ptr("x_stage"))
+
+    def combine_only(self, tokens: int) -> np.ndarray:
+        """Only the combine, on token_rows / topk_weight / y_expert as filled (tests)."""
+        if not 1 <= tokens <= self.cfg.tokens:
+            raise ValueError(f"tokens={tokens} must be in [1, {self.cfg.tokens}]")
+        self._launch(tokens, "combine_only", 0)
+        return self._pe.view("y_stage", (tokens, self.cfg.hidden),
+                             storage_dtype(self.cfg.dtype)).copy()
+
+    def routing(self, tokens: int) -> Routing:
+        """The routing of the last forward pass of ``tokens`` tokens."""
+        return self._pe.routing(tokens)
+
+    def state(self) -> dict:
+        """The kernel's state words (epoch, barrier, ...)."""
+        return self._pe.state()
+
+    def workspace(self, name: str, shape, dtype) -> np.ndarray:
+        """A copy of a workspace buffer (tests and debugging)."""
+        return self._pe.view(name, shape, dtype).copy()
+
+    def fill_workspace(self, name: str, array: np.ndarray) -> None:
+        """Write an array into a workspace buffer (tests)."""
+        a = np.ascontiguousarray(array)
+        self._pe.view(name, (a.size,), a.dtype)[...] = a.reshape(-1)
+
+    def inject_delay(self, seconds: float) -> None:
+        """Delay every later launch by ``seconds`` (fault-injection tests)."""
+        if not 0 <= seconds <= 60:
+            raise ValueError(f"delay {seconds} s must be in [0, 60]")
+        self._pe.delay_ns = int(seconds * 1e9)
+        self._pe.make_layout()
+
+    def close(self) -> None:
+        """Nothing to free on the host (kept for MoELayer's interface)."""
+
+
+# ------------------------------------------------------------------------- several PEs
+class EmulatedExpertParallel:
+    """``cfg.world_size`` PEs of an expert-parallel layer in one process, their fused
+    kernels launched together on the emulator, NVSHMEM emulated between them.
+
+    Every PE gets a symmetric heap (one host allocation, identical layout on every PE)
+    and its own local buffers, exactly as :class:`~flashmoe_core.layer.MoELayer` lays
+    them out on GPUs.
+
+    Parameters
+    ----------
+    cfg : MoEConfig
+        ``world_size`` >= 2; ``tokens`` is the bound per PE.
+    weights : MoEWeights
+        Every expert (each PE takes its own).
+    grid : int
+        Blocks per PE (at least 2: the last block of each PE is the subscriber).
+    timeout_s : float, optional
+    options : EmulatorOptions
+    """
+
+    def __init__(self, cfg: MoEConfig, weights: MoEWeights, grid: int = 3,
+                 timeout_s: Optional[float] = None,
+                 options: EmulatorOptions = EmulatorOptions()) -> None:
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+        if cfg.world_size < 2:
+            raise ValueError("EmulatedExpertParallel needs cfg.world_size >= 2; use "
+                             "MoELayer(cfg, w, backend='emulator') for one PE")
+        if not isinstance(weights, MoEWeights) or weights.cfg != cfg or \
+                sorted(weights.expert_ids) != list(range(cfg.experts)):
+            raise ValueError("weights must be MoEWeights of this config holding every expert")
+        self.cfg = cfg
+        self.world = cfg.world_size
+        self.grid = _grid(grid, 2)
+        self._launcher = _Launcher(cfg, options)
+        timeout = _timeout(timeout_s)
+        hp = plan_heap(cfg)
+        offsets, total = {}, 0
+        for name, nbytes in hp.symmetric.items():  # same order and offsets on every PE
+            offsets[name] = total
+            total += -(-nbytes // _ALIGN) * _ALIGN
+        self.heap_bytes = total
+        self._heaps = [_aligned(total, 0) for _ in range(self.world)]
+        self.pes = [_PeBuffers(cfg, weights, r, timeout, self._heaps[r], offsets)
+                    for r in range(self.world)]
+
+    @property
+    def options(self) -> EmulatorOptions:
+        return self._launcher.options
+
+    @options.setter
+    def options(self, value: EmulatorOptions) -> None:
+        if not isinstance(value, EmulatorOptions):
+            raise TypeError("options must be EmulatorOptions")
+        self._launcher.options = value
+
+    def inject_delay(self, rank: int, seconds: float) -> None:
+        """Delay every later launch of one PE by ``seconds``."""
+        if not 0 <= rank < self.world or not 0 <= seconds <= 60:
+            raise ValueError(f"rank {rank} must be in [0, {self.world}) and the delay "
+                             f"{seconds} s in [0, 60]")
+        self.pes[rank].delay_ns = int(seconds * 1e9)
+        self.pes[rank].make_layout()
+
+    def __call__(self, xs: Sequence[np.ndarray], absent: Sequence[int] = (),
+                 return_routing: bool = False):
+        """One forward pass on every PE at once.
+
+        Parameters
+        ----------
+        xs : one [t_p, hidden] array per PE (each PE's own tokens).
+        absent : PEs that do not launch this pass (fault injection: the others time out).
+        return_routing : also return each PE's Routing.
+
+        Returns
+        -------
+        ys (and routings): lists with one entry per PE (None for absent PEs).
+
+        Raises
+        ------
+        FlashMoETimeout or KernelFault
+            For the lowest PE whose kernel recorded a fault; ``.records`` holds every
+            PE's decoded record (None where there was none). All PEs are then reset.
+        """
+        if len(xs) != self.world:
+            raise ValueError(f"xs has {len(xs)} arrays; expected one per PE ({self.world})")
+        bad = [r for r in absent if not 0 <= r < self.world]
+        if bad:
+            raise ValueError(f"absent PEs {bad} are not in [0, {self.world})")
+        tokens = []
+        for r, (pe, x) in enumerate(zip(self.pes, xs)):
+            if not isinstance(x, np.ndarray):
+                raise TypeError(f"xs[{r}] must be a NumPy array, got {type(x).__name__}")
+            if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
+                x = round_to(x, "tfloat32")
+            t = validate_input(self.cfg, x.shape, x.dtype)
+            pe.view("x_stage", x.shape, x.dtype)[...] = x
+            tokens.append(t)
+        launched = [r not in absent for r in range(self.world)]
+        self._launcher(self.pes, tokens, launched, "full", self.grid,
+                       [pe.ptr("x_stage") for pe in self.pes],
+                       [pe.ptr("y_stage") for pe in self.pes], self._heaps, self.heap_bytes)
+        records = [pe.fault_info() for pe in self.pes]
+        if any(records):
+            for pe in self.pes:  # every PE is here: a full reset keeps them consistent
+                pe.reset()
+            first = next(r for r in records if r)
+            exc = fault_exception(first)
+            exc.records = records
+            raise exc
+        dt = storage_dtype(self.cfg.dtype)
+        ys: List[Optional[np.ndarray]] = [
+            pe.view("y_stage", (t, self.cfg.hidden), dt).copy() if up else None
+            for pe, t, up in zip(self.pes, tokens, launched)]
+        if return_routing:
+            return ys, [pe.routing(t) if up else None
+                        for pe, t, up in zip(self.pes, tokens, launched)]
+        return ys
+
+    def state(self, rank: int) -> dict:
+        """One PE's kernel state words."""
+        return self.pes[rank].state()
+
+    def close(self) -> None:
+        """Nothing to free on the host (kept for MoELayer's interface)."""
