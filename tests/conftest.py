@@ -4,7 +4,11 @@ Tiers (markers registered in pyproject.toml):
 - unmarked: pure CPU (NumPy oracle, config, CLI);
 - ``compile``: NVRTC compiles of the device code, no GPU needed;
 - ``mpi``: launches mpirun itself (CPU ranks);
-- ``gpu``: needs an NVIDIA GPU; skips with the reason otherwise.
+- ``gpu``: needs an NVIDIA GPU; skips with the reason otherwise;
+- ``emulator``: the device code on the CPU emulator (g++ builds, no GPU).
+
+Kernel tests take a ``backend`` fixture: each runs once on the GPU (``gpu``) and once
+on the CPU emulator (``emulator``), the emulator at shapes a CPU gets through.
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+BACKENDS = [pytest.param("gpu", marks=pytest.mark.gpu, id="gpu"),
+            pytest.param("emulator", marks=pytest.mark.emulator, id="emu")]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Where the device code runs: "gpu" or "emulator"."""
+    return request.param
+
+
+def per_backend(backend: str, gpu, emulator):
+    """A test size for the backend (the emulator runs ~10^4x slower than a GPU)."""
+    return gpu if backend == "gpu" else emulator
 
 
 def mpirun_command(n: int):

@@ -1,12 +1,10 @@
-"""GPU tier: single device kernels against NumPy."""
+"""Single device kernels against NumPy, on the GPU and on the CPU emulator."""
 
 import numpy as np
 import pytest
 
 from flashmoe_core.numerics import activation as act_ref
 from flashmoe_core.numerics import round_to
-
-pytestmark = pytest.mark.gpu
 
 # Relative Frobenius error bounds per element type (float32 uses 3xTF32).
 TOL = {"float32": 1e-5, "tfloat32": 5e-3, "bfloat16": 1e-2, "float16": 1e-2}
@@ -34,12 +32,20 @@ def ref_gemm(a, b, dtype, bias=None, activation="identity", gated=False, a_index
     return round_to(np.asarray(out, np.float32), dtype)
 
 
+def gemm_for(backend):
+    """The tile GEMM of a backend (same arguments and results)."""
+    if backend == "gpu":
+        from flashmoe_core.ops import tile_gemm
+    else:
+        from flashmoe_core.emulator import tile_gemm
+    return tile_gemm
+
+
 @pytest.mark.parametrize("dtype", ["float32", "tfloat32", "bfloat16", "float16"])
 @pytest.mark.parametrize("m,n,k", [(128, 128, 64), (1, 8, 8), (200, 136, 72), (333, 264, 1000),
                                    (64, 1024, 2048)])
-def test_tile_gemm_matches_numpy(dtype, m, n, k):
-    from flashmoe_core.ops import tile_gemm
-
+def test_tile_gemm_matches_numpy(dtype, m, n, k, backend):
+    tile_gemm = gemm_for(backend)
     rng = np.random.default_rng(m * 7 + n)
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
@@ -50,8 +56,8 @@ def test_tile_gemm_matches_numpy(dtype, m, n, k):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "tfloat32"])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
-def test_tile_gemm_epilogues(dtype, activation):
-    from flashmoe_core.ops import tile_gemm
+def test_tile_gemm_epilogues(dtype, activation, backend):
+    tile_gemm = gemm_for(backend)
 
     rng = np.random.default_rng(1)
     a = rng.standard_normal((150, 96)).astype(np.float32)
@@ -63,8 +69,8 @@ def test_tile_gemm_epilogues(dtype, activation):
     assert rel_err(got, ref_gemm(a, b, dtype, None, activation, gated=True)) <= TOL[dtype]
 
 
-def test_tile_gemm_gathers_rows():
-    from flashmoe_core.ops import tile_gemm
+def test_tile_gemm_gathers_rows(backend):
+    tile_gemm = gemm_for(backend)
 
     rng = np.random.default_rng(2)
     a = rng.standard_normal((50, 64)).astype(np.float32)
@@ -74,6 +80,7 @@ def test_tile_gemm_gathers_rows():
     assert rel_err(got, ref_gemm(a, b, "bfloat16", a_index=idx)) <= TOL["bfloat16"]
 
 
+@pytest.mark.gpu
 def test_nvshmem_put_with_signal_round_trip_world_1():
     from flashmoe_core.host import bootstrap
     from flashmoe_core.ops import nvshmem_ping, runtime
@@ -87,3 +94,30 @@ def test_nvshmem_put_with_signal_round_trip_world_1():
         assert got.tolist() == list(range(16))
     finally:
         bootstrap.finalize()
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("pes", [1, 2, 3])
+def test_nvshmem_put_with_signal_ring_on_the_emulator(pes):
+    from flashmoe_core.emulator import nvshmem_ping
+
+    received, records = nvshmem_ping(pes, count=256, epoch=7)
+    for p in range(pes):
+        src = (p - 1) % pes  # each PE receives the previous PE's words
+        assert records[p]["code"] == 0, records[p]
+        assert received[p].tolist() == [1000 * src + i for i in range(256)]
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("seed,lazy", [(3, False), (5, True)])
+def test_tile_gemm_under_random_schedules_and_lazy_copies(seed, lazy):
+    """Warps drifting apart and cp.async landing only at wait_group must not matter."""
+    from flashmoe_core.emulator import EmulatorOptions, tile_gemm
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((150, 200)).astype(np.float32)
+    b = (rng.standard_normal((2 * 72, 200)) / 10).astype(np.float32)
+    opts = EmulatorOptions(seed=seed, lazy_cp_async=lazy)
+    got = tile_gemm(a, b, "bfloat16", activation="silu", gated=True, options=opts)
+    want = ref_gemm(a, b, "bfloat16", None, "silu", gated=True)
+    assert rel_err(got, want) <= TOL["bfloat16"]

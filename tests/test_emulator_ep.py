@@ -1,0 +1,135 @@
+"""Expert parallelism on the CPU emulator: several PEs in one process, NVSHMEM emulated
+between them, the same scenarios as the GPU tier's mpirun tests (test_gpu_ep.py)."""
+
+import numpy as np
+import pytest
+
+from flashmoe_core import FlashMoETimeout, MoEConfig, MoEWeights, random_tokens
+from flashmoe_core.emulator import EmulatedExpertParallel, EmulatorOptions
+from flashmoe_core.gpu_run import TOLERANCE, compare
+from flashmoe_core.layer import MoELayer
+from flashmoe_core.reference import Routing
+
+pytestmark = pytest.mark.emulator
+
+# Nine experts: 5 + 4 on two PEs, 3 + 2 + 2 + 2 on four (uneven on purpose).
+TOKENS = 96
+
+
+def config(world, **kw):
+    return MoEConfig(tokens=TOKENS, hidden=128, ffn=192, experts=9, top_k=2, world_size=world,
+                     **kw)
+
+
+def inputs(cfg):
+    return [random_tokens(cfg, 2, rank=r) for r in range(cfg.world_size)]
+
+
+def joined(ys, routings):
+    return np.concatenate(ys), Routing(*(np.concatenate([getattr(r, f) for r in routings])
+                                         for f in Routing._fields))
+
+
+def check(cfg, w, xs, ys, routings):
+    y, routing = joined(ys, routings)
+    res = compare(cfg, w, np.concatenate(xs), y, routing)
+    assert res["rel_error"] <= TOLERANCE[cfg.dtype], res
+    assert res["routing_agreement"] >= 0.999, res
+    return y
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_matches_oracle_and_world_1(world):
+    cfg = config(world)
+    w = MoEWeights.random(cfg, 1)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
+    xs = inputs(cfg)
+    for launch in range(3):  # epochs, ring tags and done-signals advance
+        ys, routings = ep(xs, return_routing=True)
+        y = check(cfg, w, xs, ys, routings)
+        assert [ep.state(r)["epoch"] for r in range(world)] == [launch + 1] * world
+    one = cfg.replace(world_size=1, tokens=TOKENS * world)
+    single = MoELayer(one, MoEWeights.random(one, 1), backend="emulator")
+    y1 = single(np.concatenate(xs))
+    # Dropless: the expert-parallel output equals the one-GPU output bit for bit.
+    assert np.array_equal(y1.view(np.uint16), y.view(np.uint16))
+
+
+def test_expert_parallel_with_capacity_below_the_token_bound():
+    cfg = config(2, capacity_factor=0.6)
+    w = MoEWeights.random(cfg, 4)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
+    xs = [random_tokens(cfg, 5, rank=r, tokens=61) for r in range(2)]
+    ys, routings = ep(xs, return_routing=True)
+    assert [y.shape[0] for y in ys] == [61, 61]
+    assert not np.concatenate([r.kept for r in routings]).all()
+    check(cfg, w, xs, ys, routings)
+
+
+def test_random_schedules_and_stalls_keep_the_protocol_correct():
+    cfg = config(2)
+    w = MoEWeights.random(cfg, 1)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30,
+                                options=EmulatorOptions(seed=11, chaos=40, chaos_us=300))
+    xs = inputs(cfg)
+    for _ in range(2):
+        ys, routings = ep(xs, return_routing=True)
+        check(cfg, w, xs, ys, routings)
+
+
+def test_delayed_rank_still_correct():
+    cfg = config(2)
+    w = MoEWeights.random(cfg, 1)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
+    ep.inject_delay(0, 0.3)
+    xs = inputs(cfg)
+    for _ in range(2):
+        ys, routings = ep(xs, return_routing=True)
+        check(cfg, w, xs, ys, routings)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_absent_rank_makes_the_others_time_out(world):
+    cfg = config(world)
+    w = MoEWeights.random(cfg, 1)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=1.0)
+    xs = inputs(cfg)
+    with pytest.raises(FlashMoETimeout) as exc:
+        ep(xs, absent=[world - 1])
+    records = exc.value.records
+    assert records[world - 1] is None  # the absent PE never ran
+    for r in range(world - 1):
+        rec = records[r]
+        assert rec["code_name"] == "timeout" and rec["rank"] == r, rec
+        assert rec["peer"] == world - 1 and rec["phase"] == 8, rec  # its header never came
+    assert "peer" in str(exc.value) and f"peer {world - 1}" in str(exc.value)
+    # Every PE was reset: the next pass with everyone present is correct again.
+    ys, routings = ep(xs, return_routing=True)
+    check(cfg, w, xs, ys, routings)
+
+
+def test_watchdog_stops_a_launch_the_kernel_would_wait_on_for_long():
+    from flashmoe_core.emulator import EmulatorError
+
+    cfg = config(2)
+    ep = EmulatedExpertParallel(cfg, MoEWeights.random(cfg, 1), timeout_s=120.0,
+                                options=EmulatorOptions(watchdog_s=1.0))
+    with pytest.raises(EmulatorError, match="watchdog") as exc:
+        ep(inputs(cfg), absent=[1])
+    assert "__nanosleep at wait.cuh:" in str(exc.value)  # where the threads were spinning
+
+
+def test_bad_expert_parallel_input_is_rejected():
+    cfg = config(2)
+    w = MoEWeights.random(cfg, 1)
+    with pytest.raises(ValueError, match="world_size >= 2"):
+        EmulatedExpertParallel(cfg.replace(world_size=1), MoEWeights.random(cfg.replace(world_size=1), 1))
+    with pytest.raises(ValueError, match="EmulatedExpertParallel"):
+        MoELayer(cfg, w, backend="emulator")
+    ep = EmulatedExpertParallel(cfg, w)
+    with pytest.raises(ValueError, match="one per PE"):
+        ep(inputs(cfg)[:1])
+    with pytest.raises(ValueError, match="absent PEs"):
+        ep(inputs(cfg), absent=[5])
+    with pytest.raises(ValueError, match="grid=1"):
+        EmulatedExpertParallel(cfg, w, grid=1)
