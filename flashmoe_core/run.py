@@ -9,8 +9,10 @@ Expert parallel, one rank per GPU (or per CPU core with the reference backend)::
     mpirun -np 8 python -m flashmoe_core.run --check
 
 ``--backend auto`` uses the fused GPU kernel when a GPU is usable and the reference
-(NumPy) backend otherwise, saying so in one line. Rank 0 prints one summary. The
-exit status is 0 on success, 1 when a check fails, 2 on bad input.
+(NumPy) backend otherwise, saying so in one line. ``--backend emulator`` runs the
+fused kernel itself on the CPU emulator (slow: small layers), every PE of
+``--world-size N`` in this one process. Rank 0 prints one summary. The exit status
+is 0 on success, 1 when a check fails, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ def _parser() -> argparse.ArgumentParser:
                "experts; rank 0 prints the summary.")
     add_config_args(p)
     r = p.add_argument_group("run")
-    r.add_argument("--backend", choices=("auto", "gpu", "reference"), default="auto",
-                   help="auto: the GPU kernel if a GPU is usable, else the NumPy reference")
+    r.add_argument("--backend", choices=("auto", "gpu", "reference", "emulator"),
+                   default="auto",
+                   help="auto: the GPU kernel if a GPU is usable, else the NumPy reference; "
+                        "emulator: the fused kernel on the CPU emulator (small layers; "
+                        "--world-size N runs N PEs in this process)")
     r.add_argument("--seed", type=int, default=0, help="seed of weights and tokens")
     r.add_argument("--warmup", type=int, default=None,
-                   help="untimed passes first (default 32 on GPU, 0 on the reference)")
+                   help="untimed passes first (default 32 on GPU, 0 otherwise)")
     r.add_argument("--iters", type=int, default=None,
-                   help="timed passes (default 32 on GPU, 2 on the reference)")
+                   help="timed passes (default 32 on GPU, 2 on the reference, 1 on the "
+                        "emulator)")
     r.add_argument("--check", action="store_true",
                    help="compare with the oracle (GPU: on identical routing; MPI reference: "
                         "distributed == single-process, bit for bit)")
@@ -164,6 +170,44 @@ def _run_reference(cfg: MoEConfig, args, comm, rank: int) -> dict:
     return result
 
 
+def _run_emulator(cfg: MoEConfig, args) -> dict:
+    from .emulator import EmulatedExpertParallel
+    from .gpu_run import compare
+    from .layer import MoELayer
+    from .reference import Routing
+    from .weights import MoEWeights, random_tokens
+
+    warmup = 0 if args.warmup is None else args.warmup
+    iters = 1 if args.iters is None else args.iters
+    w = MoEWeights.random(cfg, args.seed)
+    xs = [random_tokens(cfg, args.seed, rank=r) for r in range(cfg.world_size)]
+    if cfg.world_size > 1:
+        ep = EmulatedExpertParallel(cfg, w)
+        step = lambda: ep(xs, return_routing=True)  # noqa: E731
+    else:
+        layer = MoELayer(cfg, w, backend="emulator")
+
+        def step():
+            y, routing = layer(xs[0], return_routing=True)
+            return [y], [routing]
+    out = {}
+
+    def run():
+        ys, routings = step()
+        out["y"] = np.concatenate(ys)
+        out["routing"] = Routing(*(np.concatenate([getattr(r, f) for r in routings])
+                                   for f in Routing._fields))
+    result = {"backend": "emulator", "times_s": _time(run, warmup, iters)}
+    result["dropped_assignments"] = int(out["routing"].kept.size - out["routing"].kept.sum())
+    if args.check:
+        cmp = compare(cfg, w, np.concatenate(xs), out["y"], out["routing"])
+        result["check"] = {"what": f"emulated kernel vs oracle on its routing: rel error "
+                                   f"{cmp['rel_error']:.2e} (<= {cmp['tolerance']:.0e}), "
+                                   f"routing agreement {cmp['routing_agreement']:.4%}",
+                           "passed": cmp["passed"], **cmp}
+    return result
+
+
 def _run_gpu(cfg: MoEConfig, args, comm, rank: int) -> dict:
     from .gpu_run import run_benchmark
 
@@ -212,8 +256,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     rank = 0 if comm is None else comm.Get_rank()
     size = 1 if comm is None else comm.Get_size()
     try:
+        if args.backend == "emulator" and size > 1:
+            raise _Fail(2, "the emulator runs every PE in one process: run without mpirun "
+                           "and pass --world-size N")
         cfg = config_from_args(args, world_size=size)
-        if cfg.world_size != size:
+        if cfg.world_size != size and args.backend != "emulator":
             raise _Fail(2, f"world_size={cfg.world_size} but {size} rank(s) are running; "
                            f"launch with mpirun -np {cfg.world_size} or drop --world-size")
         for name in ("warmup", "iters"):
@@ -222,8 +269,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise _Fail(2, f"--{name} {v} is out of range (iters >= 1, warmup >= 0)")
         if args.verbose:
             _say(rank, f"flashmoe_core: environment {json.dumps(env.describe())}")
-        backend = _choose_backend(args.backend, rank, size)
-        if backend == "reference":
+        backend = "emulator" if args.backend == "emulator" else \
+            _choose_backend(args.backend, rank, size)
+        if backend == "emulator":
+            res = _run_emulator(cfg, args)
+        elif backend == "reference":
             res = _run_reference(cfg, args, comm, rank)
         else:
             res = _run_gpu(cfg, args, comm, rank)

@@ -125,3 +125,22 @@ def test_build_command_fills_the_cache(tmp_path):
                         env=dict(env, FLASHMOE_DISABLE_JIT="1"))
     assert p2.returncode == 0 and "cached" in p2.stdout
     assert kernels is not None
+
+
+@pytest.mark.emulator
+def test_emulator_backend_runs_and_checks_the_fused_kernel():
+    p = run(["--tokens", "40", "--hidden", "64", "--ffn", "64", "--experts", "5",
+             "--backend", "emulator", "--check", "--json"])
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["backend"] == "emulator" and s["check"]["passed"] and s["iters"] == 1
+    assert s["check"]["rel_error"] <= 1e-2
+
+
+@pytest.mark.emulator
+def test_emulator_backend_runs_expert_parallel_pes_in_one_process():
+    p = run(["--tokens", "40", "--hidden", "64", "--ffn", "64", "--experts", "5",
+             "--world-size", "2", "--backend", "emulator", "--check"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("emulator: tokens/rank=40") and "world=2" in p.stdout
+    assert "check PASS" in p.stdout
