@@ -130,7 +130,8 @@ FMOE_DEVICE float activate(float x) {
   if constexpr (kAct == kRelu) {
     return fmaxf(x, 0.0f);
   } else if constexpr (kAct == kGelu) {
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    // erfc form: 1 + erf(x / sqrt 2) cancels for x < -3 (4% off at -5), erfc does not.
+    return 0.5f * x * erfcf(-x * 0.70710678118654752f);
   } else if constexpr (kAct == kSilu) {
     return x / (1.0f + expf(-x));
   } else {
