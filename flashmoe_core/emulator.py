@@ -450,6 +450,16 @@ class EmulatedExpertParallel:
         self.pes[rank].delay_ns = int(seconds * 1e9)
         self.pes[rank].make_layout()
 
+    def run_mode(self, xs: Sequence[np.ndarray], mode: str) -> None:
+        """One pass of a component on every PE (tests): ``gate_only`` or ``dispatch_only``."""
+        if mode not in ("gate_only", "dispatch_only"):
+            raise ValueError(f"mode={mode!r}: expected gate_only or dispatch_only")
+        self._run(xs, (), mode)
+
+    def workspace(self, rank: int, name: str, shape, dtype) -> np.ndarray:
+        """A copy of one PE's buffer (tests and debugging)."""
+        return self.pes[rank].view(name, shape, dtype).copy()
+
     def __call__(self, xs: Sequence[np.ndarray], absent: Sequence[int] = (),
                  return_routing: bool = False):
         """One forward pass on every PE at once.
@@ -470,6 +480,17 @@ class EmulatedExpertParallel:
             For the lowest PE whose kernel recorded a fault; ``.records`` holds every
             PE's decoded record (None where there was none). All PEs are then reset.
         """
+        tokens, launched = self._run(xs, absent, "full")
+        dt = storage_dtype(self.cfg.dtype)
+        ys: List[Optional[np.ndarray]] = [
+            pe.view("y_stage", (t, self.cfg.hidden), dt).copy() if up else None
+            for pe, t, up in zip(self.pes, tokens, launched)]
+        if return_routing:
+            return ys, [pe.routing(t) if up else None
+                        for pe, t, up in zip(self.pes, tokens, launched)]
+        return ys
+
+    def _run(self, xs, absent, mode: str):
         if len(xs) != self.world:
             raise ValueError(f"xs has {len(xs)} arrays; expected one per PE ({self.world})")
         bad = [r for r in absent if not 0 <= r < self.world]
@@ -485,7 +506,7 @@ class EmulatedExpertParallel:
             pe.view("x_stage", x.shape, x.dtype)[...] = x
             tokens.append(t)
         launched = [r not in absent for r in range(self.world)]
-        self._launcher(self.pes, tokens, launched, "full", self.grid,
+        self._launcher(self.pes, tokens, launched, mode, self.grid,
                        [pe.ptr("x_stage") for pe in self.pes],
                        [pe.ptr("y_stage") for pe in self.pes], self._heaps, self.heap_bytes)
         records = [pe.fault_info() for pe in self.pes]
@@ -496,14 +517,7 @@ class EmulatedExpertParallel:
             exc = fault_exception(first)
             exc.records = records
             raise exc
-        dt = storage_dtype(self.cfg.dtype)
-        ys: List[Optional[np.ndarray]] = [
-            pe.view("y_stage", (t, self.cfg.hidden), dt).copy() if up else None
-            for pe, t, up in zip(self.pes, tokens, launched)]
-        if return_routing:
-            return ys, [pe.routing(t) if up else None
-                        for pe, t, up in zip(self.pes, tokens, launched)]
-        return ys
+        return tokens, launched
 
     def state(self, rank: int) -> dict:
         """One PE's kernel state words."""

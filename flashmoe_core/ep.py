@@ -96,8 +96,10 @@ def plan_heap(cfg: MoEConfig) -> HeapPlan:
         "done_sig": w * 8,                       # [peer] finished its last launch
         # Put sources must be registered with NVSHMEM for network transports.
         "y_remote": w * slots * h * b,           # owner-side results before the return put
+        # The kernel's state words: peers read each other's progress (bounded waits).
+        "state": base.workspace["state"],
     }
-    local = {k: v for k, v in base.workspace.items() if k != "y_expert"}
+    local = {k: v for k, v in base.workspace.items() if k not in ("y_expert", "state")}
     local.update(base.weights)
     local["z_remote"] = w * slots * f * b       # owner-side up outputs of received rows
     local["dep_remote"] = w * tiles * 4 * 2     # up / down tiles done per received tile

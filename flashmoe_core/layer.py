@@ -553,7 +553,8 @@ def fault_exception(info: dict) -> KernelFault:
         return FlashMoETimeout(
             f"the fused MoE kernel gave up waiting at the {phase}: block {info['block']} "
             f"(task {info['task']}) saw {info['counter']} of {info['expected']} after "
-            f"{info['elapsed_ns'] / 1e9:.3f} s (rank {info['rank']}, peer {info['peer']})",
+            f"{info['elapsed_ns'] / 1e9:.3f} s without progress (rank {info['rank']}, peer "
+            f"{info['peer']})",
             info)
     return KernelFault(f"the fused MoE kernel stopped: {info['code_name']} at the {phase} "
                        f"(block {info['block']}, value {info['counter']}, limit "

@@ -51,3 +51,14 @@ def test_entry_points_document_their_launch_contract(path):
         assert "Launch contract" in text, f"{path.name} lacks a 'Launch contract' comment"
     for m in re.finditer(r"__global__[^(]*\b(\w+)\s*\(", text):
         assert 'extern "C"' in text[max(0, m.start() - 200):m.start()], m.group(1)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_fault_checks_are_block_uniform(path):
+    # A per-thread read of the fault record can split a block (one thread leaves, the
+    # others wait at a barrier): outside wait.cuh, ask block_fault_raised().
+    if path.name == "wait.cuh":
+        return
+    text = "\n".join(_code(l) for l in path.read_text().splitlines())
+    assert not re.search(r"(?<!block_)fault_raised\(", text), \
+        f"{path.name}: use block_fault_raised(site) (thread 0 reads, the block agrees)"

@@ -108,6 +108,41 @@ def test_absent_rank_makes_the_others_time_out(world):
     check(cfg, w, xs, ys, routings)
 
 
+def test_a_peer_busy_for_longer_than_the_timeout_is_not_a_fault():
+    # Every token goes to PE 1's experts: PE 0 sends its rows and then idles while PE 1
+    # computes for seconds. Waits are bounded by time without progress anywhere (this
+    # PE's or a peer's), not by their own length.
+    cfg = MoEConfig(tokens=TOKENS, hidden=512, ffn=768, experts=9, top_k=2, world_size=2)
+    w = MoEWeights.random(cfg, 1)
+    owned_by_0 = list(cfg.local_experts(0))
+    w.router[:, owned_by_0] = 0.0
+    w.router[0, owned_by_0] = -30.0
+    xs = inputs(cfg)
+    for x in xs:
+        x[:, 0] = np.abs(x[:, 0]) + 4.0  # logits of PE 0's experts <= -120
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=0.5)
+    ys, routings = ep(xs, return_routing=True)
+    assert not np.isin(np.concatenate([r.experts for r in routings]), owned_by_0).any()
+    check(cfg, w, xs, ys, routings)
+
+
+@pytest.mark.parametrize("mode", ["gate_only", "dispatch_only"])
+def test_component_modes_end_the_launch_for_the_peers_too(mode):
+    # A component pass must still tell every peer it is done: the next full pass
+    # waits for that before overwriting what the peer may read.
+    cfg = config(2)
+    w = MoEWeights.random(cfg, 1)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=2.0)
+    xs = inputs(cfg)
+    ep.run_mode(xs, mode)
+    k = cfg.top_k
+    experts = ep.workspace(0, "topk_expert", (TOKENS, k), np.int32)
+    assert ((experts >= 0) & (experts < cfg.experts)).all()
+    ys, routings = ep(xs, return_routing=True)
+    check(cfg, w, xs, ys, routings)
+    assert ep.state(0)["epoch"] == ep.state(1)["epoch"] == 2
+
+
 def test_watchdog_stops_a_launch_the_kernel_would_wait_on_for_long():
     from flashmoe_core.emulator import EmulatorError
 

@@ -27,7 +27,8 @@ extern "C" __global__ void flashmoe_nvshmem_ping(uint64_t* dst, const uint64_t* 
                             NVSHMEM_SIGNAL_SET, to);
   nvshmem_quiet();
 
-  const flashmoe::WaitSite site{record, timeout_ns, me, static_cast<uint32_t>(epoch)};
+  const flashmoe::WaitSite site{record, timeout_ns, me, static_cast<uint32_t>(epoch), nullptr,
+                                    1};
   const bool ok = flashmoe::bounded_wait(
       site, /*phase=*/1, /*task=*/-1, /*peer=*/from,
       [&] { return nvshmem_signal_fetch(signal) == epoch; },

@@ -21,7 +21,7 @@ flashmoe_ring_test(uint32_t* state, uint64_t* ring, int ring_capacity, unsigned*
   __shared__ long long s_task;
   if (threadIdx.x == 0) s_epoch = read_epoch(state);
   __syncthreads();
-  const WaitSite site{record, timeout_ns, 0, s_epoch};
+  const WaitSite site{record, timeout_ns, 0, s_epoch, state, 1};
   const TaskRing ring_q{ring, state, ring_capacity, s_epoch + 1u};
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     state[abi::kHead] = 0u;

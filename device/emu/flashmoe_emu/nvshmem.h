@@ -71,6 +71,10 @@ inline void nvshmem_fence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline uint64_t nvshmem_signal_fetch(const uint64_t* sig) {
   return __atomic_load_n(sig, __ATOMIC_SEQ_CST);
 }
+inline uint32_t nvshmem_uint32_g(const uint32_t* src, int pe) {
+  return __atomic_load_n(reinterpret_cast<const uint32_t*>(fmoe_emu::symmetric_on(src, pe, "nvshmem_uint32_g")),
+                         __ATOMIC_SEQ_CST);
+}
 inline void nvshmemx_signal_op(uint64_t* sig, uint64_t value, int op, int pe) {
   fmoe_emu::signal_update(sig, value, op, pe, "nvshmemx_signal_op");
 }

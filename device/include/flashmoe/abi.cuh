@@ -104,7 +104,7 @@ struct MoeLayout {
   cuda::std::uint32_t* dep_rowtile;  ///< [max_rowtiles] up tiles done per row tile
   cuda::std::uint32_t* dep_combine;  ///< [TT, H / 128] rows done per combine task
   cuda::std::uint64_t* ring;         ///< [ring_capacity] epoch-tagged task slots
-  cuda::std::uint32_t* state;        ///< [kStateWords]
+  cuda::std::uint32_t* state;        ///< [kStateWords] (symmetric with world > 1: progress)
   FaultRecord* fault;                ///< pinned host memory
   cuda::std::uint64_t timeout_ns;
   cuda::std::int32_t max_tokens;

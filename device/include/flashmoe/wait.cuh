@@ -11,15 +11,39 @@
 
 #include "abi.cuh"
 #include "prelude.cuh"
+#if FLASHMOE_NVSHMEM
+#include "shmem.cuh"
+#endif
 
 namespace flashmoe {
 
 struct WaitSite {
   abi::FaultRecord* record;  ///< host-visible fault record
-  uint64_t timeout_ns;
+  uint64_t timeout_ns;       ///< longest wait without progress
   int32_t rank;
   uint32_t epoch;
+  const uint32_t* state;     ///< the kernel's state words (progress), or null
+  int32_t world;             ///< PEs whose progress counts (state symmetric if > 1)
 };
+
+/// A stamp that changes whenever the kernel moves on: a block reached a grid barrier,
+/// claimed its next task or published one, here or (expert parallelism) on a peer. A
+/// wait gives up only after timeout_ns without any such change, so a long launch, or
+/// a peer busy with work we wait for, is never taken for a lost one.
+FMOE_DEVICE uint32_t progress_stamp(const WaitSite& site) {
+  if (site.state == nullptr) return 0u;
+  const volatile uint32_t* w = site.state;
+  uint32_t stamp = w[abi::kBarrier] + w[abi::kHead] + w[abi::kPublished];
+#if FLASHMOE_NVSHMEM
+  for (int p = 0; p < site.world; ++p) {  // bounded: world PEs
+    if (p == site.rank) continue;
+    stamp += nvshmem_uint32_g(site.state + abi::kBarrier, p) +
+             nvshmem_uint32_g(site.state + abi::kHead, p) +
+             nvshmem_uint32_g(site.state + abi::kPublished, p);
+  }
+#endif
+  return stamp;
+}
 
 /// Claim the fault record (first failure wins) and describe the failure.
 FMOE_DEVICE void report_fault(const WaitSite& site, uint32_t code, int32_t phase, int32_t task,
@@ -45,21 +69,34 @@ FMOE_DEVICE bool fault_raised(const WaitSite& site) {
          *reinterpret_cast<volatile const uint32_t*>(&site.record->code) != abi::kOk;
 }
 
+/// fault_raised() as one answer for the whole block: thread 0 reads the record (or
+/// any thread reports `failed_here`) and every thread gets the same result, so a fault
+/// recorded between two threads' reads cannot split the block. Every thread calls it.
+FMOE_DEVICE bool block_fault_raised(const WaitSite& site, bool failed_here = false) {
+  return __syncthreads_or(failed_here || (threadIdx.x == 0 && fault_raised(site))) != 0;
+}
+
 /**
- * Spin until pred() holds; false (after reporting) when the deadline passes or another
- * block already failed. pred must read memory with volatile or atomic loads.
+ * Spin until pred() holds; false (after reporting) when the kernel made no progress
+ * for site.timeout_ns or another block already failed. pred must read memory with
+ * volatile or atomic loads.
  */
 template <class Pred, class Describe>
 FMOE_DEVICE bool bounded_wait(const WaitSite& site, int32_t phase, int32_t task, int32_t peer,
                               Pred pred, Describe describe) {
   if (pred()) return true;
-  const uint64_t start = global_timer_ns();
+  uint64_t start = global_timer_ns();
+  uint32_t stamp = progress_stamp(site);
   uint32_t spins = 0;
-  while (!pred()) {  // bounded: gives up after site.timeout_ns
+  while (!pred()) {  // bounded: gives up after site.timeout_ns without progress
     if ((++spins & 63u) == 0u) {
       const uint64_t now = global_timer_ns();
       if (fault_raised(site)) return false;
-      if (now - start > site.timeout_ns) {
+      const uint32_t seen = progress_stamp(site);
+      if (seen != stamp) {  // the kernel moved on: wait afresh
+        stamp = seen;
+        start = now;
+      } else if (now - start > site.timeout_ns) {
         int64_t seen = 0, expected = 0;
         describe(seen, expected);
         report_fault(site, abi::kTimeout, phase, task, seen, expected, peer, now - start);

@@ -325,8 +325,7 @@ struct Kernel {
         }, site);
       }
     }
-    __syncthreads();
-    return ok && !fault_raised(site);
+    return !block_fault_raised(site, !ok);
   }
 
   // ---------------------------------------------------------------- expert tiles
@@ -572,10 +571,9 @@ struct Kernel {
         if (s == me) continue;
         if (!wait_signal(site, kPhaseHeaders, -1, s, &L.header_sig[s], tag)) break;
       }
-      __threadfence();
+      __threadfence_system();  // acquire: the headers were written by other GPUs
     }
-    __syncthreads();
-    if (fault_raised(site)) return false;
+    if (block_fault_raised(site)) return false;
     // Tiles per source (from its header to us) and per peer (from our header to it).
     for (int p = threadIdx.x; p < L.world; p += C::kThreads) {
       int in = 0, out = 0;
@@ -653,6 +651,9 @@ struct Kernel {
     }
     __syncthreads();
     if (s_last) {
+      // Every thread acquires before the put's copy reads rows other blocks wrote
+      // (the copy's loads are plain, and only thread 0 observed the counter).
+      __threadfence();
       S* dst = static_cast<S*>(L.y_expert) + int64_t(pt.src_row) * C::H;
       nvshmemx_putmem_signal_nbi_block(dst, out, size_t(pt.rows) * C::H * sizeof(S),
                                        &L.return_sig[int64_t(L.rank) * L.max_peer_tiles + pt.index],
@@ -675,7 +676,7 @@ struct Kernel {
       ok = wait_signal(site, arrival ? kPhaseDispatchWait : kPhaseReturnWait, pt.index,
                        pt.peer, sig, tag);
       if (!ok) break;
-      __threadfence();
+      __threadfence_system();  // acquire: the rows were written by another GPU
       if (arrival) {
         ok = ring.publish(C::kUpTiles, [&](int i) {
           return desc(uint32_t(ev * C::kUpTiles + i), kUpRemote);
@@ -696,6 +697,20 @@ struct Kernel {
     nvshmem_quiet();
   }
 #endif  // FLASHMOE_NVSHMEM
+
+  /// Leave a launch that ended normally, whatever the mode. With expert parallelism
+  /// the last block out then tells every peer, after this PE's puts completed: a
+  /// peer's next launch waits for that before it overwrites what we may still read.
+  FMOE_DEVICE void finish() {
+#if FLASHMOE_NVSHMEM
+    if constexpr (C::kEP) {
+      nvshmem_quiet();
+      if (leave_launch(L.state) && threadIdx.x == 0) announce_done();
+      return;
+    }
+#endif
+    leave_launch(L.state);
+  }
 
   // ---------------------------------------------------------------- the task loop
   struct Counts {
@@ -769,7 +784,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   Kernel<C> k{L, x, y, tokens, (tokens + C::kTile - 1) / C::kTile, capacity, smem,
               tables, tables + (C::E + 1), tables + 2 * (C::E + 1),
               peer_tables, peer_tables + (L.world + 1),
-              WaitSite{L.fault, L.timeout_ns, L.rank, s_epoch},
+              WaitSite{L.fault, L.timeout_ns, L.rank, s_epoch, L.state, L.world},
               TaskRing{L.ring, L.state, L.ring_capacity, s_epoch + 1u}, s_epoch + 1u,
               mode != abi::kModeCommOnly};
   const int warps = gridDim.x * C::kWarps;
@@ -783,7 +798,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     if (!grid_barrier(L.state, 0, k.site, kPhaseBarrierGate)) return;
     typename Kernel<C>::Counts n{0, 0, 0, 0, 0, uint32_t(k.TT * C::kDownTiles)};
     if (!k.task_loop(n, true)) return;
-    leave_launch(L.state);
+    k.finish();
     return;
   }
 
@@ -798,7 +813,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   for (int t = gwarp; t < tokens; t += warps) k.topk_token(t);
   k.trace(t0, abi::kTraceTopk);
   if (mode == abi::kModeGateOnly) {
-    leave_launch(L.state);
+    k.finish();
     return;
   }
   if (!grid_barrier(L.state, 1, k.site, kPhaseBarrierTopk)) return;
@@ -819,7 +834,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
 #endif
   k.trace(t0, abi::kTraceLists);
   if (mode == abi::kModeDispatchOnly) {
-    leave_launch(L.state);
+    k.finish();
     return;
   }
   if (!grid_barrier(L.state, 3, k.site, kPhaseBarrierLists)) return;
@@ -843,13 +858,12 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     } else if (!k.task_loop(n, false)) {
       return;
     }
-    nvshmem_quiet();
-    if (leave_launch(L.state) && threadIdx.x == 0) k.announce_done();
+    k.finish();
     return;
   }
 #endif
   if (!k.task_loop(n, false)) return;
-  leave_launch(L.state);
+  k.finish();
 }
 
 }  // namespace moe
