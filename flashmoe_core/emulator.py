@@ -32,7 +32,7 @@ from .host.emulator import EmulatorError, EmulatorOptions
 from .host.errors import FlashMoEError
 from .jit import emulator_library
 from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from .layer import fault_exception, layout_record, validate_input
+from .layer import fault_exception, layout_record, recovery_state, validate_input
 from .numerics import round_to, storage_dtype
 from .plan import plan_layer
 from .reference import Routing
@@ -206,6 +206,17 @@ class _PeBuffers:
         self.fault[...] = np.zeros(1, FAULT_RECORD)
         self.make_layout()
 
+    def recover(self, words: np.ndarray, epoch: int) -> None:
+        """After a failed launch: what MoELayer.recover() does on every rank (counters
+        cleared, one epoch past all used, peers' last launches counted as done);
+        signals stay as the failed launch left them."""
+        for name in ("ring", "dep_rowtile", "dep_combine"):
+            self.buf[name][...] = 0
+        self.view("state", (STATE_WORDS,), np.uint32)[...] = words
+        if "done_sig" in self.buf:
+            self.view("done_sig", (self.cfg.world_size,), np.uint64)[...] = epoch
+        self.fault[...] = np.zeros(1, FAULT_RECORD)
+
     def ptr(self, name: str) -> int:
         return _addr(self.buf.get(name))
 
@@ -320,10 +331,10 @@ class EmulatedMoELayer:
         self.check_fault()
 
     def check_fault(self) -> None:
-        """Raise the fault the last launch recorded, if any (then reset the state)."""
+        """Raise the fault the last launch recorded, if any (after recovering)."""
         info = self._pe.fault_info()
         if info is not None:
-            self._pe.reset()
+            self._pe.recover(*recovery_state([self._pe.state()["epoch"]]))
             raise fault_exception(info)
 
     def stage(self, x: np.ndarray) -> int:
@@ -478,7 +489,8 @@ class EmulatedExpertParallel:
         ------
         FlashMoETimeout or KernelFault
             For the lowest PE whose kernel recorded a fault; ``.records`` holds every
-            PE's decoded record (None where there was none). All PEs are then reset.
+            PE's decoded record (None where there was none). Every PE then recovers
+            as after ``MoELayer.recover()`` on every rank.
         """
         tokens, launched = self._run(xs, absent, "full")
         dt = storage_dtype(self.cfg.dtype)
@@ -511,8 +523,10 @@ class EmulatedExpertParallel:
                        [pe.ptr("y_stage") for pe in self.pes], self._heaps, self.heap_bytes)
         records = [pe.fault_info() for pe in self.pes]
         if any(records):
-            for pe in self.pes:  # every PE is here: a full reset keeps them consistent
-                pe.reset()
+            # Every PE is in this process: recover them all, as recover() on every rank.
+            words, epoch = recovery_state([pe.state()["epoch"] for pe in self.pes])
+            for pe in self.pes:
+                pe.recover(words, epoch)
             first = next(r for r in records if r)
             exc = fault_exception(first)
             exc.records = records

@@ -103,35 +103,48 @@ class MoELayer:
         else:
             self.rank = 0
         self.local_ids = cfg.local_experts(self.rank)
-        missing = sorted(set(self.local_ids) - set(weights.expert_ids))
-        if missing:
-            raise ValueError(f"rank {self.rank} owns experts {missing} but the weights lack "
-                             "them")
-        if max_blocks is not None and max_blocks < 2:
-            raise ValueError(f"max_blocks={max_blocks} must be at least 2")
-        if not 0 <= int(trace_capacity) <= 1 << 26:
-            raise ValueError(f"trace_capacity={trace_capacity} must be in [0, 2**26]")
+        problem = None
+        try:
+            missing = sorted(set(self.local_ids) - set(weights.expert_ids))
+            if missing:
+                raise ValueError(f"rank {self.rank} owns experts {missing} but the weights "
+                                 "lack them")
+            if max_blocks is not None and max_blocks < 2:
+                raise ValueError(f"max_blocks={max_blocks} must be at least 2")
+            if not 0 <= int(trace_capacity) <= 1 << 26:
+                raise ValueError(f"trace_capacity={trace_capacity} must be in [0, 2**26]")
+            self._timeout_s = env.timeout_s() if timeout_s is None else float(timeout_s)
+            if not 0 < self._timeout_s <= 3600:
+                raise ValueError(f"timeout_s={timeout_s} must be in (0, 3600] seconds")
+        except ValueError as exc:
+            if self.world == 1:
+                raise
+            problem = str(exc)
+        if self.world > 1:  # collective: every rank fails alike instead of hanging later
+            check_ranks_agree(comm, cfg, problem)
         self.trace_capacity = int(trace_capacity)
-        self._timeout_s = env.timeout_s() if timeout_s is None else float(timeout_s)
-        if not 0 < self._timeout_s <= 3600:
-            raise ValueError(f"timeout_s={timeout_s} must be in (0, 3600] seconds")
         self.plan = plan_layer(cfg, local_experts=len(self.local_ids))
         self.heap = plan_heap(cfg) if self.world > 1 else None
         self._comm = comm if self.world > 1 else None
+        if self._comm is not None and device is None:
+            from .host.device import device_count
+
+            device = _node_rank(self._comm) % max(device_count(), 1)
+        self.device = get_device(device)
         sharing = 1
         if self._comm is not None:
-            local_rank, sharing = _node_placement(self._comm)
-            if device is None:
-                from .host.device import device_count
+            # Ranks that see one GPU each (CUDA_VISIBLE_DEVICES) share nothing: count the
+            # ranks on this very GPU, by host and device UUID.
+            from socket import gethostname
 
-                count = max(device_count(), 1)
-                device = local_rank % count
-                sharing = -(-sharing // count)  # ranks per GPU on this node
-        self.device = get_device(device)
+            keys = self._comm.allgather((gethostname(), str(self.device.uuid)))
+            sharing = ranks_sharing(keys, self.rank)
         self.arch = target_arch(self.device)
         self._stream = self.device.create_stream()
         self._dtype = storage_dtype(cfg.dtype)
         self._delay_ns = 0
+        self._failed = None  # why the layer awaits recover() (expert parallelism)
+        self._last_stream = None  # where the last launch ran
 
         spec = moe_spec(cfg)
         kernel = compile_kernel(spec, self.arch)
@@ -267,23 +280,62 @@ class MoELayer:
         return validate_input(self.cfg, shape, dtype, contiguous)
 
     def check_fault(self) -> None:
-        """Raise the fault a previous launch recorded, if any (reads pinned memory)."""
+        """Raise the fault a previous launch recorded, if any (reads pinned memory).
+
+        One GPU: the layer recovers at once. Several ranks: recovery is collective, so
+        the layer stays failed (every call raises) until :meth:`recover` has been
+        called on every rank.
+        """
+        if self._failed is not None:
+            raise FlashMoEError(f"a previous launch of this expert-parallel layer failed "
+                                f"({self._failed}); call layer.recover() on every rank first")
         rec = self._fault.array
         if int(rec["code"][0]) == 0:
             return
-        info = decode_fault(rec.tobytes())
-        self._recover()
-        raise fault_exception(info)
+        exc = fault_exception(decode_fault(rec.tobytes()))
+        if self.world > 1:
+            self._failed = f"{type(exc).__name__}: {exc}"
+        else:
+            self.recover()
+        raise exc
 
-    def _recover(self) -> None:
-        # A failed launch leaves counters mid-way: clear them for the next launch.
-        self._stream.sync()
-        for name in ("state", "ring", "dep_rowtile", "dep_combine"):
+    def recover(self) -> None:
+        """Make the layer usable again after a failed launch.
+
+        Counters are cleared and the epoch moves past every epoch used so far, on every
+        rank alike, so signals a failed launch left in peers' memory (tagged with its
+        epoch) can never satisfy a later wait. With several ranks this is collective:
+        call it on every rank, after each rank's failed call returned.
+        """
+        for s in {id(x): x for x in (self._stream, self._last_stream) if x is not None}.values():
+            s.sync()  # the failed launch may have run on the caller's stream
+        state = memory.download(self._buffers["state"], (STATE_WORDS,), np.uint32,
+                                self._stream)
+        epochs = [int(state[STATE["epoch"]])]
+        if self._comm is not None:
+            epochs = self._comm.allgather(epochs[0])
+        words, epoch = recovery_state(epochs)
+        for name in ("ring", "dep_rowtile", "dep_combine"):
             memory.zero(self._buffers[name], self._stream)
+        memory.copy_in(self._buffers["state"], words, self._stream)
+        if self._comm is not None:
+            # Every peer's previous launch counts as done: the next launch waits for that.
+            memory.copy_in(self._buffers["done_sig"], np.full(self.world, epoch, np.uint64),
+                           self._stream)
         self._stream.sync()
+        if self._comm is not None:
+            self._comm.Barrier()
         self._fault.array[...] = np.zeros((), FAULT_RECORD)
+        self._failed = None
 
     def _launch(self, stream, x_ptr: int, y_ptr: int, tokens: int, mode: str) -> None:
+        # Launches share the layer's workspace and counters: one on another stream must
+        # start after the previous one ended (a capture orders itself).
+        last = self._last_stream
+        if last is not None and last is not stream and type(stream).__name__ != "GraphBuilder":
+            stream.wait(last)
+        if type(stream).__name__ != "GraphBuilder":
+            self._last_stream = stream
         cap = self.cfg.capacity(tokens)
         args = (np.uint64(int(self._layout.handle)), np.uint64(x_ptr), np.uint64(y_ptr),
                 np.int32(tokens), np.int32(-1 if cap is None else cap), np.int32(MODES[mode]))
@@ -301,7 +353,9 @@ class MoELayer:
         out : same kinds as x, optional
             Where to write y (GPU tensors only); required for CUDA-graph capture.
         stream : cuda.core Stream (or anything with ``__cuda_stream__``), optional
-            Stream to run on (DLPack path); default: the layer's own stream.
+            Stream to run on (DLPack path), which then orders the result for the caller.
+            Without it the layer runs on its own stream and returns once the kernel is
+            done, since the consumer's stream is unknown.
         return_routing : bool
             Also return the kernel's Routing (synchronises).
 
@@ -351,16 +405,21 @@ class MoELayer:
                 raise ValueError(f"out must be a writable C-contiguous [{t}, {self.cfg.hidden}] "
                                  f"{self._dtype} tensor; got {ov.shape} {ov.dtype}")
             self._check_device(ov, "out")
+            nbytes = t * self.cfg.hidden * self._dtype.itemsize
+            if overlaps(xv.ptr, nbytes, ov.ptr, nbytes):
+                raise ValueError("out overlaps x: the kernel reads x until its last task, "
+                                 "so it cannot write y over it; pass a separate out tensor")
             y_ptr, result = ov.ptr, out
         else:
             buf = memory.alloc(self.device, t * self.cfg.hidden * self._dtype.itemsize, s)
             y_ptr, result = int(buf.handle), None
         self._launch(s, xv.ptr, y_ptr, t, "full")
+        if stream is None or return_routing:
+            s.sync()  # no consumer stream to order the result on: finish here
+            self.check_fault()
         if result is None:
             result = export_tensor(buf, (t, self.cfg.hidden), self._dtype, like=x)
         if return_routing:
-            s.sync()
-            self.check_fault()
             return result, self.routing(t)
         return result
 
@@ -381,8 +440,9 @@ class MoELayer:
         return Routing(experts, weights, rows >= 0)
 
     def synchronize(self) -> None:
-        """Wait for the layer's stream and raise any fault its kernels recorded."""
-        self._stream.sync()
+        """Wait for the layer's launches and raise any fault its kernels recorded."""
+        for s in {id(x): x for x in (self._stream, self._last_stream) if x is not None}.values():
+            s.sync()
         self.check_fault()
 
     def stage(self, x: np.ndarray) -> int:
@@ -522,6 +582,16 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
     return rec
 
 
+def recovery_state(epochs) -> tuple:
+    """State words after a failed launch, given every PE's epoch: all counters zero,
+    and one epoch, past every epoch any PE used (stale tags are at most max + 1, the
+    next launch's tag is max + 2). Returns (words, epoch)."""
+    epoch = int(max(epochs)) + 1
+    words = np.zeros(STATE_WORDS, np.uint32)
+    words[STATE["epoch"]] = epoch
+    return words, epoch
+
+
 def validate_input(cfg: MoEConfig, shape, dtype, contiguous: bool = True) -> int:
     """Check an input's shape, dtype and layout against a layer; returns its token count.
 
@@ -561,13 +631,48 @@ def fault_exception(info: dict) -> KernelFault:
                        f"{info['expected']})", info)
 
 
-def _node_placement(comm):
-    """(node-local rank, ranks on this node) of the calling rank."""
+def check_ranks_agree(comm, cfg: MoEConfig, problem: Optional[str] = None) -> None:
+    """Collective check that every rank builds the same layer and none failed to.
+
+    Every rank passes its config and its own problem (None if it has none); every rank
+    raises the same ValueError if any rank has a problem or a different config, so no
+    rank goes on to a collective the others never reach.
+    """
+    views = comm.allgather((cfg.to_json(), problem))
+    failed = [(r, p) for r, (_, p) in enumerate(views) if p]
+    if failed:
+        raise ValueError("building the expert-parallel layer failed on rank(s) " +
+                         "; ".join(f"{r}: {p}" for r, p in failed))
+    differ = [r for r, (j, _) in enumerate(views) if j != views[0][0]]
+    if differ:
+        a = MoEConfig.from_json(views[0][0]).to_dict()
+        b = MoEConfig.from_json(views[differ[0]][0]).to_dict()
+        fields = [k for k in a if a[k] != b[k]]
+        raise ValueError(f"ranks build different layers: rank(s) {differ} differ from rank 0 "
+                         f"in {', '.join(fields)} (rank 0: "
+                         f"{', '.join(f'{k}={a[k]!r}' for k in fields)}; rank {differ[0]}: "
+                         f"{', '.join(f'{k}={b[k]!r}' for k in fields)}); every rank must "
+                         "pass the same MoEConfig")
+
+
+def overlaps(a: int, a_bytes: int, b: int, b_bytes: int) -> bool:
+    """Whether byte ranges [a, a + a_bytes) and [b, b + b_bytes) share a byte."""
+    return a < b + b_bytes and b < a + a_bytes
+
+
+def ranks_sharing(keys, rank: int) -> int:
+    """How many ranks run on the same GPU as ``rank``, given every rank's (host, GPU
+    UUID) key."""
+    return sum(1 for k in keys if tuple(k) == tuple(keys[rank]))
+
+
+def _node_rank(comm) -> int:
+    """The calling rank's index among the ranks of its node."""
     from mpi4py import MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        return node.Get_rank(), node.Get_size()
+        return node.Get_rank()
     finally:
         node.Free()
 

@@ -103,9 +103,13 @@ def test_absent_rank_makes_the_others_time_out(world):
         assert rec["code_name"] == "timeout" and rec["rank"] == r, rec
         assert rec["peer"] == world - 1 and rec["phase"] == 8, rec  # its header never came
     assert "peer" in str(exc.value) and f"peer {world - 1}" in str(exc.value)
-    # Every PE was reset: the next pass with everyone present is correct again.
+    # Recovery keeps the failed launch's signals (PE 0 had put its header, tag 1, to
+    # the absent PE) and moves every PE to one epoch past them instead.
+    assert ep.workspace(world - 1, "header_sig", (world,), np.uint64)[0] == 1
+    assert [ep.state(r)["epoch"] for r in range(world)] == [1] * world
     ys, routings = ep(xs, return_routing=True)
     check(cfg, w, xs, ys, routings)
+    assert [ep.state(r)["epoch"] for r in range(world)] == [2] * world
 
 
 def test_a_peer_busy_for_longer_than_the_timeout_is_not_a_fault():
