@@ -178,11 +178,14 @@ class MoEConfig:
         """NumPy-side storage type: tfloat32 values live in float32 arrays."""
         return "float32" if self.dtype == "tfloat32" else self.dtype
 
-    def flops(self, tokens: Optional[int] = None) -> int:
-        """Useful FLOPs of one forward pass on one rank (router + expert GEMMs)."""
+    def flops(self, tokens: Optional[int] = None, kept: Optional[int] = None) -> int:
+        """Useful FLOPs of one forward pass on one rank: the router GEMM, and the expert
+        GEMMs of the ``kept`` assignments (default: all ``tokens * top_k``; dropped
+        assignments do no useful work)."""
         t = self.tokens if tokens is None else tokens
+        k = t * self.top_k if kept is None else int(kept)
         gemms = 3 if self.mlp == "gated" else 2
-        return 2 * t * self.hidden * self.experts + gemms * 2 * t * self.top_k * self.hidden * self.ffn
+        return 2 * t * self.hidden * self.experts + gemms * 2 * k * self.hidden * self.ffn
 
     def replace(self, **changes: Any) -> "MoEConfig":
         """A copy with some fields changed (validated again)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from .host.abi import TASK_KINDS, TRACE_PHASES, TRACE_RECORD
 
-__all__ = ["label", "to_chrome", "busy_fraction", "write_chrome"]
+__all__ = ["label", "to_chrome", "busy_fraction", "phase_times", "write_chrome"]
 
 _WAIT = 14
 
@@ -78,6 +78,27 @@ def busy_fraction(records, blocks: int) -> Dict[str, float]:
     frac = busy / span if span > 0 else busy
     return {"mean": float(frac.mean()), "min": float(frac.min()), "max": float(frac.max()),
             "span_us": span / 1e3}
+
+
+def phase_times(records) -> Dict[str, dict]:
+    """Where a launch's time went, from its records.
+
+    Returns ``{name: {"span_us", "busy_us", "count"}}``: for each phase (gate, top-k,
+    ...) and each task kind (up, down, combine, ...), the wall-clock span from its
+    first start to its last end over all blocks, the summed time of its records and
+    how many there were; ``"wait for task"`` is the summed time blocks waited on the
+    ring.
+    """
+    a = _as_records(records)
+    out: Dict[str, dict] = {}
+    kinds = np.where(np.isin(a["what"], list(TRACE_PHASES)), a["what"], a["what"] & 7)
+    for k in np.unique(kinds):
+        sel = a[kinds == k]
+        name = TRACE_PHASES.get(int(k)) or TASK_KINDS.get(int(k), f"kind {int(k)}")
+        dur = (sel["end_ns"] - sel["start_ns"]).astype(np.float64)
+        out[name] = {"span_us": float(sel["end_ns"].max() - sel["start_ns"].min()) / 1e3,
+                     "busy_us": float(dur.sum()) / 1e3, "count": int(sel.size)}
+    return out
 
 
 def write_chrome(path, per_rank: Sequence[np.ndarray]) -> Path:

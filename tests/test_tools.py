@@ -13,10 +13,45 @@ def test_bench_dry_run_lists_the_sweep():
     assert p.returncode == 0, p.stderr
     rows = [json.loads(l) for l in p.stdout.splitlines()]
     assert {r["dtype"] for r in rows} == {"bfloat16", "tfloat32"}
-    bf = [r for r in rows if r["dtype"] == "bfloat16"]
+    bf = [r for r in rows if r["dtype"] == "bfloat16" and r["mlp"] == "vanilla"
+          and r["routing"] == "balanced"]
     assert sorted(r["tokens"] for r in bf if r["experts"] == 64) == [128, 512, 2048, 8192, 16384]
     assert sorted(r["experts"] for r in bf if r["tokens"] == 16384) == [8, 16, 32, 64, 128, 256]
     assert len(bf) == len({(r["tokens"], r["experts"]) for r in bf})
+    extra = [(r["mlp"], r["routing"]) for r in rows if r not in bf and r["dtype"] == "bfloat16"]
+    assert sorted(extra) == [("gated", "balanced"), ("vanilla", "skewed")]
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_skewed_routing_is_skewed_and_balanced_is_not():
+    import numpy as np
+
+    from flashmoe_core.reference import moe_forward
+
+    bench = _bench_module()
+    cfg = bench.make_config("bfloat16", 2048, 16, hidden=128, ffn=64)
+    share = {}
+    for routing in ("balanced", "skewed"):
+        _, r = moe_forward(cfg, bench.bench_weights(cfg, routing), bench.bench_tokens(cfg, routing))
+        load = np.bincount(r.experts.ravel(), minlength=cfg.experts) / r.experts.size
+        share[routing] = load
+    assert share["balanced"].max() < 2.5 / cfg.experts
+    assert share["skewed"][0] > 4 * share["skewed"][-1] and share["skewed"].max() > 0.15
+
+
+def test_bench_gated_rows_get_gated_weights():
+    bench = _bench_module()
+    cfg = bench.make_config("bfloat16", 256, 8, mlp="gated", hidden=64, ffn=64)
+    w = bench.bench_weights(cfg)
+    assert cfg.activation == "silu" and w.wg.shape == w.wu.shape == (8, 64, 64)
 
 
 def test_bench_rejects_bad_arguments():

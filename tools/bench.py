@@ -5,19 +5,23 @@
     python tools/bench.py --dry-run                         # list the sweep, no GPU
 
 Sweeps tokens 128..16K (experts 64) and experts 8..256 (16K tokens) at hidden = ffn =
-2048, top-2, bf16 and tf32, with the FlashMoE paper's protocol: 32 warm-up and 32 timed
-passes, each timed with CUDA events, median reported. Every row also times, on the
-same GPU in the same process:
+2048, top-2, bf16 and tf32, plus a gated (SwiGLU) row and a skewed-routing row, with
+the FlashMoE paper's protocol: 32 warm-up and 32 timed passes, each timed with CUDA
+events, median reported. Every row also times, on the same GPU in the same process:
 
-  (a) dense: one GEMM pair of the same FLOPs (M = tokens * top_k rows through the up
-      and down projections) - cuBLAS through PyTorch or CuPy when importable, and this
+  (a) dense: the same GEMMs as one dense pass (M = tokens * top_k rows through the up
+      and down projections; gated rows up-project to 2 * ffn) - cuBLAS through
+      PyTorch or CuPy when importable (TF32 for tf32 rows, labelled), and this
       package's own tile GEMM;
   (b) unfused: this package's kernels as separate launches - router + top-k + dispatch
-      lists, one up and one down tile-GEMM launch per expert (gathering rows by index,
-      after a host read of the expert counts, as unfused pipelines do), combine;
-  (c) torch: PyTorch's MoE path (matmul, softmax, topk, index_select, index_add_) when
-      torch is importable (never a dependency).
+      lists, one up and one down tile-GEMM launch per expert (gathering rows by
+      index), combine - captured once into a CUDA graph for the row's routing and
+      replayed, so no Python launch or host synchronisation is timed;
+  (c) torch eager: PyTorch's MoE path (matmul, softmax, topk, index_select,
+      index_add_) in eager mode, when torch is importable (never a dependency).
 
+TFLOP/s count the router GEMM and the kept assignments' expert GEMMs only. Each row
+also records where one traced pass spent its time (flashmoe_core.trace.phase_times).
 Writes bench.json (rows + metadata) and PNG plots to --out.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,41 +40,70 @@ import numpy as np
 TOKENS = [128, 512, 2048, 8192, 16384]
 EXPERTS = [8, 16, 32, 64, 128, 256]
 DTYPES = ["bfloat16", "tfloat32"]
+SKEW = 1.25  # skewed routing: expert e's share falls off like (1 + e) ** -SKEW
 
 
 def sweep(quick: bool, dtypes):
-    """(dtype, tokens, experts) rows: a token sweep at 64 experts, an expert sweep at 16K."""
+    """Rows: a token sweep at 64 experts, an expert sweep at 16K tokens (vanilla MLP,
+    balanced routing), then one gated row and one skewed-routing row (bf16)."""
     toks = [512, 16384] if quick else TOKENS
     exps = [8, 64] if quick else EXPERTS
     rows = []
+
+    def row(d, t, e, mlp="vanilla", routing="balanced"):
+        return {"dtype": d, "tokens": t, "experts": e, "mlp": mlp, "routing": routing}
     for d in dtypes:
-        rows += [(d, t, 64) for t in toks]
-        rows += [(d, 16384, e) for e in exps if e != 64]
+        rows += [row(d, t, 64) for t in toks]
+        rows += [row(d, 16384, e) for e in exps if e != 64]
+    d = "bfloat16" if "bfloat16" in dtypes else dtypes[0]
+    rows.append(row(d, 16384, 64, mlp="gated"))
+    rows.append(row(d, 16384, 64, routing="skewed"))
     return rows
 
 
-def make_config(dtype, tokens, experts, hidden=2048, ffn=2048, top_k=2):
+def make_config(dtype, tokens, experts, mlp="vanilla", hidden=2048, ffn=2048, top_k=2, **_):
     from flashmoe_core import MoEConfig
 
     return MoEConfig(tokens=tokens, hidden=hidden, ffn=ffn, experts=experts, top_k=top_k,
-                     dtype=dtype)
+                     dtype=dtype, mlp=mlp, activation="silu" if mlp == "gated" else "relu")
 
 
-def bench_weights(cfg, distinct: int = 4):
+def bench_weights(cfg, routing: str = "balanced", distinct: int = 4):
     """Random weights; experts repeat a few distinct matrices (timing does not depend on
-    the values, and generating 256 distinct 2048x2048 pairs is slow)."""
+    the values, and generating 256 distinct 2048x2048 pairs is slow). A full random
+    router keeps the routing balanced as in a real layer; ``skewed`` adds a bias along
+    hidden unit 0 (see :func:`bench_tokens`) so that expert e gets a share of tokens
+    falling off like (1 + e) ** -SKEW."""
     from flashmoe_core import MoEWeights
     from flashmoe_core.numerics import round_to
 
     small = cfg.replace(experts=min(distinct, cfg.experts), top_k=1)
     base = MoEWeights.random(small, 0)
     rep = lambda a: np.ascontiguousarray(np.resize(a, (cfg.experts,) + a.shape[1:]))  # noqa
-    # A full random router keeps the routing balanced as in a real layer.
     rng = np.random.default_rng(0)
-    router = round_to(rng.standard_normal((cfg.hidden, cfg.experts), dtype=np.float32)
-                      / np.float32(np.sqrt(cfg.hidden)), cfg.dtype)
+    router = rng.standard_normal((cfg.hidden, cfg.experts), dtype=np.float32) \
+        / np.float32(np.sqrt(cfg.hidden))
+    if routing == "skewed":
+        router[0] = -SKEW * np.log1p(np.arange(cfg.experts, dtype=np.float32)) / 4.0
+    router = round_to(router, cfg.dtype)
+    if cfg.mlp == "gated":
+        return MoEWeights(cfg, router=router, wg=rep(base.wg), wu=rep(base.wu),
+                          w2=rep(base.w2))
     return MoEWeights(cfg, router=router, w1=rep(base.w1), b1=rep(base.b1), w2=rep(base.w2),
                       b2=rep(base.b2))
+
+
+def bench_tokens(cfg, routing: str = "balanced"):
+    """Random tokens; ``skewed`` sets hidden unit 0 to 4 (the router's skew bias)."""
+    from flashmoe_core import random_tokens
+    from flashmoe_core.numerics import round_to
+
+    x = random_tokens(cfg, 1)
+    if routing == "skewed":
+        x = x.astype(np.float32)
+        x[:, 0] = 4.0
+        x = round_to(x, cfg.dtype)
+    return x
 
 
 def time_events(stream, fn, warmup, iters):
@@ -88,99 +122,128 @@ def time_events(stream, fn, warmup, iters):
 
 
 def dense_cublas(cfg, warmup, iters):
-    """cuBLAS GEMM pair of the same shape, through torch or CuPy; (ms, library)."""
+    """cuBLAS GEMMs of the same shapes, through torch or CuPy; (ms, library)."""
     m, h, f = cfg.tokens * cfg.top_k, cfg.hidden, cfg.ffn
+    fu = 2 * f if cfg.mlp == "gated" else f  # gated: Wg and Wu in one up GEMM
     try:
         import torch
 
         dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         torch.backends.cuda.matmul.allow_tf32 = cfg.dtype == "tfloat32"
         a = torch.randn(m, h, device="cuda", dtype=dt)
-        w1 = torch.randn(h, f, device="cuda", dtype=dt)
+        w1 = torch.randn(h, fu, device="cuda", dtype=dt)
         w2 = torch.randn(f, h, device="cuda", dtype=dt)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(warmup):
-            (a @ w1) @ w2
+            (a @ w1)[:, :f] @ w2
         times = []
         for _ in range(iters):
             start.record()
-            (a @ w1) @ w2
+            (a @ w1)[:, :f] @ w2
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        return statistics.median(times), f"torch {torch.__version__} (cuBLAS)"
+        mode = "TF32" if cfg.dtype == "tfloat32" else str(dt).split(".")[-1]
+        return statistics.median(times), f"torch {torch.__version__} (cuBLAS, {mode})"
     except ImportError:
         pass
     try:
         import cupy
 
-        dt = np.float32 if cfg.dtype == "tfloat32" else np.float16
+        dt = np.float32 if cfg.dtype in ("tfloat32", "float32") else np.float16
         a = cupy.random.standard_normal((m, h)).astype(dt)
-        w1 = cupy.random.standard_normal((h, f)).astype(dt)
+        w1 = cupy.random.standard_normal((h, fu)).astype(dt)
         w2 = cupy.random.standard_normal((f, h)).astype(dt)
         ev = [cupy.cuda.Event(), cupy.cuda.Event()]
         for _ in range(warmup):
-            (a @ w1) @ w2
+            (a @ w1)[:, :f] @ w2
         times = []
         for _ in range(iters):
             ev[0].record()
-            (a @ w1) @ w2
+            (a @ w1)[:, :f] @ w2
             ev[1].record()
             ev[1].synchronize()
             times.append(cupy.cuda.get_elapsed_time(*ev))
-        return statistics.median(times), "cupy (cuBLAS, fp16 for bf16)"
+        # CUPY_TF32 (set in main for tf32 sweeps) is read when CuPy loads.
+        mode = ("TF32" if os.environ.get("CUPY_TF32") == "1" else "FP32") \
+            if dt == np.float32 else "fp16 for bf16"
+        return statistics.median(times), f"cupy (cuBLAS, {mode})"
     except ImportError:
         return None, None
 
 
-def dense_tile(cfg, layer, warmup, iters):
-    """The same GEMM pair with this package's tile GEMM (dense, no gather)."""
+def dense_tile(cfg, layer, stacked, warmup, iters):
+    """The same GEMMs with this package's tile GEMM (dense, no gather)."""
     from flashmoe_core.ops import tile_gemm_launch
 
     k = tile_gemm_launch(cfg.dtype)
     m, h, f = cfg.tokens * cfg.top_k, cfg.hidden, cfg.ffn
     z, ye = layer.buffer_ptr("z"), layer.buffer_ptr("y_expert")
-    w1, w2 = layer.buffer_ptr("w_up"), layer.buffer_ptr("w_down")
+    w1 = stacked if cfg.mlp == "gated" else layer.buffer_ptr("w_up")
+    w2 = layer.buffer_ptr("w_down")
     s = layer.stream
+    gated = cfg.mlp == "gated"
 
     def run():  # rows of y_expert stand in for A; only the shapes matter
-        k.launch(s, ye, w1, z, m, f, h)
+        k.launch(s, ye, w1, z, m, f, h, gated=gated)
         k.launch(s, z, w2, ye, m, h, f)
 
     return time_events(s, run, warmup, iters)
 
 
-def unfused(cfg, layer, warmup, iters):
-    """Separate launches of this package's kernels (see the module docstring)."""
+def stacked_up_weights(cfg, weights, layer):
+    """Gated rows: [E, 2F, H] with Wg^T then Wu^T per expert, the B operand the tile
+    GEMM's gated form takes (the fused kernel stacks them in shared memory instead)."""
+    if cfg.mlp != "gated":
+        return None
+    from flashmoe_core.host import memory
+
+    both = np.concatenate([weights.wg.transpose(0, 2, 1), weights.wu.transpose(0, 2, 1)], axis=1)
+    buf = memory.upload(layer.device, np.ascontiguousarray(both), layer.stream)
+    layer.stream.sync()
+    return buf
+
+
+def unfused(cfg, layer, stacked, warmup, iters):
+    """Separate launches of this package's kernels (see the module docstring), captured
+    into a CUDA graph for this routing and replayed."""
     from flashmoe_core.ops import tile_gemm_launch
 
     k = tile_gemm_launch(cfg.dtype)
     s, t = layer.stream, cfg.tokens
     item = np.dtype(cfg.storage_dtype).itemsize
     p = {n: layer.buffer_ptr(n) for n in ("x_stage", "row_token", "z", "y_expert", "w_up",
-                                          "b_up", "w_down", "b_down", "expert_kept")}
+                                          "w_down")}
+    gated = cfg.mlp == "gated"
+    if not gated:
+        p.update(b_up=layer.buffer_ptr("b_up"), b_down=layer.buffer_ptr("b_down"))
     h, f = cfg.hidden, cfg.ffn
-
-    def run():
-        layer.launch_staged(t, "dispatch_only")
-        kept = layer.workspace("expert_kept", (cfg.experts,), np.int32)  # host sync
-        off = 0
-        for e, n in enumerate(kept.tolist()):
-            if n:
-                k.launch(s, p["x_stage"], p["w_up"] + e * f * h * item, p["z"] + off * f * item,
-                         n, f, h, a_index=p["row_token"] + off * 4,
-                         bias=p["b_up"] + e * f * item, activation=cfg.activation)
-                k.launch(s, p["z"] + off * f * item, p["w_down"] + e * h * f * item,
-                         p["y_expert"] + off * h * item, n, h, f,
-                         bias=p["b_down"] + e * h * item)
-            off += n
-        layer.launch_staged(t, "combine_only")
-
-    return time_events(s, run, warmup, iters)
+    # The per-expert row counts, read once outside the timing (an unfused pipeline
+    # reads them every pass; a grouped GEMM would not need them on the host).
+    layer.launch_staged(t, "dispatch_only")
+    kept = layer.workspace("expert_kept", (cfg.experts,), np.int32).tolist()
+    gb = s.create_graph_builder()
+    gb.begin_building()
+    layer.launch_staged(t, "dispatch_only", stream=gb)
+    off = 0
+    for e, n in enumerate(kept):
+        if n:
+            w_up = stacked + e * 2 * f * h * item if gated else p["w_up"] + e * f * h * item
+            k.launch(gb, p["x_stage"], w_up, p["z"] + off * f * item, n, f, h,
+                     a_index=p["row_token"] + off * 4,
+                     bias=0 if gated else p["b_up"] + e * f * item,
+                     activation=cfg.activation, gated=gated)
+            k.launch(gb, p["z"] + off * f * item, p["w_down"] + e * h * f * item,
+                     p["y_expert"] + off * h * item, n, h, f,
+                     bias=0 if gated else p["b_down"] + e * h * item)
+        off += n
+    layer.launch_staged(t, "combine_only", stream=gb)
+    graph = gb.end_building().complete()
+    return time_events(s, lambda: graph.launch(s), warmup, iters)
 
 
 def torch_moe(cfg, weights, x_np, warmup, iters):
-    """PyTorch's usual MoE forward (gate, topk, per-expert index ops)."""
+    """PyTorch's usual MoE forward in eager mode (gate, topk, per-expert index ops)."""
     try:
         import torch
     except ImportError:
@@ -189,15 +252,22 @@ def torch_moe(cfg, weights, x_np, warmup, iters):
     torch.backends.cuda.matmul.allow_tf32 = cfg.dtype == "tfloat32"
     cvt = lambda a: torch.from_numpy(np.asarray(a).astype(np.float32)).to("cuda", dt)  # noqa
     x, router = cvt(x_np), cvt(weights.router)
-    w1, b1, w2, b2 = (cvt(getattr(weights, n)) for n in ("w1", "b1", "w2", "b2"))
+    gated = cfg.mlp == "gated"
+    names = ("wg", "wu", "w2") if gated else ("w1", "b1", "w2", "b2")
+    w = {n: cvt(getattr(weights, n)) for n in names}
     act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
            "silu": torch.nn.functional.silu}[cfg.activation]
 
+    def expert(e, xs):
+        if gated:
+            return (act(xs @ w["wg"][e]) * (xs @ w["wu"][e])) @ w["w2"][e]
+        return act(xs @ w["w1"][e] + w["b1"][e]) @ w["w2"][e] + w["b2"][e]
+
     def run():
         probs = torch.softmax((x @ router).float(), dim=-1)
-        w, idx = torch.topk(probs, cfg.top_k, dim=-1)
+        wt, idx = torch.topk(probs, cfg.top_k, dim=-1)
         if cfg.renormalize:
-            w = w / w.sum(-1, keepdim=True)
+            wt = wt / wt.sum(-1, keepdim=True)
         out = torch.zeros_like(x, dtype=torch.float32)
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -208,9 +278,8 @@ def torch_moe(cfg, weights, x_np, warmup, iters):
             if n:
                 sel = order[start:start + n]
                 rows = tok[start:start + n]
-                hmid = act(x.index_select(0, rows) @ w1[e] + b1[e])
-                ye = hmid @ w2[e] + b2[e]
-                out.index_add_(0, rows, ye.float() * w.reshape(-1)[sel, None])
+                ye = expert(e, x.index_select(0, rows))
+                out.index_add_(0, rows, ye.float() * wt.reshape(-1)[sel, None])
             start += n
         return out.to(dt)
 
@@ -227,31 +296,54 @@ def torch_moe(cfg, weights, x_np, warmup, iters):
     return statistics.median(times)
 
 
-def bench_row(dtype, tokens, experts, warmup, iters):
-    from flashmoe_core import random_tokens
+def traced_pass(cfg, weights, x):
+    """Where one pass spent its time: phase and task-kind spans from the kernel's trace."""
+    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.trace import busy_fraction, phase_times
+
+    layer = MoELayer(cfg, weights, trace_capacity=1 << 20)
+    try:
+        t = layer.stage(x)
+        layer.launch_staged(t)
+        layer.synchronize()
+        records = layer.trace()
+        return {"phases": phase_times(records), "busy": busy_fraction(records, layer.grid)}
+    finally:
+        layer.close()
+
+
+def bench_row(spec, warmup, iters):
     from flashmoe_core.gpu_run import peak_tflops
     from flashmoe_core.layer import MoELayer
 
-    cfg = make_config(dtype, tokens, experts)
-    weights = bench_weights(cfg)
-    x = random_tokens(cfg, 1)
+    cfg = make_config(**spec)
+    weights = bench_weights(cfg, spec["routing"])
+    x = bench_tokens(cfg, spec["routing"])
     layer = MoELayer(cfg, weights)
+    stacked = None
     try:
         t = layer.stage(x)
         fused = time_events(layer.stream, lambda: layer.launch_staged(t), warmup, iters)
         layer.check_fault()
-        flops = cfg.flops()
-        row = {"dtype": dtype, "tokens": tokens, "experts": experts, "hidden": cfg.hidden,
-               "ffn": cfg.ffn, "top_k": cfg.top_k, "grid": layer.grid,
-               "fused_ms": fused, "fused_tflops": flops / fused / 1e9}
-        peak = peak_tflops(layer.device.name, dtype)
+        routing = layer.routing(t)
+        load = np.bincount(routing.experts[routing.kept], minlength=cfg.experts)
+        flops = cfg.flops(t, kept=int(routing.kept.sum()))
+        row = dict(spec, hidden=cfg.hidden, ffn=cfg.ffn, top_k=cfg.top_k, grid=layer.grid,
+                   fused_ms=fused, fused_tflops=flops / fused / 1e9,
+                   expert_load_max_over_mean=float(load.max() / max(load.mean(), 1e-9)))
+        peak = peak_tflops(layer.device.name, cfg.dtype)
         if peak:
             row["percent_of_peak"] = 100 * row["fused_tflops"] / peak
-        row["dense_tile_ms"] = dense_tile(cfg, layer, warmup, iters)
-        row["unfused_ms"] = unfused(cfg, layer, warmup, iters)
+        buf = stacked_up_weights(cfg, weights, layer)
+        stacked = 0 if buf is None else int(buf.handle)
+        row["dense_tile_ms"] = dense_tile(cfg, layer, stacked, warmup, iters)
+        row["unfused_ms"] = unfused(cfg, layer, stacked, warmup, iters)
         layer.check_fault()
     finally:
+        if stacked:
+            buf.close()
         layer.close()
+    row["trace"] = traced_pass(cfg, weights, x)
     cub, lib = dense_cublas(cfg, warmup, iters)
     if cub is not None:
         row["dense_cublas_ms"], row["dense_library"] = cub, lib
@@ -260,8 +352,8 @@ def bench_row(dtype, tokens, experts, warmup, iters):
     row["unfused_over_fused"] = row["unfused_ms"] / fused
     tm = torch_moe(cfg, weights, x, warmup, iters)
     if tm is not None:
-        row["torch_ms"] = tm
-        row["torch_over_fused"] = tm / fused
+        row["torch_eager_ms"] = tm
+        row["torch_eager_over_fused"] = tm / fused
     return row
 
 
@@ -276,21 +368,24 @@ def plot(rows, out: Path) -> list:
     made = []
     for dtype in sorted({r["dtype"] for r in rows}):
         for axis, fixed, other in (("tokens", "experts", 64), ("experts", "tokens", 16384)):
-            sel = sorted((r for r in rows if r["dtype"] == dtype and r[fixed] == other),
+            sel = sorted((r for r in rows if r["dtype"] == dtype and r[fixed] == other
+                          and r.get("mlp", "vanilla") == "vanilla"
+                          and r.get("routing", "balanced") == "balanced"),
                          key=lambda r: r[axis])
             if len(sel) < 2:
                 continue
             fig, ax = plt.subplots(figsize=(6, 4))
             xs = [r[axis] for r in sel]
             for key, label in (("fused_ms", "fused (this package)"), ("unfused_ms", "unfused, own kernels"),
-                               ("torch_ms", "PyTorch MoE"), ("dense_cublas_ms", "dense GEMM (cuBLAS)")):
+                               ("torch_eager_ms", "PyTorch MoE (eager)"),
+                               ("dense_cublas_ms", "dense GEMM (cuBLAS)")):
                 ys = [r.get(key) for r in sel]
                 if all(v is not None for v in ys):
                     ax.plot(xs, ys, marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(axis)
-            ax.set_ylabel("ms (median of timed passes)")
+            ax.set_ylabel("ms (median of timed passes; unfused as a CUDA graph)")
             ax.set_title(f"{dtype}, hidden=ffn=2048, top-2, {fixed}={other}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
@@ -318,8 +413,10 @@ def main(argv=None) -> int:
     rows = sweep(a.quick, a.dtypes)
     if a.dry_run:
         for r in rows:
-            print(json.dumps(dict(zip(("dtype", "tokens", "experts"), r))))
+            print(json.dumps(r))
         return 0
+    if "tfloat32" in a.dtypes:
+        os.environ.setdefault("CUPY_TF32", "1")  # CuPy's float32 GEMMs as TF32 (read at import)
     from flashmoe_core.host.device import get_device
     from flashmoe_core.jit import target_arch
 
@@ -329,16 +426,19 @@ def main(argv=None) -> int:
     precompile(rows, arch, a.jobs)
     results = []
     t0 = time.time()
-    for dtype, tokens, experts in rows:
+    for spec in rows:
         try:
-            r = bench_row(dtype, tokens, experts, a.warmup, a.iters)
+            r = bench_row(spec, a.warmup, a.iters)
         except Exception as exc:  # keep the sweep going; record what failed
-            r = {"dtype": dtype, "tokens": tokens, "experts": experts,
-                 "error": f"{type(exc).__name__}: {exc}"}
+            r = dict(spec, error=f"{type(exc).__name__}: {exc}")
         results.append(r)
         print(json.dumps(r), flush=True)
     meta = {"device": dev.name, "arch": arch, "warmup": a.warmup, "iters": a.iters,
-            "seconds": round(time.time() - t0, 1)}
+            "seconds": round(time.time() - t0, 1),
+            "baselines": {"unfused": "own kernels, one CUDA graph per row",
+                          "torch_eager": "PyTorch eager MoE loop",
+                          "dense": "cuBLAS GEMMs of the same shapes (see dense_library)"},
+            "flops": "router + expert GEMMs of kept assignments"}
     (a.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     meta["plots"] = plot([r for r in results if "error" not in r], a.out)
     (a.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
@@ -352,8 +452,8 @@ def precompile(rows, arch, jobs):
 
     from flashmoe_core.kernels import moe_spec, tile_gemm_spec
 
-    specs = {moe_spec(make_config(d, t, e)) for d, t, e in rows}
-    specs |= {tile_gemm_spec(d) for d, _, _ in rows}
+    specs = {moe_spec(make_config(**r)) for r in rows}
+    specs |= {tile_gemm_spec(r["dtype"]) for r in rows}
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=mp.get_context("spawn")) as ex:
         list(ex.map(_compile_one, [(s, arch) for s in specs]))
 
