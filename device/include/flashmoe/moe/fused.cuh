@@ -248,17 +248,28 @@ struct Kernel {
   }
 
   // ---------------------------------------------------------------- phase 2: scan
-  /// One thread per expert: per-tile counts become per-tile bases (token order).
+  /// One warp per expert: per-tile counts become per-tile bases (token order), 32
+  /// token tiles at a time with a warp scan.
   FMOE_DEVICE void scan_expert(int e) {
+    const int lane = threadIdx.x & 31;
     int run = 0;
-    for (int tt = 0; tt < TT; ++tt) {
+    for (int t0 = 0; t0 < TT; t0 += 32) {
+      const int tt = t0 + lane;
       int32_t* p = &L.tile_counts[tt * C::E + e];
-      const int c = load_cg(p);
-      *p = run;
-      run += c;
+      const int c = tt < TT ? load_cg(p) : 0;
+      int incl = c;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      if (tt < TT) *p = run + incl - c;
+      run += __shfl_sync(0xffffffffu, incl, 31);
     }
-    L.expert_total[e] = run;
-    L.expert_kept[e] = capacity < 0 ? run : min(run, capacity);
+    if (lane == 0) {
+      L.expert_total[e] = run;
+      L.expert_kept[e] = capacity < 0 ? run : min(run, capacity);
+    }
   }
 
   // ---------------------------------------------------------------- phase 3: lists
@@ -411,10 +422,29 @@ struct Kernel {
     __syncthreads();
   }
 
+  /// Credit `len` finished rows of token tile tt in columns [col_lo, col_hi); the
+  /// credit that completes a (tile, column) publishes its combine task. Called by one
+  /// thread after its release fence.
+  FMOE_DEVICE bool credit_run(int tt, int len, int col_lo, int col_hi) {
+    const uint32_t target = uint32_t(load_cg(&L.tile_kept[tt]));
+    bool ok = true;
+    for (int c = col_lo; c < col_hi; ++c) {
+      const uint32_t done = atomicAdd(&L.dep_combine[tt * C::kDownTiles + c], uint32_t(len)) +
+                            uint32_t(len);
+      if (done == target) {
+        ok &= ring.publish(1, [&](int) {
+          return desc(uint32_t(tt * C::kDownTiles + c), kCombine);
+        }, site);
+      }
+    }
+    return ok;
+  }
+
   /**
    * Credit combine tasks for finished result rows [row0, row0 + rows) of this rank's
-   * compact rows, columns [col_lo, col_hi). Rows are in token order, so each token
-   * tile's rows form one run. Called by one thread after its release fence.
+   * compact rows, columns [col_lo, col_hi), from one thread (the subscriber's threads
+   * each handle their own tiles). Rows are in token order, so each token tile's rows
+   * form one run.
    */
   FMOE_DEVICE bool credit_rows(int row0, int rows, int col_lo, int col_hi) {
     bool ok = true;
@@ -423,19 +453,28 @@ struct Kernel {
       const int tt = load_cg(&L.row_token[row0 + r]) / kTile;
       int len = 1;
       while (r + len < rows && load_cg(&L.row_token[row0 + r + len]) / kTile == tt) ++len;  // bounded: <= rows
-      const uint32_t target = uint32_t(load_cg(&L.tile_kept[tt]));
-      for (int c = col_lo; c < col_hi; ++c) {
-        const uint32_t done = atomicAdd(&L.dep_combine[tt * C::kDownTiles + c], uint32_t(len)) +
-                              uint32_t(len);
-        if (done == target) {
-          ok &= ring.publish(1, [&](int) {
-            return desc(uint32_t(tt * C::kDownTiles + c), kCombine);
-          }, site);
-        }
-      }
+      ok &= credit_run(tt, len, col_lo, col_hi);
       r += len;
     }
     return ok;
+  }
+
+  /**
+   * credit_rows for the whole block after a row tile's down slice (every thread
+   * calls it; the result is per thread, for __syncthreads_and): one thread per row
+   * finds the token tiles, the first thread of each run credits it.
+   */
+  FMOE_DEVICE bool credit_rows_block(int row0, int rows, int col) {
+    static_assert(C::kThreads == kTile, "one thread per row of a row tile");
+    __shared__ int32_t s_tt[kTile];
+    const int r = threadIdx.x;
+    if (r < rows) s_tt[r] = load_cg(&L.row_token[row0 + r]) / kTile;
+    __syncthreads();
+    if (r >= rows || (r > 0 && s_tt[r - 1] == s_tt[r])) return true;
+    int len = 1;
+    while (r + len < rows && s_tt[r + len] == s_tt[r]) ++len;  // bounded: <= rows
+    __threadfence();  // release (after the block barrier): the rows before the credit
+    return credit_run(s_tt[r], len, col, col + 1);
   }
 
   // ---------------------------------------------------------------- local tasks
@@ -462,12 +501,7 @@ struct Kernel {
     const RowTile tile = local_tile(rt);
     down_compute(tile, col, static_cast<const S*>(L.z) + int64_t(tile.a_row0) * C::F,
                  static_cast<S*>(L.y_expert) + int64_t(tile.out_row0) * C::H);
-    bool ok = true;
-    if (threadIdx.x == 0) {
-      __threadfence();
-      ok = credit_rows(tile.out_row0, tile.rows, col, col + 1);
-    }
-    return ok;
+    return credit_rows_block(tile.out_row0, tile.rows, col);
   }
 
   /// y[t, cols] = sum_j w[t, j] * Y[token_rows[t, j], cols], kept slots in slot order.
@@ -819,8 +853,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   if (!grid_barrier(L.state, 1, k.site, kPhaseBarrierTopk)) return;
 
   t0 = k.tracing() ? global_timer_ns() : 0u;
-  for (int e = blockIdx.x * C::kThreads + threadIdx.x; e < C::E; e += gridDim.x * C::kThreads)
-    k.scan_expert(e);
+  for (int e = gwarp; e < C::E; e += warps) k.scan_expert(e);
   k.trace(t0, abi::kTraceScan);
   if (!grid_barrier(L.state, 2, k.site, kPhaseBarrierScan)) return;
 
