@@ -33,8 +33,6 @@ class DispatchPlan:
         (token, slot) order.
     send_counts : ndarray of int, [world_size]
         Rows sent to each destination rank.
-    per_expert : ndarray of int, [experts]
-        Rows sent to each expert (the per-peer counts a GPU signal carries).
     """
 
     def __init__(self, cfg: MoEConfig, routing: Routing) -> None:
@@ -42,7 +40,6 @@ class DispatchPlan:
         lists = dispatch_lists(cfg, routing)
         toks, slots, exps = [], [], []
         counts = np.zeros(cfg.world_size, dtype=np.int64)
-        per_expert = np.zeros(cfg.experts, dtype=np.int64)
         for dest in range(cfg.world_size):
             for e in np.nonzero(owner == dest)[0]:
                 tok, slot = lists[e]
@@ -50,14 +47,12 @@ class DispatchPlan:
                 slots.append(slot)
                 exps.append(np.full(tok.size, e, dtype=np.int32))
                 counts[dest] += tok.size
-                per_expert[e] = tok.size
         cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts
                else np.zeros(0, dtype=dt))
         self.order_tok = cat(toks, np.int64)
         self.order_slot = cat(slots, np.int64)
         self.order_expert = cat(exps, np.int32)
         self.send_counts = counts
-        self.per_expert = per_expert
 
 
 def plan_dispatch(cfg: MoEConfig, routing: Routing) -> DispatchPlan:

@@ -337,8 +337,7 @@ class EmulatedMoELayer:
             self._pe.recover(*recovery_state([self._pe.state()["epoch"]]))
             raise fault_exception(info)
 
-    def stage(self, x: np.ndarray) -> int:
-        """Copy x into the layer's input buffer; returns its token count."""
+    def _stage(self, x: np.ndarray) -> int:
         if not isinstance(x, np.ndarray):
             raise TypeError(f"the emulator takes NumPy arrays, got {type(x).__name__}")
         if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
@@ -349,51 +348,69 @@ class EmulatedMoELayer:
 
     def __call__(self, x: np.ndarray, return_routing: bool = False):
         """Forward pass: ``y`` (and the kernel's Routing) as NumPy."""
-        t = self.stage(x)
+        t = self._stage(x)
         self._launch(t, "full", self._pe.ptr("x_stage"))
         y = self._pe.view("y_stage", (t, self.cfg.hidden), storage_dtype(self.cfg.dtype)).copy()
         return (y, self.routing(t)) if return_routing else y
-
-    def run_mode(self, x: np.ndarray, mode: str) -> None:
-        """Run a component on its own (tests): ``gate_only`` or ``dispatch_only``."""
-        if mode not in ("gate_only", "dispatch_only", "full"):
-            raise ValueError(f"mode={mode!r}: expected gate_only, dispatch_only or full")
-        self._launch(self.stage(x), mode, self._pe.ptr("x_stage"))
-
-    def combine_only(self, tokens: int) -> np.ndarray:
-        """Only the combine, on token_rows / topk_weight / y_expert as filled (tests)."""
-        if not 1 <= tokens <= self.cfg.tokens:
-            raise ValueError(f"tokens={tokens} must be in [1, {self.cfg.tokens}]")
-        self._launch(tokens, "combine_only", 0)
-        return self._pe.view("y_stage", (tokens, self.cfg.hidden),
-                             storage_dtype(self.cfg.dtype)).copy()
 
     def routing(self, tokens: int) -> Routing:
         """The routing of the last forward pass of ``tokens`` tokens."""
         return self._pe.routing(tokens)
 
-    def state(self) -> dict:
-        """The kernel's state words (epoch, barrier, ...)."""
-        return self._pe.state()
-
-    def workspace(self, name: str, shape, dtype) -> np.ndarray:
-        """A copy of a workspace buffer (tests and debugging)."""
-        return self._pe.view(name, shape, dtype).copy()
-
-    def fill_workspace(self, name: str, array: np.ndarray) -> None:
-        """Write an array into a workspace buffer (tests)."""
-        a = np.ascontiguousarray(array)
-        self._pe.view(name, (a.size,), a.dtype)[...] = a.reshape(-1)
-
-    def inject_delay(self, seconds: float) -> None:
-        """Delay every later launch by ``seconds`` (fault-injection tests)."""
-        if not 0 <= seconds <= 60:
-            raise ValueError(f"delay {seconds} s must be in [0, 60]")
-        self._pe.delay_ns = int(seconds * 1e9)
-        self._pe.make_layout()
+    @property
+    def testing(self) -> "_LayerTesting":
+        """Test and fault-injection hooks, as ``MoELayer.testing``."""
+        return _LayerTesting(self)
 
     def close(self) -> None:
         """Nothing to free on the host (kept for MoELayer's interface)."""
+
+
+class _LayerTesting:
+    """``EmulatedMoELayer.testing``: the hooks of ``MoELayer.testing`` the emulator has."""
+
+    def __init__(self, layer: EmulatedMoELayer) -> None:
+        self._layer = layer
+
+    def stage(self, x: np.ndarray) -> int:
+        """Copy x into the layer's input buffer; returns its token count."""
+        return self._layer._stage(x)
+
+    def run_mode(self, x: np.ndarray, mode: str) -> None:
+        """Run a component on its own: ``gate_only`` or ``dispatch_only``."""
+        if mode not in ("gate_only", "dispatch_only", "full"):
+            raise ValueError(f"mode={mode!r}: expected gate_only, dispatch_only or full")
+        L = self._layer
+        L._launch(L._stage(x), mode, L._pe.ptr("x_stage"))
+
+    def combine_only(self, tokens: int) -> np.ndarray:
+        """Only the combine, on token_rows / topk_weight / y_expert as filled."""
+        L = self._layer
+        if not 1 <= tokens <= L.cfg.tokens:
+            raise ValueError(f"tokens={tokens} must be in [1, {L.cfg.tokens}]")
+        L._launch(tokens, "combine_only", 0)
+        return L._pe.view("y_stage", (tokens, L.cfg.hidden), storage_dtype(L.cfg.dtype)).copy()
+
+    def state(self) -> dict:
+        """The kernel's state words (epoch, barrier, ...)."""
+        return self._layer._pe.state()
+
+    def workspace(self, name: str, shape, dtype) -> np.ndarray:
+        """A copy of a workspace buffer."""
+        return self._layer._pe.view(name, shape, dtype).copy()
+
+    def fill_workspace(self, name: str, array: np.ndarray) -> None:
+        """Write an array into a workspace buffer."""
+        a = np.ascontiguousarray(array)
+        self._layer._pe.view(name, (a.size,), a.dtype)[...] = a.reshape(-1)
+
+    def inject_delay(self, seconds: float) -> None:
+        """Delay every later launch by ``seconds``."""
+        if not 0 <= seconds <= 60:
+            raise ValueError(f"delay {seconds} s must be in [0, 60]")
+        pe = self._layer._pe
+        pe.delay_ns = int(seconds * 1e9)
+        pe.make_layout()
 
 
 # ------------------------------------------------------------------------- several PEs
@@ -453,23 +470,10 @@ class EmulatedExpertParallel:
             raise TypeError("options must be EmulatorOptions")
         self._launcher.options = value
 
-    def inject_delay(self, rank: int, seconds: float) -> None:
-        """Delay every later launch of one PE by ``seconds``."""
-        if not 0 <= rank < self.world or not 0 <= seconds <= 60:
-            raise ValueError(f"rank {rank} must be in [0, {self.world}) and the delay "
-                             f"{seconds} s in [0, 60]")
-        self.pes[rank].delay_ns = int(seconds * 1e9)
-        self.pes[rank].make_layout()
-
-    def run_mode(self, xs: Sequence[np.ndarray], mode: str) -> None:
-        """One pass of a component on every PE (tests): ``gate_only`` or ``dispatch_only``."""
-        if mode not in ("gate_only", "dispatch_only"):
-            raise ValueError(f"mode={mode!r}: expected gate_only or dispatch_only")
-        self._run(xs, (), mode)
-
-    def workspace(self, rank: int, name: str, shape, dtype) -> np.ndarray:
-        """A copy of one PE's buffer (tests and debugging)."""
-        return self.pes[rank].view(name, shape, dtype).copy()
+    @property
+    def testing(self) -> "_ExpertParallelTesting":
+        """Test and fault-injection hooks (components, buffers, state, delays)."""
+        return _ExpertParallelTesting(self)
 
     def __call__(self, xs: Sequence[np.ndarray], absent: Sequence[int] = (),
                  return_routing: bool = False):
@@ -533,9 +537,35 @@ class EmulatedExpertParallel:
             raise exc
         return tokens, launched
 
-    def state(self, rank: int) -> dict:
-        """One PE's kernel state words."""
-        return self.pes[rank].state()
-
     def close(self) -> None:
         """Nothing to free on the host (kept for MoELayer's interface)."""
+
+
+class _ExpertParallelTesting:
+    """``EmulatedExpertParallel.testing``."""
+
+    def __init__(self, ep: EmulatedExpertParallel) -> None:
+        self._ep = ep
+
+    def run_mode(self, xs: Sequence[np.ndarray], mode: str) -> None:
+        """One pass of a component on every PE: ``gate_only`` or ``dispatch_only``."""
+        if mode not in ("gate_only", "dispatch_only"):
+            raise ValueError(f"mode={mode!r}: expected gate_only or dispatch_only")
+        self._ep._run(xs, (), mode)
+
+    def workspace(self, rank: int, name: str, shape, dtype) -> np.ndarray:
+        """A copy of one PE's buffer."""
+        return self._ep.pes[rank].view(name, shape, dtype).copy()
+
+    def state(self, rank: int) -> dict:
+        """One PE's kernel state words."""
+        return self._ep.pes[rank].state()
+
+    def inject_delay(self, rank: int, seconds: float) -> None:
+        """Delay every later launch of one PE by ``seconds``."""
+        ep = self._ep
+        if not 0 <= rank < ep.world or not 0 <= seconds <= 60:
+            raise ValueError(f"rank {rank} must be in [0, {ep.world}) and the delay "
+                             f"{seconds} s in [0, 60]")
+        ep.pes[rank].delay_ns = int(seconds * 1e9)
+        ep.pes[rank].make_layout()

@@ -46,12 +46,12 @@ def time_layer(layer, tokens: int, warmup: int, iters: int) -> List[float]:
 
     s = layer.stream
     for _ in range(warmup):
-        layer.launch_staged(tokens)
+        layer.testing.launch(tokens)
     opts = EventOptions(enable_timing=True)
     marks = []
     for _ in range(iters):
         start = s.record(options=opts)
-        layer.launch_staged(tokens)
+        layer.testing.launch(tokens)
         marks.append((start, s.record(options=opts)))
     layer.synchronize()
     return [(end - start) / 1e3 for start, end in marks]
@@ -99,7 +99,7 @@ def run_benchmark(cfg: MoEConfig, seed: int = 0, warmup: int = 32, iters: int = 
             print(f"flashmoe_core: {layer.device.name}, {layer.arch}, grid {layer.grid} "
                   f"({layer.blocks_per_sm}/SM), {layer.smem} B smem/block\n"
                   f"{layer.describe()}", file=sys.stderr)
-        t = layer.stage(x)
+        t = layer.testing.stage(x)
         if multi:
             comm.Barrier()
         times = time_layer(layer, t, warmup, iters)
@@ -113,8 +113,8 @@ def run_benchmark(cfg: MoEConfig, seed: int = 0, warmup: int = 32, iters: int = 
             result["peak_tflops"] = peak
             result["percent_of_peak"] = 100.0 * cfg.flops(t) / med / 1e12 / peak
         if check:
-            layer.launch_staged(t)
-            y = layer.staged_output(t)
+            layer.testing.launch(t)
+            y = layer.testing.output(t)
             routing = layer.routing(t)
             if multi:
                 ys, rs = comm.gather(y, root=0), comm.gather(routing, root=0)

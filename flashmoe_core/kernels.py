@@ -7,32 +7,55 @@ macro here; everything else (token count, capacity, pointers) is a kernel argume
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List
 
-from .host.abi import abi_defines
+from .host.abi import ACT_IDS, DTYPE_IDS, abi_defines
 from .host.compiler import KernelSpec
 
-__all__ = ["DTYPE_IDS", "ACT_IDS", "tile_config", "tile_gemm_spec", "nvshmem_ping_spec",
+__all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "TileConfig", "tile_config", "tile_gemm_spec", "nvshmem_ping_spec",
            "ring_test_spec", "abi_check_spec", "test_specs", "moe_defines", "moe_spec",
            "moe_specs"]
 
-DTYPE_IDS: Dict[str, int] = {"float32": 0, "tfloat32": 1, "bfloat16": 2, "float16": 3}
-ACT_IDS: Dict[str, int] = {"relu": 0, "gelu": 1, "silu": 2, "identity": 3}
 
 
-def tile_config(dtype: str) -> Dict[str, int]:
-    """Tensor-core tile of the SM80-style mainloop for an element type.
+TILE = 128
+"""Rows of a row tile, tokens of a token tile and output columns of a column tile: the
+tile GEMM's BM = BN, which every kernel, plan and launch derives its tiling from."""
 
-    Each stage holds BM x BK of A and BN x BK of B; three stages take 96 KiB, so two
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """The tensor-core tile of the SM80-style mainloop for one element type.
+
+    Each stage holds bm x bk of A and bn x bk of B; three stages take 96 KiB, so two
     blocks fit on an SM of Ampere or Hopper.
     """
-    bk = 64 if dtype in ("bfloat16", "float16") else 32
-    return {"FMOE_BM": 128, "FMOE_BN": 128, "FMOE_BK": bk, "FMOE_STAGES": 3}
+
+    bm: int
+    bn: int
+    bk: int
+    stages: int
+
+    def up_cols(self, gated: bool) -> int:
+        """Output columns of one up-projection task (gated: Wg and Wu rows share B)."""
+        return self.bn // 2 if gated else self.bn
+
+    def defines(self) -> Dict[str, int]:
+        """The kernels' compile-time constants for this tile."""
+        return {"FMOE_BM": self.bm, "FMOE_BN": self.bn, "FMOE_BK": self.bk,
+                "FMOE_STAGES": self.stages}
+
+
+def tile_config(dtype: str) -> TileConfig:
+    """The tile of an element type (BK spans one 128-byte shared-memory row)."""
+    return TileConfig(bm=TILE, bn=TILE, bk=64 if dtype in ("bfloat16", "float16") else 32,
+                      stages=3)
 
 
 def tile_gemm_spec(dtype: str) -> KernelSpec:
     """The stand-alone tile GEMM (kernel tests, unfused baseline)."""
-    defines = {"FMOE_DTYPE": DTYPE_IDS[dtype], **tile_config(dtype)}
+    defines = {"FMOE_DTYPE": DTYPE_IDS[dtype], **tile_config(dtype).defines()}
     return KernelSpec.make("kernels/tile_gemm.cu", defines, label=f"the {dtype} tile GEMM",
                            family="tile_gemm", context={"dtype": dtype})
 
@@ -78,8 +101,7 @@ def moe_defines(cfg) -> Dict[str, int]:
         "FMOE_GATED": int(cfg.mlp == "gated"),
         "FMOE_ACT": ACT_IDS[cfg.activation],
         "FMOE_RENORM": int(cfg.renormalize),
-        "FMOE_BK": tile_config(cfg.dtype)["FMOE_BK"],
-        "FMOE_STAGES": tile_config(cfg.dtype)["FMOE_STAGES"],
+        **tile_config(cfg.dtype).defines(),
         "FMOE_EP": int(cfg.world_size > 1),
     }
 

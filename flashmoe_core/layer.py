@@ -21,7 +21,8 @@ from .config import MoEConfig
 from .host import launch as _launch
 from .host import memory
 from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, MOE_EP_POINTERS, MOE_LAYOUT,
-                       MOE_LAYOUT_POINTERS, STATE, STATE_WORDS, TRACE_RECORD, decode_fault)
+                       MOE_LAYOUT_POINTERS, PHASES, STATE, STATE_WORDS, TRACE_RECORD,
+                       decode_fault)
 from .host.device import get_device
 from .host.errors import FlashMoEError, FlashMoETimeout, KernelFault
 from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
@@ -34,12 +35,6 @@ from .reference import Routing
 from .weights import MoEWeights
 
 __all__ = ["MoELayer"]
-
-_PHASES = {1: "grid barrier after the gate", 2: "grid barrier after top-k",
-           3: "grid barrier after the scan", 4: "grid barrier after the dispatch lists",
-           5: "task-ring slot", 6: "task ring capacity",
-           7: "peer's end of the previous launch", 8: "peer's header",
-           9: "tile dispatched by a peer", 10: "result tile owed by a peer"}
 
 
 class MoELayer:
@@ -267,14 +262,6 @@ class MoELayer:
             return self._layout
         return memory.upload(self.device, data, self._stream)
 
-    def inject_delay(self, seconds: float) -> None:
-        """Delay every later launch of this rank by ``seconds`` (fault-injection tests)."""
-        if not 0 <= seconds <= 60:
-            raise ValueError(f"delay {seconds} s must be in [0, 60]")
-        self._delay_ns = int(seconds * 1e9)
-        self._stream.sync()
-        self._layout = self._make_layout()
-
     # ------------------------------------------------------------------ calls
     def _validate(self, shape, dtype, contiguous: bool = True) -> int:
         return validate_input(self.cfg, shape, dtype, contiguous)
@@ -445,68 +432,23 @@ class MoELayer:
             s.sync()
         self.check_fault()
 
-    def stage(self, x: np.ndarray) -> int:
-        """Copy x into the layer's input buffer; returns its token count (benchmarks)."""
-        t = self._validate(x.shape, x.dtype)
-        memory.copy_in(self._buffers["x_stage"], np.ascontiguousarray(x), self._stream)
-        return t
-
-    def launch_staged(self, tokens: int, mode: str = "full", stream=None) -> None:
-        """Launch on the staged input and output buffers, stream-ordered (benchmarks)."""
-        self._launch(self._stream if stream is None else stream, self._ptr("x_stage"),
-                     self._ptr("y_stage"), tokens, mode)
-
-    def staged_output(self, tokens: int) -> np.ndarray:
-        """The staged output buffer as NumPy (synchronises, raises recorded faults)."""
-        y = memory.download(self._buffers["y_stage"], (tokens, self.cfg.hidden), self._dtype,
-                            self._stream)
-        self.check_fault()
-        return y
-
     @property
     def stream(self):
         """The layer's own stream."""
         return self._stream
 
-    def buffer_ptr(self, name: str) -> int:
-        """Device address of a weight or workspace buffer (plan names; benchmarks)."""
-        if name not in self._buffers:
-            raise KeyError(f"no buffer {name!r}; known: {sorted(self._buffers)}")
-        return self._ptr(name)
-
-    def run_mode(self, x: np.ndarray, mode: str) -> None:
-        """Run a component on its own (tests): ``gate_only`` or ``dispatch_only``."""
-        t = self.stage(x)
-        self.launch_staged(t, mode)
-        self.synchronize()
-
-    def workspace(self, name: str, shape, dtype) -> np.ndarray:
-        """Copy a workspace buffer out (tests and debugging)."""
-        return memory.download(self._buffers[name], shape, dtype, self._stream)
-
-    def fill_workspace(self, name: str, array: np.ndarray) -> None:
-        """Copy an array into a workspace buffer (tests)."""
-        memory.copy_in(self._buffers[name], np.ascontiguousarray(array), self._stream)
-
-    def combine_only(self, tokens: int) -> np.ndarray:
-        """Run only the combine on token_rows/topk_weight/y_expert as filled (tests)."""
-        self._launch(self._stream, 0, self._ptr("y_stage"), tokens, "combine_only")
-        y = memory.download(self._buffers["y_stage"], (tokens, self.cfg.hidden), self._dtype,
-                            self._stream)
-        self.check_fault()
-        return y
+    @property
+    def testing(self) -> "LayerTesting":
+        """Test, benchmark and fault-injection hooks (staged buffers, components on their
+        own, workspace access, state words); not part of the everyday interface."""
+        return LayerTesting(self)
 
     def trace(self) -> np.ndarray:
         """The last launch's task and phase records (synchronises); see flashmoe_core.trace."""
         if not self.trace_capacity:
             raise ValueError("this layer records no trace; build it with trace_capacity > 0")
-        n = min(self.state()["traced"], self.trace_capacity)
-        return self.workspace("trace", (n,), TRACE_RECORD)
-
-    def state(self) -> dict:
-        """The kernel's state words (epoch, counters) - for tests."""
-        words = memory.download(self._buffers["state"], (STATE_WORDS,), np.uint32, self._stream)
-        return {k: int(words[v]) for k, v in STATE.items()}
+        n = min(self.testing.state()["traced"], self.trace_capacity)
+        return self.testing.workspace("trace", (n,), TRACE_RECORD)
 
     def close(self) -> None:
         """Free the layer's GPU memory. With several ranks this is collective: every
@@ -528,6 +470,78 @@ class MoELayer:
         self._buffers.clear()
         self._fault.close()
         self._module.close()
+
+
+class LayerTesting:
+    """The hooks of ``MoELayer.testing``: what tests, benchmarks and fault injection
+    need from a layer beyond a forward pass."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        self._layer = layer
+
+    def stage(self, x: np.ndarray) -> int:
+        """Copy x into the layer's input buffer; returns its token count."""
+        L = self._layer
+        t = L._validate(x.shape, x.dtype)
+        memory.copy_in(L._buffers["x_stage"], np.ascontiguousarray(x), L._stream)
+        return t
+
+    def launch(self, tokens: int, mode: str = "full", stream=None) -> None:
+        """Launch on the staged input and output buffers, stream-ordered."""
+        L = self._layer
+        L._launch(L._stream if stream is None else stream, L._ptr("x_stage"), L._ptr("y_stage"),
+                  tokens, mode)
+
+    def output(self, tokens: int) -> np.ndarray:
+        """The staged output buffer as NumPy (synchronises, raises recorded faults)."""
+        L = self._layer
+        y = memory.download(L._buffers["y_stage"], (tokens, L.cfg.hidden), L._dtype, L._stream)
+        L.check_fault()
+        return y
+
+    def buffer_ptr(self, name: str) -> int:
+        """Device address of a weight or workspace buffer (plan names)."""
+        L = self._layer
+        if name not in L._buffers:
+            raise KeyError(f"no buffer {name!r}; known: {sorted(L._buffers)}")
+        return L._ptr(name)
+
+    def run_mode(self, x: np.ndarray, mode: str) -> None:
+        """Run a component on its own: ``gate_only`` or ``dispatch_only``."""
+        t = self.stage(x)
+        self.launch(t, mode)
+        self._layer.synchronize()
+
+    def workspace(self, name: str, shape, dtype) -> np.ndarray:
+        """Copy a workspace buffer out."""
+        L = self._layer
+        return memory.download(L._buffers[name], shape, dtype, L._stream)
+
+    def fill_workspace(self, name: str, array: np.ndarray) -> None:
+        """Copy an array into a workspace buffer."""
+        L = self._layer
+        memory.copy_in(L._buffers[name], np.ascontiguousarray(array), L._stream)
+
+    def combine_only(self, tokens: int) -> np.ndarray:
+        """Run only the combine on token_rows/topk_weight/y_expert as filled."""
+        L = self._layer
+        L._launch(L._stream, 0, L._ptr("y_stage"), tokens, "combine_only")
+        return self.output(tokens)
+
+    def state(self) -> dict:
+        """The kernel's state words (epoch, counters)."""
+        L = self._layer
+        words = memory.download(L._buffers["state"], (STATE_WORDS,), np.uint32, L._stream)
+        return {k: int(words[v]) for k, v in STATE.items()}
+
+    def inject_delay(self, seconds: float) -> None:
+        """Delay every later launch of this rank by ``seconds`` (fault injection)."""
+        if not 0 <= seconds <= 60:
+            raise ValueError(f"delay {seconds} s must be in [0, 60]")
+        L = self._layer
+        L._delay_ns = int(seconds * 1e9)
+        L._stream.sync()
+        L._layout = L._make_layout()
 
 
 def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_blocks=None,
@@ -567,7 +581,6 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
     rec["max_tokens"] = cfg.tokens
     rec["experts"] = cfg.experts
     rec["local_experts"] = cfg.experts if local_experts is None else local_experts
-    rec["first_expert"] = 0
     rec["max_rowtiles"] = plan.max_rowtiles
     rec["ring_capacity"] = plan.ring_capacity
     rec["rank"] = rank
@@ -618,7 +631,7 @@ def validate_input(cfg: MoEConfig, shape, dtype, contiguous: bool = True) -> int
 def fault_exception(info: dict) -> KernelFault:
     """The exception for a decoded fault record: FlashMoETimeout for a wait that ran
     out, KernelFault otherwise; the message names the phase, block, rank and peer."""
-    phase = _PHASES.get(info["phase"], f"phase {info['phase']}")
+    phase = PHASES.get(info["phase"], f"phase {info['phase']}")
     if info["code_name"] == "timeout":
         return FlashMoETimeout(
             f"the fused MoE kernel gave up waiting at the {phase}: block {info['block']} "

@@ -47,8 +47,8 @@ class TileGemmKernel:
         self.kernel = mod.kernel("flashmoe_tile_gemm")
         self.smem = int(mod.read_global("flashmoe_tile_gemm_smem", np.int32)[0])
         mod.ensure_smem(self.kernel, self.smem, self.device)
-        cfg = tile_config(dtype)
-        self.bm, self.bn = cfg["FMOE_BM"], cfg["FMOE_BN"]
+        tile = tile_config(dtype)
+        self.bm, self.bn = tile.bm, tile.bn
 
     def launch(self, stream, a: int, b: int, c: int, m: int, n: int, k: int,
                a_index: int = 0, bias: int = 0, activation: str = "identity",

@@ -11,11 +11,11 @@ import math
 from typing import Dict
 
 from .config import MoEConfig
+from .kernels import TILE, tile_config
 from .numerics import itemsize
 
 __all__ = ["LayerPlan", "plan_layer", "TILE", "slot_rows", "max_peer_tiles"]
 
-TILE = 128  # rows per row tile, tokens per token tile (the kernel's constant)
 
 
 def slot_rows(cfg: MoEConfig) -> int:
@@ -35,11 +35,11 @@ class LayerPlan:
     Attributes
     ----------
     token_tiles : int
-        ceil(tokens / 128).
+        ceil(tokens / TILE).
     logits_stride : int
         Experts rounded up to 8 (row stride of the logits).
     max_rowtiles : int
-        Row tiles in the worst case: ceil(tokens * top_k / 128) + experts.
+        Row tiles in the worst case: ceil(tokens * top_k / TILE) + experts.
     up_tiles, down_tiles : int
         Column tiles of the up (F) and down (H) projections.
     ring_capacity : int
@@ -82,9 +82,9 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
     b = itemsize(cfg.dtype)
     tt = math.ceil(t / TILE)
     ep = math.ceil(e / 8) * 8
-    up_cols = 64 if cfg.mlp == "gated" else 128
-    up_tiles = math.ceil(f / up_cols)
-    down_tiles = math.ceil(h / 128)
+    tile = tile_config(cfg.dtype)
+    up_tiles = math.ceil(f / tile.up_cols(cfg.mlp == "gated"))
+    down_tiles = math.ceil(h / tile.bn)
     max_rowtiles = math.ceil(t * k / TILE) + e
     ring = max_rowtiles * down_tiles + tt * down_tiles
     if cfg.world_size > 1:

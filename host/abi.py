@@ -11,13 +11,12 @@ from typing import Dict
 
 import numpy as np
 
-__all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "STRUCTS", "FAULT_CODES", "STATE",
-           "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS", "TRACE_RECORD",
-           "TASK_KINDS", "TRACE_PHASES", "abi_defines", "decode_fault"]
+__all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "STRUCTS", "ENUMS", "FAULT_CODES",
+           "STATE", "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS",
+           "TRACE_RECORD", "TASK_KINDS", "TRACE_PHASES", "PHASES", "DTYPE_IDS", "ACT_IDS",
+           "abi_defines", "decode_fault"]
 
 ABI_VERSION = 4
-
-FAULT_CODES = {0: "ok", 1: "timeout", 2: "protocol", 3: "bad_launch"}
 
 
 def _struct(fields, size: int) -> np.dtype:
@@ -52,7 +51,7 @@ MOE_EP_POINTERS = (
 MOE_LAYOUT = _struct(
     [(name, _PTR, 8 * i) for i, name in enumerate(MOE_LAYOUT_POINTERS)]
     + [("timeout_ns", "<u8", 176), ("max_tokens", "<i4", 184), ("experts", "<i4", 188),
-       ("local_experts", "<i4", 192), ("first_expert", "<i4", 196),
+       ("local_experts", "<i4", 192), ("reserved0", "<i4", 196),
        ("max_rowtiles", "<i4", 200), ("ring_capacity", "<i4", 204), ("rank", "<i4", 208),
        ("world", "<i4", 212)]
     + [(name, _PTR, 216 + 8 * i) for i, name in enumerate(MOE_EP_POINTERS)]
@@ -63,27 +62,80 @@ MOE_LAYOUT = _struct(
 TRACE_RECORD = _struct([("start_ns", "<u8", 0), ("end_ns", "<u8", 8), ("block", "<u4", 16),
                         ("what", "<u4", 20)], 24)
 
-# Words of MoeLayout.state and the kernel's modes (abi.cuh StateWord / Mode).
-STATE_WORDS = 16
-STATE = {"epoch": 0, "barrier": 1, "exit": 2, "head": 3, "published": 4, "traced": 5}
-MODES = {"full": 0, "gate_only": 1, "dispatch_only": 2, "combine_only": 3, "comm_only": 4}
+# Every enum of abi.cuh by its C++ names and values. The ABI check compiles each value
+# against the header and a CPU test checks that no enumerator is missing; the maps
+# below are views of these tables, so a value lives in one place on each side.
+ENUMS: Dict[str, Dict[str, int]] = {
+    "FaultCode": {"kOk": 0, "kTimeout": 1, "kProtocol": 2, "kBadLaunch": 3},
+    "StateWord": {"kEpoch": 0, "kBarrier": 1, "kExit": 2, "kHead": 3, "kPublished": 4,
+                  "kTraced": 5, "kStateWords": 16},
+    "Mode": {"kModeFull": 0, "kModeGateOnly": 1, "kModeDispatchOnly": 2,
+             "kModeCombineOnly": 3, "kModeCommOnly": 4},
+    "TraceKind": {"kTraceGate": 8, "kTraceTopk": 9, "kTraceScan": 10, "kTraceLists": 11,
+                  "kTraceHeaders": 12, "kTraceSubscriber": 13, "kTraceWait": 14},
+    "TaskKind": {"kUp": 0, "kDown": 1, "kCombine": 2, "kSend": 3, "kUpRemote": 4,
+                 "kDownRemote": 5},
+    "Phase": {"kPhaseBarrierGate": 1, "kPhaseBarrierTopk": 2, "kPhaseBarrierScan": 3,
+              "kPhaseBarrierLists": 4, "kPhaseRingSlot": 5, "kPhaseRingFull": 6,
+              "kPhasePeerDone": 7, "kPhaseHeaders": 8, "kPhaseDispatchWait": 9,
+              "kPhaseReturnWait": 10},
+    "DType": {"kFloat32": 0, "kTFloat32": 1, "kBFloat16": 2, "kFloat16": 3},
+    "Act": {"kRelu": 0, "kGelu": 1, "kSilu": 2, "kIdentity": 3},
+}
+
+
+def _view(enum: str, names: Dict[str, str]) -> Dict[str, int]:
+    return {key: ENUMS[enum][cname] for key, cname in names.items()}
+
+
+# Words of MoeLayout.state and the kernel's modes.
+STATE_WORDS = ENUMS["StateWord"]["kStateWords"]
+STATE = _view("StateWord", {"epoch": "kEpoch", "barrier": "kBarrier", "exit": "kExit",
+                            "head": "kHead", "published": "kPublished", "traced": "kTraced"})
+MODES = _view("Mode", {"full": "kModeFull", "gate_only": "kModeGateOnly",
+                       "dispatch_only": "kModeDispatchOnly", "combine_only": "kModeCombineOnly",
+                       "comm_only": "kModeCommOnly"})
+FAULT_CODES = {v: k for k, v in _view("FaultCode", {
+    "ok": "kOk", "timeout": "kTimeout", "protocol": "kProtocol",
+    "bad_launch": "kBadLaunch"}).items()}
 # What a trace record's `what` names: task kinds (low 3 bits of a descriptor) and phases.
-TASK_KINDS = {0: "up", 1: "down", 2: "combine", 3: "send", 4: "up (remote)",
-              5: "down (remote)"}
-TRACE_PHASES = {8: "gate", 9: "top-k", 10: "scan", 11: "lists", 12: "headers",
-                13: "subscriber", 14: "wait for task"}
+TASK_KINDS = {v: k for k, v in _view("TaskKind", {
+    "up": "kUp", "down": "kDown", "combine": "kCombine", "send": "kSend",
+    "up (remote)": "kUpRemote", "down (remote)": "kDownRemote"}).items()}
+TRACE_PHASES = {v: k for k, v in _view("TraceKind", {
+    "gate": "kTraceGate", "top-k": "kTraceTopk", "scan": "kTraceScan", "lists": "kTraceLists",
+    "headers": "kTraceHeaders", "subscriber": "kTraceSubscriber",
+    "wait for task": "kTraceWait"}).items()}
+# Where a fault record's wait was (FaultRecord.phase).
+PHASES = {v: k for k, v in _view("Phase", {
+    "grid barrier after the gate": "kPhaseBarrierGate",
+    "grid barrier after top-k": "kPhaseBarrierTopk",
+    "grid barrier after the scan": "kPhaseBarrierScan",
+    "grid barrier after the dispatch lists": "kPhaseBarrierLists",
+    "task-ring slot": "kPhaseRingSlot", "task ring capacity": "kPhaseRingFull",
+    "peer's end of the previous launch": "kPhasePeerDone", "peer's header": "kPhaseHeaders",
+    "tile dispatched by a peer": "kPhaseDispatchWait",
+    "result tile owed by a peer": "kPhaseReturnWait"}).items()}
+# The FMOE_DTYPE and FMOE_ACT constants of each element type and activation.
+DTYPE_IDS = _view("DType", {"float32": "kFloat32", "tfloat32": "kTFloat32",
+                            "bfloat16": "kBFloat16", "float16": "kFloat16"})
+ACT_IDS = _view("Act", {"relu": "kRelu", "gelu": "kGelu", "silu": "kSilu",
+                        "identity": "kIdentity"})
 
 STRUCTS: Dict[str, np.dtype] = {"FaultRecord": FAULT_RECORD, "MoeLayout": MOE_LAYOUT,
                                 "TraceRecord": TRACE_RECORD}
 
 
 def abi_defines() -> Dict[str, int]:
-    """Macros describing every field offset and struct size of the mirror."""
+    """Macros describing every field offset, struct size and enum value of the mirror."""
     out = {"FMOE_ABI_VERSION": ABI_VERSION}
     for sname, dt in STRUCTS.items():
         out[f"FMOE_SIZE_{sname}"] = dt.itemsize
         for fname in dt.names:
             out[f"FMOE_OFF_{sname}_{fname}"] = dt.fields[fname][1]
+    for ename, values in ENUMS.items():
+        for vname, v in values.items():
+            out[f"FMOE_ENUM_{ename}_{vname}"] = v
     return out
 
 

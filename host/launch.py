@@ -106,24 +106,19 @@ class Module:
                 self._nvshmem_obj = None
 
 
-def resident_grid(kernel, device, block: int, smem: int, want: int = 0) -> Tuple[int, int]:
-    """(blocks, blocks_per_sm) such that every block can be resident at once.
-
-    ``want`` > 0 caps the grid below the co-residency limit.
-    """
+def resident_grid(kernel, device, block: int, smem: int) -> Tuple[int, int]:
+    """(blocks, blocks_per_sm): the largest grid whose blocks can all be resident."""
     per_sm = int(kernel.occupancy.max_active_blocks_per_multiprocessor(block, smem))
     if per_sm < 1:
         raise FlashMoEError(f"the kernel cannot run with {block} threads and {smem} B of "
                             f"shared memory per block on {device.name}")
-    total = per_sm * int(device.properties.multiprocessor_count)
-    return (min(total, want) if want > 0 else total), per_sm
+    return per_sm * int(device.properties.multiprocessor_count), per_sm
 
 
 def launch_kernel(stream, kernel, grid: Sequence[int], block: Sequence[int], args: Sequence[Any],
-                  smem: int = 0, cooperative: bool = False) -> None:
+                  smem: int = 0) -> None:
     """Launch on ``stream`` (stream-ordered, returns at once)."""
     from cuda.core import LaunchConfig, launch
 
-    cfg = LaunchConfig(grid=tuple(grid), block=tuple(block), shmem_size=int(smem),
-                       is_cooperative=cooperative)
+    cfg = LaunchConfig(grid=tuple(grid), block=tuple(block), shmem_size=int(smem))
     launch(stream, cfg, kernel, *args)

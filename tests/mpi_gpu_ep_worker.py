@@ -48,7 +48,7 @@ try:
     else:
         layer = MoELayer(cfg, w, comm=comm)
         if mode == "delay" and rank == 0:
-            layer.inject_delay(0.2)
+            layer.testing.inject_delay(0.2)
         for _ in range(3):  # several launches: epochs and done-signals advance
             y, routing = layer(x, return_routing=True)
         ys, rs = comm.gather(y, root=0), comm.gather(routing, root=0)

@@ -47,7 +47,7 @@ def test_expert_parallel_matches_oracle_and_world_1(world):
     for launch in range(3):  # epochs, ring tags and done-signals advance
         ys, routings = ep(xs, return_routing=True)
         y = check(cfg, w, xs, ys, routings)
-        assert [ep.state(r)["epoch"] for r in range(world)] == [launch + 1] * world
+        assert [ep.testing.state(r)["epoch"] for r in range(world)] == [launch + 1] * world
     one = cfg.replace(world_size=1, tokens=TOKENS * world)
     single = MoELayer(one, MoEWeights.random(one, 1), backend="emulator")
     y1 = single(np.concatenate(xs))
@@ -81,7 +81,7 @@ def test_delayed_rank_still_correct():
     cfg = config(2)
     w = MoEWeights.random(cfg, 1)
     ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
-    ep.inject_delay(0, 0.3)
+    ep.testing.inject_delay(0, 0.3)
     xs = inputs(cfg)
     for _ in range(2):
         ys, routings = ep(xs, return_routing=True)
@@ -105,11 +105,11 @@ def test_absent_rank_makes_the_others_time_out(world):
     assert "peer" in str(exc.value) and f"peer {world - 1}" in str(exc.value)
     # Recovery keeps the failed launch's signals (PE 0 had put its header, tag 1, to
     # the absent PE) and moves every PE to one epoch past them instead.
-    assert ep.workspace(world - 1, "header_sig", (world,), np.uint64)[0] == 1
-    assert [ep.state(r)["epoch"] for r in range(world)] == [1] * world
+    assert ep.testing.workspace(world - 1, "header_sig", (world,), np.uint64)[0] == 1
+    assert [ep.testing.state(r)["epoch"] for r in range(world)] == [1] * world
     ys, routings = ep(xs, return_routing=True)
     check(cfg, w, xs, ys, routings)
-    assert [ep.state(r)["epoch"] for r in range(world)] == [2] * world
+    assert [ep.testing.state(r)["epoch"] for r in range(world)] == [2] * world
 
 
 def test_a_peer_busy_for_longer_than_the_timeout_is_not_a_fault():
@@ -138,13 +138,13 @@ def test_component_modes_end_the_launch_for_the_peers_too(mode):
     w = MoEWeights.random(cfg, 1)
     ep = EmulatedExpertParallel(cfg, w, timeout_s=2.0)
     xs = inputs(cfg)
-    ep.run_mode(xs, mode)
+    ep.testing.run_mode(xs, mode)
     k = cfg.top_k
-    experts = ep.workspace(0, "topk_expert", (TOKENS, k), np.int32)
+    experts = ep.testing.workspace(0, "topk_expert", (TOKENS, k), np.int32)
     assert ((experts >= 0) & (experts < cfg.experts)).all()
     ys, routings = ep(xs, return_routing=True)
     check(cfg, w, xs, ys, routings)
-    assert ep.state(0)["epoch"] == ep.state(1)["epoch"] == 2
+    assert ep.testing.state(0)["epoch"] == ep.testing.state(1)["epoch"] == 2
 
 
 def test_watchdog_stops_a_launch_the_kernel_would_wait_on_for_long():

@@ -103,7 +103,7 @@ def test_deterministic_across_launches(backend):
     for _ in range(per_backend(backend, 5, 2)):
         assert np.array_equal(layer(x).view(np.uint16), first.view(np.uint16))
     launches = per_backend(backend, 6, 3)
-    assert layer.state()["epoch"] >= launches and layer.state()["barrier"] == 0
+    assert layer.testing.state()["epoch"] >= launches and layer.testing.state()["barrier"] == 0
 
 
 # ---------------------------------------------------------------- components
@@ -111,9 +111,9 @@ def test_gate_and_topk_component(backend):
     cfg = MoEConfig(tokens=300, hidden=256, ffn=128, experts=40, top_k=3, dtype="float32")
     layer, w = layer_for(cfg, backend)
     x = random_tokens(cfg, 2)
-    layer.run_mode(x, "gate_only")
-    experts = layer.workspace("topk_expert", (300, 3), np.int32)
-    weights = layer.workspace("topk_weight", (300, 3), np.float32)
+    layer.testing.run_mode(x, "gate_only")
+    experts = layer.testing.workspace("topk_expert", (300, 3), np.int32)
+    weights = layer.testing.workspace("topk_weight", (300, 3), np.float32)
     _, probs = gate(cfg, w, x)
     ref = route(cfg, probs)
     agree = experts == ref.experts
@@ -126,10 +126,10 @@ def test_dispatch_lists_component(cf, backend):
     cfg = MoEConfig(tokens=333, hidden=128, ffn=128, experts=12, top_k=2, capacity_factor=cf)
     layer, _ = layer_for(cfg, backend)
     x = random_tokens(cfg, 5)
-    layer.run_mode(x, "dispatch_only")
+    layer.testing.run_mode(x, "dispatch_only")
     t, k = 333, 2
-    experts = layer.workspace("topk_expert", (t, k), np.int32)
-    rows = layer.workspace("token_rows", (t, k), np.int32)
+    experts = layer.testing.workspace("topk_expert", (t, k), np.int32)
+    rows = layer.testing.workspace("token_rows", (t, k), np.int32)
     kept_gpu = rows >= 0
     from flashmoe_core.reference import Routing, _capacity_mask
 
@@ -137,7 +137,7 @@ def test_dispatch_lists_component(cf, backend):
     assert np.array_equal(kept_gpu, kept)
     lists = dispatch_lists(cfg, Routing(experts, np.zeros((t, k), np.float32), kept))
     n_rows = int(kept.sum())
-    row_token = layer.workspace("row_token", (n_rows,), np.int32)
+    row_token = layer.testing.workspace("row_token", (n_rows,), np.int32)
     expect_rows = np.full((t, k), -1, np.int32)
     offset = 0
     for tok, slot in lists:
@@ -159,10 +159,10 @@ def test_combine_component(backend):
     rows[rng.random((t, k)) < 0.2] = -1
     weights = rng.random((t, k)).astype(np.float32)
     y_expert = round_to(rng.standard_normal((t * k, h)).astype(np.float32), "bfloat16")
-    layer.fill_workspace("token_rows", rows)
-    layer.fill_workspace("topk_weight", weights)
-    layer.fill_workspace("y_expert", y_expert)
-    y = layer.combine_only(t)
+    layer.testing.fill_workspace("token_rows", rows)
+    layer.testing.fill_workspace("topk_weight", weights)
+    layer.testing.fill_workspace("y_expert", y_expert)
+    y = layer.testing.combine_only(t)
     gathered = np.zeros((t, k, h), y_expert.dtype)
     gathered[rows >= 0] = y_expert[rows[rows >= 0]]
     want = combine(cfg, Routing(np.zeros((t, k), np.int32), weights, rows >= 0), gathered)
@@ -244,7 +244,7 @@ def test_bad_inputs_are_rejected_before_launch(backend):
         layer(x.astype(np.float32))
     with pytest.raises(TypeError, match="NumPy array"):
         layer([[1.0] * 128])
-    assert layer.state()["barrier"] == 0
+    assert layer.testing.state()["barrier"] == 0
 
 
 def test_timeout_becomes_an_exception_with_the_record(backend):
@@ -257,7 +257,7 @@ def test_timeout_becomes_an_exception_with_the_record(backend):
     assert rec["code_name"] == "timeout" and rec["phase"] in (1, 2, 3, 4, 5)
     assert rec["expected"] > rec["counter"] >= 0 and rec["elapsed_ns"] > 0
     # Recovered: counters cleared, the epoch moved past the failed launch's.
-    assert layer.state()["epoch"] == 1 and layer.state()["barrier"] == 0
+    assert layer.testing.state()["epoch"] == 1 and layer.testing.state()["barrier"] == 0
 
 
 # ---------------------------------------------------------------- GPU-only API

@@ -178,9 +178,9 @@ def dense_tile(cfg, layer, stacked, warmup, iters):
 
     k = tile_gemm_launch(cfg.dtype)
     m, h, f = cfg.tokens * cfg.top_k, cfg.hidden, cfg.ffn
-    z, ye = layer.buffer_ptr("z"), layer.buffer_ptr("y_expert")
-    w1 = stacked if cfg.mlp == "gated" else layer.buffer_ptr("w_up")
-    w2 = layer.buffer_ptr("w_down")
+    z, ye = layer.testing.buffer_ptr("z"), layer.testing.buffer_ptr("y_expert")
+    w1 = stacked if cfg.mlp == "gated" else layer.testing.buffer_ptr("w_up")
+    w2 = layer.testing.buffer_ptr("w_down")
     s = layer.stream
     gated = cfg.mlp == "gated"
 
@@ -212,19 +212,19 @@ def unfused(cfg, layer, stacked, warmup, iters):
     k = tile_gemm_launch(cfg.dtype)
     s, t = layer.stream, cfg.tokens
     item = np.dtype(cfg.storage_dtype).itemsize
-    p = {n: layer.buffer_ptr(n) for n in ("x_stage", "row_token", "z", "y_expert", "w_up",
+    p = {n: layer.testing.buffer_ptr(n) for n in ("x_stage", "row_token", "z", "y_expert", "w_up",
                                           "w_down")}
     gated = cfg.mlp == "gated"
     if not gated:
-        p.update(b_up=layer.buffer_ptr("b_up"), b_down=layer.buffer_ptr("b_down"))
+        p.update(b_up=layer.testing.buffer_ptr("b_up"), b_down=layer.testing.buffer_ptr("b_down"))
     h, f = cfg.hidden, cfg.ffn
     # The per-expert row counts, read once outside the timing (an unfused pipeline
     # reads them every pass; a grouped GEMM would not need them on the host).
-    layer.launch_staged(t, "dispatch_only")
-    kept = layer.workspace("expert_kept", (cfg.experts,), np.int32).tolist()
+    layer.testing.launch(t, "dispatch_only")
+    kept = layer.testing.workspace("expert_kept", (cfg.experts,), np.int32).tolist()
     gb = s.create_graph_builder()
     gb.begin_building()
-    layer.launch_staged(t, "dispatch_only", stream=gb)
+    layer.testing.launch(t, "dispatch_only", stream=gb)
     off = 0
     for e, n in enumerate(kept):
         if n:
@@ -237,7 +237,7 @@ def unfused(cfg, layer, stacked, warmup, iters):
                      p["y_expert"] + off * h * item, n, h, f,
                      bias=0 if gated else p["b_down"] + e * h * item)
         off += n
-    layer.launch_staged(t, "combine_only", stream=gb)
+    layer.testing.launch(t, "combine_only", stream=gb)
     graph = gb.end_building().complete()
     return time_events(s, lambda: graph.launch(s), warmup, iters)
 
@@ -303,8 +303,8 @@ def traced_pass(cfg, weights, x):
 
     layer = MoELayer(cfg, weights, trace_capacity=1 << 20)
     try:
-        t = layer.stage(x)
-        layer.launch_staged(t)
+        t = layer.testing.stage(x)
+        layer.testing.launch(t)
         layer.synchronize()
         records = layer.trace()
         return {"phases": phase_times(records), "busy": busy_fraction(records, layer.grid)}
@@ -322,8 +322,8 @@ def bench_row(spec, warmup, iters):
     layer = MoELayer(cfg, weights)
     stacked = None
     try:
-        t = layer.stage(x)
-        fused = time_events(layer.stream, lambda: layer.launch_staged(t), warmup, iters)
+        t = layer.testing.stage(x)
+        fused = time_events(layer.stream, lambda: layer.testing.launch(t), warmup, iters)
         layer.check_fault()
         routing = layer.routing(t)
         load = np.bincount(routing.experts[routing.kept], minlength=cfg.experts)

@@ -67,14 +67,14 @@ def _median_ms(layer, tokens, mode, warmup, iters, comm):
 
     s = layer.stream
     for _ in range(warmup):
-        layer.launch_staged(tokens, mode)
+        layer.testing.launch(tokens, mode)
     layer.synchronize()
     comm.Barrier()
     opts = EventOptions(enable_timing=True)
     marks = []
     for _ in range(iters):
         a = s.record(options=opts)
-        layer.launch_staged(tokens, mode)
+        layer.testing.launch(tokens, mode)
         marks.append((a, s.record(options=opts)))
     layer.synchronize()
     per_pass = np.array([b - a for a, b in marks])
@@ -93,10 +93,10 @@ def bench_row(tokens, experts, args, comm, trace_path=None):
     x = random_tokens(cfg, 1, rank=rank)
     layer = MoELayer(cfg, w, comm=comm, trace_capacity=1 << 20)
     try:
-        t = layer.stage(x)
+        t = layer.testing.stage(x)
         fused = _median_ms(layer, t, "full", args.warmup, args.iters, comm)
         comm_only = _median_ms(layer, t, "comm_only", args.warmup, args.iters, comm)
-        layer.launch_staged(t)
+        layer.testing.launch(t)
         recs = layer.trace()
         busy = busy_fraction(recs, layer.grid)
         all_recs = comm.gather(recs, root=0)
@@ -107,7 +107,7 @@ def bench_row(tokens, experts, args, comm, trace_path=None):
     one = cfg.replace(world_size=1)
     local = MoELayer(one, MoEWeights.random(one, 0))
     try:
-        t = local.stage(x)
+        t = local.testing.stage(x)
         from flashmoe_core.gpu_run import time_layer
 
         compute = float(statistics.median(time_layer(local, t, args.warmup, args.iters))) * 1e3

@@ -9,7 +9,8 @@
  * co-residency comes from the grid size.
  *
  * Compile-time constants (flashmoe_core/kernels.py): FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E,
- * FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, FMOE_BK, FMOE_STAGES, FMOE_EP.
+ * FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, FMOE_BM, FMOE_BN, FMOE_BK, FMOE_STAGES, FMOE_EP
+ * (the tile: flashmoe_core.kernels.TileConfig).
  * FMOE_EP=1 (expert parallelism) needs FLASHMOE_NVSHMEM=1, symmetric buffers in the
  * layout, NVSHMEM initialised on every PE, the module registered with NVSHMEM, and
  * 2 * (world + 1) * 4 more bytes of dynamic shared memory (peer tables).
@@ -17,8 +18,9 @@
 #include <flashmoe/moe/fused.cuh>
 
 #if !defined(FMOE_DTYPE) || !defined(FMOE_H) || !defined(FMOE_F) || !defined(FMOE_E) || \
-    !defined(FMOE_K) || !defined(FMOE_GATED) || !defined(FMOE_ACT) || !defined(FMOE_RENORM)
-#error "the fused kernel needs FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM"
+    !defined(FMOE_K) || !defined(FMOE_GATED) || !defined(FMOE_ACT) || !defined(FMOE_RENORM) || \
+    !defined(FMOE_BM) || !defined(FMOE_BN) || !defined(FMOE_BK) || !defined(FMOE_STAGES)
+#error "the fused kernel needs FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM and the tile FMOE_BM, FMOE_BN, FMOE_BK, FMOE_STAGES"
 #endif
 
 #ifndef FMOE_EP
@@ -26,8 +28,8 @@
 #endif
 
 using Cfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED != 0,
-                                  FMOE_ACT, FMOE_RENORM != 0, FMOE_BK, FMOE_STAGES,
-                                  FMOE_EP != 0>;
+                                  FMOE_ACT, FMOE_RENORM != 0, FMOE_BM, FMOE_BN, FMOE_BK,
+                                  FMOE_STAGES, FMOE_EP != 0>;
 using S = Cfg::S;
 
 /// Dynamic shared memory per block without the peer tables, read by the host.

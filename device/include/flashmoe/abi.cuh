@@ -68,6 +68,38 @@ enum TraceKind : cuda::std::uint32_t {
   kTraceSubscriber = 13, kTraceWait = 14,
 };
 
+/// Task kinds of descriptors (index << 3 | kind). Send and local up tasks are never in
+/// the ring: their indices come first in the claim order.
+enum TaskKind : cuda::std::uint32_t {
+  kUp = 0, kDown = 1, kCombine = 2, kSend = 3, kUpRemote = 4, kDownRemote = 5,
+};
+
+/// Which wait a fault record's phase names (FaultRecord::phase of the fused kernel).
+enum Phase : cuda::std::int32_t {
+  kPhaseBarrierGate = 1,
+  kPhaseBarrierTopk = 2,
+  kPhaseBarrierScan = 3,
+  kPhaseBarrierLists = 4,
+  kPhaseRingSlot = 5,
+  kPhaseRingFull = 6,
+  kPhasePeerDone = 7,      ///< waiting for a peer to finish the previous launch
+  kPhaseHeaders = 8,       ///< waiting for a peer's header
+  kPhaseDispatchWait = 9,  ///< waiting for a tile a peer dispatched to us
+  kPhaseReturnWait = 10,   ///< waiting for a result tile a peer owes us
+};
+
+/**
+ * Element types (the FMOE_DTYPE constant):
+ *   0 float32  - float storage, 3xTF32 tensor-core passes (float32-accurate products)
+ *   1 tfloat32 - float storage rounded to TF32, one TF32 pass
+ *   2 bfloat16 - bf16 storage, one bf16 pass, float32 accumulation
+ *   3 float16  - fp16 storage, one fp16 pass, float32 accumulation
+ */
+enum DType : int { kFloat32 = 0, kTFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+/// Activations (the FMOE_ACT constant).
+enum Act : int { kRelu = 0, kGelu = 1, kSilu = 2, kIdentity = 3 };
+
 /// One trace record: [start, end) of a task or phase on one block.
 struct TraceRecord {
   cuda::std::uint64_t start_ns;   ///< global timer
@@ -110,7 +142,7 @@ struct MoeLayout {
   cuda::std::int32_t max_tokens;
   cuda::std::int32_t experts;
   cuda::std::int32_t local_experts;
-  cuda::std::int32_t first_expert;
+  cuda::std::int32_t reserved0;
   cuda::std::int32_t max_rowtiles;
   cuda::std::int32_t ring_capacity;
   cuda::std::int32_t rank;
@@ -181,7 +213,7 @@ struct MoeLayout {
   X(MoeLayout, max_tokens)   \
   X(MoeLayout, experts)      \
   X(MoeLayout, local_experts) \
-  X(MoeLayout, first_expert) \
+  X(MoeLayout, reserved0)    \
   X(MoeLayout, max_rowtiles) \
   X(MoeLayout, ring_capacity) \
   X(MoeLayout, rank)         \
@@ -211,3 +243,23 @@ struct MoeLayout {
   X(TraceRecord, what)
 
 #define FMOE_ABI_STRUCTS(X) X(FaultRecord) X(MoeLayout) X(TraceRecord)
+
+/// X-macro list of every (enum, enumerator) above, for the ABI compile test; a CPU test
+/// checks that it names every enumerator and that host/abi.py mirrors them all.
+#define FMOE_ABI_ENUMS(X)                                                                   \
+  X(FaultCode, kOk) X(FaultCode, kTimeout) X(FaultCode, kProtocol) X(FaultCode, kBadLaunch) \
+  X(StateWord, kEpoch) X(StateWord, kBarrier) X(StateWord, kExit) X(StateWord, kHead)       \
+  X(StateWord, kPublished) X(StateWord, kTraced) X(StateWord, kStateWords)                  \
+  X(Mode, kModeFull) X(Mode, kModeGateOnly) X(Mode, kModeDispatchOnly)                      \
+  X(Mode, kModeCombineOnly) X(Mode, kModeCommOnly)                                          \
+  X(TraceKind, kTraceGate) X(TraceKind, kTraceTopk) X(TraceKind, kTraceScan)                \
+  X(TraceKind, kTraceLists) X(TraceKind, kTraceHeaders) X(TraceKind, kTraceSubscriber)      \
+  X(TraceKind, kTraceWait)                                                                  \
+  X(TaskKind, kUp) X(TaskKind, kDown) X(TaskKind, kCombine) X(TaskKind, kSend)              \
+  X(TaskKind, kUpRemote) X(TaskKind, kDownRemote)                                           \
+  X(Phase, kPhaseBarrierGate) X(Phase, kPhaseBarrierTopk) X(Phase, kPhaseBarrierScan)       \
+  X(Phase, kPhaseBarrierLists) X(Phase, kPhaseRingSlot) X(Phase, kPhaseRingFull)            \
+  X(Phase, kPhasePeerDone) X(Phase, kPhaseHeaders) X(Phase, kPhaseDispatchWait)             \
+  X(Phase, kPhaseReturnWait)                                                                \
+  X(DType, kFloat32) X(DType, kTFloat32) X(DType, kBFloat16) X(DType, kFloat16)             \
+  X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity)

@@ -44,19 +44,17 @@ FMOE_DEVICE uint32_t read_epoch(const uint32_t* state) {
   return load_volatile(&state[abi::kEpoch]);
 }
 
-/// Phase ids of FaultRecord::phase for the fused kernel.
-enum Phase : int32_t {
-  kPhaseBarrierGate = 1,
-  kPhaseBarrierTopk = 2,
-  kPhaseBarrierScan = 3,
-  kPhaseBarrierLists = 4,
-  kPhaseRingSlot = 5,
-  kPhaseRingFull = 6,
-  kPhasePeerDone = 7,      ///< waiting for a peer to finish the previous launch
-  kPhaseHeaders = 8,       ///< waiting for a peer's header
-  kPhaseDispatchWait = 9,  ///< waiting for a tile a peer dispatched to us
-  kPhaseReturnWait = 10,   ///< waiting for a result tile a peer owes us
-};
+using abi::Phase;
+using abi::kPhaseBarrierGate;
+using abi::kPhaseBarrierLists;
+using abi::kPhaseBarrierScan;
+using abi::kPhaseBarrierTopk;
+using abi::kPhaseDispatchWait;
+using abi::kPhaseHeaders;
+using abi::kPhasePeerDone;
+using abi::kPhaseReturnWait;
+using abi::kPhaseRingFull;
+using abi::kPhaseRingSlot;
 
 /**
  * Grid-wide barrier number `index` (0, 1, ...) of this launch. The arrival counter

@@ -2,22 +2,23 @@
  * @file element.cuh
  * @brief Element types: what memory stores, what tensor cores consume, how to round.
  *
- * Type ids (the FMOE_DTYPE macro, mirrored in Python):
- *   0 float32  - float storage, 3xTF32 tensor-core passes (float32-accurate products)
- *   1 tfloat32 - float storage rounded to TF32, one TF32 pass
- *   2 bfloat16 - bf16 storage, one bf16 pass, float32 accumulation
- *   3 float16  - fp16 storage, one fp16 pass, float32 accumulation
+ * Type ids (FMOE_DTYPE) and activation ids (FMOE_ACT) are abi.cuh's DType and Act.
  */
 #pragma once
 
 #include <cuda/std/bit>
 
+#include "../abi.cuh"
 #include "../prelude.cuh"
 
 namespace flashmoe {
 namespace gemm {
 
-enum DType : int { kFloat32 = 0, kTFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
+using abi::DType;
+using abi::kBFloat16;
+using abi::kFloat16;
+using abi::kFloat32;
+using abi::kTFloat32;
 
 /// Round a float to TF32, half away from zero (what the oracle does).
 FMOE_DEVICE uint32_t tf32_rna_bits(float x) {
@@ -42,7 +43,6 @@ struct Element<kFloat32> {
   using Storage = float;
   using Operand = cute::tfloat32_t;  // shared memory and fragments hold the raw float bits
   using MmaAtom = FMOE_ARCH_ATOM(SM80_16x8x8_F32TF32TF32F32_TN);
-  static constexpr int kPasses = 3;  // big*big + big*small + small*big
   static constexpr int kMmaK = 8;
   FMOE_DEVICE static Storage from_float(float v) { return v; }
   FMOE_DEVICE static float to_float(Storage v) { return v; }
@@ -53,7 +53,6 @@ struct Element<kTFloat32> {
   using Storage = float;
   using Operand = cute::tfloat32_t;
   using MmaAtom = FMOE_ARCH_ATOM(SM80_16x8x8_F32TF32TF32F32_TN);
-  static constexpr int kPasses = 1;
   static constexpr int kMmaK = 8;
   FMOE_DEVICE static Storage from_float(float v) { return round_tf32(v); }
   FMOE_DEVICE static float to_float(Storage v) { return v; }
@@ -64,7 +63,6 @@ struct Element<kBFloat16> {
   using Storage = cute::bfloat16_t;
   using Operand = cute::bfloat16_t;
   using MmaAtom = FMOE_ARCH_ATOM(SM80_16x8x16_F32BF16BF16F32_TN);
-  static constexpr int kPasses = 1;
   static constexpr int kMmaK = 16;
   FMOE_DEVICE static Storage from_float(float v) { return Storage(v); }
   FMOE_DEVICE static float to_float(Storage v) { return float(v); }
@@ -75,7 +73,6 @@ struct Element<kFloat16> {
   using Storage = cute::half_t;
   using Operand = cute::half_t;
   using MmaAtom = FMOE_ARCH_ATOM(SM80_16x8x16_F32F16F16F32_TN);
-  static constexpr int kPasses = 1;
   static constexpr int kMmaK = 16;
   FMOE_DEVICE static Storage from_float(float v) { return Storage(v); }
   FMOE_DEVICE static float to_float(Storage v) { return float(v); }
@@ -122,8 +119,11 @@ FMOE_DEVICE void load8(const typename E::Storage* src, float (&v)[8]) {
   for (int j = 0; j < 8; ++j) v[j] = E::to_float(in.e[j]);
 }
 
-/// Activation ids (FMOE_ACT): 0 relu, 1 gelu (erf), 2 silu, 3 identity.
-enum Act : int { kRelu = 0, kGelu = 1, kSilu = 2, kIdentity = 3 };
+using abi::Act;
+using abi::kGelu;
+using abi::kIdentity;
+using abi::kRelu;
+using abi::kSilu;
 
 template <int kAct>
 FMOE_DEVICE float activate(float x) {

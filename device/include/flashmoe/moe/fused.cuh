@@ -21,21 +21,23 @@ namespace moe {
 
 /// Compile-time shape and numerics of one layer (the JIT's constants).
 template <int kDtype_, int H_, int F_, int E_, int K_, bool kGated_, int kAct_, bool kRenorm_,
-          int BK_, int kStages_, bool kEP_>
+          int BM_, int BN_, int BK_, int kStages_, bool kEP_>
 struct Config {
   static constexpr int kDtype = kDtype_, H = H_, F = F_, E = E_, K = K_;
   static constexpr bool kGated = kGated_, kRenorm = kRenorm_, kEP = kEP_;
   static constexpr int kAct = kAct_;
-  static constexpr int kTile = 128;  // rows per row tile / tokens per token tile
-  using G = gemm::TileGemm<kDtype, 128, 128, BK_, kStages_>;
+  using G = gemm::TileGemm<kDtype, BM_, BN_, BK_, kStages_>;
+  static constexpr int kTile = BM_;  // rows per row tile / tokens per token tile
+  static_assert(BM_ == BN_ && BM_ == G::kThreads,
+                "square tiles of one row per thread (combine credits, token tiles)");
   using Elem = typename G::E;
   using S = typename G::Storage;
   static constexpr int kThreads = G::kThreads;
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kUpCols = kGated ? 64 : 128;  // output columns of one up task
+  static constexpr int kUpCols = kGated ? G::BN / 2 : G::BN;  // output columns of an up task
   static constexpr int kUpTiles = (F + kUpCols - 1) / kUpCols;
-  static constexpr int kDownTiles = (H + 127) / 128;
-  static constexpr int kGateTiles = (E + 127) / 128;
+  static constexpr int kDownTiles = (H + G::BN - 1) / G::BN;
+  static constexpr int kGateTiles = (E + G::BN - 1) / G::BN;
   static constexpr int kEp = (E + 7) / 8 * 8;        // logits row stride
   static constexpr int kPerLane = (E + 31) / 32;     // logits per lane in top-k
   static_assert(H % 8 == 0 && F % 8 == 0, "hidden and ffn must be multiples of 8");
@@ -52,11 +54,13 @@ struct Config {
   static constexpr int kSmemBytes = G::kSmemBytes + kSmemTables;
 };
 
-/// Task kinds of descriptors (index << 3 | kind). Send and local up tasks are never in
-/// the ring: their indices come first in the claim order.
-enum TaskKind : uint32_t {
-  kUp = 0, kDown = 1, kCombine = 2, kSend = 3, kUpRemote = 4, kDownRemote = 5,
-};
+using abi::TaskKind;
+using abi::kCombine;
+using abi::kDown;
+using abi::kDownRemote;
+using abi::kSend;
+using abi::kUp;
+using abi::kUpRemote;
 
 FMOE_DEVICE uint32_t desc(uint32_t index, TaskKind kind) { return (index << 3) | kind; }
 
@@ -155,10 +159,10 @@ struct Kernel {
     }
   }
 
-  /// Router logits of 128 tokens x 128 experts: [T, Ep] float32.
+  /// Router logits of kTile tokens x BN experts: [T, Ep] float32.
   FMOE_DEVICE void gate_tile(int tile) {
     const int tt = tile / C::kGateTiles, et = tile % C::kGateTiles;
-    const int t0 = tt * kTile, e0 = et * 128;
+    const int t0 = tt * kTile, e0 = et * G::BN;
     const S* router = static_cast<const S*>(L.router_t);
     const float* staged = G::compute_tile(
         smem, C::H,
@@ -166,7 +170,7 @@ struct Kernel {
         [&](int r) -> const S* {
           return e0 + r < C::E ? router + int64_t(e0 + r) * C::H : nullptr;
         });
-    G::for_each_row_chunk(staged, 128, [&](int r, int c, float(&v)[8]) {
+    G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
       if (t0 + r >= T || e0 + c >= C::kEp) return;
       float4* dst = reinterpret_cast<float4*>(L.logits + int64_t(t0 + r) * C::kEp + e0 + c);
       dst[0] = make_float4(v[0], v[1], v[2], v[3]);
@@ -343,7 +347,7 @@ struct Kernel {
   /// Where one row tile's rows come from and go to.
   struct RowTile {
     int le;           // local expert (index into this rank's weights)
-    int rows;         // valid rows (1..128)
+    int rows;         // valid rows (1..kTile)
     int a_row0;       // first input row (compact row, or receive-buffer row)
     int out_row0;     // first output row in the up/down buffers
   };
@@ -359,14 +363,14 @@ struct Kernel {
   }
 
   /**
-   * Up projection of one 128-column slice: out = act(A W1^T + b1) or act(A Wg^T) *
+   * Up projection of one kUpCols-column slice: out = act(A W1^T + b1) or act(A Wg^T) *
    * (A Wu^T), A rows a_row(r), output rows out + r * F.
    */
   template <class ARow>
   FMOE_DEVICE void up_compute(const RowTile& tile, int col, ARow a_row, S* out) {
     if (!compute) return;
     const int n0 = col * C::kUpCols;
-    // Gated: B rows [0, 64) are Wg rows, [64, 128) the matching Wu rows.
+    // Gated: B rows [0, kUpCols) are Wg rows, [kUpCols, BN) the matching Wu rows.
     const S* w_up = static_cast<const S*>(L.w_up) + int64_t(tile.le) * C::F * C::H;
     const S* w_up2 = C::kGated ? static_cast<const S*>(L.w_up2) + int64_t(tile.le) * C::F * C::H
                                : w_up;
@@ -395,10 +399,10 @@ struct Kernel {
     __syncthreads();
   }
 
-  /// Down projection of one 128-column slice: out = Z W2^T + b2 (rows z + r * F).
+  /// Down projection of one BN-column slice: out = Z W2^T + b2 (rows z + r * F).
   FMOE_DEVICE void down_compute(const RowTile& tile, int col, const S* z, S* out) {
     if (!compute) return;
-    const int n0 = col * 128;
+    const int n0 = col * G::BN;
     const S* w_down = static_cast<const S*>(L.w_down) + int64_t(tile.le) * C::H * C::F;
     const float* staged = G::compute_tile(
         smem, C::F,
@@ -408,7 +412,7 @@ struct Kernel {
         });
     const S* b_down =
         C::kGated ? nullptr : static_cast<const S*>(L.b_down) + int64_t(tile.le) * C::H;
-    G::for_each_row_chunk(staged, 128, [&](int r, int c, float(&v)[8]) {
+    G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
       if (r >= tile.rows || n >= C::H) return;
       if constexpr (!C::kGated) {
@@ -449,7 +453,7 @@ struct Kernel {
   FMOE_DEVICE bool credit_rows(int row0, int rows, int col_lo, int col_hi) {
     bool ok = true;
     int r = 0;
-    while (r < rows) {  // bounded: r grows by at least one each turn, up to 128
+    while (r < rows) {  // bounded: r grows by at least one each turn, up to kTile
       const int tt = load_cg(&L.row_token[row0 + r]) / kTile;
       int len = 1;
       while (r + len < rows && load_cg(&L.row_token[row0 + r + len]) / kTile == tt) ++len;  // bounded: <= rows
@@ -507,9 +511,9 @@ struct Kernel {
   /// y[t, cols] = sum_j w[t, j] * Y[token_rows[t, j], cols], kept slots in slot order.
   FMOE_DEVICE void combine_task(int index) {
     const int tt = index / C::kDownTiles, col = index % C::kDownTiles;
-    const int t0 = tt * kTile, n0 = col * 128;
+    const int t0 = tt * kTile, n0 = col * G::BN;
     const S* ye = static_cast<const S*>(L.y_expert);
-    constexpr int kChunks = 128 / 8;
+    constexpr int kChunks = G::BN / 8;
     for (int v = threadIdx.x; v < kTile * kChunks; v += C::kThreads) {
       const int t = t0 + v / kChunks, n = n0 + (v % kChunks) * 8;
       if (t >= T || n >= C::H) continue;
