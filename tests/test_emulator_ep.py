@@ -77,6 +77,18 @@ def test_random_schedules_and_stalls_keep_the_protocol_correct():
         check(cfg, w, xs, ys, routings)
 
 
+def test_subscriber_threads_with_many_events_each():
+    # 256 experts, top-8: each PE sends ~128 tiles and receives as many, so every
+    # subscriber thread watches several events at once; stalls shuffle their arrival.
+    cfg = MoEConfig(tokens=128, hidden=128, ffn=128, experts=256, top_k=8, world_size=2)
+    w = MoEWeights.random(cfg, 3)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30,
+                                options=EmulatorOptions(seed=5, chaos=20, chaos_us=200))
+    xs = inputs(cfg)
+    ys, routings = ep(xs, return_routing=True)
+    check(cfg, w, xs, ys, routings)
+
+
 def test_delayed_rank_still_correct():
     cfg = config(2)
     w = MoEWeights.random(cfg, 1)

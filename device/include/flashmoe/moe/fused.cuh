@@ -699,28 +699,67 @@ struct Kernel {
     }
   }
 
+  /// Subscriber event ev: tile ev dispatched to us (ev < n_recv), else the result of
+  /// send tile ev - n_recv coming back. Returns its signal word.
+  FMOE_DEVICE const uint64_t* event_signal(int ev, int n_recv, PeerTile& pt) const {
+    const bool arrival = ev < n_recv;
+    pt = arrival ? recv_tile(ev) : send_tile(ev - n_recv);
+    return (arrival ? L.dispatch_sig : L.return_sig) + int64_t(pt.peer) * L.max_peer_tiles +
+           pt.index;
+  }
+
   /**
    * The subscriber (last block): waits for every tile dispatched to this rank and
-   * every result tile returned to it, and publishes the tasks they unblock.
+   * every result tile returned to it, and publishes the tasks they unblock. Each
+   * thread watches a window of its events at once and handles them in the order they
+   * land, so one late tile does not hold back the ones behind it.
    */
   FMOE_DEVICE bool subscribe() {
-    const int n_recv = s_src[L.world], n_ret = s_dst[L.world];
+    constexpr int kWindow = 8;
+    const int n_recv = s_src[L.world], n = n_recv + s_dst[L.world];
     bool ok = true;
-    for (int ev = threadIdx.x; ok && ev < n_recv + n_ret; ev += C::kThreads) {
-      const bool arrival = ev < n_recv;
-      const PeerTile pt = arrival ? recv_tile(ev) : send_tile(ev - n_recv);
-      const uint64_t* sig = (arrival ? L.dispatch_sig : L.return_sig) +
-                            int64_t(pt.peer) * L.max_peer_tiles + pt.index;
-      ok = wait_signal(site, arrival ? kPhaseDispatchWait : kPhaseReturnWait, pt.index,
-                       pt.peer, sig, tag);
-      if (!ok) break;
-      __threadfence_system();  // acquire: the rows were written by another GPU
-      if (arrival) {
-        ok = ring.publish(C::kUpTiles, [&](int i) {
-          return desc(uint32_t(ev * C::kUpTiles + i), kUpRemote);
-        }, site);
-      } else {
-        ok = credit_rows(pt.src_row, pt.rows, 0, C::kDownTiles);
+    for (int base = threadIdx.x; ok && base < n; base += kWindow * C::kThreads) {
+      const uint64_t* sig[kWindow];
+      uint32_t pending = 0u;
+      for (int j = 0; j < kWindow && base + j * C::kThreads < n; ++j) {
+        PeerTile pt;
+        sig[j] = event_signal(base + j * C::kThreads, n_recv, pt);
+        pending |= 1u << j;
+      }
+      while (ok && pending != 0u) {  // bounded: each turn handles an event or gives up
+        const int first = __ffs(int(pending)) - 1;  // reported if nothing lands in time
+        PeerTile pt;
+        event_signal(base + first * C::kThreads, n_recv, pt);
+        int ready = first;
+        ok = bounded_wait(
+            site, base + first * C::kThreads < n_recv ? kPhaseDispatchWait : kPhaseReturnWait,
+            pt.index, pt.peer,
+            [&] {
+              for (uint32_t m = pending; m != 0u; m &= m - 1u) {
+                const int j = __ffs(int(m)) - 1;
+                if (load_volatile(sig[j]) == uint64_t(tag)) {
+                  ready = j;
+                  return true;
+                }
+              }
+              return false;
+            },
+            [&](int64_t& seen, int64_t& expected) {
+              seen = int64_t(load_volatile(sig[first]));
+              expected = int64_t(tag);
+            });
+        if (!ok) break;
+        __threadfence_system();  // acquire: the rows were written by another GPU
+        pending &= ~(1u << ready);
+        const int ev = base + ready * C::kThreads;
+        event_signal(ev, n_recv, pt);
+        if (ev < n_recv) {
+          ok = ring.publish(C::kUpTiles, [&](int i) {
+            return desc(uint32_t(ev * C::kUpTiles + i), kUpRemote);
+          }, site);
+        } else {
+          ok = credit_rows(pt.src_row, pt.rows, 0, C::kDownTiles);
+        }
       }
     }
     return __syncthreads_and(ok) != 0;
