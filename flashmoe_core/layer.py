@@ -5,9 +5,10 @@
     y = layer(x_gpu, stream=s)              # DLPack GPU tensor in -> same kind out (no copy)
     y, routing = layer(x, return_routing=True)
 
-Inputs are validated before anything is launched. The DLPack path is stream-ordered
-and never synchronises the host, so it can be captured in a CUDA graph (pass ``out``
-so no allocation happens inside the capture).
+Inputs are validated before anything is launched. The DLPack path with ``stream=`` is
+stream-ordered and never synchronises the host, so it can be captured in a CUDA graph
+(pass ``out`` so no allocation happens inside the capture); without ``stream=`` it
+returns once the kernel is done, since the consumer's stream is unknown.
 """
 
 from __future__ import annotations
