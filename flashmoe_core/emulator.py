@@ -32,7 +32,7 @@ from .host.emulator import EmulatorError, EmulatorOptions
 from .host.errors import FlashMoEError
 from .jit import emulator_library
 from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from .layer import fault_exception, layout_record, recovery_state, validate_input
+from .layer import fault_exception, kernel_weights, layout_record, recovery_state, validate_input
 from .numerics import round_to, storage_dtype
 from .plan import plan_layer
 from .reference import Routing
@@ -184,17 +184,8 @@ class _PeBuffers:
         self.buf[name][...] = a.reshape(-1).view(np.uint8)
 
     def _upload_weights(self, w: MoEWeights) -> None:
-        # The tensor cores read both operands K-major (MoELayer._upload_weights).
-        self._put("router_t", w.router.T)
-        if self.cfg.mlp == "vanilla":
-            self._put("w_up", w.w1.transpose(0, 2, 1))
-            self._put("b_up", w.b1)
-            self._put("w_down", w.w2.transpose(0, 2, 1))
-            self._put("b_down", w.b2)
-        else:
-            self._put("w_up", w.wg.transpose(0, 2, 1))
-            self._put("w_up2", w.wu.transpose(0, 2, 1))
-            self._put("w_down", w.w2.transpose(0, 2, 1))
+        for name, array in kernel_weights(w).items():
+            self._put(name, array)
 
     def reset(self) -> None:
         """Zero what a layer zeroes when it is built (counters, ring, signals)."""
@@ -280,7 +271,24 @@ class _Launcher:
             arr(_P, [_addr(h) for h in heaps]) if heaps else None, heap_bytes)
 
 
-class EmulatedMoELayer:
+class _Emulated:
+    """What both emulated layers share: their launcher and its options."""
+
+    _launcher: "_Launcher"
+
+    @property
+    def options(self) -> EmulatorOptions:
+        """How launches are scheduled and perturbed (settable between calls)."""
+        return self._launcher.options
+
+    @options.setter
+    def options(self, value: EmulatorOptions) -> None:
+        if not isinstance(value, EmulatorOptions):
+            raise TypeError("options must be EmulatorOptions")
+        self._launcher.options = value
+
+
+class EmulatedMoELayer(_Emulated):
     """A one-GPU MoE layer whose fused kernel runs on the CPU emulator.
 
     ``MoELayer(cfg, weights, backend="emulator")`` returns one. NumPy in, NumPy out.
@@ -314,16 +322,6 @@ class EmulatedMoELayer:
         self._launcher = _Launcher(cfg, options)
         self._pe = _PeBuffers(cfg, weights, 0, _timeout(timeout_s))
         self.plan = self._pe.plan
-
-    @property
-    def options(self) -> EmulatorOptions:
-        return self._launcher.options
-
-    @options.setter
-    def options(self, value: EmulatorOptions) -> None:
-        if not isinstance(value, EmulatorOptions):
-            raise TypeError("options must be EmulatorOptions")
-        self._launcher.options = value
 
     def _launch(self, tokens: int, mode: str, x_ptr: int) -> None:
         pe = self._pe
@@ -414,7 +412,7 @@ class _LayerTesting:
 
 
 # ------------------------------------------------------------------------- several PEs
-class EmulatedExpertParallel:
+class EmulatedExpertParallel(_Emulated):
     """``cfg.world_size`` PEs of an expert-parallel layer in one process, their fused
     kernels launched together on the emulator, NVSHMEM emulated between them.
 
@@ -459,16 +457,6 @@ class EmulatedExpertParallel:
         self._heaps = [_aligned(total, 0) for _ in range(self.world)]
         self.pes = [_PeBuffers(cfg, weights, r, timeout, self._heaps[r], offsets)
                     for r in range(self.world)]
-
-    @property
-    def options(self) -> EmulatorOptions:
-        return self._launcher.options
-
-    @options.setter
-    def options(self, value: EmulatorOptions) -> None:
-        if not isinstance(value, EmulatorOptions):
-            raise TypeError("options must be EmulatorOptions")
-        self._launcher.options = value
 
     @property
     def testing(self) -> "_ExpertParallelTesting":

@@ -206,17 +206,8 @@ class MoELayer:
                                             self._stream)
 
     def _upload_weights(self, w: MoEWeights) -> None:
-        # The tensor cores read both operands K-major: store W^T (out x in).
-        self._upload("router_t", w.router.T)
-        if self.cfg.mlp == "vanilla":
-            self._upload("w_up", w.w1.transpose(0, 2, 1))
-            self._upload("b_up", w.b1)
-            self._upload("w_down", w.w2.transpose(0, 2, 1))
-            self._upload("b_down", w.b2)
-        else:
-            self._upload("w_up", w.wg.transpose(0, 2, 1))
-            self._upload("w_up2", w.wu.transpose(0, 2, 1))
-            self._upload("w_down", w.w2.transpose(0, 2, 1))
+        for name, array in kernel_weights(w).items():
+            self._upload(name, array)
 
     def _allocate_workspace(self) -> None:
         if self.heap is None:
@@ -560,6 +551,18 @@ def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_bl
     return EmulatedMoELayer(cfg, weights, grid=DEFAULT_GRID if max_blocks is None else max_blocks,
                             timeout_s=timeout_s,
                             options=emulator_options or EmulatorOptions())
+
+
+def kernel_weights(w: MoEWeights) -> dict:
+    """The weight buffers the kernel reads, by plan name: every matrix transposed to
+    K-major (out x in), since the tensor cores read both operands K-major."""
+    kmajor = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1))  # noqa: E731
+    out = {"router_t": np.ascontiguousarray(w.router.T)}
+    if w.cfg.mlp == "vanilla":
+        out.update(w_up=kmajor(w.w1), b_up=w.b1, w_down=kmajor(w.w2), b_down=w.b2)
+    else:
+        out.update(w_up=kmajor(w.wg), w_up2=kmajor(w.wu), w_down=kmajor(w.w2))
+    return out
 
 
 def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, rank: int = 0,

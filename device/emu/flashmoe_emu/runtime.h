@@ -825,26 +825,19 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+namespace fmoe_emu {
+template <class To, class From>
+inline To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
 }
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float __int_as_float(int i) {
-  float f;
-  std::memcpy(&f, &i, 4);
-  return f;
-}
-inline int __float_as_int(float f) {
-  int i;
-  std::memcpy(&i, &f, 4);
-  return i;
-}
+}  // namespace fmoe_emu
+inline float __uint_as_float(unsigned u) { return fmoe_emu::bit_cast<float>(u); }
+inline unsigned __float_as_uint(float f) { return fmoe_emu::bit_cast<unsigned>(f); }
+inline float __int_as_float(int i) { return fmoe_emu::bit_cast<float>(i); }
+inline int __float_as_int(float f) { return fmoe_emu::bit_cast<int>(f); }
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
