@@ -38,6 +38,9 @@ struct Config {
   static constexpr int kUpTiles = (F + kUpCols - 1) / kUpCols;
   static constexpr int kDownTiles = (H + G::BN - 1) / G::BN;
   static constexpr int kGateTiles = (E + G::BN - 1) / G::BN;
+  /// Every expert fits one gate tile: top-k runs in the gate's epilogue from shared
+  /// memory, without writing logits or a grid barrier in between.
+  static constexpr bool kFusedTopk = kGateTiles == 1;
   static constexpr int kEp = (E + 7) / 8 * 8;        // logits row stride
   static constexpr int kPerLane = (E + 31) / 32;     // logits per lane in top-k
   static_assert(H % 8 == 0 && F % 8 == 0, "hidden and ffn must be multiples of 8");
@@ -149,7 +152,10 @@ struct Kernel {
       L.state[abi::kPublished] = 0u;
       L.state[abi::kTraced] = 0u;
     }
-    for (int i = gtid; i < TT * C::E; i += gsize) L.tile_counts[i] = 0;
+    // With top-k in the gate epilogue, each token tile's block zeroes its own counts.
+    if constexpr (!C::kFusedTopk) {
+      for (int i = gtid; i < TT * C::E; i += gsize) L.tile_counts[i] = 0;
+    }
     for (int i = gtid; i < L.max_rowtiles; i += gsize) L.dep_rowtile[i] = 0u;
     for (int i = gtid; i < TT * C::kDownTiles; i += gsize) L.dep_combine[i] = 0u;
     if constexpr (C::kEP) {
@@ -159,10 +165,14 @@ struct Kernel {
     }
   }
 
-  /// Router logits of kTile tokens x BN experts: [T, Ep] float32.
+  /// Router logits of kTile tokens x BN experts; then either top-k for the tile's
+  /// tokens straight from shared memory (kFusedTopk) or the logits to [T, Ep] float32.
   FMOE_DEVICE void gate_tile(int tile) {
     const int tt = tile / C::kGateTiles, et = tile % C::kGateTiles;
     const int t0 = tt * kTile, e0 = et * G::BN;
+    if constexpr (C::kFusedTopk) {
+      for (int e = threadIdx.x; e < C::E; e += C::kThreads) L.tile_counts[tt * C::E + e] = 0;
+    }
     const S* router = static_cast<const S*>(L.router_t);
     const float* staged = G::compute_tile(
         smem, C::H,
@@ -170,28 +180,42 @@ struct Kernel {
         [&](int r) -> const S* {
           return e0 + r < C::E ? router + int64_t(e0 + r) * C::H : nullptr;
         });
-    G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
-      if (t0 + r >= T || e0 + c >= C::kEp) return;
-      float4* dst = reinterpret_cast<float4*>(L.logits + int64_t(t0 + r) * C::kEp + e0 + c);
-      dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-      dst[1] = make_float4(v[4], v[5], v[6], v[7]);
-    });
+    if constexpr (C::kFusedTopk) {
+      // compute_tile synchronised the block after zeroing the counts and staging.
+      const int warp = int(threadIdx.x >> 5);
+      for (int r = warp; r < kTile && t0 + r < T; r += C::kWarps) {
+        topk_token(t0 + r, [&](int e) { return staged[r * G::kStageLd + e]; });
+      }
+    } else {
+      G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
+        if (t0 + r >= T || e0 + c >= C::kEp) return;
+        float4* dst = reinterpret_cast<float4*>(L.logits + int64_t(t0 + r) * C::kEp + e0 + c);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+      });
+    }
     __syncthreads();
   }
 
   // ---------------------------------------------------------------- phase 1: top-k
-  /// One warp: softmax over the token's logits, top-k (ties to the lower expert),
-  /// combine weights, and the token tile's per-expert counts.
+  /// Top-k of token t from the logits written by the gate tiles (phase 1).
   FMOE_DEVICE void topk_token(int t) {
-    const int lane = threadIdx.x & 31;
     const float* row = L.logits + int64_t(t) * C::kEp;
+    topk_token(t, [&](int e) { return load_cg(row + e); });
+  }
+
+  /// One warp: softmax over the token's logits logit(e), top-k (ties to the lower
+  /// expert), combine weights, and the token tile's per-expert counts.
+  template <class Logit>
+  FMOE_DEVICE void topk_token(int t, Logit logit) {
+    const int lane = threadIdx.x & 31;
     constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
     float v[C::kPerLane];
     float m = kNegInf;
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
       const int e = lane + 32 * i;
-      v[i] = e < C::E ? load_cg(row + e) : kNegInf;
+      v[i] = e < C::E ? logit(e) : kNegInf;
       m = fmaxf(m, v[i]);
     }
 #pragma unroll
@@ -880,25 +904,29 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   }
 
   if (L.delay_ns != 0u && blockIdx.x == 0 && threadIdx.x == 0) sleep_for(L.delay_ns);
+  int barrier = 0;  // grid barriers passed this launch (fewer with top-k in the gate)
   uint64_t t0 = k.tracing() ? global_timer_ns() : 0u;
   k.zero_counters();
   for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) k.gate_tile(tile);
-  if (!grid_barrier(L.state, 0, k.site, kPhaseBarrierGate)) return;
-  k.trace(t0, abi::kTraceGate);  // recorded after the barrier: the trace counter is zeroed
-
-  t0 = k.tracing() ? global_timer_ns() : 0u;
-  for (int t = gwarp; t < tokens; t += warps) k.topk_token(t);
-  k.trace(t0, abi::kTraceTopk);
+  if constexpr (!C::kFusedTopk) {
+    if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierGate)) return;
+    k.trace(t0, abi::kTraceGate);  // recorded after the barrier: the trace counter is zeroed
+    t0 = k.tracing() ? global_timer_ns() : 0u;
+    for (int t = gwarp; t < tokens; t += warps) k.topk_token(t);
+  }
   if (mode == abi::kModeGateOnly) {
     k.finish();
     return;
   }
-  if (!grid_barrier(L.state, 1, k.site, kPhaseBarrierTopk)) return;
+  if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierTopk)) return;
+  // Recorded after the barrier (the trace counter is zeroed in phase 0); with top-k
+  // in the gate, this span is gate and top-k together.
+  k.trace(t0, C::kFusedTopk ? abi::kTraceGate : abi::kTraceTopk);
 
   t0 = k.tracing() ? global_timer_ns() : 0u;
   for (int e = gwarp; e < C::E; e += warps) k.scan_expert(e);
   k.trace(t0, abi::kTraceScan);
-  if (!grid_barrier(L.state, 2, k.site, kPhaseBarrierScan)) return;
+  if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierScan)) return;
 
   t0 = k.tracing() ? global_timer_ns() : 0u;
   const int local_rowtiles = k.expert_offsets();
@@ -913,7 +941,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     k.finish();
     return;
   }
-  if (!grid_barrier(L.state, 3, k.site, kPhaseBarrierLists)) return;
+  if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierLists)) return;
 
   typename Kernel<C>::Counts n{0, uint32_t(local_rowtiles * C::kUpTiles),
                                uint32_t(local_rowtiles * C::kDownTiles), 0, 0,
