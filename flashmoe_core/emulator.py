@@ -32,7 +32,8 @@ from .host.emulator import EmulatorError, EmulatorOptions
 from .host.errors import FlashMoEError
 from .jit import emulator_library
 from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from .layer import fault_exception, kernel_weights, layout_record, recovery_state, validate_input
+from .layer import (fault_exception, kernel_weights, layout_record, placement_tables,
+                    recovery_state, validate_input)
 from .numerics import round_to, storage_dtype
 from .plan import plan_layer
 from .reference import Routing
@@ -168,13 +169,8 @@ class _PeBuffers:
             self.buf[name] = _aligned(nbytes, 0xA5)
         self._upload_weights(weights)
         if cfg.world_size > 1:
-            owner = np.asarray(cfg.expert_owner, np.int32)
-            local_index = np.zeros(cfg.experts, np.int32)
-            for r in range(cfg.world_size):
-                for i, e in enumerate(cfg.local_experts(r)):
-                    local_index[e] = i
-            self.view("expert_owner", (cfg.experts,), np.int32)[...] = owner
-            self.view("expert_local", (cfg.experts,), np.int32)[...] = local_index
+            for name, table in placement_tables(cfg).items():
+                self.view(name, table.shape, table.dtype)[...] = table
         self.fault = np.zeros(1, FAULT_RECORD)
         self.reset()
 

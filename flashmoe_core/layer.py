@@ -226,13 +226,8 @@ class MoELayer:
                 self._buffers[name] = buf = bootstrap.symmetric_alloc(nbytes)
                 self._symmetric.append(buf)
                 memory.zero(buf, self._stream)
-            owner = np.asarray(self.cfg.expert_owner, np.int32)
-            local_index = np.zeros(self.cfg.experts, np.int32)
-            for r in range(self.world):
-                for i, e in enumerate(self.cfg.local_experts(r)):
-                    local_index[e] = i
-            memory.copy_in(self._buffers["expert_owner"], owner, self._stream)
-            memory.copy_in(self._buffers["expert_local"], local_index, self._stream)
+            for name, table in placement_tables(self.cfg).items():
+                memory.copy_in(self._buffers[name], table, self._stream)
         for name in ("state", "ring", "dep_rowtile", "dep_combine"):
             memory.zero(self._buffers[name], self._stream)
         self._stream.sync()
@@ -563,6 +558,16 @@ def kernel_weights(w: MoEWeights) -> dict:
     else:
         out.update(w_up=kmajor(w.wg), w_up2=kmajor(w.wu), w_down=kmajor(w.w2))
     return out
+
+
+def placement_tables(cfg: MoEConfig) -> dict:
+    """The expert-parallel kernel's placement tables: ``expert_owner`` (rank of each
+    expert) and ``expert_local`` (its position among that rank's experts), int32 [E]."""
+    local_index = np.zeros(cfg.experts, np.int32)
+    for r in range(cfg.world_size):
+        for i, e in enumerate(cfg.local_experts(r)):
+            local_index[e] = i
+    return {"expert_owner": np.asarray(cfg.expert_owner, np.int32), "expert_local": local_index}
 
 
 def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, rank: int = 0,
