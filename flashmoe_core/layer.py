@@ -281,8 +281,7 @@ class MoELayer:
         epoch) can never satisfy a later wait. With several ranks this is collective:
         call it on every rank, after each rank's failed call returned.
         """
-        for s in {id(x): x for x in (self._stream, self._last_stream) if x is not None}.values():
-            s.sync()  # the failed launch may have run on the caller's stream
+        self._sync_streams()  # the failed launch may have run on the caller's stream
         state = memory.download(self._buffers["state"], (STATE_WORDS,), np.uint32,
                                 self._stream)
         epochs = [int(state[STATE["epoch"]])]
@@ -302,13 +301,18 @@ class MoELayer:
         self._fault.array[...] = np.zeros((), FAULT_RECORD)
         self._failed = None
 
+    def _sync_streams(self) -> None:
+        """Wait for the layer's own stream and the one its last launch ran on."""
+        self._stream.sync()
+        if self._last_stream is not None and self._last_stream is not self._stream:
+            self._last_stream.sync()
+
     def _launch(self, stream, x_ptr: int, y_ptr: int, tokens: int, mode: str) -> None:
         # Launches share the layer's workspace and counters: one on another stream must
         # start after the previous one ended (a capture orders itself).
-        last = self._last_stream
-        if last is not None and last is not stream and type(stream).__name__ != "GraphBuilder":
-            stream.wait(last)
         if type(stream).__name__ != "GraphBuilder":
+            if self._last_stream is not None and self._last_stream is not stream:
+                stream.wait(self._last_stream)
             self._last_stream = stream
         cap = self.cfg.capacity(tokens)
         args = (np.uint64(int(self._layout.handle)), np.uint64(x_ptr), np.uint64(y_ptr),
@@ -415,8 +419,7 @@ class MoELayer:
 
     def synchronize(self) -> None:
         """Wait for the layer's launches and raise any fault its kernels recorded."""
-        for s in {id(x): x for x in (self._stream, self._last_stream) if x is not None}.values():
-            s.sync()
+        self._sync_streams()
         self.check_fault()
 
     @property

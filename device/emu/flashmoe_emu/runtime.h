@@ -292,8 +292,8 @@ inline std::string where_threads_wait(const Block& b) {
   std::map<std::string, std::vector<unsigned>> at;
   for (const Fiber& f : b.fibers) {
     if (f.done) continue;
-    const char* kind = f.waiting == Wait::Barrier ? "" : f.waiting == Wait::Warp ? "" : "running: ";
-    at[kind + describe(f.site)].push_back(f.tid);
+    // A waiting thread's site names its barrier or collective; a runnable one its last.
+    at[(f.waiting == Wait::None ? "running, last at " : "") + describe(f.site)].push_back(f.tid);
   }
   std::string out;
   for (auto& [where, tids] : at) {

@@ -724,12 +724,9 @@ struct Kernel {
   }
 
   /// Subscriber event ev: tile ev dispatched to us (ev < n_recv), else the result of
-  /// send tile ev - n_recv coming back. Returns its signal word.
-  FMOE_DEVICE const uint64_t* event_signal(int ev, int n_recv, PeerTile& pt) const {
-    const bool arrival = ev < n_recv;
-    pt = arrival ? recv_tile(ev) : send_tile(ev - n_recv);
-    return (arrival ? L.dispatch_sig : L.return_sig) + int64_t(pt.peer) * L.max_peer_tiles +
-           pt.index;
+  /// send tile ev - n_recv coming back.
+  FMOE_DEVICE PeerTile event_tile(int ev, int n_recv) const {
+    return ev < n_recv ? recv_tile(ev) : send_tile(ev - n_recv);
   }
 
   /**
@@ -743,21 +740,22 @@ struct Kernel {
     const int n_recv = s_src[L.world], n = n_recv + s_dst[L.world];
     bool ok = true;
     for (int base = threadIdx.x; ok && base < n; base += kWindow * C::kThreads) {
+      PeerTile pt[kWindow];
       const uint64_t* sig[kWindow];
       uint32_t pending = 0u;
       for (int j = 0; j < kWindow && base + j * C::kThreads < n; ++j) {
-        PeerTile pt;
-        sig[j] = event_signal(base + j * C::kThreads, n_recv, pt);
+        const int ev = base + j * C::kThreads;
+        pt[j] = event_tile(ev, n_recv);
+        sig[j] = (ev < n_recv ? L.dispatch_sig : L.return_sig) +
+                 int64_t(pt[j].peer) * L.max_peer_tiles + pt[j].index;
         pending |= 1u << j;
       }
       while (ok && pending != 0u) {  // bounded: each turn handles an event or gives up
         const int first = __ffs(int(pending)) - 1;  // reported if nothing lands in time
-        PeerTile pt;
-        event_signal(base + first * C::kThreads, n_recv, pt);
         int ready = first;
         ok = bounded_wait(
             site, base + first * C::kThreads < n_recv ? kPhaseDispatchWait : kPhaseReturnWait,
-            pt.index, pt.peer,
+            pt[first].index, pt[first].peer,
             [&] {
               for (uint32_t m = pending; m != 0u; m &= m - 1u) {
                 const int j = __ffs(int(m)) - 1;
@@ -776,13 +774,12 @@ struct Kernel {
         __threadfence_system();  // acquire: the rows were written by another GPU
         pending &= ~(1u << ready);
         const int ev = base + ready * C::kThreads;
-        event_signal(ev, n_recv, pt);
         if (ev < n_recv) {
           ok = ring.publish(C::kUpTiles, [&](int i) {
             return desc(uint32_t(ev * C::kUpTiles + i), kUpRemote);
           }, site);
         } else {
-          ok = credit_rows(pt.src_row, pt.rows, 0, C::kDownTiles);
+          ok = credit_rows(pt[ready].src_row, pt[ready].rows, 0, C::kDownTiles);
         }
       }
     }
