@@ -1,67 +1,183 @@
-"""Compile kernels ahead of time into the cache (no GPU needed).
+"""Compile kernels ahead of time (no GPU needed): into the cache, or into a kit.
 
     python -m flashmoe_core.build --arch sm_90a --tokens 8192 --experts 64
     python -m flashmoe_core.build --arch sm_80 --kernels tests
+    python -m flashmoe_core.build --arch sm_90a --kit DIR --tokens 8192 --experts 64
+    python -m flashmoe_core.build --arch sm_90a --for-check DIR [--requests FILE]
 
-A deployment can then run with FLASHMOE_DISABLE_JIT=1 and never compile.
+A deployment can then run with FLASHMOE_DISABLE_JIT=1 and never compile. A kit
+(:mod:`flashmoe_core.host.kit`) is a folder of compressed cubins that another machine
+loads as it is with FLASHMOE_KERNEL_KIT=DIR, whatever NVRTC or CUTLASS it has;
+``--for-check`` builds the kit of the short GPU check (:mod:`flashmoe_core.gpucheck`),
+``--requests`` adds the kernels of a listing (``pytest --list-kernels FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
-from typing import List, Optional
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 from . import env
 from .cli import add_config_args, config_from_args
+from .gpucheck import Request, all_requests, load_requests
 from .host.compiler import normalize_arch
-from .host.errors import CompileError
-from .jit import compile_kernel, kernel_cache
+from .host.errors import CompileError, FlashMoEError
+from .host.kit import KitWriter
+from .host.toolchain import device_tree_digest
+from .jit import compile_kernel, kernel_cache, toolchain
 from .kernels import test_specs
 
-__all__ = ["main"]
+__all__ = ["main", "build_kit"]
 
 
-def _specs(which: str, args) -> list:
-    specs = []
+def _config_requests(which: str, args) -> List[Request]:
+    reqs = []
     if which in ("moe", "all"):
         from .kernels import moe_specs
 
-        specs += moe_specs(config_from_args(args))
+        reqs += [Request(s, origins=("config",)) for s in moe_specs(config_from_args(args))]
     if which in ("tests", "all"):
-        specs += test_specs()
-    return specs
+        reqs += [Request(s, origins=("tests",)) for s in test_specs()]
+    return reqs
+
+
+def _compile_one(job):
+    spec, arch, lineinfo = job
+    t0 = time.perf_counter()
+    k = compile_kernel(spec, arch, lineinfo=lineinfo)
+    return k.key, k.cubin, k.cached, time.perf_counter() - t0
+
+
+def _git(*args: str) -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def provenance() -> dict:
+    """Commit, device/ tree hash and whether either was dirty (empty outside a checkout)."""
+    return {"commit": _git("rev-parse", "HEAD"),
+            "device_tree": _git("rev-parse", "HEAD:device"),
+            "dirty_device": bool(_git("status", "--porcelain", "--", "device")),
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _run_jobs(jobs: Sequence[tuple], workers: int):
+    """Compile (or fetch from the local cache) every job; yields (job, result)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            yield j, _compile_one(j)
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        futures = [(j, ex.submit(_compile_one, j)) for j in jobs]
+        for j, f in futures:
+            yield j, f.result()
+
+
+def build_kit(dest, requests: Sequence[Request], archs: Sequence[str], workers: int = 1,
+              say=print):
+    """Compile ``requests`` for every arch (through the local cache) into a kit at ``dest``.
+
+    Returns
+    -------
+    KernelKit
+        The finished kit (``dest`` is replaced only once every kernel built).
+    """
+    if env.kernel_kit() is not None:
+        raise FlashMoEError("FLASHMOE_KERNEL_KIT is set: a kit is built with the local tool "
+                            "chain, not from another kit; unset it")
+    tc = toolchain()
+    writer = KitWriter(dest, tc.versions, device_tree_digest(tc.device_root), provenance())
+    jobs = [(r.spec, a, r.lineinfo) for a in archs for r in requests]
+    origins = {(r.spec, r.lineinfo): r.origins for r in requests}
+    try:
+        for (spec, arch, lineinfo), (key, cubin, cached, secs) in _run_jobs(jobs, workers):
+            writer.add(key, cubin, entry=spec.entry, arch=arch, lineinfo=lineinfo,
+                       label=spec.label, defines=dict(spec.defines), nvshmem=spec.nvshmem,
+                       origins=origins[(spec, lineinfo)])
+            how = "cached" if cached else f"compiled in {secs:.1f} s"
+            say(f"{arch} {spec.label}{' +lineinfo' if lineinfo else ''}: {how}")
+    except BaseException:
+        writer.abandon()
+        raise
+    return writer.finish()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flashmoe_core.build",
-                                description="Compile flashmoe_core kernels into the cache.")
+                                description="Compile flashmoe_core kernels into the cache, or "
+                                            "into a kit another machine loads as it is.")
     p.add_argument("--arch", action="append", required=True,
                    help="target, e.g. sm_90a (H100/H200) or sm_80 (A100); repeatable")
     p.add_argument("--kernels", choices=("moe", "tests", "all"), default="moe",
                    help="the fused MoE kernel for the configuration (default), the test "
                         "kernels, or both")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--kit", type=Path, metavar="DIR",
+                       help="write these kernels into a kit at DIR (load it elsewhere with "
+                            "FLASHMOE_KERNEL_KIT=DIR)")
+    where.add_argument("--for-check", type=Path, metavar="DIR", dest="for_check",
+                       help="write the kit of tools/gpu_check.sh (every kernel its stages "
+                            "load) to DIR; the configuration flags are ignored")
+    p.add_argument("--requests", type=Path, metavar="FILE",
+                   help="also build the kernels of this listing (pytest --list-kernels FILE)")
+    p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="parallel compiles (default: the CPU count, at most 8)")
     add_config_args(p)
     args = p.parse_args(argv)
     try:
         archs = [normalize_arch(a) for a in args.arch]
-        specs = _specs(args.kernels, args)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: must be at least 1")
+        extra = []
+        if args.requests is not None:
+            try:
+                extra = load_requests(args.requests.read_text())
+            except OSError as exc:
+                raise ValueError(f"--requests {args.requests}: cannot read it "
+                                 f"({exc.strerror})") from None
+            except ValueError as exc:
+                raise ValueError(f"--requests {args.requests}: {exc}") from None
+        if args.for_check is not None:
+            requests = all_requests(extra)
+        else:
+            requests = _config_requests(args.kernels, args) + extra
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"cache: {env.cache_dir()}")
-    for arch in archs:
-        for spec in specs:
+    dest = args.kit or args.for_check
+    try:
+        if dest is not None:
             t0 = time.perf_counter()
-            try:
-                k = compile_kernel(spec, arch)
-            except CompileError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            how = "cached" if k.cached else f"compiled in {time.perf_counter() - t0:.1f} s"
+            kit = build_kit(dest, requests, archs, args.jobs)
+            raw = sum(e["bytes"] for e in kit.entries.values())
+            print(f"kit {dest}: {len(kit.entries)} kernels, {kit.stored_bytes() / 2**20:.1f} MiB "
+                  f"on disk ({raw / 2**20:.1f} MiB of cubin), built in "
+                  f"{time.perf_counter() - t0:.0f} s; load it with FLASHMOE_KERNEL_KIT={dest}")
+            return 0
+        print(f"cache: {env.cache_dir()}")
+        for (spec, arch, lineinfo), (key, _, cached, secs) in _run_jobs(
+                [(r.spec, a, r.lineinfo) for a in archs for r in requests], args.jobs):
+            how = "cached" if cached else f"compiled in {secs:.1f} s"
             print(f"{arch} {spec.entry} {dict(spec.defines)}: {how} -> "
-                  f"{kernel_cache().path(k.key)}")
+                  f"{kernel_cache().path(key)}")
+    except CompileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except FlashMoEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -8,6 +8,7 @@ variable                   meaning                                             d
 =========================  ==================================================  ==========
 FLASHMOE_CACHE_DIR         compiled-kernel cache folder                        see below
 FLASHMOE_DISABLE_JIT       1: never compile; a cache miss is an error          0
+FLASHMOE_KERNEL_KIT        load kernels only from this prebuilt kit folder     (none)
 FLASHMOE_ARCH              compile for this target instead of the GPU's        (detected)
 FLASHMOE_DEVICE_DIR        use these device sources (a checkout's device/)    (packaged)
 FLASHMOE_CUTLASS_INCLUDE   CUTLASS/CuTe include folder                         (wheel)
@@ -28,9 +29,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["cache_dir", "jit_disabled", "arch_override", "device_dir", "cutlass_include",
-           "lineinfo", "quiet", "timeout_s", "cxx", "nvshmem_symmetric_size", "launched_by_mpi",
-           "describe"]
+__all__ = ["cache_dir", "jit_disabled", "kernel_kit", "arch_override", "device_dir",
+           "cutlass_include", "lineinfo", "quiet", "timeout_s", "cxx", "nvshmem_symmetric_size",
+           "launched_by_mpi", "describe"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -63,6 +64,22 @@ def cache_dir() -> Path:
 def jit_disabled() -> bool:
     """True when compiling is switched off (deployments that must not compile)."""
     return _flag("FLASHMOE_DISABLE_JIT")
+
+
+def kernel_kit() -> Optional[Path]:
+    """Folder of a prebuilt kernel kit to load every kernel from (None: the JIT and cache).
+
+    A kit is built elsewhere (``python -m flashmoe_core.build --kit DIR``); with one set,
+    nothing compiles and a kernel the kit lacks is an error."""
+    raw = _text("FLASHMOE_KERNEL_KIT")
+    if raw is None:
+        return None
+    path = Path(raw).expanduser()
+    if not (path / "kit.json").is_file():
+        raise ValueError(f"FLASHMOE_KERNEL_KIT={raw!r} is not a kernel kit (no kit.json there); "
+                         "point it at a folder built by python -m flashmoe_core.build --kit, "
+                         "or unset it")
+    return path
 
 
 def arch_override() -> Optional[str]:
@@ -141,6 +158,7 @@ def describe() -> dict:
     return {
         "FLASHMOE_CACHE_DIR": str(cache_dir()),
         "FLASHMOE_DISABLE_JIT": jit_disabled(),
+        "FLASHMOE_KERNEL_KIT": None if kernel_kit() is None else str(kernel_kit()),
         "FLASHMOE_ARCH": arch_override(),
         "FLASHMOE_DEVICE_DIR": device_dir(),
         "FLASHMOE_CUTLASS_INCLUDE": cutlass_include(),

@@ -80,6 +80,21 @@ class KernelSpec:
         return KernelSpec(entry=entry, defines=d, context=c, **kwargs)
 
 
+    def to_dict(self) -> dict:
+        """Plain JSON-able form (kit manifests, kernel listings); :meth:`from_dict` inverts it."""
+        return {"entry": self.entry, "defines": dict(self.defines), "nvshmem": self.nvshmem,
+                "label": self.label, "family": self.family,
+                "max_registers": self.max_registers, "context": dict(self.context)}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "KernelSpec":
+        return KernelSpec.make(d["entry"], d.get("defines", {}), context=d.get("context", {}),
+                               nvshmem=bool(d.get("nvshmem", False)),
+                               label=d.get("label", "a device kernel"),
+                               family=d.get("family", "generic"),
+                               max_registers=d.get("max_registers"))
+
+
 def _macro_value(v: Any) -> str:
     if isinstance(v, bool):
         return "1" if v else "0"

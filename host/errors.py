@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 __all__ = ["FlashMoEError", "CudaUnavailableError", "CompileError", "JitDisabledError",
-           "BootstrapError", "FlashMoETimeout", "KernelFault"]
+           "KitMissError", "BootstrapError", "FlashMoETimeout", "KernelFault"]
 
 
 class FlashMoEError(RuntimeError):
@@ -18,6 +18,10 @@ class CudaUnavailableError(FlashMoEError):
 
 class JitDisabledError(FlashMoEError):
     """A kernel is missing from the cache and compiling is switched off."""
+
+
+class KitMissError(JitDisabledError):
+    """A kernel was asked for that the kernel kit in use (FLASHMOE_KERNEL_KIT) lacks."""
 
 
 class BootstrapError(FlashMoEError):

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 from .errors import FlashMoEError
 
-__all__ = ["Toolchain", "find_toolchain", "device_root", "device_tree_digest"]
+__all__ = ["Toolchain", "find_toolchain", "kit_toolchain", "device_root", "device_tree_digest"]
 
 # Distributions whose versions change the generated code (part of every cache key).
 _VERSIONED = ("nvidia-cuda-nvrtc", "nvidia-nvjitlink", "nvidia-cuda-runtime", "nvidia-cuda-crt",
@@ -147,3 +147,14 @@ def find_toolchain(device_dir: Optional[str] = None, cutlass_include: Optional[s
                      include_dirs=(root / "include", cute, cccl, cudart, nvshmem),
                      nvshmem_device_lib=lib if lib.exists() else None,
                      versions=versions)
+
+
+def kit_toolchain(device_dir: Optional[str], versions: Dict[str, str]) -> Toolchain:
+    """The tool chain as a kernel kit's builder had it: our device sources with the
+    builder's tool versions, so cache keys match the kit's (see :mod:`.kit`).
+
+    It needs no headers and cannot compile: a kit is only ever loaded from.
+    """
+    root = device_root(device_dir)
+    return Toolchain(device_root=root, include_dirs=(root / "include",),
+                     nvshmem_device_lib=None, versions=dict(versions))

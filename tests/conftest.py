@@ -27,7 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
 HAS_GPU, GPU_REASON = probe()
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--list-kernels", metavar="FILE", default=None,
+        help="without a GPU: run the GPU tests (not the mpirun ones) only up to the first "
+             "kernel each loads, and write those kernels to FILE (a listing for python -m "
+             "flashmoe_core.build --requests); nothing is checked")
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--list-kernels"):
+        keep = [i for i in items if "gpu" in i.keywords and "mpi" not in i.keywords]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+        return
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU: {GPU_REASON}")
@@ -85,3 +98,58 @@ def shared_cache(tmp_path_factory):
     """One kernel cache for the whole session (compile once, reuse)."""
     d = Path(os.environ.get("FLASHMOE_TEST_CACHE_DIR") or tmp_path_factory.mktemp("kcache"))
     return d
+
+
+# ---------------------------------------------------------------- kernel listings
+class _ListingDevice:
+    """Stands in for a cuda.core Device while kernels are listed (no GPU touched)."""
+
+    name, device_id, uuid, compute_capability = "kernel listing", 0, "listing", (9, 0)
+
+    def set_current(self):
+        return None
+
+    def create_stream(self):
+        return None
+
+
+_listed = {}
+
+
+@pytest.fixture(autouse=True)
+def _kernel_listing(request, monkeypatch):
+    """With --list-kernels: record the first kernel a test asks for, then skip it."""
+    if not request.config.getoption("--list-kernels"):
+        yield
+        return
+    from flashmoe_core import jit, layer, ops
+    from flashmoe_core.host import bootstrap, device
+
+    def record(spec, arch, toolchain, *, lineinfo=False, **_):
+        _listed.setdefault((spec, bool(lineinfo)), []).append(request.node.nodeid)
+        pytest.skip(f"listed {spec.label}")
+
+    fake = lambda device_id=None: _ListingDevice()  # noqa: E731
+    for mod in (device, layer, ops):
+        monkeypatch.setattr(mod, "get_device", fake)
+    monkeypatch.setattr(jit, "build", record)
+    world = bootstrap.ShmemWorld(rank=0, size=1, device_id=0)  # NVSHMEM is not started
+    monkeypatch.setattr(bootstrap, "init", lambda *a, **k: world)
+    monkeypatch.setattr(bootstrap, "current", lambda: world)
+    monkeypatch.setattr(bootstrap, "finalize", lambda *a, **k: None)
+    ops.runtime.cache_clear()
+    ops._module.cache_clear()
+    yield
+    ops.runtime.cache_clear()
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--list-kernels")
+    if not path:
+        return
+    from flashmoe_core.gpucheck import Request, dump_requests
+
+    reqs = [Request(spec, li, tuple(ids)) for (spec, li), ids in _listed.items()]
+    Path(path).write_text(dump_requests(reqs))
+    print(f"\nlisted {len(reqs)} kernels of {sum(map(len, _listed.values()))} GPU tests "
+          f"-> {path}")

@@ -263,11 +263,11 @@ def test_timeout_becomes_an_exception_with_the_record(backend):
 # ---------------------------------------------------------------- GPU-only API
 @pytest.mark.gpu
 def test_cupy_zero_copy_and_graph_capture():
+    cfg = MoEConfig(tokens=256, hidden=128, ffn=256, experts=8, top_k=2, dtype="float16")
+    layer, w = layer_for(cfg, "gpu")  # first, so kernel listings see it without CuPy
     cupy = pytest.importorskip("cupy")
     from cuda.core import Device
 
-    cfg = MoEConfig(tokens=256, hidden=128, ffn=256, experts=8, top_k=2, dtype="float16")
-    layer, w = layer_for(cfg, "gpu")
     x_np = random_tokens(cfg, 1)
     x = cupy.asarray(x_np)
     y = layer(x)
@@ -288,9 +288,9 @@ def test_cupy_zero_copy_and_graph_capture():
 
 @pytest.mark.gpu
 def test_torch_tensor_in_torch_tensor_out():
-    torch = pytest.importorskip("torch")
     cfg = MoEConfig(tokens=128, hidden=128, ffn=128, experts=4, dtype="bfloat16")
     layer, _ = layer_for(cfg, "gpu")
+    torch = pytest.importorskip("torch")
     x_np = random_tokens(cfg, 2)
     x = torch.from_numpy(x_np.view(np.int16)).view(torch.bfloat16).cuda()
     y = layer(x)
@@ -302,11 +302,11 @@ def test_torch_tensor_in_torch_tensor_out():
 
 @pytest.mark.gpu
 def test_jax_array_in():
+    cfg = MoEConfig(tokens=128, hidden=128, ffn=128, experts=4, dtype="float32")
+    layer, _ = layer_for(cfg, "gpu")
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
-    cfg = MoEConfig(tokens=128, hidden=128, ffn=128, experts=4, dtype="float32")
-    layer, _ = layer_for(cfg, "gpu")
     x_np = random_tokens(cfg, 3)
     x = jax.device_put(jnp.asarray(x_np), jax.devices("gpu")[0])
     y = layer(x)
@@ -315,11 +315,11 @@ def test_jax_array_in():
 
 @pytest.mark.gpu
 def test_calls_on_two_streams_run_one_after_the_other():
+    cfg = MoEConfig(tokens=256, hidden=128, ffn=256, experts=8, top_k=2, dtype="float16")
+    layer, _ = layer_for(cfg, "gpu")
     cupy = pytest.importorskip("cupy")
     from cuda.core import Device
 
-    cfg = MoEConfig(tokens=256, hidden=128, ffn=256, experts=8, top_k=2, dtype="float16")
-    layer, _ = layer_for(cfg, "gpu")
     xs = [random_tokens(cfg, s) for s in (11, 12)]
     want = [layer(x) for x in xs]
     dev = Device(layer.device.device_id)
@@ -336,9 +336,9 @@ def test_calls_on_two_streams_run_one_after_the_other():
 
 @pytest.mark.gpu
 def test_result_without_a_stream_is_complete_and_out_may_not_alias_x():
-    cupy = pytest.importorskip("cupy")
     cfg = MoEConfig(tokens=256, hidden=128, ffn=256, experts=8, top_k=2, dtype="float16")
     layer, _ = layer_for(cfg, "gpu")
+    cupy = pytest.importorskip("cupy")
     x_np = random_tokens(cfg, 13)
     x = cupy.asarray(x_np)
     with cupy.cuda.Stream(non_blocking=True):
