@@ -60,21 +60,6 @@ def test_bench_rejects_bad_arguments():
     assert p.returncode == 2 and "--iters >= 1" in p.stderr
 
 
-def test_gpu_results_collects_counts(tmp_path):
-    (tmp_path / "junit.xml").write_text(
-        '<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2"/></testsuites>')
-    (tmp_path / "bench.json").write_text(json.dumps({"meta": {}, "rows": [{"fused_ms": 1.0}]}))
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_results.py"), "--out",
-                        str(tmp_path), "--test-rc", "1", "--commit", "abc", "--device-tree",
-                        "def"], capture_output=True, text=True, cwd=REPO)
-    assert p.returncode == 0, p.stderr
-    r = json.loads((tmp_path / "results.json").read_text())
-    assert r["gpu_tier"] == {"passed": 7, "failed": 1, "errors": 0, "skipped": 2,
-                             "exit_code": 1}
-    assert r["commit"] == "abc" and r["device_tree"] == "def"
-    assert r["bench"]["rows"][0]["fused_ms"] == 1.0
-
-
 def test_bench_ep_dry_run_and_weak_scaling(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "tools" / "bench_ep.py"), "--dry-run"],
                        capture_output=True, text=True)

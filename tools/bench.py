@@ -3,6 +3,7 @@
     python tools/bench.py --out bench/results/run1          # full sweep
     python tools/bench.py --out /tmp/b --quick              # a smoke run
     python tools/bench.py --dry-run                         # list the sweep, no GPU
+    python tools/bench.py --out /tmp/b --row bfloat16:16384:64   # one row
 
 Sweeps tokens 128..16K (experts 64) and experts 8..256 (16K tokens) at hidden = ffn =
 2048, top-2, bf16 and tf32, plus a gated (SwiGLU) row and a skewed-routing row, with
@@ -59,6 +60,24 @@ def sweep(quick: bool, dtypes):
     rows.append(row(d, 16384, 64, mlp="gated"))
     rows.append(row(d, 16384, 64, routing="skewed"))
     return rows
+
+
+def parse_row(text: str) -> dict:
+    """``DTYPE:TOKENS:EXPERTS[:MLP[:ROUTING]]`` -> a sweep row."""
+    parts = text.split(":")
+    if not 3 <= len(parts) <= 5:
+        raise ValueError(f"--row {text!r}: expected DTYPE:TOKENS:EXPERTS[:MLP[:ROUTING]]")
+    parts += ["vanilla", "balanced"][len(parts) - 3:]
+    dtype, tokens, experts, mlp, routing = parts
+    if dtype not in ("bfloat16", "float16", "tfloat32", "float32") or \
+            mlp not in ("vanilla", "gated") or routing not in ("balanced", "skewed"):
+        raise ValueError(f"--row {text!r}: dtype bfloat16|float16|tfloat32|float32, mlp "
+                         "vanilla|gated, routing balanced|skewed")
+    try:
+        return {"dtype": dtype, "tokens": int(tokens), "experts": int(experts), "mlp": mlp,
+                "routing": routing}
+    except ValueError:
+        raise ValueError(f"--row {text!r}: TOKENS and EXPERTS must be integers") from None
 
 
 def make_config(dtype, tokens, experts, mlp="vanilla", hidden=2048, ffn=2048, top_k=2, **_):
@@ -406,11 +425,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=32)
     p.add_argument("--iters", type=int, default=32)
     p.add_argument("--jobs", type=int, default=8, help="parallel kernel compiles up front")
+    p.add_argument("--row", action="append", default=[],
+                   metavar="DTYPE:TOKENS:EXPERTS[:MLP[:ROUTING]]",
+                   help="time only these rows (repeatable), e.g. bfloat16:16384:64")
     p.add_argument("--dry-run", action="store_true", help="print the sweep and exit")
     a = p.parse_args(argv)
     if a.warmup < 0 or a.iters < 1:
         p.error("--warmup >= 0 and --iters >= 1")
-    rows = sweep(a.quick, a.dtypes)
+    try:
+        rows = [parse_row(r) for r in a.row] if a.row else sweep(a.quick, a.dtypes)
+    except ValueError as exc:
+        p.error(str(exc))
     if a.dry_run:
         for r in rows:
             print(json.dumps(r))
@@ -423,7 +448,10 @@ def main(argv=None) -> int:
     dev = get_device()
     arch = target_arch(dev)
     a.out.mkdir(parents=True, exist_ok=True)
-    precompile(rows, arch, a.jobs)
+    from flashmoe_core import env
+
+    if env.kernel_kit() is None:  # a kit holds them already; nothing compiles then
+        precompile(rows, arch, a.jobs)
     results = []
     t0 = time.time()
     for spec in rows:

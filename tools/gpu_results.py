@@ -1,82 +1,84 @@
-"""Collect a GPU run's evidence into one results.json (called by tools/gpu_tier.sh).
+"""Turn a GPU check's OUT folder into the record committed under bench/results/.
 
-The JSON names the GPU, driver and CUDA version, the commit and the git tree hash of
-device/ (so stale evidence is visible), the GPU tier's pass/fail/skip counts and the
-benchmark rows. Commit it as bench/results/<date>-<gpu>-<short commit>.json.
+    python tools/gpu_results.py OUT                 # writes bench/results/<name>.json
+    python tools/gpu_results.py OUT --dest DIR --print
+
+The record keeps what tools/gpu_check.py wrote to OUT/results.json (GPU, driver,
+versions, per-stage status, bounds, seconds and figures, kit misses) and states
+what it is about at the top: the GPU, its driver, the commit and the git tree hash of
+device/ the kernels were built from, and the date. The device/ hash comes from the
+kit's provenance (the GPU machine's copy has no .git); the GPU machine's own digest
+of its device sources must equal the kit's, or the record says the kernels did not
+match the commit. Named <date>-<gpu>-<short commit>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
-import xml.etree.ElementTree as ET
+import re
+import sys
 from pathlib import Path
 
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return ""
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _gpu() -> dict:
-    q = "name,driver_version,memory.total,clocks.max.sm"
-    try:
-        line = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=True).stdout.splitlines()[0]
-        name, driver, mem, clock = [v.strip() for v in line.split(",")]
-    except Exception:
-        return {}
-    info = {"name": name, "driver": driver, "memory": mem, "max_sm_clock": clock}
-    try:
-        from cuda.bindings import driver as drv
-
-        drv.cuInit(0)
-        v = drv.cuDriverGetVersion()[1]
-        info["cuda_driver_api"] = f"{v // 1000}.{(v % 1000) // 10}"
-    except Exception:
-        pass
-    return info
-
-
-def _junit(path: Path) -> dict:
-    if not path.exists():
-        return {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "missing": True}
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
-    tot = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    for s in suites:
-        for k in tot:
-            tot[k] += int(s.get(k, 0))
-    return {"passed": tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"],
-            "failed": tot["failures"], "errors": tot["errors"], "skipped": tot["skipped"]}
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--test-rc", type=int, default=None)
-    p.add_argument("--bench-rc", type=int, default=None)
-    p.add_argument("--commit", default="")
-    p.add_argument("--device-tree", default="")
-    a = p.parse_args()
-    bench = a.out / "bench.json"
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": _gpu(),
-        "commit": a.commit or _git("rev-parse", "HEAD"),
-        "device_tree": a.device_tree or _git("rev-parse", "HEAD:device"),
-        "gpu_tier": dict(_junit(a.out / "junit.xml"), exit_code=a.test_rc),
-        "bench_exit_code": a.bench_rc,
-        "bench": json.loads(bench.read_text()) if bench.exists() else None,
+def summarize(results: dict) -> dict:
+    """The committed record: identity first, then every stage."""
+    env = results.get("stages", {}).get("env", {})
+    prov = results.get("provenance") or {}
+    kit = env.get("kit") or {}
+    gpu = results.get("gpu") or env.get("gpu") or {}
+    stages = results.get("stages", {})
+    return {
+        "schema": "flashmoe-gpu-record/1",
+        "date": results.get("started"),
+        "gpu": gpu.get("name"),
+        "driver": gpu.get("driver"),
+        "cuda_driver_api": gpu.get("cuda_driver_api"),
+        "commit": prov.get("commit"),
+        "device_tree": prov.get("device_tree"),
+        "tree_dirty": prov.get("dirty"),
+        "kernels_match_commit": bool(kit.get("digest_matches")) and not prov.get(
+            "dirty_device", True),
+        "summary": {name: s.get("status") for name, s in stages.items()},
+        "passed": bool(stages) and all(s.get("status") in ("pass", "skip")
+                                       for s in stages.values()),
+        "kit_misses": len(results.get("kit_misses") or []),
+        "elapsed_s": results.get("elapsed_s"),
+        "check": results,
     }
-    (a.out / "results.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("gpu", "commit", "device_tree", "gpu_tier")}))
+
+
+def record_name(rec: dict) -> str:
+    date = (rec.get("date") or "undated")[:10]
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", rec.get("gpu") or "no-gpu").strip("-").lower()
+    return f"{date}-{gpu}-{(rec.get('commit') or 'nocommit')[:8]}.json"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path, help="the OUT folder of tools/gpu_check.sh")
+    p.add_argument("--dest", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--print", action="store_true", help="also print the summary")
+    a = p.parse_args(argv)
+    try:
+        results = json.loads((a.out / "results.json").read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: {a.out / 'results.json'}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(results, dict) or "stages" not in results:
+        print(f"error: {a.out / 'results.json'} is not a GPU check's results", file=sys.stderr)
+        return 2
+    rec = summarize(results)
+    a.dest.mkdir(parents=True, exist_ok=True)
+    path = a.dest / record_name(rec)
+    path.write_text(json.dumps(rec, indent=1, sort_keys=False) + "\n")
+    head = {k: rec[k] for k in ("gpu", "driver", "commit", "device_tree", "passed",
+                                "kernels_match_commit", "summary", "kit_misses")}
+    print(json.dumps(head, indent=1) if a.print else str(path))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
