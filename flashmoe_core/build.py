@@ -4,12 +4,16 @@
     python -m flashmoe_core.build --arch sm_80 --kernels tests
     python -m flashmoe_core.build --arch sm_90a --kit DIR --tokens 8192 --experts 64
     python -m flashmoe_core.build --arch sm_90a --for-check DIR [--requests FILE]
+    python -m flashmoe_core.build --arch sm_90a --report --tokens 16384 --experts 64
 
 A deployment can then run with FLASHMOE_DISABLE_JIT=1 and never compile. A kit
 (:mod:`flashmoe_core.host.kit`) is a folder of compressed cubins that another machine
 loads as it is with FLASHMOE_KERNEL_KIT=DIR, whatever NVRTC or CUTLASS it has;
 ``--for-check`` builds the kit of the short GPU check (:mod:`flashmoe_core.gpucheck`),
 ``--requests`` adds the kernels of a listing (``pytest --list-kernels FILE``).
+``--report`` prints what the configuration's kernel looks like per arch (registers,
+spills, shared memory, blocks per SM, the SASS of its mainloops; tasks, padding and
+the roofline of the layer): :mod:`flashmoe_core.report`.
 """
 
 from __future__ import annotations
@@ -130,6 +134,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     where.add_argument("--for-check", type=Path, metavar="DIR", dest="for_check",
                        help="write the kit of tools/gpu_check.sh (every kernel its stages "
                             "load) to DIR; the configuration flags are ignored")
+    where.add_argument("--report", action="store_true",
+                       help="print the kernel's registers, spills, shared memory, blocks "
+                            "per SM and mainloop SASS mix, and the layer's tasks, padding "
+                            "and roofline (needs the 'report' extra)")
+    p.add_argument("--json", action="store_true", help="with --report: print JSON")
     p.add_argument("--requests", type=Path, metavar="FILE",
                    help="also build the kernels of this listing (pytest --list-kernels FILE)")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
@@ -158,6 +167,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     dest = args.kit or args.for_check
     try:
+        if args.report:
+            import json
+
+            from .report import format_report, report
+
+            cfg = config_from_args(args)
+            reps = [report(cfg, arch) for arch in archs]
+            print(json.dumps(reps, indent=1) if args.json else
+                  "\n\n".join(format_report(r) for r in reps))
+            return 0
         if dest is not None:
             t0 = time.perf_counter()
             kit = build_kit(dest, requests, archs, args.jobs)

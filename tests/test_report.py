@@ -1,0 +1,103 @@
+"""The static report: SASS loops, occupancy arithmetic, the layer's tasks and padding."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from flashmoe_core import MoEConfig
+from flashmoe_core.host.sass import Insn, instruction_kind, mma_loops
+from flashmoe_core.report import H100, blocks_per_sm, layer_report
+
+
+def _prog(lines):
+    """Insns from (opcode, pred, target index or None)."""
+    return [Insn(16 * i, pred, op, "", -1 if tgt is None else 16 * tgt)
+            for i, (op, pred, tgt) in enumerate(lines)]
+
+
+def test_mainloop_counts_out_of_line_blocks_it_jumps_to_and_back_from():
+    prog = _prog([
+        ("MOV", "", None),          # 0 entry
+        ("BRA", "", 6),             # 1 to the loop head
+        ("LDGSTS", "", None),       # 2 out-of-line refill (before the loop, as nvcc puts it)
+        ("LDGSTS", "", None),       # 3
+        ("IMAD", "", None),         # 4
+        ("BRA", "", 8),             # 5 back into the loop
+        ("HMMA", "", None),         # 6 loop head
+        ("BRA", "@!P0", 2),         # 7 refill when needed
+        ("HMMA", "", None),         # 8
+        ("BAR", "", None),          # 9
+        ("BRA", "@P1", 6),          # 10 back edge
+        ("EXIT", "", None),         # 11
+    ])
+    (loop,) = mma_loops(prog)
+    assert loop.kinds["mma"] == 2 and loop.kinds["gmem->smem"] == 2
+    assert loop.kinds["barrier"] == 1 and loop.instructions == 9
+    assert (loop.start, loop.end) == (16 * 2, 16 * 10)
+
+
+def test_only_innermost_loops_that_issue_mma_count():
+    prog = _prog([
+        ("MOV", "", None),      # 0
+        ("IADD3", "", None),    # 1 outer loop head
+        ("HMMA", "", None),     # 2 inner loop head
+        ("BRA", "@P0", 2),      # 3 inner back edge
+        ("BRA", "@P1", 1),      # 4 outer back edge (contains the inner loop)
+        ("LDS", "", None),      # 5 a loop without mma
+        ("BRA", "@P2", 5),      # 6
+        ("EXIT", "", None),
+    ])
+    (loop,) = mma_loops(prog)
+    assert loop.instructions == 2 and loop.kinds["mma"] == 1
+
+
+def test_instruction_kinds():
+    assert instruction_kind("HGMMA.64x128x16.F32.BF16") == "mma"
+    assert instruction_kind("UTMALDG.2D") == "gmem->smem"
+    assert instruction_kind("STL.64") == "spill" and instruction_kind("LDSM.16.M88.4") == "ldsm"
+    assert instruction_kind("FFMA") == "other"
+
+
+def test_blocks_per_sm_follow_registers_and_shared_memory():
+    # The fused kernel at the benchmark shape: 255 registers, ~101 KB of shared memory.
+    occ = blocks_per_sm(255, 101132 + 2176)
+    assert occ["blocks"] == 2 and occ["registers"] == 2 and occ["shared_memory"] == 2
+    assert blocks_per_sm(128, 48 * 1024)["blocks"] == 4  # 64K registers / (128 * 128)
+    assert blocks_per_sm(32, 0)["blocks"] == H100["max_warps_per_sm"] // 4
+
+
+def test_layer_report_counts_tiles_padding_and_tasks():
+    cfg = MoEConfig(tokens=1000, hidden=256, ffn=512, experts=4, top_k=2)
+    rep = layer_report(cfg, counts=np.array([128, 129, 1, 1742]))
+    assert rep["assignments"] == 2000
+    assert rep["row_tiles"] == 1 + 2 + 1 + 14 and rep["row_tiles_if_unpadded"] == 16
+    assert rep["padded_rows"] == 18 * 128 - 2000
+    assert rep["tasks"] == {"gate": 8, "up": 18 * 4, "down": 18 * 2, "combine": 8 * 2}
+    assert rep["flops"] == cfg.flops(1000, kept=2000) and rep["bound"] in ("compute", "memory")
+
+
+def test_balanced_routing_of_the_benchmark_pads_about_an_eighth():
+    rep = layer_report(MoEConfig(tokens=16384, hidden=2048, ffn=2048, experts=64, top_k=2))
+    assert rep["assignments"] == 32768 and 10 < rep["padding_percent"] < 16
+
+
+@pytest.mark.compile
+def test_report_of_a_real_sm90a_build(tmp_cache):
+    p = subprocess.run([sys.executable, "-m", "flashmoe_core.build", "--arch", "sm_90a",
+                        "--report", "--json", "--tokens", "256", "--hidden", "128", "--ffn",
+                        "256", "--experts", "8"], capture_output=True, text=True, cwd=REPO,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr
+    (rep,) = json.loads(p.stdout)
+    k = rep["kernel"]
+    assert 0 < k["registers"] <= 255 and k["dynamic_smem"] > 64 * 1024
+    assert k["mainloops"], "no tensor-core loop found in the fused kernel"
+    for loop in k["mainloops"]:
+        # bf16 128x128x64 tile, 4 warps of m16n8k16: 128 MMAs per warp per k-tile.
+        assert sum(loop["mma_opcodes"].values()) == 128
+        assert loop["kinds"]["spill"] == 0  # no local memory in the mainloop
+    assert rep["layer"]["tasks"]["combine"] == 2
