@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from .config import ACTIVATIONS, DTYPES, MLP_KINDS, MoEConfig
+from .config import ACTIVATIONS, DTYPES, MLP_KINDS, ROUTER_LOGITS, SCORINGS, MoEConfig
 
 __all__ = ["add_config_args", "config_from_args", "DEFAULTS"]
 
@@ -58,6 +58,21 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="ranks sharing the experts (default: the MPI world size)")
     g.add_argument("--placement", type=_placement,
                    help="owner rank of every expert, comma-separated (default: blocks)")
+    r = p.add_argument_group("routing rules (MoEConfig; defaults: softmax, then top-k)")
+    r.add_argument("--scoring", choices=SCORINGS, help="softmax over experts or sigmoid each")
+    r.add_argument("--softmax-after-topk", dest="softmax_after_topk", action="store_true",
+                   default=None, help="top-k by logit, then a softmax over the k (GPT-OSS)")
+    r.add_argument("--router-bias", dest="router_bias", action="store_true", default=None,
+                   help="a bias per expert on the logits")
+    r.add_argument("--selection-bias", dest="selection_bias", action="store_true",
+                   default=None, help="a bias per expert that only chooses (DeepSeek-V3)")
+    r.add_argument("--n-group", type=int, dest="n_group", help="expert groups (default 1)")
+    r.add_argument("--topk-group", type=int, dest="topk_group",
+                   help="groups eligible per token (default 1)")
+    r.add_argument("--routed-scaling", type=float, dest="routed_scaling",
+                   help="factor on every combine weight (default 1)")
+    r.add_argument("--router-logits", choices=ROUTER_LOGITS, dest="router_logits",
+                   help="float32 logits, or rounded to the storage type (default float32)")
 
 
 def config_from_args(args: argparse.Namespace, world_size: int = 1) -> MoEConfig:

@@ -12,7 +12,8 @@ import json
 import math
 from typing import Any, Optional, Tuple
 
-__all__ = ["MoEConfig", "MLP_KINDS", "ACTIVATIONS", "DTYPES", "MAX_TOP_K", "MAX_EXPERTS"]
+__all__ = ["MoEConfig", "MLP_KINDS", "ACTIVATIONS", "DTYPES", "MAX_TOP_K", "MAX_EXPERTS",
+           "SCORINGS", "ROUTER_LOGITS"]
 
 MLP_KINDS = ("vanilla", "gated")
 ACTIVATIONS = ("relu", "gelu", "silu")
@@ -24,6 +25,8 @@ MAX_TOKENS = 1 << 20
 # 16-bit type, 4 of a 32-bit one. A multiple of 8 works for every dtype.
 ROW_ALIGN = 8
 MAX_WORLD_SIZE = 1024
+SCORINGS = ("softmax", "sigmoid")
+ROUTER_LOGITS = ("float32", "storage")
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
@@ -71,6 +74,30 @@ class MoEConfig:
     placement : tuple of int or None
         Owner rank of every expert. ``None`` gives contiguous blocks, the first
         ``experts % world_size`` ranks holding one expert more.
+
+    Routing rules (defaults: softmax over all experts, then top-k, as Mixtral, Qwen
+    and OLMoE; the oracle :mod:`flashmoe_core.reference` states each as a formula):
+
+    scoring : {"softmax", "sigmoid"}
+        Scores from the logits: a softmax over all experts, or a per-expert sigmoid
+        (DeepSeek-V3).
+    softmax_after_topk : bool
+        Choose the top-k by logit, then weight them by a softmax over the k chosen
+        logits (GPT-OSS). Needs ``scoring="softmax"``; ``renormalize`` changes nothing.
+    router_bias : bool
+        A bias per expert added to the logits (GPT-OSS): ``MoEWeights.router_bias``.
+    selection_bias : bool
+        A bias per expert added to the scores only to choose the experts, not to
+        weight them (DeepSeek-V3's score correction): ``MoEWeights.selection_bias``.
+    n_group, topk_group : int
+        Group-limited top-k (DeepSeek-V3): experts form ``n_group`` contiguous groups;
+        a group's score is the sum of its two best selection scores; experts outside
+        the ``topk_group`` best groups are not eligible. ``1, 1`` is off.
+    routed_scaling : float
+        Every combine weight is multiplied by this after renormalisation (DeepSeek).
+    router_logits : {"float32", "storage"}
+        Keep the router logits in float32 (DeepSeek, Switch), or round them to the
+        storage type before scoring (as Mixtral and Qwen compute them in bf16).
     """
 
     tokens: int
@@ -85,6 +112,14 @@ class MoEConfig:
     renormalize: bool = True
     world_size: int = 1
     placement: Optional[Tuple[int, ...]] = None
+    scoring: str = "softmax"
+    softmax_after_topk: bool = False
+    router_bias: bool = False
+    selection_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0
+    router_logits: str = "float32"
 
     def __post_init__(self) -> None:
         _check_int("tokens", self.tokens, 1, MAX_TOKENS)
@@ -133,6 +168,63 @@ class MoEConfig:
                     raise _fail("placement", self.placement,
                                 f"owner ranks in [0, {self.world_size}); expert {e} has {owner!r}")
             object.__setattr__(self, "placement", placement)
+
+        self._check_routing_rules()
+
+    def _check_routing_rules(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise _fail("scoring", self.scoring, f"one of {SCORINGS}")
+        for name in ("softmax_after_topk", "router_bias", "selection_bias"):
+            v = getattr(self, name)
+            if not (isinstance(v, bool) or type(v).__name__ == "bool_"):  # NumPy's too
+                raise _fail(name, v, "True or False")
+            object.__setattr__(self, name, bool(v))
+        if self.softmax_after_topk and self.scoring != "softmax":
+            raise _fail("softmax_after_topk", True,
+                        f"only with scoring='softmax' (it is a softmax over the chosen "
+                        f"logits), not scoring={self.scoring!r}")
+        for name in ("n_group", "topk_group"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not hasattr(v, "__index__"):
+                raise _fail(name, v, f"an int in [1, {self.experts}]")
+            object.__setattr__(self, name, int(v))
+            if not 1 <= getattr(self, name) <= self.experts:
+                raise _fail(name, v, f"an int in [1, {self.experts}]")
+        if self.n_group > 32:
+            raise _fail("n_group", self.n_group,
+                        "at most 32 (the fused kernel keeps one group score per register)")
+        if self.experts % self.n_group:
+            raise _fail("n_group", self.n_group,
+                        f"a divisor of experts={self.experts} (groups are equal and "
+                        "contiguous)")
+        if self.n_group > 1 and self.experts // self.n_group < 2:
+            raise _fail("n_group", self.n_group,
+                        "at most experts / 2: a group's score is its two best experts")
+        if self.topk_group > self.n_group:
+            raise _fail("topk_group", self.topk_group, f"at most n_group={self.n_group}")
+        if self.n_group > 1 and self.topk_group * (self.experts // self.n_group) < self.top_k:
+            raise _fail("topk_group", self.topk_group,
+                        f"enough groups for top_k={self.top_k}: topk_group * experts / "
+                        f"n_group >= top_k")
+        if self.n_group > 1 and self.softmax_after_topk:
+            raise _fail("n_group", self.n_group, "1 with softmax_after_topk")
+        rs = self.routed_scaling
+        try:
+            ok = not isinstance(rs, (bool, str)) and math.isfinite(float(rs)) and float(rs) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _fail("routed_scaling", rs, "a finite number > 0")
+        object.__setattr__(self, "routed_scaling", float(rs))
+        if self.router_logits not in ROUTER_LOGITS:
+            raise _fail("router_logits", self.router_logits, f"one of {ROUTER_LOGITS}")
+
+    @property
+    def default_routing(self) -> bool:
+        """True when the routing is the plain softmax-then-top-k family."""
+        return (self.scoring == "softmax" and not self.softmax_after_topk
+                and not self.router_bias and not self.selection_bias and self.n_group == 1
+                and self.routed_scaling == 1.0 and self.router_logits == "float32")
 
     # ----------------------------------------------------------------- derived values
     @property

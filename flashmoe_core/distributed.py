@@ -15,8 +15,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .config import MoEConfig
-from .reference import (Routing, check_routing, combine, dispatch_lists, expert_ffn, gate,
-                        route)
+from .reference import (Routing, check_routing, combine, dispatch_lists, expert_ffn,
+                        route_tokens)
 from .numerics import storage_dtype
 from .weights import MoEWeights
 
@@ -118,8 +118,7 @@ def moe_forward_distributed(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, 
         raise ValueError(f"rank {rank} owns experts {missing} but its weights lack them")
 
     if routing is None:
-        _, probs = gate(cfg, weights, x)
-        routing = route(cfg, probs, t)
+        routing = route_tokens(cfg, weights, x, t)
     else:
         routing = check_routing(cfg, routing, t)
     plan = plan_dispatch(cfg, routing)

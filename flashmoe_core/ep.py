@@ -36,7 +36,7 @@ import numpy as np
 from .config import MoEConfig
 from .numerics import itemsize, storage_dtype
 from .plan import TILE, max_peer_tiles, plan_layer, slot_rows
-from .reference import Routing, combine, dispatch_lists, expert_ffn, gate, route
+from .reference import Routing, combine, dispatch_lists, expert_ffn, route_tokens
 
 __all__ = ["HeapPlan", "plan_heap", "PeerTile", "SendPlan", "RecvPlan", "plan_send",
            "plan_recv", "TaskCounts", "task_counts", "simulate", "slot_rows", "max_peer_tiles"]
@@ -236,8 +236,7 @@ def simulate(cfg: MoEConfig, weights, xs: Sequence[np.ndarray]) -> Tuple[list, l
     y_expert = [np.zeros((t * cfg.top_k, cfg.hidden), dt) for _ in range(w)]
     routings, sends = [], []
     for r in range(w):
-        _, probs = gate(cfg, weights, xs[r])
-        routing = route(cfg, probs, t)
+        routing = route_tokens(cfg, weights, xs[r], t)
         routings.append(routing)
         sends.append(plan_send(cfg, routing, r))
     # Headers first (what every owner learns about every source).

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List
 
+import numpy as np
+
 from .host.abi import ACT_IDS, DTYPE_IDS, abi_defines
 from .host.compiler import KernelSpec
 
@@ -103,6 +105,22 @@ def moe_defines(cfg) -> Dict[str, int]:
         "FMOE_RENORM": int(cfg.renormalize),
         **tile_config(cfg.dtype).defines(),
         "FMOE_EP": int(cfg.world_size > 1),
+        **routing_defines(cfg),
+    }
+
+
+def routing_defines(cfg) -> Dict[str, object]:
+    """The routing rules' constants (every value, so that a key names the whole rule)."""
+    scale = int(np.float32(cfg.routed_scaling).view(np.uint32))
+    return {
+        "FMOE_SIGMOID": int(cfg.scoring == "sigmoid"),
+        "FMOE_SOFTMAX_AFTER_TOPK": int(cfg.softmax_after_topk),
+        "FMOE_ROUTER_BIAS": int(cfg.router_bias),
+        "FMOE_SELECTION_BIAS": int(cfg.selection_bias),
+        "FMOE_GROUPS": cfg.n_group,
+        "FMOE_TOPK_GROUPS": cfg.topk_group,
+        "FMOE_SCALE_BITS": f"0x{scale:08x}u",
+        "FMOE_ROUND_LOGITS": int(cfg.router_logits == "storage"),
     }
 
 

@@ -29,7 +29,7 @@ from .host.errors import FlashMoEError, FlashMoETimeout, KernelFault
 from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
 from .jit import compile_kernel, target_arch
 from .kernels import moe_spec
-from .numerics import round_to, storage_dtype
+from .numerics import as_f32, round_to, storage_dtype
 from .ep import plan_heap
 from .plan import max_peer_tiles, plan_layer, slot_rows
 from .reference import Routing
@@ -556,6 +556,10 @@ def kernel_weights(w: MoEWeights) -> dict:
     K-major (out x in), since the tensor cores read both operands K-major."""
     kmajor = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1))  # noqa: E731
     out = {"router_t": np.ascontiguousarray(w.router.T)}
+    # Routing vectors go to the kernel in float32 (a bf16 bias is exact in float32).
+    for name in ("router_bias", "selection_bias"):
+        if getattr(w.cfg, name):
+            out[name] = as_f32(getattr(w, name)).astype(np.float32)
     if w.cfg.mlp == "vanilla":
         out.update(w_up=kmajor(w.w1), b_up=w.b1, w_down=kmajor(w.w2), b_down=w.b2)
     else:
@@ -600,6 +604,8 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
     rec["delay_ns"] = delay_ns
     rec["trace"] = ptr("trace")
     rec["trace_capacity"] = trace_capacity
+    rec["router_bias"] = ptr("router_bias")
+    rec["selection_bias"] = ptr("selection_bias")
     if cfg.world_size > 1:
         rec["slot_rows"] = slot_rows(cfg)
         rec["max_peer_tiles"] = max_peer_tiles(cfg)

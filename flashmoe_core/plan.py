@@ -109,6 +109,9 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
         "y_stage": t * h * b,
     }
     weights = {"router_t": e * h * b}
+    for name in ("router_bias", "selection_bias"):
+        if getattr(cfg, name):
+            weights[name] = e * 4
     if cfg.mlp == "vanilla":
         weights.update(w_up=el * f * h * b, b_up=el * f * b, w_down=el * h * f * b,
                        b_down=el * h * b)

@@ -4,13 +4,23 @@ Semantics, pinned (the kernel follows them; tests compare against them):
 
 1. Inputs and weights are rounded to ``cfg.dtype`` (``tfloat32``: round half away
    from zero to a 10-bit mantissa, like ``cvt.rna.tf32.f32``).
-2. Router logits ``x @ router`` with float32 accumulation. The oracle forms every dot
+2. Router logits ``z = x @ router`` with float32 accumulation (plus ``router_bias``,
+   added to the exact sum, when the config has one). The oracle forms every dot
    product in float64 and rounds once to float32, i.e. an error-free float32
-   accumulator; the GPU's float32 sums differ from it only by rounding.
-3. Softmax over all experts (float64 from the float32 logits, rounded to float32).
-4. Top-k by probability; equal probabilities go to the lower expert id.
-5. Combine weights are the selected probabilities, divided by their sum when
-   ``renormalize`` (computed in float64, rounded to float32).
+   accumulator; the GPU's float32 sums differ from it only by rounding. With
+   ``router_logits="storage"`` the logits are then rounded to the storage type.
+3. Scores ``s``: ``softmax(z)`` over all experts, or ``sigmoid(z)`` per expert
+   (``scoring``), in float64 from the float32 logits, rounded to float32.
+4. Top-k by the selection key ``c`` (``c = s``; ``c = s + selection_bias`` with a
+   selection bias, in float32; ``c = z`` with ``softmax_after_topk``); equal keys go to
+   the lower expert id. Group-limited (``n_group > 1``): experts ``[g*E/G, (g+1)*E/G)``
+   form group ``g``, a group's score is the float32 sum of its two largest ``c``, the
+   ``topk_group`` best groups (ties to the lower group) stay eligible and every other
+   expert's key is ``-inf``.
+5. Combine weights: the chosen scores ``s[e_j]`` (never the selection key), divided by
+   their sum when ``renormalize``; with ``softmax_after_topk`` a softmax over the k
+   chosen logits instead (already normalised); then times ``routed_scaling``. In
+   float64, rounded once to float32.
 6. Capacity (when ``capacity_factor`` is set) is per (expert, source rank):
    ``ceil(capacity_factor * t * top_k / experts)`` with ``t`` the source rank's token
    count. Assignments claim slots in token order, then slot order; those past the
@@ -43,7 +53,8 @@ from .config import MoEConfig
 from .numerics import activation, activation_grad, as_f32, erfc, round_to, storage_dtype
 from .weights import MoEWeights, expert_tensor_names
 
-__all__ = ["Routing", "moe_forward", "gate", "route", "expert_ffn", "combine", "matmul_f32",
+__all__ = ["Routing", "moe_forward", "gate", "route", "route_tokens", "expert_ffn", "combine",
+           "matmul_f32",
            "check_tokens", "MoEGrads", "moe_backward"]
 
 
@@ -117,28 +128,70 @@ def check_tokens(cfg: MoEConfig, x: np.ndarray) -> int:
 
 
 def gate(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Router logits and softmax probabilities, both float32 [T, experts]."""
+    """Router logits and scores (softmax probabilities or sigmoids), float32 [T, experts]
+    (rules 2 and 3)."""
     xr = round_to(x, cfg.dtype)
-    logits = matmul_f32(xr, weights.router)
+    bias = weights.router_bias if cfg.router_bias else None
+    logits = matmul_f32(xr, weights.router, bias)
+    if cfg.router_logits == "storage":
+        logits = as_f32(round_to(logits, cfg.dtype))
     l64 = logits.astype(np.float64)
-    e = np.exp(l64 - l64.max(axis=1, keepdims=True))
-    probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-    return logits, probs
+    if cfg.scoring == "sigmoid":
+        with np.errstate(over="ignore"):  # exp(-z) -> inf for z << 0 gives the right 0
+            scores = (1.0 / (1.0 + np.exp(-l64))).astype(np.float32)
+    else:
+        e = np.exp(l64 - l64.max(axis=1, keepdims=True))
+        scores = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return logits, scores
 
 
-def route(cfg: MoEConfig, probs: np.ndarray, tokens_per_rank: Optional[int] = None) -> Routing:
-    """Top-k, combine weights and the capacity rule for rank-major tokens."""
+def _group_mask(cfg: MoEConfig, key: np.ndarray) -> np.ndarray:
+    """Selection keys with every expert outside a token's ``topk_group`` best groups
+    at -inf (rule 4)."""
+    t, e = key.shape
+    groups = key.reshape(t, cfg.n_group, e // cfg.n_group)
+    top2 = -np.sort(-groups, axis=2)[:, :, :2]
+    score = (top2[:, :, 0] + top2[:, :, 1]).astype(np.float32)
+    best = np.argsort(-score, axis=1, kind="stable")[:, :cfg.topk_group]
+    keep = np.zeros((t, cfg.n_group), dtype=bool)
+    np.put_along_axis(keep, best, True, axis=1)
+    return np.where(np.repeat(keep, e // cfg.n_group, axis=1), key,
+                    np.float32(-np.inf)).astype(np.float32)
+
+
+def route(cfg: MoEConfig, probs: np.ndarray, tokens_per_rank: Optional[int] = None, *,
+          logits: Optional[np.ndarray] = None,
+          selection_bias: Optional[np.ndarray] = None) -> Routing:
+    """Top-k, combine weights and the capacity rule for rank-major tokens (rules 4-6).
+
+    ``probs`` are the scores :func:`gate` returns; ``logits`` are needed with
+    ``softmax_after_topk``, ``selection_bias`` with a selection bias.
+    """
     t_all = probs.shape[0]
     t = t_all if tokens_per_rank is None else tokens_per_rank
     k = cfg.top_k
-    # Stable sort of the negated probabilities: ties keep the lower expert id first.
-    experts = np.argsort(-probs, axis=1, kind="stable")[:, :k].astype(np.int32)
-    sel = np.take_along_axis(probs, experts, axis=1)
-    if cfg.renormalize:
-        s64 = sel.astype(np.float64)
-        weights = (s64 / s64.sum(axis=1, keepdims=True)).astype(np.float32)
+    key = probs
+    if cfg.softmax_after_topk:
+        if logits is None:
+            raise ValueError("softmax_after_topk routes by logit: pass logits=")
+        key = logits
+    elif cfg.selection_bias:
+        if selection_bias is None:
+            raise ValueError("this config has a selection bias: pass selection_bias=")
+        key = (probs + np.asarray(selection_bias, np.float32)).astype(np.float32)
+    if cfg.n_group > 1:
+        key = _group_mask(cfg, key)
+    # Stable sort of the negated keys: ties keep the lower expert id first.
+    experts = np.argsort(-key, axis=1, kind="stable")[:, :k].astype(np.int32)
+    if cfg.softmax_after_topk:
+        z = np.take_along_axis(logits, experts, axis=1).astype(np.float64)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        w64 = e / e.sum(axis=1, keepdims=True)
     else:
-        weights = sel.astype(np.float32)
+        w64 = np.take_along_axis(probs, experts, axis=1).astype(np.float64)
+        if cfg.renormalize:
+            w64 = w64 / w64.sum(axis=1, keepdims=True)
+    weights = (w64 * cfg.routed_scaling).astype(np.float32)
     kept = np.ones((t_all, k), dtype=bool)
     cap = cfg.capacity(t)
     if cap is not None:
@@ -210,6 +263,14 @@ def dispatch_lists(cfg: MoEConfig, routing: Routing):
             for i in range(cfg.experts)]
 
 
+def route_tokens(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
+                 tokens_per_rank: Optional[int] = None) -> Routing:
+    """:func:`gate` then :func:`route` with everything the config's rules need."""
+    logits, scores = gate(cfg, weights, x)
+    return route(cfg, scores, tokens_per_rank, logits=logits,
+                 selection_bias=weights.selection_bias if cfg.selection_bias else None)
+
+
 def moe_forward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
                 routing: Optional[Routing] = None) -> Tuple[np.ndarray, Routing]:
     """The MoE layer forward pass.
@@ -233,8 +294,7 @@ def moe_forward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
     t = check_tokens(cfg, x)
     x = np.asarray(x)
     if routing is None:
-        _, probs = gate(cfg, weights, x)
-        routing = route(cfg, probs, t)
+        routing = route_tokens(cfg, weights, x, t)
     else:
         routing = check_routing(cfg, routing, x.shape[0])
     out = np.zeros((x.shape[0], cfg.top_k, cfg.hidden), dtype=storage_dtype(cfg.dtype))
@@ -528,6 +588,10 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
     grads : MoEGrads
         float64 gradients of ``router`` and the expert tensors, shaped like ``weights``.
     """
+    if not cfg.default_routing:
+        raise ValueError("moe_backward differentiates the softmax-then-top-k routing only; "
+                         "this config's routing rules (scoring, biases, groups, scaling, "
+                         "rounded logits) have no backward yet")
     t = check_tokens(cfg, x)
     x = np.asarray(x)
     dy64 = _check_grad_output(cfg, dy, x.shape[0])

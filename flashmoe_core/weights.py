@@ -12,7 +12,16 @@ from .numerics import round_to, storage_dtype
 __all__ = ["MoEWeights"]
 
 # Draw order of the random generator; never reorder (it would change every seed).
-_TENSOR_IDS = {"router": 0, "w1": 1, "b1": 2, "w2": 3, "b2": 4, "wg": 5, "wu": 6}
+_TENSOR_IDS = {"router": 0, "w1": 1, "b1": 2, "w2": 3, "b2": 4, "wg": 5, "wu": 6,
+               "router_bias": 7, "selection_bias": 8}
+# Kept in float32 whatever the storage type (a selection bias only ranks experts).
+_FLOAT32 = ("selection_bias",)
+
+
+def router_tensor_names(cfg: MoEConfig) -> Tuple[str, ...]:
+    """The router's tensors for a config: ``router`` and the biases its rules name."""
+    return ("router",) + (("router_bias",) if cfg.router_bias else ()) + \
+        (("selection_bias",) if cfg.selection_bias else ())
 
 
 def expert_tensor_names(mlp: str) -> Tuple[str, ...]:
@@ -30,6 +39,8 @@ class MoEWeights:
     - vanilla MLP: ``w1`` [E, hidden, ffn], ``b1`` [E, ffn], ``w2`` [E, ffn, hidden],
       ``b2`` [E, hidden]
     - gated MLP: ``wg``, ``wu`` [E, hidden, ffn], ``w2`` [E, ffn, hidden]
+    - with ``cfg.router_bias``: ``router_bias`` [experts]; with ``cfg.selection_bias``:
+      ``selection_bias`` [experts], float32 whatever the storage type
 
     E is ``len(expert_ids)``: all experts by default, or the subset one rank owns.
 
@@ -62,18 +73,22 @@ class MoEWeights:
         missing = sorted(set(expected) - set(arrays))
         if missing:
             raise ValueError(f"missing weight(s) {missing} for mlp={cfg.mlp!r}")
-        want = storage_dtype(cfg.dtype)
         for name, shape in expected.items():
             a = np.asarray(arrays[name])
             if a.shape != shape:
                 raise ValueError(f"weight {name!r} has shape {a.shape}, expected {shape} "
                                  f"for {cfg}")
+            f32 = name in _FLOAT32
+            want = np.dtype(np.float32) if f32 else storage_dtype(cfg.dtype)
             if a.dtype != want:
                 if not cast:
                     raise ValueError(
                         f"weight {name!r} has dtype {a.dtype}, expected {want} for "
                         f"dtype={cfg.dtype!r}; pass cast=True to round it")
-            a = round_to(a, cfg.dtype) if (cast or cfg.dtype == "tfloat32") else a
+            if f32:
+                a = a.astype(np.float32)
+            elif cast or cfg.dtype == "tfloat32":
+                a = round_to(a, cfg.dtype)
             setattr(self, name, np.ascontiguousarray(a))
 
     # ------------------------------------------------------------------ shapes
@@ -83,6 +98,8 @@ class MoEWeights:
         e = cfg.experts if n_experts is None else n_experts
         h, f = cfg.hidden, cfg.ffn
         shapes = {"router": (h, cfg.experts)}
+        for name in router_tensor_names(cfg)[1:]:
+            shapes[name] = (cfg.experts,)
         if cfg.mlp == "vanilla":
             shapes.update(w1=(e, h, f), b1=(e, f), w2=(e, f, h), b2=(e, h))
         else:
@@ -91,7 +108,7 @@ class MoEWeights:
 
     @property
     def names(self) -> Tuple[str, ...]:
-        return ("router",) + expert_tensor_names(self.cfg.mlp)
+        return router_tensor_names(self.cfg) + expert_tensor_names(self.cfg.mlp)
 
     def arrays(self) -> Dict[str, np.ndarray]:
         """Name -> array, router first."""
@@ -111,7 +128,7 @@ class MoEWeights:
         """The same weights restricted to some experts (router kept whole)."""
         ids = tuple(sorted(set(int(e) for e in expert_ids)))
         rows = [self.local_index(e) for e in ids]
-        arrays = {"router": self.router}
+        arrays = {n: getattr(self, n) for n in router_tensor_names(self.cfg)}
         for n in expert_tensor_names(self.cfg.mlp):
             arrays[n] = getattr(self, n)[rows]
         return MoEWeights(self.cfg, expert_ids=ids, **arrays)
@@ -136,6 +153,12 @@ class MoEWeights:
                             cfg.dtype)
 
         arrays = {"router": draw("router", (h, cfg.experts), 1.0 / np.sqrt(h))}
+        if cfg.router_bias:
+            arrays["router_bias"] = draw("router_bias", (cfg.experts,), 0.5)
+        if cfg.selection_bias:
+            rng = np.random.default_rng([int(seed), _TENSOR_IDS["selection_bias"], 0])
+            arrays["selection_bias"] = rng.standard_normal(cfg.experts, dtype=np.float32) \
+                * np.float32(0.05)
         per_expert = {
             "w1": ((h, f), 1.0 / np.sqrt(h)),
             "b1": ((f,), 0.1),

@@ -16,7 +16,7 @@ __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "STRUCTS", "ENUMS", "FAU
            "TRACE_RECORD", "TASK_KINDS", "TRACE_PHASES", "PHASES", "DTYPE_IDS", "ACT_IDS",
            "abi_defines", "decode_fault"]
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 def _struct(fields, size: int) -> np.dtype:
@@ -57,7 +57,8 @@ MOE_LAYOUT = _struct(
     + [(name, _PTR, 216 + 8 * i) for i, name in enumerate(MOE_EP_POINTERS)]
     + [("delay_ns", "<u8", 320), ("slot_rows", "<i4", 328), ("max_peer_tiles", "<i4", 332),
        ("max_local_experts", "<i4", 336), ("trace_capacity", "<i4", 340),
-       ("trace", _PTR, 344)], 352)
+       ("trace", _PTR, 344), ("router_bias", _PTR, 352), ("selection_bias", _PTR, 360)],
+    368)
 
 TRACE_RECORD = _struct([("start_ns", "<u8", 0), ("end_ns", "<u8", 8), ("block", "<u4", 16),
                         ("what", "<u4", 20)], 24)

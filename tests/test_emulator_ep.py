@@ -184,3 +184,17 @@ def test_bad_expert_parallel_input_is_rejected():
         ep(inputs(cfg), absent=[5])
     with pytest.raises(ValueError, match="grid=1"):
         EmulatedExpertParallel(cfg, w, grid=1)
+
+
+def test_expert_parallel_with_deepseek_routing_equals_world_1():
+    """Routing rules run per rank in the gate: EP output still equals one PE's."""
+    cfg = config(2, scoring="sigmoid", selection_bias=True, n_group=3, topk_group=2,
+                 routed_scaling=2.5).replace(top_k=3)
+    w = MoEWeights.random(cfg, 1)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
+    xs = inputs(cfg)
+    ys, routings = ep(xs, return_routing=True)
+    y = check(cfg, w, xs, ys, routings)
+    one = cfg.replace(world_size=1, tokens=TOKENS * 2)
+    y1 = MoELayer(one, MoEWeights.random(one, 1), backend="emulator")(np.concatenate(xs))
+    assert np.array_equal(y1.view(np.uint16), y.view(np.uint16))

@@ -347,3 +347,31 @@ def test_result_without_a_stream_is_complete_and_out_may_not_alias_x():
     assert np.array_equal(got, layer(x_np))
     with pytest.raises(ValueError, match="overlaps x"):
         layer(x, out=x)
+
+
+# ---------------------------------------------------------------- routing rules
+RULE_LAYERS = {
+    # DeepSeek-V3's router at its real expert count (top-k in its own phase: E > 128).
+    "deepseek-v3-e256": dict(experts=256, top_k=8, scoring="sigmoid", selection_bias=True,
+                             n_group=8, topk_group=4, routed_scaling=2.5, mlp="gated",
+                             activation="silu"),
+    "gpt-oss": dict(experts=8, top_k=4, softmax_after_topk=True, router_bias=True,
+                    mlp="gated", activation="silu"),
+    "bf16-logits": dict(experts=8, top_k=2, router_logits="storage"),
+    "sigmoid-groups": dict(experts=32, top_k=4, scoring="sigmoid", n_group=4, topk_group=2,
+                           renormalize=False),
+}
+
+
+@pytest.mark.parametrize("name", list(RULE_LAYERS))
+def test_routing_rules_match_the_oracle(name, backend):
+    from flashmoe_core.reference import route_tokens
+
+    cfg = MoEConfig(tokens=per_backend(backend, 512, 48), hidden=128, ffn=128,
+                    dtype="bfloat16", **RULE_LAYERS[name])
+    y, routing, res = check_whole(cfg, backend)
+    layer, w = layer_for(cfg, backend)
+    ref = route_tokens(cfg, w, random_tokens(cfg, 1))
+    same = routing.experts == ref.experts
+    assert same.mean() >= 0.999
+    np.testing.assert_allclose(routing.weights[same], ref.weights[same], rtol=1e-5, atol=1e-7)

@@ -10,7 +10,9 @@
  *
  * Compile-time constants (flashmoe_core/kernels.py): FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E,
  * FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, FMOE_BM, FMOE_BN, FMOE_BK, FMOE_STAGES, FMOE_EP
- * (the tile: flashmoe_core.kernels.TileConfig).
+ * (the tile: flashmoe_core.kernels.TileConfig), and the routing rules FMOE_SIGMOID,
+ * FMOE_SOFTMAX_AFTER_TOPK, FMOE_ROUTER_BIAS, FMOE_SELECTION_BIAS, FMOE_GROUPS,
+ * FMOE_TOPK_GROUPS, FMOE_SCALE_BITS (float32 bits) and FMOE_ROUND_LOGITS.
  * FMOE_EP=1 (expert parallelism) needs FLASHMOE_NVSHMEM=1, symmetric buffers in the
  * layout, NVSHMEM initialised on every PE, the module registered with NVSHMEM, and
  * 2 * (world + 1) * 4 more bytes of dynamic shared memory (peer tables).
@@ -26,10 +28,38 @@
 #ifndef FMOE_EP
 #define FMOE_EP 0
 #endif
+// Routing rules (flashmoe_core.config); absent means the default softmax-then-top-k.
+#ifndef FMOE_SIGMOID
+#define FMOE_SIGMOID 0
+#endif
+#ifndef FMOE_SOFTMAX_AFTER_TOPK
+#define FMOE_SOFTMAX_AFTER_TOPK 0
+#endif
+#ifndef FMOE_ROUTER_BIAS
+#define FMOE_ROUTER_BIAS 0
+#endif
+#ifndef FMOE_SELECTION_BIAS
+#define FMOE_SELECTION_BIAS 0
+#endif
+#ifndef FMOE_GROUPS
+#define FMOE_GROUPS 1
+#endif
+#ifndef FMOE_TOPK_GROUPS
+#define FMOE_TOPK_GROUPS 1
+#endif
+#ifndef FMOE_SCALE_BITS
+#define FMOE_SCALE_BITS 0x3f800000u
+#endif
+#ifndef FMOE_ROUND_LOGITS
+#define FMOE_ROUND_LOGITS 0
+#endif
 
+using Route = flashmoe::moe::Route<FMOE_SIGMOID != 0, FMOE_SOFTMAX_AFTER_TOPK != 0,
+                                   FMOE_ROUTER_BIAS != 0, FMOE_SELECTION_BIAS != 0, FMOE_GROUPS,
+                                   FMOE_TOPK_GROUPS, FMOE_SCALE_BITS, FMOE_ROUND_LOGITS != 0>;
 using Cfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED != 0,
                                   FMOE_ACT, FMOE_RENORM != 0, FMOE_BM, FMOE_BN, FMOE_BK,
-                                  FMOE_STAGES, FMOE_EP != 0>;
+                                  FMOE_STAGES, FMOE_EP != 0, Route>;
 using S = Cfg::S;
 
 /// Dynamic shared memory per block without the peer tables, read by the host.

@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 4;
+constexpr cuda::std::uint32_t kAbiVersion = 5;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -170,6 +170,9 @@ struct MoeLayout {
   cuda::std::int32_t max_local_experts;
   cuda::std::int32_t trace_capacity;  ///< records `trace` holds; 0 disables tracing
   TraceRecord* trace;                 ///< per-launch timeline (null: off)
+  // Routing rules with per-expert vectors (float32 [E], null when the config has none).
+  const float* router_bias;           ///< added to the logits
+  const float* selection_bias;        ///< added to the scores to choose experts only
 };
 
 }  // namespace abi
@@ -237,6 +240,8 @@ struct MoeLayout {
   X(MoeLayout, max_local_experts) \
   X(MoeLayout, trace_capacity) \
   X(MoeLayout, trace)        \
+  X(MoeLayout, router_bias)  \
+  X(MoeLayout, selection_bias) \
   X(TraceRecord, start_ns)   \
   X(TraceRecord, end_ns)     \
   X(TraceRecord, block)      \

@@ -19,13 +19,32 @@
 namespace flashmoe {
 namespace moe {
 
+/// Routing rules (flashmoe_core.config documents each; the defaults are a softmax over
+/// all experts, then top-k by probability).
+template <bool kSigmoid_ = false, bool kSoftmaxAfterTopk_ = false, bool kRouterBias_ = false,
+          bool kSelectionBias_ = false, int kGroups_ = 1, int kTopkGroups_ = 1,
+          uint32_t kScaleBits_ = 0x3f800000u, bool kRoundLogits_ = false>
+struct Route {
+  static constexpr bool kSigmoid = kSigmoid_, kSoftmaxAfterTopk = kSoftmaxAfterTopk_;
+  static constexpr bool kRouterBias = kRouterBias_, kSelectionBias = kSelectionBias_;
+  static constexpr bool kRoundLogits = kRoundLogits_;
+  static constexpr int kGroups = kGroups_, kTopkGroups = kTopkGroups_;
+  static constexpr uint32_t kScaleBits = kScaleBits_;  ///< routed scaling, float32 bits
+  static_assert(!(kSigmoid && kSoftmaxAfterTopk), "softmax after top-k is a softmax");
+  static_assert(kGroups >= 1 && kGroups <= 32, "1..32 expert groups (a register each)");
+  static_assert(kTopkGroups >= 1 && kTopkGroups <= kGroups, "topk_group in 1..groups");
+};
+
 /// Compile-time shape and numerics of one layer (the JIT's constants).
 template <int kDtype_, int H_, int F_, int E_, int K_, bool kGated_, int kAct_, bool kRenorm_,
-          int BM_, int BN_, int BK_, int kStages_, bool kEP_>
+          int BM_, int BN_, int BK_, int kStages_, bool kEP_, class Route_ = Route<>>
 struct Config {
   static constexpr int kDtype = kDtype_, H = H_, F = F_, E = E_, K = K_;
   static constexpr bool kGated = kGated_, kRenorm = kRenorm_, kEP = kEP_;
   static constexpr int kAct = kAct_;
+  using R = Route_;
+  static_assert(E % R::kGroups == 0 && (R::kGroups == 1 || E / R::kGroups >= 2),
+                "groups of at least two experts, equal and contiguous");
   using G = gemm::TileGemm<kDtype, BM_, BN_, BK_, kStages_>;
   static constexpr int kTile = BM_;  // rows per row tile / tokens per token tile
   static_assert(BM_ == BN_ && BM_ == G::kThreads,
@@ -204,72 +223,166 @@ struct Kernel {
     topk_token(t, [&](int e) { return load_cg(row + e); });
   }
 
-  /// One warp: softmax over the token's logits logit(e), top-k (ties to the lower
-  /// expert), combine weights, and the token tile's per-expert counts.
+  /// The group-limited rule: every key outside the kTopkGroups best groups of kGroups
+  /// contiguous groups (a group's score: its two best keys) becomes -inf. Warp-uniform.
+  FMOE_DEVICE static void mask_groups(float (&c)[C::kPerLane], int lane) {
+    using R = typename C::R;
+    constexpr int kSize = C::E / R::kGroups;
+    constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
+    float score[R::kGroups];
+#pragma unroll
+    for (int g = 0; g < R::kGroups; ++g) {
+      float b1 = kNegInf, b2 = kNegInf;  // the two best keys of group g seen so far
+#pragma unroll
+      for (int i = 0; i < C::kPerLane; ++i) {
+        const int e = lane + 32 * i;
+        if (e < C::E && e / kSize == g) {
+          b2 = fmaxf(b2, fminf(b1, c[i]));
+          b1 = fmaxf(b1, c[i]);
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {  // merge the lanes' pairs: the best two of four
+        const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+        const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+        b2 = fmaxf(fminf(b1, o1), fmaxf(b2, o2));
+        b1 = fmaxf(b1, o1);
+      }
+      score[g] = b1 + b2;
+    }
+    uint32_t keep = 0u;
+#pragma unroll
+    for (int j = 0; j < R::kTopkGroups; ++j) {  // best groups, ties to the lower group
+      int best = -1;
+#pragma unroll
+      for (int g = 0; g < R::kGroups; ++g) {
+        if (!(keep >> g & 1u) && (best < 0 || score[g] > score[best])) best = g;
+      }
+      keep |= 1u << best;
+    }
+#pragma unroll
+    for (int i = 0; i < C::kPerLane; ++i) {
+      const int e = lane + 32 * i;
+      if (e < C::E && !(keep >> (e / kSize) & 1u)) c[i] = kNegInf;
+    }
+  }
+
+  /// One warp: the token's scores from its logits logit(e) (softmax or sigmoid, after
+  /// the router bias and rounding the rules ask for), top-k by the selection key (ties
+  /// to the lower expert), combine weights, and the token tile's per-expert counts.
   template <class Logit>
   FMOE_DEVICE void topk_token(int t, Logit logit) {
+    using R = typename C::R;
+    using Ev = typename G::E;
     const int lane = threadIdx.x & 31;
     constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
-    float v[C::kPerLane];
+    float z[C::kPerLane];  // logits
+    float s[C::kPerLane];  // scores (what weights are made of)
+    float c[C::kPerLane];  // selection keys (what the top-k ranks)
     float m = kNegInf;
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
       const int e = lane + 32 * i;
-      v[i] = e < C::E ? logit(e) : kNegInf;
-      m = fmaxf(m, v[i]);
+      float v = kNegInf;
+      if (e < C::E) {
+        v = logit(e);
+        if constexpr (R::kRouterBias) v += L.router_bias[e];
+        if constexpr (R::kRoundLogits) v = Ev::to_float(Ev::from_float(v));
+      }
+      z[i] = v;
+      m = fmaxf(m, v);
     }
+    if constexpr (R::kSigmoid) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float sum = 0.0f;
+      for (int i = 0; i < C::kPerLane; ++i) {
+        s[i] = (lane + 32 * i < C::E) ? 1.0f / (1.0f + expf(-z[i])) : 0.0f;
+      }
+    } else {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < C::kPerLane; ++i) {
+        s[i] = (lane + 32 * i < C::E) ? expf(z[i] - m) : 0.0f;
+        sum += s[i];
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+#pragma unroll
+      for (int i = 0; i < C::kPerLane; ++i) s[i] = s[i] / sum;
+    }
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
-      v[i] = (lane + 32 * i < C::E) ? expf(v[i] - m) : 0.0f;
-      sum += v[i];
+      const int e = lane + 32 * i;
+      if (e >= C::E) {
+        c[i] = kNegInf;
+      } else if constexpr (R::kSoftmaxAfterTopk) {
+        c[i] = z[i];
+      } else if constexpr (R::kSelectionBias) {
+        c[i] = s[i] + L.selection_bias[e];
+      } else {
+        c[i] = s[i];
+      }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-#pragma unroll
-    for (int i = 0; i < C::kPerLane; ++i) v[i] = v[i] / sum;
+    if constexpr (R::kGroups > 1) mask_groups(c, lane);
 
     uint32_t taken = 0u;
-    float p_sel[C::K];
+    float p_sel[C::K];  // the chosen scores (logits with softmax after top-k)
     int e_sel[C::K];
 #pragma unroll
     for (int j = 0; j < C::K; ++j) {
-      float best = -1.0f;
+      float best = kNegInf, best_p = 0.0f;
       int best_e = 0x7fffffff;
 #pragma unroll
       for (int i = 0; i < C::kPerLane; ++i) {
         const int e = lane + 32 * i;
         // Ascending e per lane: strict > keeps the lower expert on a tie.
-        if (e < C::E && !(taken & (1u << i)) && v[i] > best) {
-          best = v[i];
+        if (e < C::E && !(taken & (1u << i)) && c[i] > best) {
+          best = c[i];
           best_e = e;
+          best_p = R::kSoftmaxAfterTopk ? z[i] : s[i];
         }
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) {
         const float ob = __shfl_xor_sync(0xffffffffu, best, o);
         const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+        const float op = __shfl_xor_sync(0xffffffffu, best_p, o);
         if (ob > best || (ob == best && oe < best_e)) {
           best = ob;
           best_e = oe;
+          best_p = op;
         }
       }
-      if (best_e >= C::E) best_e = j;  // only NaN logits left: any valid id keeps memory safe
+      // Only NaN or -inf keys left (not for a valid config): any valid id keeps memory safe.
+      if (best_e >= C::E) best_e = j;
       if ((best_e & 31) == lane) taken |= 1u << (best_e >> 5);
-      p_sel[j] = best;
+      p_sel[j] = best_p;
       e_sel[j] = best_e;
     }
     if (lane == 0) {
+      float w[C::K];
       float norm = 0.0f;
+      if constexpr (R::kSoftmaxAfterTopk) {
 #pragma unroll
-      for (int j = 0; j < C::K; ++j) norm += p_sel[j];
+        for (int j = 0; j < C::K; ++j) {  // p_sel[0] is the largest chosen logit
+          w[j] = expf(p_sel[j] - p_sel[0]);
+          norm += w[j];
+        }
+#pragma unroll
+        for (int j = 0; j < C::K; ++j) w[j] = w[j] / norm;
+      } else {
+#pragma unroll
+        for (int j = 0; j < C::K; ++j) norm += p_sel[j];
+#pragma unroll
+        for (int j = 0; j < C::K; ++j) w[j] = C::kRenorm ? p_sel[j] / norm : p_sel[j];
+      }
       const int tt = t / kTile;
+      constexpr float kScale = cuda::std::bit_cast<float>(R::kScaleBits);
 #pragma unroll
       for (int j = 0; j < C::K; ++j) {
         L.topk_expert[t * C::K + j] = e_sel[j];
-        L.topk_weight[t * C::K + j] = C::kRenorm ? p_sel[j] / norm : p_sel[j];
+        L.topk_weight[t * C::K + j] = R::kScaleBits == 0x3f800000u ? w[j] : w[j] * kScale;
         atomicAdd(&L.tile_counts[tt * C::E + e_sel[j]], 1);
       }
     }
