@@ -1,0 +1,226 @@
+"""One MoE layer of a published checkpoint, without a framework.
+
+    cfg = config_from_hf(json.load(open("config.json")), tokens=4096)
+    tensors = read_safetensors(["model-00001-of-00004.safetensors", ...],
+                               prefix="model.layers.3.")
+    w = weights_from_checkpoint(cfg, tensors, layer=3, naming="mixtral")
+
+:func:`read_safetensors` memory-maps the files and returns only the tensors whose names
+start with ``prefix`` (bf16 stays bf16). The naming schemes, with the published tensor
+names (``L`` the layer's prefix, ``j`` the expert) and how each maps onto
+:class:`~flashmoe_core.weights.MoEWeights` (all PyTorch ``Linear`` weights are
+[out, in] and are transposed):
+
+==========  ==============================================  ============================
+naming      tensors                                         MoEWeights
+==========  ==============================================  ============================
+mixtral     L.block_sparse_moe.gate.weight [E, H]           router = T
+            L.block_sparse_moe.experts.j.w1.weight [F, H]   wg[j] = T
+            L.block_sparse_moe.experts.j.w3.weight [F, H]   wu[j] = T
+            L.block_sparse_moe.experts.j.w2.weight [H, F]   w2[j] = T
+qwen3_moe,  L.mlp.gate.weight [E, H]                        router = T
+olmoe,      L.mlp.experts.j.gate_proj.weight [F, H]         wg[j] = T
+qwen2_moe   L.mlp.experts.j.up_proj.weight [F, H]           wu[j] = T
+            L.mlp.experts.j.down_proj.weight [H, F]         w2[j] = T
+deepseek_v3 the qwen names, and                             router, wg, wu, w2 as above
+            L.mlp.gate.e_score_correction_bias [E]          selection_bias
+==========  ==============================================  ============================
+
+Shared experts (qwen2_moe's ``shared_expert``, deepseek_v3's ``shared_experts``) and
+GPT-OSS's biased, clamped SwiGLU experts are not expressible by the layer yet: a
+checkpoint that has them is refused with the tensor named, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Optional, Union
+
+import numpy as np
+
+from .config import MoEConfig
+from .numerics import storage_dtype
+from .weights import MoEWeights
+
+__all__ = ["NAMINGS", "read_safetensors", "weights_from_checkpoint", "config_from_hf"]
+
+NAMINGS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3")
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def read_safetensors(paths: Union[str, Path, Iterable[Union[str, Path]]],
+                     prefix: str = "") -> Dict[str, np.ndarray]:
+    """Tensors whose names start with ``prefix`` from ``.safetensors`` files, as
+    read-only memory-mapped NumPy arrays in their stored type.
+
+    Raises
+    ------
+    ValueError
+        For a file that is not a safetensors file, or a dtype it cannot map.
+    """
+    files = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out: Dict[str, np.ndarray] = {}
+    for f in map(Path, files):
+        try:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if not 2 <= n <= 100 * 2**20:
+                    raise ValueError
+                header = json.loads(fh.read(n))
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{f}: not a readable safetensors file ({exc or 'bad header'})") \
+                from None
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__" or not name.startswith(prefix):
+                continue
+            kind = _ST_DTYPES.get(info.get("dtype"))
+            if kind is None:
+                raise ValueError(f"{f}: tensor {name} has dtype {info.get('dtype')!r}, which "
+                                 f"this reader does not map (known: {sorted(_ST_DTYPES)})")
+            begin, end = info["data_offsets"]
+            dt = _np_dtype(kind)
+            shape = tuple(info["shape"])
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+                raise ValueError(f"{f}: tensor {name} has {end - begin} bytes for shape {shape}")
+            out[name] = np.memmap(f, dtype=dt, mode="r", offset=base + begin, shape=shape)
+    return out
+
+
+def _prefix(naming: str, layer: int) -> str:
+    block = "block_sparse_moe" if naming == "mixtral" else "mlp"
+    return f"model.layers.{layer}.{block}."
+
+
+def _names(naming: str, layer: int, experts: int) -> Dict[str, list]:
+    p = _prefix(naming, layer)
+    if naming == "mixtral":
+        ex = [(f"{p}experts.{j}.w1.weight", f"{p}experts.{j}.w3.weight",
+               f"{p}experts.{j}.w2.weight") for j in range(experts)]
+    else:
+        ex = [(f"{p}experts.{j}.gate_proj.weight", f"{p}experts.{j}.up_proj.weight",
+               f"{p}experts.{j}.down_proj.weight") for j in range(experts)]
+    return {"router": [f"{p}gate.weight"], "experts": ex,
+            "selection_bias": [f"{p}gate.e_score_correction_bias"],
+            "unsupported": [f"{p}shared_expert.", f"{p}shared_experts.",
+                            f"{p}shared_expert_gate."]}
+
+
+def _take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple) -> np.ndarray:
+    if name not in tensors:
+        near = sorted(k for k in tensors if k.rsplit(".", 2)[0] == name.rsplit(".", 2)[0])[:5]
+        raise ValueError(f"checkpoint tensor {name} is missing" +
+                         (f" (beside it: {near})" if near else
+                          "; is the naming or the layer index right?"))
+    a = np.asarray(tensors[name])
+    if a.shape != shape:
+        raise ValueError(f"checkpoint tensor {name} has shape {a.shape}; this config expects "
+                         f"{shape}")
+    return a
+
+
+def weights_from_checkpoint(cfg: MoEConfig, tensors: Mapping[str, np.ndarray], layer: int,
+                            naming: str) -> MoEWeights:
+    """The :class:`MoEWeights` of one layer from a mapping of checkpoint tensors.
+
+    Parameters
+    ----------
+    cfg : MoEConfig
+        Must describe the layer (``config_from_hf`` builds one); gated MLP.
+    tensors : mapping of str to ndarray
+        Checkpoint tensors by published name (e.g. from :func:`read_safetensors`).
+    layer : int
+        The decoder layer's index.
+    naming : str
+        One of :data:`NAMINGS`.
+
+    Raises
+    ------
+    ValueError
+        Naming the tensor that is missing, misshapen or not expressible.
+    """
+    if naming not in NAMINGS:
+        raise ValueError(f"naming={naming!r}: expected one of {NAMINGS}")
+    if cfg.mlp != "gated":
+        raise ValueError(f"{naming} experts are gated MLPs; build the config with mlp='gated'")
+    names = _names(naming, int(layer), cfg.experts)
+    for start in names["unsupported"]:
+        extra = sorted(k for k in tensors if k.startswith(start))
+        if extra:
+            raise ValueError(f"checkpoint tensor {extra[0]} belongs to a shared expert, which "
+                             "this layer does not compute yet; refusing to drop it silently")
+    h, f, e = cfg.hidden, cfg.ffn, cfg.experts
+    want = storage_dtype(cfg.dtype)
+    cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(np.float32).astype(want))  # noqa
+    arrays = {"router": cast(_take(tensors, names["router"][0], (e, h)).T)}
+    wg, wu, w2 = [], [], []
+    for g, u, d in names["experts"]:
+        wg.append(_take(tensors, g, (f, h)).T)
+        wu.append(_take(tensors, u, (f, h)).T)
+        w2.append(_take(tensors, d, (h, f)).T)
+    arrays.update(wg=cast(np.stack(wg)), wu=cast(np.stack(wu)), w2=cast(np.stack(w2)))
+    bias_name = names["selection_bias"][0]
+    if cfg.selection_bias:
+        arrays["selection_bias"] = np.asarray(_take(tensors, bias_name, (e,)), np.float32)
+    elif bias_name in tensors:
+        raise ValueError(f"checkpoint tensor {bias_name} is a selection bias but the config "
+                         "has selection_bias=False")
+    return MoEWeights(cfg, **arrays)
+
+
+def config_from_hf(hf: Mapping, tokens: int, dtype: Optional[str] = None,
+                   **overrides) -> MoEConfig:
+    """The :class:`MoEConfig` of a model's MoE layers from its ``config.json`` fields.
+
+    Reads ``model_type`` to pick the rule (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3);
+    ``tokens`` is the layer's token bound; ``dtype`` defaults to ``torch_dtype``;
+    ``overrides`` replace any derived field.
+    """
+    kind = hf.get("model_type")
+    if kind not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"):
+        raise ValueError(f"model_type={kind!r}: known MoE families are mixtral, qwen2_moe, "
+                         "qwen3_moe, olmoe and deepseek_v3")
+    missing = [k for k in ("hidden_size", "num_experts_per_tok") if k not in hf]
+    if missing:
+        raise ValueError(f"the model config lacks {missing} (a {kind} config.json has them)")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "gelu", "relu"):
+        raise ValueError(f"hidden_act={act!r} has no counterpart (silu, gelu, relu)")
+    dt = dtype or {"bfloat16": "bfloat16", "float16": "float16",
+                   "float32": "float32"}.get(hf.get("torch_dtype"), "bfloat16")
+    common = dict(tokens=tokens, hidden=int(hf["hidden_size"]), mlp="gated", activation=act,
+                  dtype=dt, top_k=int(hf["num_experts_per_tok"]))
+    if kind == "mixtral":
+        d = dict(common, ffn=int(hf["intermediate_size"]),
+                 experts=int(hf["num_local_experts"]), renormalize=True,
+                 router_logits="storage")
+    elif kind in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        ffn = hf.get("moe_intermediate_size", hf.get("intermediate_size"))
+        d = dict(common, ffn=int(ffn), experts=int(hf["num_experts"]),
+                 renormalize=bool(hf.get("norm_topk_prob", kind != "olmoe")),
+                 router_logits="storage")
+    else:  # deepseek_v3
+        if hf.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ValueError(f"scoring_func={hf.get('scoring_func')!r}: deepseek_v3 scores "
+                             "with a sigmoid")
+        d = dict(common, ffn=int(hf["moe_intermediate_size"]),
+                 experts=int(hf["n_routed_experts"]), scoring="sigmoid",
+                 selection_bias=hf.get("topk_method", "noaux_tc") == "noaux_tc",
+                 n_group=int(hf.get("n_group", 1)), topk_group=int(hf.get("topk_group", 1)),
+                 routed_scaling=float(hf.get("routed_scaling_factor", 1.0)),
+                 renormalize=bool(hf.get("norm_topk_prob", True)))
+    d.update(overrides)
+    return MoEConfig(**d)
