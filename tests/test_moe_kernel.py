@@ -248,9 +248,12 @@ def test_bad_inputs_are_rejected_before_launch(backend):
 
 
 def test_timeout_becomes_an_exception_with_the_record(backend):
-    cfg = MoEConfig(tokens=per_backend(backend, 4096, 1024), hidden=256, ffn=256, experts=8)
+    cfg = MoEConfig(tokens=per_backend(backend, 4096, 256), hidden=256, ffn=256, experts=8)
     w = MoEWeights.random(cfg, 0)
-    layer = make_layer(cfg, w, backend, timeout_s=1e-6)
+    layer = make_layer(cfg, w, backend, timeout_s=0.05)
+    # Block 0 starts 3 s late: every other block waits at the first grid barrier with
+    # nothing moving for 60 times the bound, whatever the machine's speed or load.
+    layer.testing.inject_delay(3.0)
     with pytest.raises(FlashMoETimeout) as exc:
         layer(random_tokens(cfg, 0))
     rec = exc.value.record
