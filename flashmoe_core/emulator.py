@@ -36,7 +36,7 @@ from .layer import (fault_exception, kernel_weights, layout_record, placement_ta
                     recovery_state, validate_input)
 from .numerics import round_to, storage_dtype
 from .plan import plan_layer
-from .reference import Routing
+from .reference import Routing, given_routing
 from .weights import MoEWeights
 
 __all__ = ["EmulatorOptions", "EmulatorError", "EmulatedMoELayer", "EmulatedExpertParallel",
@@ -340,10 +340,21 @@ class EmulatedMoELayer(_Emulated):
         self._pe.view("x_stage", x.shape, x.dtype)[...] = x
         return t
 
-    def __call__(self, x: np.ndarray, return_routing: bool = False):
-        """Forward pass: ``y`` (and the kernel's Routing) as NumPy."""
+    def __call__(self, x: np.ndarray, return_routing: bool = False, routing=None):
+        """Forward pass: ``y`` (and the kernel's Routing) as NumPy; ``routing`` as for
+        :meth:`MoELayer.__call__` (the caller's experts and weights)."""
+        mode = "full"
+        if routing is not None:
+            shape = getattr(x, "shape", ())
+            experts, weights = given_routing(self.cfg, routing,
+                                             int(shape[0]) if len(shape) == 2 else -1)
         t = self._stage(x)
-        self._launch(t, "full", self._pe.ptr("x_stage"))
+        if routing is not None:
+            k = self.cfg.top_k
+            self._pe.view("topk_expert", (t, k), np.int32)[...] = experts
+            self._pe.view("topk_weight", (t, k), np.float32)[...] = weights
+            mode = "routed"
+        self._launch(t, mode, self._pe.ptr("x_stage"))
         y = self._pe.view("y_stage", (t, self.cfg.hidden), storage_dtype(self.cfg.dtype)).copy()
         return (y, self.routing(t)) if return_routing else y
 

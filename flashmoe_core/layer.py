@@ -32,7 +32,7 @@ from .kernels import moe_spec
 from .numerics import as_f32, round_to, storage_dtype
 from .ep import plan_heap
 from .plan import max_peer_tiles, plan_layer, slot_rows
-from .reference import Routing
+from .reference import Routing, given_routing
 from .weights import MoEWeights
 
 __all__ = ["MoELayer"]
@@ -321,7 +321,7 @@ class MoELayer:
                               smem=self.smem)
 
     def __call__(self, x: Any, out: Any = None, stream: Any = None,
-                 return_routing: bool = False):
+                 return_routing: bool = False, routing=None):
         """Forward pass.
 
         Parameters
@@ -336,6 +336,10 @@ class MoELayer:
             done, since the consumer's stream is unknown.
         return_routing : bool
             Also return the kernel's Routing (synchronises).
+        routing : Routing or (experts, weights), optional
+            Use these expert ids and combine weights (NumPy [t, top_k]) instead of the
+            router, for routers the config cannot express; the capacity rule still
+            applies. Validated before launch (ids in range, finite weights).
 
         Returns
         -------
@@ -343,14 +347,31 @@ class MoELayer:
         new tensor of x's kind where possible (CuPy, PyTorch, JAX), else a DLPack view.
         """
         self.check_fault()
+        given = None
+        if routing is not None:
+            shape = getattr(x, "shape", None)
+            if shape is None or len(shape) != 2:
+                raise ValueError("x must be [tokens, hidden] (routing= has a row per token)")
+            given = given_routing(self.cfg, routing, int(shape[0]))
         if isinstance(x, np.ndarray):
-            return self._call_numpy(x, out, return_routing)
+            return self._call_numpy(x, out, return_routing, given)
         if not is_dlpack_gpu_tensor(x):
             raise TypeError(f"x must be a NumPy array or a DLPack GPU tensor, got "
                             f"{type(x).__name__}")
-        return self._call_device(x, out, stream, return_routing)
+        return self._call_device(x, out, stream, return_routing, given)
 
-    def _call_numpy(self, x: np.ndarray, out, return_routing: bool):
+    def _forward(self, stream, x_ptr: int, y_ptr: int, tokens: int, given=None) -> None:
+        """The full pass, on the router's routing or the caller's ``given`` (experts,
+        weights)."""
+        if given is None:
+            self._launch(stream, x_ptr, y_ptr, tokens, "full")
+            return
+        experts, weights = given
+        memory.copy_in(self._buffers["topk_expert"], experts, stream)
+        memory.copy_in(self._buffers["topk_weight"], weights, stream)
+        self._launch(stream, x_ptr, y_ptr, tokens, "routed")
+
+    def _call_numpy(self, x: np.ndarray, out, return_routing: bool, given=None):
         if out is not None:
             raise ValueError("out= is for GPU tensors; NumPy input returns a new array")
         if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
@@ -358,7 +379,7 @@ class MoELayer:
         t = self._validate(x.shape, x.dtype)
         x = np.ascontiguousarray(x)
         memory.copy_in(self._buffers["x_stage"], x, self._stream)
-        self._launch(self._stream, self._ptr("x_stage"), self._ptr("y_stage"), t, "full")
+        self._forward(self._stream, self._ptr("x_stage"), self._ptr("y_stage"), t, given)
         y = memory.download(self._buffers["y_stage"], (t, self.cfg.hidden), self._dtype,
                             self._stream)
         self.check_fault()
@@ -366,7 +387,7 @@ class MoELayer:
             return y, self.routing(t)
         return y
 
-    def _call_device(self, x, out, stream, return_routing: bool):
+    def _call_device(self, x, out, stream, return_routing: bool, given=None):
         s, stream_ptr, capturing = _resolve_stream(self.device, self._stream, stream)
         if capturing and (out is None or return_routing):
             raise ValueError("while capturing a CUDA graph pass out= (no allocation inside "
@@ -391,7 +412,7 @@ class MoELayer:
         else:
             buf = memory.alloc(self.device, t * self.cfg.hidden * self._dtype.itemsize, s)
             y_ptr, result = int(buf.handle), None
-        self._launch(s, xv.ptr, y_ptr, t, "full")
+        self._forward(s, xv.ptr, y_ptr, t, given)
         if stream is None or return_routing:
             s.sync()  # no consumer stream to order the result on: finish here
             self.check_fault()

@@ -54,7 +54,7 @@ from .numerics import activation, activation_grad, as_f32, erfc, round_to, stora
 from .weights import MoEWeights, expert_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "route_tokens", "expert_ffn", "combine",
-           "matmul_f32",
+           "matmul_f32", "given_routing", "with_capacity",
            "check_tokens", "MoEGrads", "moe_backward"]
 
 
@@ -192,6 +192,15 @@ def route(cfg: MoEConfig, probs: np.ndarray, tokens_per_rank: Optional[int] = No
         if cfg.renormalize:
             w64 = w64 / w64.sum(axis=1, keepdims=True)
     weights = (w64 * cfg.routed_scaling).astype(np.float32)
+    return with_capacity(cfg, experts, weights, t)
+
+
+def with_capacity(cfg: MoEConfig, experts: np.ndarray, weights: np.ndarray,
+                  tokens_per_rank: Optional[int] = None) -> Routing:
+    """The Routing of chosen experts and weights once the capacity rule (6) has dropped
+    what does not fit (per source rank of ``tokens_per_rank`` tokens)."""
+    t_all, k = experts.shape
+    t = t_all if tokens_per_rank is None else tokens_per_rank
     kept = np.ones((t_all, k), dtype=bool)
     cap = cfg.capacity(t)
     if cap is not None:
@@ -250,6 +259,39 @@ def check_routing(cfg: MoEConfig, routing: Routing, tokens: int) -> Routing:
     if kept.dtype != bool:
         raise ValueError(f"routing.kept must be bool, got {kept.dtype}")
     return Routing(experts.astype(np.int32), weights.astype(np.float32), kept)
+
+
+def given_routing(cfg: MoEConfig, routing, tokens: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Experts and combine weights a caller supplies for ``tokens`` tokens (a
+    :class:`Routing`, whose ``kept`` is ignored: capacity decides, or an ``(experts,
+    weights)`` pair); returns them as int32 and float32 [tokens, top_k].
+
+    Raises
+    ------
+    ValueError
+        For a wrong shape, an id outside ``[0, experts)`` or a non-finite weight.
+    """
+    if isinstance(routing, Routing) or (isinstance(routing, tuple) and len(routing) == 3):
+        experts, weights = routing[0], routing[1]
+    elif isinstance(routing, tuple) and len(routing) == 2:
+        experts, weights = routing
+    else:
+        raise ValueError("routing must be a Routing or an (experts, weights) pair of "
+                         f"[tokens, top_k={cfg.top_k}] arrays")
+    experts, weights = np.asarray(experts), np.asarray(weights)
+    shape = (tokens, cfg.top_k)
+    for name, a in (("experts", experts), ("weights", weights)):
+        if a.shape != shape:
+            raise ValueError(f"routing {name} have shape {a.shape}; expected {shape} "
+                             f"(one row per token of x, top_k={cfg.top_k} columns)")
+    if experts.dtype.kind not in "iu" or (experts.size and (experts.min() < 0 or
+                                                            experts.max() >= cfg.experts)):
+        raise ValueError(f"routing experts must be integer ids in [0, {cfg.experts})")
+    if weights.dtype.kind != "f" or not np.isfinite(weights).all():
+        bad = np.argwhere(~np.isfinite(weights.astype(np.float64)))
+        where = f" (first at {tuple(int(i) for i in bad[0])})" if bad.size else ""
+        raise ValueError(f"routing weights must be finite floats{where}")
+    return np.ascontiguousarray(experts, np.int32), np.ascontiguousarray(weights, np.float32)
 
 
 def dispatch_lists(cfg: MoEConfig, routing: Routing):
@@ -532,7 +574,8 @@ def _check_grad_output(cfg: MoEConfig, dy: np.ndarray, rows: int) -> np.ndarray:
 
 
 def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndarray,
-                 routing: Optional[Routing] = None) -> Tuple[np.ndarray, MoEGrads]:
+                 routing: Optional[Routing] = None,
+                 given_weights: bool = False) -> Tuple[np.ndarray, MoEGrads]:
     """The layer's backward pass: an exact-math (float64) reference.
 
     Differentiates, with the routing held fixed,
@@ -581,6 +624,11 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
         the logits as above (``routing.weights`` would carry no gradient to the router),
         so they equal ``routing.weights`` only when those came from this ``x``, up to
         the forward's float32 rounding.
+    given_weights : bool
+        The caller supplied the routing (``layer(x, routing=...)``): its ``weights`` are
+        inputs, used as they are. No gradient reaches the router (``grads.router`` is
+        zero); ``grads.routing_weights`` [T, k] holds ``dL/d weights`` instead
+        (``kept * <dy_t, f_e(x_t)>``, zero for a dropped assignment).
 
     Returns
     -------
@@ -588,7 +636,9 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
     grads : MoEGrads
         float64 gradients of ``router`` and the expert tensors, shaped like ``weights``.
     """
-    if not cfg.default_routing:
+    if given_weights and routing is None:
+        raise ValueError("given_weights=True needs the routing= the forward used")
+    if not cfg.default_routing and not given_weights:
         raise ValueError("moe_backward differentiates the softmax-then-top-k routing only; "
                          "this config's routing rules (scoring, biases, groups, scaling, "
                          "rounded logits) have no backward yet")
@@ -606,8 +656,11 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
     grads = MoEGrads.zeros_like(weights)
     dx = np.zeros_like(x64)
 
-    probs = _softmax64(x64 @ w64["router"])
-    total, w = _combine_weights64(cfg, probs, routing.experts)
+    if given_weights:
+        w = routing.weights.astype(np.float64)
+    else:
+        probs = _softmax64(x64 @ w64["router"])
+        total, w = _combine_weights64(cfg, probs, routing.experts)
 
     # Experts: their outputs give the combine-weight gradients g; the weighted dy goes
     # back through them.
@@ -618,6 +671,9 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
         d_rows = _expert_backward64(cfg, w64, run, w[tok, slot, None] * dy64[tok], grads)
         np.add.at(dx, tok, d_rows)  # add.at: a token may reach one expert twice
 
+    if given_weights:
+        grads.routing_weights = g
+        return dx, grads
     # Router: combine weights -> selected probabilities -> all probabilities -> logits.
     if cfg.renormalize:
         d_sel = (g - (g * w).sum(axis=1, keepdims=True)) / total

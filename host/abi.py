@@ -71,7 +71,7 @@ ENUMS: Dict[str, Dict[str, int]] = {
     "StateWord": {"kEpoch": 0, "kBarrier": 1, "kExit": 2, "kHead": 3, "kPublished": 4,
                   "kTraced": 5, "kStateWords": 16},
     "Mode": {"kModeFull": 0, "kModeGateOnly": 1, "kModeDispatchOnly": 2,
-             "kModeCombineOnly": 3, "kModeCommOnly": 4},
+             "kModeCombineOnly": 3, "kModeCommOnly": 4, "kModeRouted": 5},
     "TraceKind": {"kTraceGate": 8, "kTraceTopk": 9, "kTraceScan": 10, "kTraceLists": 11,
                   "kTraceHeaders": 12, "kTraceSubscriber": 13, "kTraceWait": 14},
     "TaskKind": {"kUp": 0, "kDown": 1, "kCombine": 2, "kSend": 3, "kUpRemote": 4,
@@ -95,7 +95,7 @@ STATE = _view("StateWord", {"epoch": "kEpoch", "barrier": "kBarrier", "exit": "k
                             "head": "kHead", "published": "kPublished", "traced": "kTraced"})
 MODES = _view("Mode", {"full": "kModeFull", "gate_only": "kModeGateOnly",
                        "dispatch_only": "kModeDispatchOnly", "combine_only": "kModeCombineOnly",
-                       "comm_only": "kModeCommOnly"})
+                       "comm_only": "kModeCommOnly", "routed": "kModeRouted"})
 FAULT_CODES = {v: k for k, v in _view("FaultCode", {
     "ok": "kOk", "timeout": "kTimeout", "protocol": "kProtocol",
     "bad_launch": "kBadLaunch"}).items()}

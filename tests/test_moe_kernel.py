@@ -378,3 +378,28 @@ def test_routing_rules_match_the_oracle(name, backend):
     same = routing.experts == ref.experts
     assert same.mean() >= 0.999
     np.testing.assert_allclose(routing.weights[same], ref.weights[same], rtol=1e-5, atol=1e-7)
+
+
+def test_routing_from_the_caller_replaces_the_router(backend):
+    from flashmoe_core.reference import moe_forward, with_capacity
+
+    cfg = MoEConfig(tokens=per_backend(backend, 300, 70), hidden=128, ffn=128, experts=6,
+                    top_k=3, capacity_factor=0.75)
+    layer, w = layer_for(cfg, backend)
+    x = random_tokens(cfg, 3)
+    rng = np.random.default_rng(4)
+    experts = rng.integers(0, 6, size=(cfg.tokens, 3))  # repeats within a token allowed
+    weights = rng.random((cfg.tokens, 3)).astype(np.float32)
+    y, routing = layer(x, return_routing=True, routing=(experts, weights))
+    want = with_capacity(cfg, experts.astype(np.int32), weights)
+    assert np.array_equal(routing.experts, want.experts)
+    assert np.array_equal(routing.weights, want.weights)
+    assert np.array_equal(routing.kept, want.kept) and not want.kept.all()
+    y_ref, _ = moe_forward(cfg, w, x, want)
+    rel = np.linalg.norm(y.astype(np.float64) - y_ref.astype(np.float64)) / \
+        np.linalg.norm(y_ref.astype(np.float64))
+    assert rel <= TOLERANCE[cfg.dtype]
+    # The next call without routing= uses the router again.
+    check_whole(cfg, backend, x=x)
+    with pytest.raises(ValueError, match="ids in"):
+        layer(x, routing=(experts + 6, weights))

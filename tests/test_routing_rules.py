@@ -165,3 +165,54 @@ def test_biases_are_weights_of_their_own():
         MoEWeights(cfg, **arrays)
     assert MoEWeights.random(cfg.replace(router_bias=False, selection_bias=False), 0).names[0] \
         == "router"
+
+
+# ---------------------------------------------------------------- routing from the caller
+def _given(cfg, t, seed=0):
+    rng = np.random.default_rng(seed)
+    experts = rng.integers(0, cfg.experts, size=(t, cfg.top_k)).astype(np.int64)
+    weights = rng.random((t, cfg.top_k)).astype(np.float32)
+    return experts, weights
+
+
+def test_given_routing_is_validated():
+    from flashmoe_core.reference import given_routing
+
+    cfg = MoEConfig(**{**BASE, "experts": 8, "top_k": 2})
+    e, w = _given(cfg, 5)
+    ge, gw = given_routing(cfg, (e, w), 5)
+    assert ge.dtype == np.int32 and gw.dtype == np.float32
+    with pytest.raises(ValueError, match=r"shape \(5, 3\)"):
+        given_routing(cfg, (np.zeros((5, 3), int), np.zeros((5, 3), np.float32)), 5)
+    with pytest.raises(ValueError, match=r"ids in \[0, 8\)"):
+        given_routing(cfg, (e + 8, w), 5)
+    bad = w.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"finite floats \(first at \(3, 1\)\)"):
+        given_routing(cfg, (e, bad), 5)
+    with pytest.raises(ValueError, match="Routing or an"):
+        given_routing(cfg, e, 5)
+
+
+def test_backward_with_given_weights_differentiates_the_weights():
+    from flashmoe_core.reference import moe_backward, with_capacity
+
+    cfg = MoEConfig(tokens=6, hidden=16, ffn=16, experts=4, top_k=2, dtype="float32",
+                    capacity_factor=1.0, scoring="sigmoid")  # rules do not matter here
+    w = MoEWeights.random(cfg, 0)
+    x = random_tokens(cfg, 1)
+    e, wt = _given(cfg, 6)
+    routing = with_capacity(cfg, e.astype(np.int32), wt)
+    assert not routing.kept.all()  # the capacity rule still drops
+    dy = np.random.default_rng(2).standard_normal((6, 16))
+    dx, grads = moe_backward(cfg, w, x, dy, routing, given_weights=True)
+    assert not grads.router.any()
+    y0 = lambda ww: moe_forward(cfg, w, x, routing._replace(weights=ww))[0]  # noqa: E731
+    eps = 1e-3
+    for t, j in [(0, 0), (2, 1), (5, 0)]:
+        a, b = wt.copy(), wt.copy()
+        a[t, j] += eps
+        b[t, j] -= eps
+        num = (dy * (y0(a).astype(np.float64) - y0(b).astype(np.float64))).sum() / (2 * eps)
+        assert abs(num - grads.routing_weights[t, j]) <= 1e-3 * max(1.0, abs(num))
+    assert (grads.routing_weights[~routing.kept] == 0).all()

@@ -60,6 +60,7 @@ enum Mode : cuda::std::int32_t {
   kModeDispatchOnly = 2,  ///< stop after the dispatch lists (row_token, token_rows, ...)
   kModeCombineOnly = 3,   ///< combine y_expert given token_rows and topk_weight
   kModeCommOnly = 4,      ///< full protocol, but expert tiles skip their GEMMs (timing)
+  kModeRouted = 5,        ///< full pass on the caller's topk_expert / topk_weight (no gate)
 };
 
 /// Kinds of trace records besides task kinds 0..7 (phases every block runs).
@@ -256,7 +257,7 @@ struct MoeLayout {
   X(StateWord, kEpoch) X(StateWord, kBarrier) X(StateWord, kExit) X(StateWord, kHead)       \
   X(StateWord, kPublished) X(StateWord, kTraced) X(StateWord, kStateWords)                  \
   X(Mode, kModeFull) X(Mode, kModeGateOnly) X(Mode, kModeDispatchOnly)                      \
-  X(Mode, kModeCombineOnly) X(Mode, kModeCommOnly)                                          \
+  X(Mode, kModeCombineOnly) X(Mode, kModeCommOnly) X(Mode, kModeRouted)                     \
   X(TraceKind, kTraceGate) X(TraceKind, kTraceTopk) X(TraceKind, kTraceScan)                \
   X(TraceKind, kTraceLists) X(TraceKind, kTraceHeaders) X(TraceKind, kTraceSubscriber)      \
   X(TraceKind, kTraceWait)                                                                  \

@@ -1017,12 +1017,29 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   int barrier = 0;  // grid barriers passed this launch (fewer with top-k in the gate)
   uint64_t t0 = k.tracing() ? global_timer_ns() : 0u;
   k.zero_counters();
-  for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) k.gate_tile(tile);
-  if constexpr (!C::kFusedTopk) {
+  if (mode == abi::kModeRouted) {
+    // The caller chose the experts and weights (topk_expert / topk_weight are filled):
+    // no gate, only the per-tile counts the dispatch lists start from.
+    if constexpr (C::kFusedTopk) {
+      const int gtid = blockIdx.x * C::kThreads + threadIdx.x;
+      for (int i = gtid; i < k.TT * C::E; i += gridDim.x * C::kThreads) L.tile_counts[i] = 0;
+    }
     if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierGate)) return;
-    k.trace(t0, abi::kTraceGate);  // recorded after the barrier: the trace counter is zeroed
-    t0 = k.tracing() ? global_timer_ns() : 0u;
-    for (int t = gwarp; t < tokens; t += warps) k.topk_token(t);
+    const int lane = threadIdx.x & 31;
+    for (int t = gwarp; t < tokens; t += warps) {
+      if (lane < C::K) {
+        const int e = load_cg(&L.topk_expert[t * C::K + lane]);
+        atomicAdd(&L.tile_counts[(t / C::kTile) * C::E + e], 1);
+      }
+    }
+  } else {
+    for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) k.gate_tile(tile);
+    if constexpr (!C::kFusedTopk) {
+      if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierGate)) return;
+      k.trace(t0, abi::kTraceGate);  // recorded after the barrier: the trace counter is zeroed
+      t0 = k.tracing() ? global_timer_ns() : 0u;
+      for (int t = gwarp; t < tokens; t += warps) k.topk_token(t);
+    }
   }
   if (mode == abi::kModeGateOnly) {
     k.finish();
