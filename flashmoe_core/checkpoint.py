@@ -24,11 +24,15 @@ qwen2_moe   L.mlp.experts.j.up_proj.weight [F, H]           wu[j] = T
             L.mlp.experts.j.down_proj.weight [H, F]         w2[j] = T
 deepseek_v3 the qwen names, and                             router, wg, wu, w2 as above
             L.mlp.gate.e_score_correction_bias [E]          selection_bias
+gpt_oss     L.mlp.router.weight [E, H], .bias [E]           router = T, router_bias
+            L.mlp.experts.gate_up_proj [E, H, 2F]           wg = [..., 0::2], wu = [..., 1::2]
+            L.mlp.experts.gate_up_proj_bias [E, 2F]         bg = [:, 0::2], bu = [:, 1::2]
+            L.mlp.experts.down_proj [E, F, H], _bias [E, H] w2, b2 (as stored)
 ==========  ==============================================  ============================
 
-Shared experts (qwen2_moe's ``shared_expert``, deepseek_v3's ``shared_experts``) and
-GPT-OSS's biased, clamped SwiGLU experts are not expressible by the layer yet: a
-checkpoint that has them is refused with the tensor named, never silently dropped.
+Shared experts (qwen2_moe's ``shared_expert``, deepseek_v3's ``shared_experts``) are not
+expressible by the layer yet: a checkpoint that has them is refused with the tensor
+named, never silently dropped.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from .weights import MoEWeights
 
 __all__ = ["NAMINGS", "read_safetensors", "weights_from_checkpoint", "config_from_hf"]
 
-NAMINGS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3")
+NAMINGS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss")
 
 _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
               "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
@@ -165,6 +169,8 @@ def weights_from_checkpoint(cfg: MoEConfig, tensors: Mapping[str, np.ndarray], l
     h, f, e = cfg.hidden, cfg.ffn, cfg.experts
     want = storage_dtype(cfg.dtype)
     cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(np.float32).astype(want))  # noqa
+    if naming == "gpt_oss":
+        return _gpt_oss(cfg, tensors, _prefix(naming, int(layer)), cast)
     arrays = {"router": cast(_take(tensors, names["router"][0], (e, h)).T)}
     wg, wu, w2 = [], [], []
     for g, u, d in names["experts"]:
@@ -181,6 +187,24 @@ def weights_from_checkpoint(cfg: MoEConfig, tensors: Mapping[str, np.ndarray], l
     return MoEWeights(cfg, **arrays)
 
 
+def _gpt_oss(cfg: MoEConfig, tensors, p: str, cast) -> MoEWeights:
+    """GPT-OSS stores its experts as x @ W tensors with gate and up interleaved."""
+    h, f, e = cfg.hidden, cfg.ffn, cfg.experts
+    if not (cfg.router_bias and cfg.mlp_bias and cfg.softmax_after_topk
+            and cfg.activation == "swiglu_clamped"):
+        raise ValueError("gpt_oss layers need router_bias, mlp_bias, softmax_after_topk and "
+                         "activation='swiglu_clamped' (config_from_hf sets them)")
+    gate_up = _take(tensors, p + "experts.gate_up_proj", (e, h, 2 * f))
+    gate_up_b = _take(tensors, p + "experts.gate_up_proj_bias", (e, 2 * f))
+    return MoEWeights(
+        cfg, router=cast(_take(tensors, p + "router.weight", (e, h)).T),
+        router_bias=cast(_take(tensors, p + "router.bias", (e,))),
+        wg=cast(gate_up[..., 0::2]), wu=cast(gate_up[..., 1::2]),
+        bg=cast(gate_up_b[:, 0::2]), bu=cast(gate_up_b[:, 1::2]),
+        w2=cast(_take(tensors, p + "experts.down_proj", (e, f, h))),
+        b2=cast(_take(tensors, p + "experts.down_proj_bias", (e, h))))
+
+
 def config_from_hf(hf: Mapping, tokens: int, dtype: Optional[str] = None,
                    **overrides) -> MoEConfig:
     """The :class:`MoEConfig` of a model's MoE layers from its ``config.json`` fields.
@@ -190,13 +214,17 @@ def config_from_hf(hf: Mapping, tokens: int, dtype: Optional[str] = None,
     ``overrides`` replace any derived field.
     """
     kind = hf.get("model_type")
-    if kind not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"):
+    if kind not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"):
         raise ValueError(f"model_type={kind!r}: known MoE families are mixtral, qwen2_moe, "
-                         "qwen3_moe, olmoe and deepseek_v3")
+                         "qwen3_moe, olmoe, deepseek_v3 and gpt_oss")
+    if kind == "gpt_oss" and "num_experts_per_tok" not in hf and "experts_per_token" in hf:
+        hf = dict(hf, num_experts_per_tok=hf["experts_per_token"])
     missing = [k for k in ("hidden_size", "num_experts_per_tok") if k not in hf]
     if missing:
         raise ValueError(f"the model config lacks {missing} (a {kind} config.json has them)")
     act = hf.get("hidden_act", "silu")
+    if kind == "gpt_oss":
+        act = "silu"  # its experts' activation is the clamped SwiGLU, set below
     if act not in ("silu", "gelu", "relu"):
         raise ValueError(f"hidden_act={act!r} has no counterpart (silu, gelu, relu)")
     dt = dtype or {"bfloat16": "bfloat16", "float16": "float16",
@@ -207,6 +235,12 @@ def config_from_hf(hf: Mapping, tokens: int, dtype: Optional[str] = None,
         d = dict(common, ffn=int(hf["intermediate_size"]),
                  experts=int(hf["num_local_experts"]), renormalize=True,
                  router_logits="storage")
+    elif kind == "gpt_oss":
+        d = dict(common, ffn=int(hf["intermediate_size"]),
+                 experts=int(hf["num_local_experts"]), softmax_after_topk=True,
+                 router_bias=True, router_logits="storage", mlp_bias=True,
+                 activation="swiglu_clamped",
+                 swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=1.702)
     elif kind in ("qwen2_moe", "qwen3_moe", "olmoe"):
         ffn = hf.get("moe_intermediate_size", hf.get("intermediate_size"))
         d = dict(common, ffn=int(ffn), experts=int(hf["num_experts"]),

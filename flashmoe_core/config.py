@@ -16,7 +16,7 @@ __all__ = ["MoEConfig", "MLP_KINDS", "ACTIVATIONS", "DTYPES", "MAX_TOP_K", "MAX_
            "SCORINGS", "ROUTER_LOGITS"]
 
 MLP_KINDS = ("vanilla", "gated")
-ACTIVATIONS = ("relu", "gelu", "silu")
+ACTIVATIONS = ("relu", "gelu", "silu", "swiglu_clamped")
 DTYPES = ("float32", "tfloat32", "bfloat16", "float16")
 MAX_TOP_K = 8
 MAX_EXPERTS = 1024
@@ -59,8 +59,11 @@ class MoEConfig:
         Experts per token, 1..8 and at most ``experts``.
     mlp : {"vanilla", "gated"}
         ``"vanilla"``: ``act(x W1 + b1) W2 + b2``. ``"gated"``: ``(act(x Wg) * (x Wu)) W2``.
-    activation : {"relu", "gelu", "silu"}
+    activation : {"relu", "gelu", "silu", "swiglu_clamped"}
         ``gelu`` is the exact erf form, ``silu`` is ``x * sigmoid(x)``.
+        ``swiglu_clamped`` (gated MLP only; GPT-OSS) replaces ``act(g) * u`` by
+        ``g' * sigmoid(alpha * g') * (u' + 1)`` with ``g' = min(g, limit)`` and ``u'`` =
+        ``u`` clamped to ``[-limit, limit]`` (``swiglu_alpha``, ``swiglu_limit``).
     dtype : {"float32", "tfloat32", "bfloat16", "float16"}
         Storage type of activations and weights. ``tfloat32`` stores float32 arrays
         whose values are rounded to TF32 (10-bit mantissa). Accumulation is float32.
@@ -98,6 +101,11 @@ class MoEConfig:
     router_logits : {"float32", "storage"}
         Keep the router logits in float32 (DeepSeek, Switch), or round them to the
         storage type before scoring (as Mixtral and Qwen compute them in bf16).
+    mlp_bias : bool
+        Gated MLP with biases on its three projections (GPT-OSS): ``MoEWeights.bg``,
+        ``bu`` [E, ffn] and ``b2`` [E, hidden]. The vanilla MLP always has its biases.
+    swiglu_alpha, swiglu_limit : float
+        The constants of ``activation="swiglu_clamped"`` (GPT-OSS: 1.702 and 7.0).
     """
 
     tokens: int
@@ -120,6 +128,9 @@ class MoEConfig:
     topk_group: int = 1
     routed_scaling: float = 1.0
     router_logits: str = "float32"
+    mlp_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         _check_int("tokens", self.tokens, 1, MAX_TOKENS)
@@ -218,6 +229,23 @@ class MoEConfig:
         object.__setattr__(self, "routed_scaling", float(rs))
         if self.router_logits not in ROUTER_LOGITS:
             raise _fail("router_logits", self.router_logits, f"one of {ROUTER_LOGITS}")
+        if not (isinstance(self.mlp_bias, bool) or type(self.mlp_bias).__name__ == "bool_"):
+            raise _fail("mlp_bias", self.mlp_bias, "True or False")
+        object.__setattr__(self, "mlp_bias", bool(self.mlp_bias))
+        if self.mlp_bias and self.mlp != "gated":
+            raise _fail("mlp_bias", True, "only with mlp='gated' (the vanilla MLP always "
+                        "has its biases)")
+        if self.activation == "swiglu_clamped" and self.mlp != "gated":
+            raise _fail("activation", self.activation, "only with mlp='gated'")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            v = getattr(self, name)
+            try:
+                ok = not isinstance(v, (bool, str)) and math.isfinite(float(v)) and float(v) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise _fail(name, v, "a finite number > 0")
+            object.__setattr__(self, name, float(v))
 
     @property
     def default_routing(self) -> bool:

@@ -106,12 +106,19 @@ def moe_defines(cfg) -> Dict[str, int]:
         **tile_config(cfg.dtype).defines(),
         "FMOE_EP": int(cfg.world_size > 1),
         **routing_defines(cfg),
+        "FMOE_MLP_BIAS": int(cfg.mlp_bias),
+        "FMOE_SWIGLU_ALPHA_BITS": _float_bits(cfg.swiglu_alpha),
+        "FMOE_SWIGLU_LIMIT_BITS": _float_bits(cfg.swiglu_limit),
     }
+
+
+def _float_bits(v: float) -> str:
+    """A float32 constant as the unsigned literal of its bits (exact in a macro)."""
+    return f"0x{int(np.float32(v).view(np.uint32)):08x}u"
 
 
 def routing_defines(cfg) -> Dict[str, object]:
     """The routing rules' constants (every value, so that a key names the whole rule)."""
-    scale = int(np.float32(cfg.routed_scaling).view(np.uint32))
     return {
         "FMOE_SIGMOID": int(cfg.scoring == "sigmoid"),
         "FMOE_SOFTMAX_AFTER_TOPK": int(cfg.softmax_after_topk),
@@ -119,7 +126,7 @@ def routing_defines(cfg) -> Dict[str, object]:
         "FMOE_SELECTION_BIAS": int(cfg.selection_bias),
         "FMOE_GROUPS": cfg.n_group,
         "FMOE_TOPK_GROUPS": cfg.topk_group,
-        "FMOE_SCALE_BITS": f"0x{scale:08x}u",
+        "FMOE_SCALE_BITS": _float_bits(cfg.routed_scaling),
         "FMOE_ROUND_LOGITS": int(cfg.router_logits == "storage"),
     }
 

@@ -585,6 +585,9 @@ def kernel_weights(w: MoEWeights) -> dict:
         out.update(w_up=kmajor(w.w1), b_up=w.b1, w_down=kmajor(w.w2), b_down=w.b2)
     else:
         out.update(w_up=kmajor(w.wg), w_up2=kmajor(w.wu), w_down=kmajor(w.w2))
+        if w.cfg.mlp_bias:  # the up biases side by side per expert: bg then bu
+            out.update(b_up=np.ascontiguousarray(np.concatenate([w.bg, w.bu], axis=1)),
+                       b_down=w.b2)
     return out
 
 

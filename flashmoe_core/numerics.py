@@ -128,6 +128,19 @@ def activation(name: str, x: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def gated(cfg, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The gated MLP's ``act(g) * u`` (or the clamped SwiGLU) on float32 input, computed
+    in float64 and returned as float32."""
+    if cfg.activation != "swiglu_clamped":
+        return activation(cfg.activation, g) * np.asarray(u, np.float32)
+    lim = cfg.swiglu_limit
+    g64 = np.minimum(np.asarray(g, np.float64), lim)
+    u64 = np.clip(np.asarray(u, np.float64), -lim, lim)
+    with np.errstate(over="ignore"):
+        out = g64 / (1.0 + np.exp(-cfg.swiglu_alpha * g64)) * (u64 + 1.0)
+    return out.astype(np.float32)
+
+
 def activation_grad(name: str, x: np.ndarray) -> np.ndarray:
     """Derivative of an activation at float64 input ``x``, in float64."""
     a = np.asarray(x, dtype=np.float64)

@@ -81,8 +81,10 @@ def gemm_operands(a, b, dtype: str, bias=None, activation: str = "identity", gat
     """
     if dtype not in DTYPE_IDS:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPE_IDS)}")
-    if activation not in ACT_IDS:
-        raise ValueError(f"activation={activation!r}: expected one of {sorted(ACT_IDS)}")
+    if activation not in ACT_IDS or activation == "swiglu_clamped":
+        known = sorted(a for a in ACT_IDS if a != "swiglu_clamped")
+        raise ValueError(f"activation={activation!r}: expected one of {known} (the clamped "
+                         "SwiGLU belongs to the fused gated MLP)")
     a = np.ascontiguousarray(round_to(a, dtype))
     b = np.ascontiguousarray(round_to(b, dtype))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:

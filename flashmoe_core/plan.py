@@ -117,6 +117,8 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
                        b_down=el * h * b)
     else:
         weights.update(w_up=el * f * h * b, w_up2=el * f * h * b, w_down=el * h * f * b)
+        if cfg.mlp_bias:
+            weights.update(b_up=el * 2 * f * b, b_down=el * h * b)
     return LayerPlan(token_tiles=tt, logits_stride=ep, max_rowtiles=max_rowtiles,
                      up_tiles=up_tiles, down_tiles=down_tiles, ring_capacity=ring,
                      workspace=workspace, weights=weights)

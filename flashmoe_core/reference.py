@@ -27,7 +27,9 @@ Semantics, pinned (the kernel follows them; tests compare against them):
    capacity are dropped and contribute zero (the kept ones are not renormalised).
 7. Expert FFN with float32 accumulation; bias added to the float32 sum; activation
    in float32 (``gelu`` exact erf form, ``silu = x * sigmoid(x)``); the intermediate is
-   rounded to ``cfg.dtype``. Gated: ``act(x Wg) * (x Wu)`` in float32, then rounded.
+   rounded to ``cfg.dtype``. Gated: ``act(x Wg) * (x Wu)`` in float32, then rounded
+   (with ``mlp_bias``: ``g = x Wg + bg``, ``u = x Wu + bu``, output ``+ b2``; with the
+   clamped SwiGLU: ``min(g, L) * sigmoid(a * min(g, L)) * (clip(u, -L, L) + 1)``).
 8. Each expert's output row is rounded to ``cfg.dtype`` (it travels in that type).
 9. Combine: ``sum_j weight_j * y_j`` over the kept assignments in float32 (float64 in
    the oracle, rounded once), then rounded to ``cfg.dtype``.
@@ -50,7 +52,8 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .config import MoEConfig
-from .numerics import activation, activation_grad, as_f32, erfc, round_to, storage_dtype
+from .numerics import (activation, activation_grad, as_f32, erfc, gated, round_to,
+                       storage_dtype)
 from .weights import MoEWeights, expert_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "route_tokens", "expert_ffn", "combine",
@@ -229,10 +232,11 @@ def expert_ffn(cfg: MoEConfig, weights: MoEWeights, expert: int, rows: np.ndarra
         h = round_to(activation(cfg.activation, a), cfg.dtype)
         y = matmul_f32(h, weights.w2[i], weights.b2[i])
     else:
-        g = matmul_f32(xr, weights.wg[i])
-        u = matmul_f32(xr, weights.wu[i])
-        h = round_to(activation(cfg.activation, g) * u, cfg.dtype)
-        y = matmul_f32(h, weights.w2[i])
+        bias = cfg.mlp_bias
+        g = matmul_f32(xr, weights.wg[i], weights.bg[i] if bias else None)
+        u = matmul_f32(xr, weights.wu[i], weights.bu[i] if bias else None)
+        h = round_to(gated(cfg, g, u), cfg.dtype)
+        y = matmul_f32(h, weights.w2[i], weights.b2[i] if bias else None)
     return round_to(y, cfg.dtype)
 
 
@@ -378,9 +382,10 @@ class MoEGrads:
     @classmethod
     def zeros_like(cls, weights: MoEWeights) -> "MoEGrads":
         """Zero gradients shaped like ``weights`` (the backward accumulates into them)."""
+        names = ("router",) + expert_tensor_names(weights.cfg.mlp)
         return cls(weights.cfg.mlp, weights.expert_ids,
                    **{n: np.zeros(a.shape, dtype=np.float64)
-                      for n, a in weights.arrays().items()})
+                      for n, a in weights.arrays().items() if n in names})
 
     def arrays(self) -> Dict[str, np.ndarray]:
         """Name -> gradient array, router first (the order of ``MoEWeights.arrays``)."""
@@ -638,6 +643,10 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
     """
     if given_weights and routing is None:
         raise ValueError("given_weights=True needs the routing= the forward used")
+    if cfg.mlp_bias or cfg.activation == "swiglu_clamped":
+        raise ValueError("moe_backward covers the gated MLP without biases and the relu, "
+                         "gelu and silu activations; this config's experts have no backward "
+                         "yet")
     if not cfg.default_routing and not given_weights:
         raise ValueError("moe_backward differentiates the softmax-then-top-k routing only; "
                          "this config's routing rules (scoring, biases, groups, scaling, "

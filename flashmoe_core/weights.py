@@ -13,7 +13,7 @@ __all__ = ["MoEWeights"]
 
 # Draw order of the random generator; never reorder (it would change every seed).
 _TENSOR_IDS = {"router": 0, "w1": 1, "b1": 2, "w2": 3, "b2": 4, "wg": 5, "wu": 6,
-               "router_bias": 7, "selection_bias": 8}
+               "router_bias": 7, "selection_bias": 8, "bg": 9, "bu": 10}
 # Kept in float32 whatever the storage type (a selection bias only ranks experts).
 _FLOAT32 = ("selection_bias",)
 
@@ -24,9 +24,12 @@ def router_tensor_names(cfg: MoEConfig) -> Tuple[str, ...]:
         (("selection_bias",) if cfg.selection_bias else ())
 
 
-def expert_tensor_names(mlp: str) -> Tuple[str, ...]:
-    """Per-expert tensor names for an MLP kind, in a fixed order."""
-    return ("w1", "b1", "w2", "b2") if mlp == "vanilla" else ("wg", "wu", "w2")
+def expert_tensor_names(mlp: str, bias: bool = False) -> Tuple[str, ...]:
+    """Per-expert tensor names for an MLP kind (and the gated MLP's biases), in a fixed
+    order."""
+    if mlp == "vanilla":
+        return ("w1", "b1", "w2", "b2")
+    return ("wg", "wu", "w2") + (("bg", "bu", "b2") if bias else ())
 
 
 class MoEWeights:
@@ -38,7 +41,8 @@ class MoEWeights:
     - ``router`` [hidden, experts]
     - vanilla MLP: ``w1`` [E, hidden, ffn], ``b1`` [E, ffn], ``w2`` [E, ffn, hidden],
       ``b2`` [E, hidden]
-    - gated MLP: ``wg``, ``wu`` [E, hidden, ffn], ``w2`` [E, ffn, hidden]
+    - gated MLP: ``wg``, ``wu`` [E, hidden, ffn], ``w2`` [E, ffn, hidden]; with
+      ``cfg.mlp_bias`` also ``bg``, ``bu`` [E, ffn] and ``b2`` [E, hidden]
     - with ``cfg.router_bias``: ``router_bias`` [experts]; with ``cfg.selection_bias``:
       ``selection_bias`` [experts], float32 whatever the storage type
 
@@ -104,11 +108,14 @@ class MoEWeights:
             shapes.update(w1=(e, h, f), b1=(e, f), w2=(e, f, h), b2=(e, h))
         else:
             shapes.update(wg=(e, h, f), wu=(e, h, f), w2=(e, f, h))
+            if cfg.mlp_bias:
+                shapes.update(bg=(e, f), bu=(e, f), b2=(e, h))
         return shapes
 
     @property
     def names(self) -> Tuple[str, ...]:
-        return router_tensor_names(self.cfg) + expert_tensor_names(self.cfg.mlp)
+        return router_tensor_names(self.cfg) + expert_tensor_names(self.cfg.mlp,
+                                                                   self.cfg.mlp_bias)
 
     def arrays(self) -> Dict[str, np.ndarray]:
         """Name -> array, router first."""
@@ -129,7 +136,7 @@ class MoEWeights:
         ids = tuple(sorted(set(int(e) for e in expert_ids)))
         rows = [self.local_index(e) for e in ids]
         arrays = {n: getattr(self, n) for n in router_tensor_names(self.cfg)}
-        for n in expert_tensor_names(self.cfg.mlp):
+        for n in expert_tensor_names(self.cfg.mlp, self.cfg.mlp_bias):
             arrays[n] = getattr(self, n)[rows]
         return MoEWeights(self.cfg, expert_ids=ids, **arrays)
 
@@ -169,7 +176,8 @@ class MoEWeights:
         }
         if cfg.mlp == "gated":
             per_expert["w2"] = ((f, h), np.sqrt(2.0 * gain / f))
-        for name in expert_tensor_names(cfg.mlp):
+        per_expert.update(bg=((f,), 0.1), bu=((f,), 0.1))
+        for name in expert_tensor_names(cfg.mlp, cfg.mlp_bias):
             shape, scale = per_expert[name]
             arrays[name] = np.stack([draw(name, shape, scale, e) for e in ids]) if ids else \
                 np.zeros((0,) + shape, dtype=storage_dtype(cfg.dtype))

@@ -81,7 +81,7 @@ ENUMS: Dict[str, Dict[str, int]] = {
               "kPhasePeerDone": 7, "kPhaseHeaders": 8, "kPhaseDispatchWait": 9,
               "kPhaseReturnWait": 10},
     "DType": {"kFloat32": 0, "kTFloat32": 1, "kBFloat16": 2, "kFloat16": 3},
-    "Act": {"kRelu": 0, "kGelu": 1, "kSilu": 2, "kIdentity": 3},
+    "Act": {"kRelu": 0, "kGelu": 1, "kSilu": 2, "kIdentity": 3, "kSwigluClamped": 4},
 }
 
 
@@ -121,7 +121,7 @@ PHASES = {v: k for k, v in _view("Phase", {
 DTYPE_IDS = _view("DType", {"float32": "kFloat32", "tfloat32": "kTFloat32",
                             "bfloat16": "kBFloat16", "float16": "kFloat16"})
 ACT_IDS = _view("Act", {"relu": "kRelu", "gelu": "kGelu", "silu": "kSilu",
-                        "identity": "kIdentity"})
+                        "identity": "kIdentity", "swiglu_clamped": "kSwigluClamped"})
 
 STRUCTS: Dict[str, np.dtype] = {"FaultRecord": FAULT_RECORD, "MoeLayout": MOE_LAYOUT,
                                 "TraceRecord": TRACE_RECORD}

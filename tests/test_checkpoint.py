@@ -116,3 +116,25 @@ def test_wrong_names_shapes_and_shared_experts_are_refused(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a readable safetensors"):
         read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_gpt_oss_layer_deinterleaves_gate_and_up(tmp_path):
+    hf = {"model_type": "gpt_oss", "hidden_size": H, "intermediate_size": F,
+          "num_local_experts": E, "experts_per_token": 4, "swiglu_limit": 7.0}
+    cfg = config_from_hf(hf, tokens=16)
+    assert cfg.activation == "swiglu_clamped" and cfg.softmax_after_topk and cfg.mlp_bias
+    rng = np.random.default_rng(0)
+    bf = lambda *s: rng.standard_normal(s).astype(ml_dtypes.bfloat16)  # noqa: E731
+    p = "model.layers.0.mlp."
+    t = {p + "router.weight": bf(E, H), p + "router.bias": bf(E),
+         p + "experts.gate_up_proj": bf(E, H, 2 * F), p + "experts.gate_up_proj_bias": bf(E, 2 * F),
+         p + "experts.down_proj": bf(E, F, H), p + "experts.down_proj_bias": bf(E, H)}
+    write_safetensors(tmp_path / "m.safetensors", t)
+    w = weights_from_checkpoint(cfg, read_safetensors(tmp_path / "m.safetensors"), 0, "gpt_oss")
+    gu = t[p + "experts.gate_up_proj"]
+    assert np.array_equal(w.wg[3, :, 5], gu[3, :, 10]) and np.array_equal(w.wu[3, :, 5],
+                                                                          gu[3, :, 11])
+    assert np.array_equal(w.bu[2, 7], t[p + "experts.gate_up_proj_bias"][2, 15])
+    assert np.array_equal(w.router_bias, t[p + "router.bias"])
+    y, r = moe_forward(cfg, w, random_tokens(cfg, 0))
+    assert np.isfinite(y.astype(np.float32)).all() and r.experts.shape == (16, 4)

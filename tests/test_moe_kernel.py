@@ -363,6 +363,11 @@ RULE_LAYERS = {
     "bf16-logits": dict(experts=8, top_k=2, router_logits="storage"),
     "sigmoid-groups": dict(experts=32, top_k=4, scoring="sigmoid", n_group=4, topk_group=2,
                            renormalize=False),
+    # GPT-OSS's whole block: its router, biased projections and the clamped SwiGLU (a
+    # low limit, so that the clamps act on these random weights).
+    "gpt-oss-experts": dict(experts=8, top_k=4, softmax_after_topk=True, router_bias=True,
+                            router_logits="storage", mlp="gated", activation="swiglu_clamped",
+                            mlp_bias=True, swiglu_limit=0.75),
 }
 
 

@@ -216,3 +216,29 @@ def test_backward_with_given_weights_differentiates_the_weights():
         num = (dy * (y0(a).astype(np.float64) - y0(b).astype(np.float64))).sum() / (2 * eps)
         assert abs(num - grads.routing_weights[t, j]) <= 1e-3 * max(1.0, abs(num))
     assert (grads.routing_weights[~routing.kept] == 0).all()
+
+
+def test_gated_biases_and_the_clamped_swiglu_follow_gpt_oss():
+    from flashmoe_core.reference import expert_ffn
+
+    cfg = MoEConfig(**{**BASE, "experts": 4, "top_k": 2, "mlp": "gated",
+                       "activation": "swiglu_clamped", "mlp_bias": True,
+                       "swiglu_limit": 0.5})
+    w = MoEWeights.random(cfg, 0)
+    x = random_tokens(cfg, 0)[:8]
+    xf = x.astype(np.float64)
+    g = xf @ w.wg[1] + w.bg[1]
+    u = xf @ w.wu[1] + w.bu[1]
+    assert (g > 0.5).any() and (np.abs(u) > 0.5).any()  # the clamps act here
+    gc, uc = np.minimum(g, 0.5), np.clip(u, -0.5, 0.5)
+    h = gc / (1 + np.exp(-1.702 * gc)) * (uc + 1)
+    want = h @ w.w2[1] + w.b2[1]
+    got = expert_ffn(cfg, w, 1, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="only with mlp='gated'"):
+        MoEConfig(**{**BASE, "experts": 4, "activation": "swiglu_clamped"})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        MoEConfig(**{**BASE, "experts": 4, "mlp_bias": True})
+    from flashmoe_core.reference import moe_backward
+    with pytest.raises(ValueError, match="no backward yet"):
+        moe_backward(cfg, w, x, np.zeros_like(x))

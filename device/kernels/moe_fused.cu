@@ -57,9 +57,21 @@
 using Route = flashmoe::moe::Route<FMOE_SIGMOID != 0, FMOE_SOFTMAX_AFTER_TOPK != 0,
                                    FMOE_ROUTER_BIAS != 0, FMOE_SELECTION_BIAS != 0, FMOE_GROUPS,
                                    FMOE_TOPK_GROUPS, FMOE_SCALE_BITS, FMOE_ROUND_LOGITS != 0>;
+// Gated-MLP variants (flashmoe_core.config: mlp_bias, swiglu_alpha, swiglu_limit).
+#ifndef FMOE_MLP_BIAS
+#define FMOE_MLP_BIAS 0
+#endif
+#ifndef FMOE_SWIGLU_ALPHA_BITS
+#define FMOE_SWIGLU_ALPHA_BITS 0x3fd9db23u
+#endif
+#ifndef FMOE_SWIGLU_LIMIT_BITS
+#define FMOE_SWIGLU_LIMIT_BITS 0x40e00000u
+#endif
+using Mlp = flashmoe::moe::Mlp<FMOE_MLP_BIAS != 0, FMOE_SWIGLU_ALPHA_BITS,
+                               FMOE_SWIGLU_LIMIT_BITS>;
 using Cfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED != 0,
                                   FMOE_ACT, FMOE_RENORM != 0, FMOE_BM, FMOE_BN, FMOE_BK,
-                                  FMOE_STAGES, FMOE_EP != 0, Route>;
+                                  FMOE_STAGES, FMOE_EP != 0, Route, Mlp>;
 using S = Cfg::S;
 
 /// Dynamic shared memory per block without the peer tables, read by the host.

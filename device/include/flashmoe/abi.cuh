@@ -99,7 +99,8 @@ enum Phase : cuda::std::int32_t {
 enum DType : int { kFloat32 = 0, kTFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 /// Activations (the FMOE_ACT constant).
-enum Act : int { kRelu = 0, kGelu = 1, kSilu = 2, kIdentity = 3 };
+/// kSwigluClamped is the gated MLP's clamped SwiGLU (two inputs), not a unary activation.
+enum Act : int { kRelu = 0, kGelu = 1, kSilu = 2, kIdentity = 3, kSwigluClamped = 4 };
 
 /// One trace record: [start, end) of a task or phase on one block.
 struct TraceRecord {
@@ -268,4 +269,4 @@ struct MoeLayout {
   X(Phase, kPhasePeerDone) X(Phase, kPhaseHeaders) X(Phase, kPhaseDispatchWait)             \
   X(Phase, kPhaseReturnWait)                                                                \
   X(DType, kFloat32) X(DType, kTFloat32) X(DType, kBFloat16) X(DType, kFloat16)             \
-  X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity)
+  X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity) X(Act, kSwigluClamped)

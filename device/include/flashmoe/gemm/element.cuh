@@ -124,6 +124,7 @@ using abi::kGelu;
 using abi::kIdentity;
 using abi::kRelu;
 using abi::kSilu;
+using abi::kSwigluClamped;
 
 template <int kAct>
 FMOE_DEVICE float activate(float x) {

@@ -35,14 +35,28 @@ struct Route {
   static_assert(kTopkGroups >= 1 && kTopkGroups <= kGroups, "topk_group in 1..groups");
 };
 
+/// Gated-MLP variants: biases on the three projections, and the clamped SwiGLU's
+/// constants (float32 bits; used when kAct is kSwigluClamped).
+template <bool kBias_ = false, uint32_t kAlphaBits_ = 0x3fd9db23u,
+          uint32_t kLimitBits_ = 0x40e00000u>
+struct Mlp {
+  static constexpr bool kBias = kBias_;
+  static constexpr float kAlpha = cuda::std::bit_cast<float>(kAlphaBits_);
+  static constexpr float kLimit = cuda::std::bit_cast<float>(kLimitBits_);
+};
+
 /// Compile-time shape and numerics of one layer (the JIT's constants).
 template <int kDtype_, int H_, int F_, int E_, int K_, bool kGated_, int kAct_, bool kRenorm_,
-          int BM_, int BN_, int BK_, int kStages_, bool kEP_, class Route_ = Route<>>
+          int BM_, int BN_, int BK_, int kStages_, bool kEP_, class Route_ = Route<>,
+          class Mlp_ = Mlp<>>
 struct Config {
   static constexpr int kDtype = kDtype_, H = H_, F = F_, E = E_, K = K_;
   static constexpr bool kGated = kGated_, kRenorm = kRenorm_, kEP = kEP_;
   static constexpr int kAct = kAct_;
   using R = Route_;
+  using M = Mlp_;
+  static_assert(kGated || (!M::kBias && kAct != gemm::kSwigluClamped),
+                "MLP biases flags and the clamped SwiGLU are for the gated MLP");
   static_assert(E % R::kGroups == 0 && (R::kGroups == 1 || E / R::kGroups >= 2),
                 "groups of at least two experts, equal and contiguous");
   using G = gemm::TileGemm<kDtype, BM_, BN_, BK_, kStages_>;
@@ -481,6 +495,19 @@ struct Kernel {
   }
 
   // ---------------------------------------------------------------- expert tiles
+  /// The gated MLP's intermediate from its two pre-activations: act(g) * u, or the
+  /// clamped SwiGLU min(g, L) * sigmoid(a min(g, L)) * (clip(u, -L, L) + 1).
+  FMOE_DEVICE static float gated_act(float g, float u) {
+    if constexpr (C::kAct == gemm::kSwigluClamped) {
+      constexpr float kL = C::M::kLimit;
+      const float gc = fminf(g, kL);
+      const float uc = fminf(fmaxf(u, -kL), kL);
+      return gc / (1.0f + expf(-C::M::kAlpha * gc)) * (uc + 1.0f);
+    } else {
+      return gemm::activate<C::kAct>(g) * u;
+    }
+  }
+
   /// Where one row tile's rows come from and go to.
   struct RowTile {
     int le;           // local expert (index into this rank's weights)
@@ -517,14 +544,21 @@ struct Kernel {
           const int half = r / C::kUpCols, n = n0 + r % C::kUpCols;
           return n < C::F ? (half ? w_up2 : w_up) + int64_t(n) * C::H : nullptr;
         });
-    const S* b_up = C::kGated ? nullptr : static_cast<const S*>(L.b_up) + int64_t(tile.le) * C::F;
+    // Vanilla: b1 [El, F]; gated with biases: bg then bu, [El, 2F].
+    const S* b_up = (C::kGated && !C::M::kBias) ? nullptr
+        : static_cast<const S*>(L.b_up) + int64_t(tile.le) * C::F * (C::kGated ? 2 : 1);
     G::for_each_row_chunk(staged, C::kUpCols, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
       if (r >= tile.rows || n >= C::F) return;
       if constexpr (C::kGated) {
         const float* u = staged + r * G::kStageLd + c + C::kUpCols;
+        float bg[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bu[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if constexpr (C::M::kBias) {
+          gemm::load8<Elem>(b_up + n, bg);
+          gemm::load8<Elem>(b_up + C::F + n, bu);
+        }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = gemm::activate<C::kAct>(v[j]) * u[j];
+        for (int j = 0; j < 8; ++j) v[j] = gated_act(v[j] + bg[j], u[j] + bu[j]);
       } else {
         float b[8];
         gemm::load8<Elem>(b_up + n, b);
@@ -547,12 +581,13 @@ struct Kernel {
         [&](int r) -> const S* {
           return n0 + r < C::H ? w_down + int64_t(n0 + r) * C::F : nullptr;
         });
+    constexpr bool kDownBias = !C::kGated || C::M::kBias;
     const S* b_down =
-        C::kGated ? nullptr : static_cast<const S*>(L.b_down) + int64_t(tile.le) * C::H;
+        kDownBias ? static_cast<const S*>(L.b_down) + int64_t(tile.le) * C::H : nullptr;
     G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
       if (r >= tile.rows || n >= C::H) return;
-      if constexpr (!C::kGated) {
+      if constexpr (kDownBias) {
         float b[8];
         gemm::load8<Elem>(b_down + n, b);
 #pragma unroll
