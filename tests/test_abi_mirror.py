@@ -39,7 +39,7 @@ def test_defines_carry_every_value():
 
 def test_user_facing_maps_are_views_of_the_enums():
     assert DTYPE_IDS == {"float32": 0, "tfloat32": 1, "bfloat16": 2, "float16": 3}
-    assert ACT_IDS == {"relu": 0, "gelu": 1, "silu": 2, "identity": 3}
+    assert ACT_IDS == {"relu": 0, "gelu": 1, "silu": 2, "identity": 3, "swiglu_clamped": 4}
     assert len(set(DTYPE_IDS.values())) == len(ENUMS["DType"])
 
 
