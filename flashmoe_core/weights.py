@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -13,6 +14,14 @@ __all__ = ["MoEWeights"]
 
 # Draw order of the random generator; never reorder (it would change every seed).
 _TENSOR_IDS = {"router": 0, "w1": 1, "b1": 2, "w2": 3, "b2": 4, "wg": 5, "wu": 6}
+
+
+def _count(name: str, value, lo: int = 0) -> int:
+    """An integer argument (Python or NumPy) >= lo, as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < lo:
+        raise ValueError(f"{name}={value!r} must be an integer >= {lo}")
+    return int(value)
 
 
 def expert_tensor_names(mlp: str) -> Tuple[str, ...]:
@@ -126,6 +135,7 @@ class MoEWeights:
         rank that materialises only its own experts gets exactly the same values as a
         process that materialises all of them.
         """
+        seed = _count("seed", seed)
         ids = tuple(range(cfg.experts)) if expert_ids is None else tuple(sorted(expert_ids))
         h, f = cfg.hidden, cfg.ffn
         gain = 2.0 if cfg.activation == "relu" else 2.5
@@ -160,6 +170,6 @@ class MoEWeights:
 def random_tokens(cfg: MoEConfig, seed: int = 0, tokens: Optional[int] = None,
                   rank: int = 0) -> np.ndarray:
     """Deterministic N(0, 1) activations [tokens, hidden] for one rank, rounded to dtype."""
-    t = cfg.tokens if tokens is None else tokens
-    rng = np.random.default_rng([int(seed), 1000, rank])
+    t = cfg.tokens if tokens is None else _count("tokens", tokens, 1)
+    rng = np.random.default_rng([_count("seed", seed), 1000, _count("rank", rank)])
     return round_to(rng.standard_normal((t, cfg.hidden), dtype=np.float32), cfg.dtype)

@@ -134,3 +134,26 @@ def test_environment_values(monkeypatch):
     assert str(env.cache_dir()) == "/tmp/x"
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert env.launched_by_mpi()
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_values():
+    import numpy as np
+
+    c = MoEConfig(tokens=np.int64(64), hidden=np.int32(32), ffn=np.uint16(48),
+                  experts=np.int64(8), top_k=np.int8(2), capacity_factor=np.float32(1.5),
+                  renormalize=np.bool_(False), world_size=np.int64(2),
+                  placement=np.array([0, 1] * 4))
+    assert c == cfg(top_k=2, capacity_factor=1.5, renormalize=False, world_size=2,
+                    placement=(0, 1) * 4)
+    for name in ("tokens", "hidden", "ffn", "experts", "top_k", "world_size"):
+        assert type(getattr(c, name)) is int
+    assert type(c.capacity_factor) is float and type(c.renormalize) is bool
+    assert all(type(o) is int for o in c.placement)
+    assert MoEConfig.from_json(c.to_json()) == c
+    # Out-of-range NumPy values are still rejected, and NumPy bools are not integers.
+    with pytest.raises(ValueError, match="MoEConfig.tokens="):
+        cfg(tokens=np.int64(0))
+    with pytest.raises(ValueError, match="MoEConfig.experts="):
+        cfg(experts=np.bool_(True))
+    with pytest.raises(ValueError, match="MoEConfig.capacity_factor="):
+        cfg(capacity_factor=np.float64("nan"))

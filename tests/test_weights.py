@@ -81,3 +81,17 @@ def test_random_tokens_per_rank():
     assert a.shape == (32, 16) and not np.array_equal(a, b)
     assert np.array_equal(a, random_tokens(c, 0, rank=0))
     assert random_tokens(c, 0, tokens=5).shape == (5, 16)
+
+
+def test_seeds_and_counts_take_numpy_integers_and_reject_negatives():
+    c = cfg()
+    a = MoEWeights.random(c, np.int64(7))
+    assert np.array_equal(a.w1, MoEWeights.random(c, 7).w1)
+    assert np.array_equal(random_tokens(c, np.uint8(3), tokens=np.int64(4), rank=np.int32(0)),
+                          random_tokens(c, 3, tokens=4))
+    with pytest.raises(ValueError, match="seed=-1 must be an integer >= 0"):
+        MoEWeights.random(c, -1)
+    with pytest.raises(ValueError, match="seed=1.5"):
+        random_tokens(c, 1.5)
+    with pytest.raises(ValueError, match="tokens=0 must be an integer >= 1"):
+        random_tokens(c, 0, tokens=0)
