@@ -37,7 +37,7 @@ from .layer import (fault_exception, kernel_weights, layout_record, placement_ta
 from .numerics import round_to, storage_dtype
 from .plan import plan_layer
 from .reference import Routing
-from .weights import MoEWeights
+from .weights import MoEWeights, check_weights
 
 __all__ = ["EmulatorOptions", "EmulatorError", "EmulatedMoELayer", "EmulatedExpertParallel",
            "tile_gemm", "ring_test", "nvshmem_ping", "DEFAULT_GRID", "DEFAULT_TIMEOUT_S"]
@@ -307,8 +307,7 @@ class EmulatedMoELayer(_Emulated):
                  options: EmulatorOptions = EmulatorOptions()) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
-        if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
-            raise ValueError("weights must be MoEWeights built for this same config")
+        check_weights(cfg, weights)
         if cfg.world_size != 1:
             raise ValueError(f"cfg.world_size={cfg.world_size}: an EmulatedMoELayer is one PE; "
                              "use EmulatedExpertParallel to run several PEs in one process")
@@ -436,9 +435,10 @@ class EmulatedExpertParallel(_Emulated):
         if cfg.world_size < 2:
             raise ValueError("EmulatedExpertParallel needs cfg.world_size >= 2; use "
                              "MoELayer(cfg, w, backend='emulator') for one PE")
-        if not isinstance(weights, MoEWeights) or weights.cfg != cfg or \
-                sorted(weights.expert_ids) != list(range(cfg.experts)):
-            raise ValueError("weights must be MoEWeights of this config holding every expert")
+        check_weights(cfg, weights)
+        if sorted(weights.expert_ids) != list(range(cfg.experts)):
+            raise ValueError(f"the weights hold experts {weights.expert_ids}; "
+                             "EmulatedExpertParallel needs every expert (each PE takes its own)")
         self.cfg = cfg
         self.world = cfg.world_size
         self.grid = _grid(grid, 2)

@@ -33,7 +33,7 @@ from .numerics import round_to, storage_dtype
 from .ep import plan_heap
 from .plan import max_peer_tiles, plan_layer, slot_rows
 from .reference import Routing
-from .weights import MoEWeights
+from .weights import MoEWeights, check_weights
 
 __all__ = ["MoELayer"]
 
@@ -86,8 +86,7 @@ class MoELayer:
                  backend: str = "gpu", emulator_options=None) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
-        if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
-            raise ValueError("weights must be MoEWeights built for this same config")
+        check_weights(cfg, weights)
         self.cfg = cfg
         self.world = cfg.world_size
         if self.world > 1:

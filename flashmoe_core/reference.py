@@ -41,7 +41,7 @@ import numpy as np
 
 from .config import MoEConfig
 from .numerics import activation, activation_grad, as_f32, erfc, round_to, storage_dtype
-from .weights import MoEWeights, expert_tensor_names
+from .weights import MoEWeights, check_weights, expert_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "expert_ffn", "combine", "matmul_f32",
            "check_tokens", "MoEGrads", "moe_backward"]
@@ -118,6 +118,7 @@ def check_tokens(cfg: MoEConfig, x: np.ndarray) -> int:
 
 def gate(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Router logits and softmax probabilities, both float32 [T, experts]."""
+    check_weights(cfg, weights)
     xr = round_to(x, cfg.dtype)
     logits = matmul_f32(xr, weights.router)
     l64 = logits.astype(np.float64)
@@ -160,6 +161,7 @@ def _capacity_mask(experts: np.ndarray, cap: int) -> np.ndarray:
 
 def expert_ffn(cfg: MoEConfig, weights: MoEWeights, expert: int, rows: np.ndarray) -> np.ndarray:
     """One expert applied to token rows; returns rows of the storage type."""
+    check_weights(cfg, weights)
     i = weights.local_index(expert)
     xr = round_to(rows, cfg.dtype)
     if cfg.mlp == "vanilla":
@@ -230,6 +232,7 @@ def moe_forward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
     y : ndarray [world_size * t, hidden] of the storage type
     routing : Routing
     """
+    check_weights(cfg, weights)
     t = check_tokens(cfg, x)
     x = np.asarray(x)
     if routing is None:
@@ -528,6 +531,7 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
     grads : MoEGrads
         float64 gradients of ``router`` and the expert tensors, shaped like ``weights``.
     """
+    check_weights(cfg, weights)
     t = check_tokens(cfg, x)
     x = np.asarray(x)
     dy64 = _check_grad_output(cfg, dy, x.shape[0])

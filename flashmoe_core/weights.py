@@ -10,7 +10,12 @@ import numpy as np
 from .config import MoEConfig
 from .numerics import round_to, storage_dtype
 
-__all__ = ["MoEWeights"]
+__all__ = ["MoEWeights", "check_weights", "WEIGHT_FIELDS"]
+
+# The MoEConfig fields that fix what the weights are: their shapes and element type.
+# Weights built for one config serve any config that agrees on these (the token bound,
+# top_k, capacity, activation and placement do not change a weight).
+WEIGHT_FIELDS = ("hidden", "ffn", "experts", "mlp", "dtype")
 
 # Draw order of the random generator; never reorder (it would change every seed).
 _TENSOR_IDS = {"router": 0, "w1": 1, "b1": 2, "w2": 3, "b2": 4, "wg": 5, "wu": 6}
@@ -165,6 +170,41 @@ class MoEWeights:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)
         return f"MoEWeights({self.cfg.dtype}, experts={len(self.expert_ids)}, {shapes})"
+
+
+def check_weights(cfg: MoEConfig, weights: MoEWeights) -> MoEWeights:
+    """Check that ``weights`` fit ``cfg``; every entry point calls this before using them.
+
+    The weights must have been built for a config that agrees with ``cfg`` on
+    :data:`WEIGHT_FIELDS`, and their arrays must still have the shapes and storage type
+    that config gives them (an attribute replaced after construction is caught too).
+
+    Raises
+    ------
+    TypeError
+        When ``weights`` is not a :class:`MoEWeights`.
+    ValueError
+        Naming the field or array that differs, what it is and what ``cfg`` needs.
+    """
+    if not isinstance(weights, MoEWeights):
+        raise TypeError(f"weights must be MoEWeights, got {type(weights).__name__}")
+    for field in WEIGHT_FIELDS:
+        built, here = getattr(weights.cfg, field), getattr(cfg, field)
+        if built != here:
+            raise ValueError(
+                f"the weights were built for MoEConfig.{field}={built!r}, but this config has "
+                f"{field}={here!r}; build them for this config (MoEWeights.random(cfg, seed) "
+                "or MoEWeights(cfg, ...))")
+    want = storage_dtype(cfg.dtype)
+    for name, shape in MoEWeights.expected_shapes(cfg, len(weights.expert_ids)).items():
+        a = getattr(weights, name, None)
+        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != want:
+            got = (f"{a.shape} {a.dtype}" if isinstance(a, np.ndarray)
+                   else type(a).__name__)
+            raise ValueError(f"weights.{name} is {got}, but this config needs {shape} {want} "
+                             f"({len(weights.expert_ids)} experts held); build the weights "
+                             "again instead of replacing their arrays")
+    return weights
 
 
 def random_tokens(cfg: MoEConfig, seed: int = 0, tokens: Optional[int] = None,
