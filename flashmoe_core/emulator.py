@@ -32,9 +32,9 @@ from .host.emulator import EmulatorError, EmulatorOptions
 from .host.errors import FlashMoEError
 from .jit import emulator_library
 from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from .layer import (fault_exception, kernel_weights, layout_record, placement_tables,
-                    recovery_state, validate_input)
-from .numerics import round_to, storage_dtype
+from .layer import (check_weights_finite, fault_exception, kernel_weights, layout_record,
+                    placement_tables, recovery_state, validate_input)
+from .numerics import check_finite, round_to, storage_dtype
 from .plan import plan_layer
 from .reference import Routing
 from .weights import MoEWeights, check_weights
@@ -300,14 +300,20 @@ class EmulatedMoELayer(_Emulated):
         Bound of every device-side wait (default 60 s; the emulator is slow).
     options : EmulatorOptions
         Scheduling and perturbation of each launch.
+    check_finite : bool
+        As for :class:`~flashmoe_core.layer.MoELayer`: refuse non-finite weights and
+        inputs, naming the tensor and its first bad element.
     """
 
     def __init__(self, cfg: MoEConfig, weights: MoEWeights, grid: int = DEFAULT_GRID,
                  timeout_s: Optional[float] = None,
-                 options: EmulatorOptions = EmulatorOptions()) -> None:
+                 options: EmulatorOptions = EmulatorOptions(), check_finite: bool = False) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         check_weights(cfg, weights)
+        self.check_finite = bool(check_finite)
+        if self.check_finite:
+            check_weights_finite(weights)
         if cfg.world_size != 1:
             raise ValueError(f"cfg.world_size={cfg.world_size}: an EmulatedMoELayer is one PE; "
                              "use EmulatedExpertParallel to run several PEs in one process")
@@ -336,6 +342,8 @@ class EmulatedMoELayer(_Emulated):
         if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
             x = round_to(x, "tfloat32")
         t = validate_input(self.cfg, x.shape, x.dtype)
+        if self.check_finite:
+            check_finite("x", x)
         self._pe.view("x_stage", x.shape, x.dtype)[...] = x
         return t
 
@@ -425,11 +433,13 @@ class EmulatedExpertParallel(_Emulated):
         Blocks per PE (at least 2: the last block of each PE is the subscriber).
     timeout_s : float, optional
     options : EmulatorOptions
+    check_finite : bool
+        Refuse non-finite weights and inputs (as :class:`EmulatedMoELayer`).
     """
 
     def __init__(self, cfg: MoEConfig, weights: MoEWeights, grid: int = 3,
                  timeout_s: Optional[float] = None,
-                 options: EmulatorOptions = EmulatorOptions()) -> None:
+                 options: EmulatorOptions = EmulatorOptions(), check_finite: bool = False) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         if cfg.world_size < 2:
@@ -439,6 +449,9 @@ class EmulatedExpertParallel(_Emulated):
         if sorted(weights.expert_ids) != list(range(cfg.experts)):
             raise ValueError(f"the weights hold experts {weights.expert_ids}; "
                              "EmulatedExpertParallel needs every expert (each PE takes its own)")
+        self.check_finite = bool(check_finite)
+        if self.check_finite:
+            check_weights_finite(weights)
         self.cfg = cfg
         self.world = cfg.world_size
         self.grid = _grid(grid, 2)
@@ -503,6 +516,8 @@ class EmulatedExpertParallel(_Emulated):
             if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
                 x = round_to(x, "tfloat32")
             t = validate_input(self.cfg, x.shape, x.dtype)
+            if self.check_finite:
+                check_finite(f"xs[{r}]", x)
             pe.view("x_stage", x.shape, x.dtype)[...] = x
             tokens.append(t)
         launched = [r not in absent for r in range(self.world)]

@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 4;
+constexpr cuda::std::uint32_t kAbiVersion = 5;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -60,6 +60,18 @@ enum Mode : cuda::std::int32_t {
   kModeDispatchOnly = 2,  ///< stop after the dispatch lists (row_token, token_rows, ...)
   kModeCombineOnly = 3,   ///< combine y_expert given token_rows and topk_weight
   kModeCommOnly = 4,      ///< full protocol, but expert tiles skip their GEMMs (timing)
+};
+
+/**
+ * Marks in the routing buffers. A token whose router logits are not all finite (NaN or
+ * an infinity in its x row, in the router, or an overflow) is marked: no expert, NaN
+ * weights, no assignment kept, and its output row is NaN (reference.py states the
+ * policy). topk_expert holds kNoExpert for it, token_rows kRowMarked.
+ */
+enum RowMark : cuda::std::int32_t {
+  kNoExpert = -1,    ///< topk_expert of a marked token
+  kRowDropped = -1,  ///< token_rows of an assignment the capacity rule dropped
+  kRowMarked = -2,   ///< token_rows of every slot of a marked token
 };
 
 /// Kinds of trace records besides task kinds 0..7 (phases every block runs).
@@ -125,7 +137,7 @@ struct MoeLayout {
   float* logits;               ///< [T, Ep]
   cuda::std::int32_t* topk_expert;   ///< [T, k]
   float* topk_weight;                ///< [T, k]
-  cuda::std::int32_t* token_rows;    ///< [T, k] compact row of each assignment, -1 dropped
+  cuda::std::int32_t* token_rows;    ///< [T, k] compact row of each assignment, or RowMark
   cuda::std::int32_t* row_token;     ///< [T * k] token of each compact row
   cuda::std::int32_t* tile_counts;   ///< [TT, E] per-tile counts, then per-tile bases
   cuda::std::int32_t* expert_total;  ///< [E] assignments before capacity
@@ -262,4 +274,5 @@ struct MoeLayout {
   X(Phase, kPhasePeerDone) X(Phase, kPhaseHeaders) X(Phase, kPhaseDispatchWait)             \
   X(Phase, kPhaseReturnWait)                                                                \
   X(DType, kFloat32) X(DType, kTFloat32) X(DType, kBFloat16) X(DType, kFloat16)             \
-  X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity)
+  X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity)                              \
+  X(RowMark, kNoExpert) X(RowMark, kRowDropped) X(RowMark, kRowMarked)

@@ -205,21 +205,39 @@ struct Kernel {
   }
 
   /// One warp: softmax over the token's logits logit(e), top-k (ties to the lower
-  /// expert), combine weights, and the token tile's per-expert counts.
+  /// expert), combine weights, and the token tile's per-expert counts. A token with a
+  /// logit that is not finite is marked instead (abi::RowMark): no expert, NaN
+  /// weights, nothing counted, so it claims no capacity and its output row is NaN.
   template <class Logit>
   FMOE_DEVICE void topk_token(int t, Logit logit) {
     const int lane = threadIdx.x & 31;
     constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
     float v[C::kPerLane];
     float m = kNegInf;
+    uint32_t bad = 0u;
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
       const int e = lane + 32 * i;
       v[i] = e < C::E ? logit(e) : kNegInf;
+      // Exponent bits all ones: NaN or an infinity (a bit test, safe under fast math).
+      if (e < C::E) bad |= uint32_t((__float_as_uint(v[i]) & 0x7f800000u) == 0x7f800000u);
       m = fmaxf(m, v[i]);
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    for (int o = 16; o > 0; o >>= 1) {
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+    }
+    if (bad != 0u) {  // warp-uniform after the reduction
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < C::K; ++j) {
+          L.topk_expert[t * C::K + j] = abi::kNoExpert;
+          L.topk_weight[t * C::K + j] = cuda::std::numeric_limits<float>::quiet_NaN();
+        }
+      }
+      return;
+    }
     float sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
@@ -256,7 +274,7 @@ struct Kernel {
           best_e = oe;
         }
       }
-      if (best_e >= C::E) best_e = j;  // only NaN logits left: any valid id keeps memory safe
+      if (best_e >= C::E) best_e = j;  // not reached with finite logits; keeps memory safe
       if ((best_e & 31) == lane) taken |= 1u << (best_e >> 5);
       p_sel[j] = best;
       e_sel[j] = best_e;
@@ -340,13 +358,17 @@ struct Kernel {
     int kept_here = 0;
     for (int i = threadIdx.x; i < n; i += C::kThreads) {
       const int e = s_ex[i];
+      if (e < 0) {  // a marked token: no expert, nothing counted (topk_token)
+        L.token_rows[t0 * C::K + i] = abi::kRowMarked;
+        continue;
+      }
       int rank = 0;
       for (int q = 0; q < i; ++q) rank += s_ex[q] == e;
       const int pos = load_cg(&L.tile_counts[tt * C::E + e]) + rank;
       const bool keep = pos < load_cg(&L.expert_kept[e]);
       const int row = s_eoff[e] + pos;
       const int t = t0 + i / C::K;
-      L.token_rows[t0 * C::K + i] = keep ? row : -1;
+      L.token_rows[t0 * C::K + i] = keep ? row : int(abi::kRowDropped);
       if (keep) {
         L.row_token[row] = t;
         ++kept_here;
@@ -532,7 +554,8 @@ struct Kernel {
     return credit_rows_block(tile.out_row0, tile.rows, col);
   }
 
-  /// y[t, cols] = sum_j w[t, j] * Y[token_rows[t, j], cols], kept slots in slot order.
+  /// y[t, cols] = sum_j w[t, j] * Y[token_rows[t, j], cols], kept slots in slot order;
+  /// NaN for a marked token.
   FMOE_DEVICE void combine_task(int index) {
     const int tt = index / C::kDownTiles, col = index % C::kDownTiles;
     const int t0 = tt * kTile, n0 = col * G::BN;
@@ -542,15 +565,23 @@ struct Kernel {
       const int t = t0 + v / kChunks, n = n0 + (v % kChunks) * 8;
       if (t >= T || n >= C::H) continue;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      bool marked = false;
 #pragma unroll
       for (int j = 0; j < C::K; ++j) {
         const int row = load_cg(&L.token_rows[t * C::K + j]);
-        if (row < 0) continue;
+        if (row < 0) {
+          marked |= row == abi::kRowMarked;
+          continue;
+        }
         const float w = load_cg(&L.topk_weight[t * C::K + j]);
         float val[8];
         gemm::load8<Elem, true>(ye + int64_t(row) * C::H + n, val);
 #pragma unroll
         for (int q = 0; q < 8; ++q) acc[q] = fmaf(w, val[q], acc[q]);
+      }
+      if (marked) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[q] = cuda::std::numeric_limits<float>::quiet_NaN();
       }
       gemm::store8<Elem>(y + int64_t(t) * C::H + n, acc);
     }
