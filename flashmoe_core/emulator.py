@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import env
 from .config import MoEConfig
 from .ep import plan_heap
 from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
@@ -63,7 +64,8 @@ def _addr(a: Optional[np.ndarray]) -> int:
 
 
 def _timeout(timeout_s: Optional[float]) -> float:
-    t = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+    # FLASHMOE_TIMEOUT_S applies here as on a GPU; unset, the emulator's longer default.
+    t = env.timeout_s(default=DEFAULT_TIMEOUT_S) if timeout_s is None else float(timeout_s)
     if not 0 < t <= 3600:
         raise ValueError(f"timeout_s={timeout_s} must be in (0, 3600] seconds")
     return t
@@ -297,7 +299,8 @@ class EmulatedMoELayer(_Emulated):
     grid : int
         Blocks of the persistent grid (each one OS thread).
     timeout_s : float, optional
-        Bound of every device-side wait (default 60 s; the emulator is slow).
+        Bound of every device-side wait (default ``FLASHMOE_TIMEOUT_S`` if set, else
+        60 s: the emulator is slow).
     options : EmulatorOptions
         Scheduling and perturbation of each launch.
     check_finite : bool

@@ -157,3 +157,40 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_values():
         cfg(experts=np.bool_(True))
     with pytest.raises(ValueError, match="MoEConfig.capacity_factor="):
         cfg(capacity_factor=np.float64("nan"))
+
+
+def test_every_variable_is_validated_and_named(monkeypatch, tmp_path):
+    from flashmoe_core import env
+
+    for name in list(env._READERS):
+        monkeypatch.delenv(name, raising=False)
+    assert set(env.validate()) == set(env._READERS)
+    afile = tmp_path / "f"
+    afile.write_text("")
+    bad = {"FLASHMOE_TIMEOUT_S": "banana", "FLASHMOE_QUIET": "maybe",
+           "FLASHMOE_DEVICE_DIR": str(tmp_path / "devcie"), "FLASHMOE_ARCH": "sm_70",
+           "FLASHMOE_CACHE_DIR": str(afile), "FLASHMOE_CXX": "no-such-c++",
+           "FLASHMOE_CUTLASS_INCLUDE": str(tmp_path), "NVSHMEM_SYMMETRIC_SIZE": "-1",
+           "FLASHMOE_LINEINFO": "2", "FLASHMOE_DISABLE_JIT": "yes please",
+           "FLASHMOE_KERNEL_KIT": str(tmp_path)}
+    assert set(bad) == set(env._READERS)
+    for name, value in bad.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(env.EnvVarError) as exc:
+        env.validate()
+    for name in bad:  # one message naming every bad variable
+        assert name in str(exc.value)
+    for value in ("-1", "nan", "inf", "0"):
+        monkeypatch.setenv("FLASHMOE_TIMEOUT_S", value)
+        with pytest.raises(ValueError, match="FLASHMOE_TIMEOUT_S"):
+            env.timeout_s()
+    monkeypatch.setenv("FLASHMOE_ARCH", "90a")
+    assert env.arch_override() == "sm_90a"
+
+
+def test_a_mistyped_device_dir_is_refused_not_replaced(tmp_path):
+    from flashmoe_core import FlashMoEError
+    from flashmoe_core.host.toolchain import device_root
+
+    with pytest.raises(FlashMoEError, match="holds no device sources"):
+        device_root(str(tmp_path / "device"))
