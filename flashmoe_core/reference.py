@@ -69,7 +69,7 @@ from .numerics import (activation, activation_grad, as_f32, erfc, nonfinite_to_n
 from .weights import MoEWeights, check_weights, expert_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "expert_ffn", "combine", "matmul_f32",
-           "check_tokens", "marked_tokens", "MoEGrads", "moe_backward"]
+           "check_tokens", "marked_tokens", "moe_forward_exact", "MoEGrads", "moe_backward"]
 
 
 class Routing(NamedTuple):
@@ -521,6 +521,26 @@ def _forward_fixed_routing64(cfg: MoEConfig, weights64: Mapping[str, np.ndarray]
         np.add.at(y, run.tok, w[run.tok, run.slot, None] * run.out)
     y[marked_tokens(routing)] = np.nan
     return y
+
+
+def moe_forward_exact(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
+                      routing: Routing) -> np.ndarray:
+    """The layer in exact float64 math on a given routing: no rounding after the inputs.
+
+    What :func:`moe_forward` computes, without its rounding to ``cfg.dtype`` and to
+    float32 along the way (the combine weights come from the float64 softmax). The gap
+    between the two is the oracle's rounding: ``python -m flashmoe_core.run --check``
+    on the reference backend measures it.
+
+    Returns
+    -------
+    y : float64 ndarray [world_size * t, hidden]
+    """
+    check_weights(cfg, weights)
+    check_tokens(cfg, x)
+    x64 = round_to(np.asarray(x), cfg.dtype).astype(np.float64)
+    return _forward_fixed_routing64(cfg, _weights64(cfg, weights), x64, routing,
+                                    weights.expert_ids)
 
 
 def _check_grad_output(cfg: MoEConfig, dy: np.ndarray, rows: int) -> np.ndarray:

@@ -125,7 +125,10 @@ def find_compiler(cxx: Optional[str] = None) -> HostCompiler:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FlashMoEError(f"the host C++ compiler {path} does not run ({exc})") from None
     if out.returncode != 0:
-        raise FlashMoEError(f"{path} --version failed: {out.stderr.strip()[:500]}")
+        err = out.stderr.strip()[:500]
+        raise FlashMoEError(f"the host C++ compiler {path} does not work ('{path} --version' "
+                            f"exited {out.returncode}{': ' + err if err else ''}); install g++ "
+                            "or name a working one with FLASHMOE_CXX")
     return HostCompiler(path, out.stdout.splitlines()[0].strip() if out.stdout else "unknown")
 
 
