@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import env
-from .cli import add_config_args, config_from_args
+from .cli import add_config_args, config_from_args, error_line, exit_code
 from .gpucheck import Request, all_requests, load_requests
 from .host.compiler import normalize_arch
-from .host.errors import CompileError, FlashMoEError
+from .host.errors import FlashMoEError
 from .host.kit import KitWriter
 from .host.toolchain import device_tree_digest
 from .jit import compile_kernel, kernel_cache, toolchain
@@ -165,6 +165,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        env.validate()  # before any compile
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     dest = args.kit or args.for_check
     try:
         if args.report:
@@ -191,12 +196,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             how = "cached" if cached else f"compiled in {secs:.1f} s"
             print(f"{arch} {spec.entry} {dict(spec.defines)}: {how} -> "
                   f"{kernel_cache().path(key)}")
-    except CompileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except FlashMoEError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    except Exception as exc:  # exit status as for run (cli.EXIT_CODES)
+        code = exit_code(exc)
+        if code is None:
+            raise
+        print(error_line(exc), file=sys.stderr)
+        return code
     return 0
 
 

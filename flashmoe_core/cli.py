@@ -9,7 +9,48 @@ from typing import Optional
 
 from .config import ACTIVATIONS, DTYPES, MLP_KINDS, ROUTER_LOGITS, SCORINGS, MoEConfig
 
-__all__ = ["add_config_args", "config_from_args", "DEFAULTS"]
+__all__ = ["add_config_args", "config_from_args", "DEFAULTS", "EXIT_CODES", "exit_code",
+           "error_line"]
+
+# Exit status of every command line (README, "The command line").
+EXIT_CODES = {
+    0: "success",
+    1: "a check failed (--check: the result differs from what it is compared with)",
+    2: "bad input: a flag, a --config file or a value out of range",
+    3: "the environment or toolchain: a bad FLASHMOE_* variable, an unusable cache "
+       "folder, a missing or broken compiler, no GPU for --backend gpu, too little memory",
+    4: "a kernel fault or timeout (the kernel stopped itself and said why)",
+}
+
+
+def exit_code(exc: BaseException) -> Optional[int]:
+    """The exit status for an exception a command line caught (None: not ours to map)."""
+    from .env import EnvVarError
+    from .host.emulator import EmulatorError
+    from .host.errors import FlashMoEError, KernelFault
+
+    if isinstance(exc, (KernelFault, EmulatorError)):
+        return 4
+    if isinstance(exc, (EnvVarError, FlashMoEError, MemoryError, OSError)):
+        return 3
+    if isinstance(exc, ValueError):
+        return 2
+    return None
+
+
+def error_line(exc: BaseException, verbose: bool = False) -> str:
+    """``error: ...`` in one line (a compiler's log, when there is one, follows it;
+    ``verbose`` keeps every line of the message)."""
+    from .host.errors import CompileError
+
+    if isinstance(exc, MemoryError):
+        return ("error: out of memory while allocating the layer; lower --tokens or the "
+                "layer size (--hidden, --ffn, --experts)")
+    text = str(exc).strip() or type(exc).__name__
+    if verbose or isinstance(exc, CompileError):
+        return f"error: {text}"
+    first, _, rest = text.partition("\n")
+    return f"error: {first}" + (" [--verbose shows the details]" if rest else "")
 
 # Defaults of the command line (the paper's layer shape, bf16, top-2, 64 experts).
 DEFAULTS = dict(tokens=2048, hidden=2048, ffn=2048, experts=64, top_k=2, mlp="vanilla",
@@ -86,7 +127,13 @@ def config_from_args(args: argparse.Namespace, world_size: int = 1) -> MoEConfig
             text = args.config.read_text()
         except OSError as exc:
             raise ValueError(f"--config {args.config}: cannot read it ({exc.strerror})") from None
-        values.update(MoEConfig.from_json(text).to_dict())
+        except UnicodeDecodeError:
+            raise ValueError(f"--config {args.config}: not a text file; expected MoEConfig "
+                             "JSON (MoEConfig.to_json writes one)") from None
+        try:
+            values.update(MoEConfig.from_json(text).to_dict())
+        except ValueError as exc:
+            raise ValueError(f"--config {args.config}: {exc}") from None
     for f in dataclasses.fields(MoEConfig):
         v: Optional[object] = getattr(args, f.name, None)
         if v is not None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Any, Optional, Tuple
+
+import numpy as np
 
 __all__ = ["MoEConfig", "MLP_KINDS", "ACTIVATIONS", "DTYPES", "MAX_TOP_K", "MAX_EXPERTS",
            "SCORINGS", "ROUTER_LOGITS"]
@@ -33,11 +36,20 @@ def _fail(field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"MoEConfig.{field}={value!r} is not allowed: {allowed}")
 
 
-def _check_int(field: str, value: Any, lo: int, hi: int, extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value: Any) -> bool:
+    """Python and NumPy integers alike (np.int64 from an array is as good as an int)."""
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def _check_int(field: str, value: Any, lo: int, hi: int, extra: str = "") -> int:
+    """The value as a Python int, if it is an integer (Python or NumPy) in [lo, hi]."""
+    if not _is_int(value) or not lo <= value <= hi:
         raise _fail(field, value, f"an int in [{lo}, {hi}]{extra}")
-    if not lo <= value <= hi:
-        raise _fail(field, value, f"an int in [{lo}, {hi}]{extra}")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,17 +145,20 @@ class MoEConfig:
     swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
-        _check_int("tokens", self.tokens, 1, MAX_TOKENS)
+        # Integer fields are stored as Python ints whatever integer type came in, so
+        # that equal configs compare, hash and serialise alike.
+        self._set("tokens", _check_int("tokens", self.tokens, 1, MAX_TOKENS))
         for name in ("hidden", "ffn"):
-            value = getattr(self, name)
-            _check_int(name, value, ROW_ALIGN, 1 << 16, f" and a multiple of {ROW_ALIGN}")
+            value = _check_int(name, getattr(self, name), ROW_ALIGN, 1 << 16,
+                               f" and a multiple of {ROW_ALIGN}")
             if value % ROW_ALIGN:
                 raise _fail(
                     name, value,
                     f"a multiple of {ROW_ALIGN} (rows move as 16-byte vectors); "
                     f"pad it to {math.ceil(value / ROW_ALIGN) * ROW_ALIGN}")
-        _check_int("experts", self.experts, 1, MAX_EXPERTS)
-        _check_int("top_k", self.top_k, 1, MAX_TOP_K)
+            self._set(name, value)
+        self._set("experts", _check_int("experts", self.experts, 1, MAX_EXPERTS))
+        self._set("top_k", _check_int("top_k", self.top_k, 1, MAX_TOP_K))
         if self.top_k > self.experts:
             raise _fail("top_k", self.top_k, f"at most experts={self.experts}")
         if self.mlp not in MLP_KINDS:
@@ -154,13 +169,14 @@ class MoEConfig:
             raise _fail("dtype", self.dtype, f"one of {DTYPES}")
         cf = self.capacity_factor
         if cf is not None:
-            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) \
+            if _is_bool(cf) or not isinstance(cf, numbers.Real) or not math.isfinite(cf) \
                     or cf <= 0:
                 raise _fail("capacity_factor", cf, "None (dropless) or a finite number > 0")
-            object.__setattr__(self, "capacity_factor", float(cf))
-        if not isinstance(self.renormalize, bool):
+            self._set("capacity_factor", float(cf))
+        if not _is_bool(self.renormalize):
             raise _fail("renormalize", self.renormalize, "True or False")
-        _check_int("world_size", self.world_size, 1, MAX_WORLD_SIZE)
+        self._set("renormalize", bool(self.renormalize))
+        self._set("world_size", _check_int("world_size", self.world_size, 1, MAX_WORLD_SIZE))
         if self.tokens * self.world_size * self.top_k >= 1 << 31:
             raise _fail("tokens", self.tokens,
                         "tokens * world_size * top_k below 2**31 (32-bit assignment indices)")
@@ -174,13 +190,14 @@ class MoEConfig:
                             f"one owner rank per expert ({self.experts} entries), "
                             f"got {len(placement)}")
             for e, owner in enumerate(placement):
-                if isinstance(owner, bool) or not isinstance(owner, int) \
-                        or not 0 <= owner < self.world_size:
+                if not _is_int(owner) or not 0 <= owner < self.world_size:
                     raise _fail("placement", self.placement,
                                 f"owner ranks in [0, {self.world_size}); expert {e} has {owner!r}")
-            object.__setattr__(self, "placement", placement)
-
+            self._set("placement", tuple(int(owner) for owner in placement))
         self._check_routing_rules()
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
 
     def _check_routing_rules(self) -> None:
         if self.scoring not in SCORINGS:

@@ -18,7 +18,7 @@ from .config import MoEConfig
 from .reference import (Routing, check_routing, combine, dispatch_lists, expert_ffn,
                         route_tokens)
 from .numerics import storage_dtype
-from .weights import MoEWeights
+from .weights import MoEWeights, check_weights
 
 __all__ = ["moe_forward_distributed", "DispatchPlan", "plan_dispatch"]
 
@@ -96,6 +96,7 @@ def moe_forward_distributed(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, 
     y : ndarray [t, hidden] of the storage type
     routing : Routing of this rank's tokens
     """
+    check_weights(cfg, weights)  # before MPI starts: a mismatch needs no communicator
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import env
 from .config import MoEConfig
 from .ep import plan_heap
 from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
@@ -32,12 +33,12 @@ from .host.emulator import EmulatorError, EmulatorOptions
 from .host.errors import FlashMoEError
 from .jit import emulator_library
 from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from .layer import (fault_exception, kernel_weights, layout_record, placement_tables,
-                    recovery_state, validate_input)
-from .numerics import round_to, storage_dtype
+from .layer import (check_weights_finite, fault_exception, kernel_weights, layout_record,
+                    placement_tables, recovery_state, validate_input)
+from .numerics import check_finite, round_to, storage_dtype
 from .plan import plan_layer
 from .reference import Routing, given_routing
-from .weights import MoEWeights
+from .weights import MoEWeights, check_weights
 
 __all__ = ["EmulatorOptions", "EmulatorError", "EmulatedMoELayer", "EmulatedExpertParallel",
            "tile_gemm", "ring_test", "nvshmem_ping", "DEFAULT_GRID", "DEFAULT_TIMEOUT_S"]
@@ -63,7 +64,8 @@ def _addr(a: Optional[np.ndarray]) -> int:
 
 
 def _timeout(timeout_s: Optional[float]) -> float:
-    t = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+    # FLASHMOE_TIMEOUT_S applies here as on a GPU; unset, the emulator's longer default.
+    t = env.timeout_s(default=DEFAULT_TIMEOUT_S) if timeout_s is None else float(timeout_s)
     if not 0 < t <= 3600:
         raise ValueError(f"timeout_s={timeout_s} must be in (0, 3600] seconds")
     return t
@@ -297,18 +299,24 @@ class EmulatedMoELayer(_Emulated):
     grid : int
         Blocks of the persistent grid (each one OS thread).
     timeout_s : float, optional
-        Bound of every device-side wait (default 60 s; the emulator is slow).
+        Bound of every device-side wait (default ``FLASHMOE_TIMEOUT_S`` if set, else
+        60 s: the emulator is slow).
     options : EmulatorOptions
         Scheduling and perturbation of each launch.
+    check_finite : bool
+        As for :class:`~flashmoe_core.layer.MoELayer`: refuse non-finite weights and
+        inputs, naming the tensor and its first bad element.
     """
 
     def __init__(self, cfg: MoEConfig, weights: MoEWeights, grid: int = DEFAULT_GRID,
                  timeout_s: Optional[float] = None,
-                 options: EmulatorOptions = EmulatorOptions()) -> None:
+                 options: EmulatorOptions = EmulatorOptions(), check_finite: bool = False) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
-        if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
-            raise ValueError("weights must be MoEWeights built for this same config")
+        check_weights(cfg, weights)
+        self.check_finite = bool(check_finite)
+        if self.check_finite:
+            check_weights_finite(weights)
         if cfg.world_size != 1:
             raise ValueError(f"cfg.world_size={cfg.world_size}: an EmulatedMoELayer is one PE; "
                              "use EmulatedExpertParallel to run several PEs in one process")
@@ -337,6 +345,8 @@ class EmulatedMoELayer(_Emulated):
         if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
             x = round_to(x, "tfloat32")
         t = validate_input(self.cfg, x.shape, x.dtype)
+        if self.check_finite:
+            check_finite("x", x)
         self._pe.view("x_stage", x.shape, x.dtype)[...] = x
         return t
 
@@ -437,19 +447,25 @@ class EmulatedExpertParallel(_Emulated):
         Blocks per PE (at least 2: the last block of each PE is the subscriber).
     timeout_s : float, optional
     options : EmulatorOptions
+    check_finite : bool
+        Refuse non-finite weights and inputs (as :class:`EmulatedMoELayer`).
     """
 
     def __init__(self, cfg: MoEConfig, weights: MoEWeights, grid: int = 3,
                  timeout_s: Optional[float] = None,
-                 options: EmulatorOptions = EmulatorOptions()) -> None:
+                 options: EmulatorOptions = EmulatorOptions(), check_finite: bool = False) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         if cfg.world_size < 2:
             raise ValueError("EmulatedExpertParallel needs cfg.world_size >= 2; use "
                              "MoELayer(cfg, w, backend='emulator') for one PE")
-        if not isinstance(weights, MoEWeights) or weights.cfg != cfg or \
-                sorted(weights.expert_ids) != list(range(cfg.experts)):
-            raise ValueError("weights must be MoEWeights of this config holding every expert")
+        check_weights(cfg, weights)
+        if sorted(weights.expert_ids) != list(range(cfg.experts)):
+            raise ValueError(f"the weights hold experts {weights.expert_ids}; "
+                             "EmulatedExpertParallel needs every expert (each PE takes its own)")
+        self.check_finite = bool(check_finite)
+        if self.check_finite:
+            check_weights_finite(weights)
         self.cfg = cfg
         self.world = cfg.world_size
         self.grid = _grid(grid, 2)
@@ -514,6 +530,8 @@ class EmulatedExpertParallel(_Emulated):
             if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
                 x = round_to(x, "tfloat32")
             t = validate_input(self.cfg, x.shape, x.dtype)
+            if self.check_finite:
+                check_finite(f"xs[{r}]", x)
             pe.view("x_stage", x.shape, x.dtype)[...] = x
             tokens.append(t)
         launched = [r not in absent for r in range(self.world)]

@@ -37,6 +37,7 @@ from .config import MoEConfig
 from .numerics import itemsize, storage_dtype
 from .plan import TILE, max_peer_tiles, plan_layer, slot_rows
 from .reference import Routing, combine, dispatch_lists, expert_ffn, route_tokens
+from .weights import check_weights
 
 __all__ = ["HeapPlan", "plan_heap", "PeerTile", "SendPlan", "RecvPlan", "plan_send",
            "plan_recv", "TaskCounts", "task_counts", "simulate", "slot_rows", "max_peer_tiles"]
@@ -226,6 +227,7 @@ def simulate(cfg: MoEConfig, weights, xs: Sequence[np.ndarray]) -> Tuple[list, l
     -------
     ys, routings, counts : per rank.
     """
+    check_weights(cfg, weights)
     w = cfg.world_size
     if len(xs) != w:
         raise ValueError(f"need {w} token blocks, got {len(xs)}")

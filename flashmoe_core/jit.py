@@ -72,6 +72,7 @@ def compile_kernel(spec: KernelSpec, arch: Optional[str] = None,
                    lineinfo: Optional[bool] = None) -> CompiledKernel:
     """Build (or fetch from the cache or the kernel kit) one kernel for ``arch``
     (default: this GPU's); ``lineinfo`` defaults to FLASHMOE_LINEINFO."""
+    env.validate()  # every variable, whether or not this path reads it
     arch = normalize_arch(arch) if arch else target_arch()
     lineinfo = env.lineinfo() if lineinfo is None else bool(lineinfo)
     kit = kernel_kit()
@@ -98,16 +99,19 @@ def compile_kernel(spec: KernelSpec, arch: Optional[str] = None,
 
 @functools.lru_cache(maxsize=None)
 def _emulator_library(spec: KernelSpec, device_dir: Optional[str],
-                      cutlass_include: Optional[str], cxx: Optional[str]):
+                      cutlass_include: Optional[str], cxx: Optional[str], jit_disabled: bool):
     from .host import emulator
 
     tc = find_toolchain(device_dir, cutlass_include)
     compiler = emulator.find_compiler(cxx)
-    path = emulator.build_library(spec, tc, compiler, cache=kernel_cache(), progress=_progress)
-    return emulator.load_library(path)
+    path = emulator.build_library(spec, tc, compiler, cache=kernel_cache(), progress=_progress,
+                                  allow_compile=not jit_disabled)
+    return emulator.load_library(path, emulator.library_identity(spec, tc, compiler))
 
 
 def emulator_library(spec: KernelSpec):
     """The CPU-emulator build of a kernel, compiled (or cached) and loaded once per
-    process (see :mod:`flashmoe_core.host.emulator`)."""
-    return _emulator_library(spec, env.device_dir(), env.cutlass_include(), env.cxx())
+    process (see :mod:`flashmoe_core.host.emulator`); honours FLASHMOE_DISABLE_JIT."""
+    env.validate()  # every variable, whether or not the emulator reads it
+    return _emulator_library(spec, env.device_dir(), env.cutlass_include(), env.cxx(),
+                             env.jit_disabled())

@@ -29,11 +29,11 @@ from .host.errors import FlashMoEError, FlashMoETimeout, KernelFault
 from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
 from .jit import compile_kernel, target_arch
 from .kernels import moe_spec
-from .numerics import as_f32, round_to, storage_dtype
+from .numerics import as_f32, check_finite, nonfinite_to_nan, round_to, storage_dtype
 from .ep import plan_heap
 from .plan import max_peer_tiles, plan_layer, slot_rows
 from .reference import Routing, given_routing
-from .weights import MoEWeights
+from .weights import MoEWeights, check_weights
 
 __all__ = ["MoELayer"]
 
@@ -68,6 +68,12 @@ class MoELayer:
         ``max_blocks`` is its grid, ``emulator_options`` its scheduling knobs).
     emulator_options : EmulatorOptions, optional
         Only with ``backend="emulator"``.
+    check_finite : bool
+        Refuse non-finite values with a ValueError naming the tensor and its first bad
+        element: the weights when the layer is built, ``x`` before every launch (a GPU
+        tensor is copied to the host for that, so the call synchronises and cannot be
+        captured in a graph). Off by default: then NaN and infinities follow the
+        oracle's policy (:mod:`flashmoe_core.reference`, rules 10-12).
     """
 
     def __new__(cls, cfg: MoEConfig = None, weights: MoEWeights = None, *args,
@@ -83,11 +89,10 @@ class MoELayer:
     def __init__(self, cfg: MoEConfig, weights: MoEWeights, device: Optional[int] = None,
                  timeout_s: Optional[float] = None, comm=None,
                  max_blocks: Optional[int] = None, trace_capacity: int = 0,
-                 backend: str = "gpu", emulator_options=None) -> None:
+                 backend: str = "gpu", emulator_options=None, check_finite: bool = False) -> None:
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
-        if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
-            raise ValueError("weights must be MoEWeights built for this same config")
+        check_weights(cfg, weights)
         self.cfg = cfg
         self.world = cfg.world_size
         if self.world > 1:
@@ -112,6 +117,9 @@ class MoELayer:
             self._timeout_s = env.timeout_s() if timeout_s is None else float(timeout_s)
             if not 0 < self._timeout_s <= 3600:
                 raise ValueError(f"timeout_s={timeout_s} must be in (0, 3600] seconds")
+            self.check_finite = bool(check_finite)
+            if self.check_finite:
+                check_weights_finite(weights)
         except ValueError as exc:
             if self.world == 1:
                 raise
@@ -377,6 +385,8 @@ class MoELayer:
         if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
             x = round_to(x, "tfloat32")
         t = self._validate(x.shape, x.dtype)
+        if self.check_finite:
+            check_finite("x", x)
         x = np.ascontiguousarray(x)
         memory.copy_in(self._buffers["x_stage"], x, self._stream)
         self._forward(self._stream, self._ptr("x_stage"), self._ptr("y_stage"), t, given)
@@ -392,9 +402,14 @@ class MoELayer:
         if capturing and (out is None or return_routing):
             raise ValueError("while capturing a CUDA graph pass out= (no allocation inside "
                              "the capture) and return_routing=False (no synchronisation)")
+        if capturing and self.check_finite:
+            raise ValueError("check_finite=True copies x to the host to check it, which a "
+                             "CUDA graph capture cannot do; build the layer without it")
         xv = view_tensor(x, stream_ptr)
         t = self._validate(xv.shape, xv.dtype, xv.is_c_contiguous)
         self._check_device(xv, "x")
+        if self.check_finite:
+            check_finite("x", memory.download_from(xv.ptr, xv.shape, xv.dtype, s))
         if out is not None:
             if not is_dlpack_gpu_tensor(out):
                 raise TypeError("out must be a DLPack GPU tensor like x")
@@ -556,7 +571,7 @@ class LayerTesting:
 
 
 def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_blocks=None,
-                    trace_capacity=0, emulator_options=None):
+                    trace_capacity=0, emulator_options=None, check_finite=False):
     from .emulator import DEFAULT_GRID, EmulatedMoELayer, EmulatorOptions
 
     if isinstance(cfg, MoEConfig) and cfg.world_size > 1:
@@ -569,26 +584,36 @@ def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_bl
         raise ValueError(f"{', '.join(unused)} do not apply to backend='emulator'")
     return EmulatedMoELayer(cfg, weights, grid=DEFAULT_GRID if max_blocks is None else max_blocks,
                             timeout_s=timeout_s,
-                            options=emulator_options or EmulatorOptions())
+                            options=emulator_options or EmulatorOptions(),
+                            check_finite=check_finite)
 
 
 def kernel_weights(w: MoEWeights) -> dict:
     """The weight buffers the kernel reads, by plan name: every matrix transposed to
-    K-major (out x in), since the tensor cores read both operands K-major."""
-    kmajor = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1))  # noqa: E731
-    out = {"router_t": np.ascontiguousarray(w.router.T)}
+    K-major (out x in), since the tensor cores read both operands K-major, and every
+    infinity stored as NaN (the oracle's rule 11)."""
+    kmajor = lambda a: np.ascontiguousarray(nonfinite_to_nan(a).transpose(0, 2, 1))  # noqa: E731
+    out = {"router_t": np.ascontiguousarray(nonfinite_to_nan(w.router).T)}
     # Routing vectors go to the kernel in float32 (a bf16 bias is exact in float32).
     for name in ("router_bias", "selection_bias"):
         if getattr(w.cfg, name):
-            out[name] = as_f32(getattr(w, name)).astype(np.float32)
+            out[name] = nonfinite_to_nan(as_f32(getattr(w, name)).astype(np.float32))
     if w.cfg.mlp == "vanilla":
-        out.update(w_up=kmajor(w.w1), b_up=w.b1, w_down=kmajor(w.w2), b_down=w.b2)
+        out.update(w_up=kmajor(w.w1), b_up=nonfinite_to_nan(w.b1), w_down=kmajor(w.w2),
+                   b_down=nonfinite_to_nan(w.b2))
     else:
         out.update(w_up=kmajor(w.wg), w_up2=kmajor(w.wu), w_down=kmajor(w.w2))
         if w.cfg.mlp_bias:  # the up biases side by side per expert: bg then bu
-            out.update(b_up=np.ascontiguousarray(np.concatenate([w.bg, w.bu], axis=1)),
-                       b_down=w.b2)
+            both = np.concatenate([w.bg, w.bu], axis=1)
+            out.update(b_up=np.ascontiguousarray(nonfinite_to_nan(both)),
+                       b_down=nonfinite_to_nan(w.b2))
     return out
+
+
+def check_weights_finite(weights: MoEWeights) -> None:
+    """``check_finite=True``: raise ValueError naming the first weight that is not finite."""
+    for name, array in weights.arrays().items():
+        check_finite(f"weights.{name}", array)
 
 
 def placement_tables(cfg: MoEConfig) -> dict:

@@ -11,7 +11,9 @@ import math
 import ml_dtypes
 import numpy as np
 
-__all__ = ["storage_dtype", "round_to", "round_tf32", "as_f32", "itemsize", "erf", "erfc", "activation", "activation_grad"]
+__all__ = ["storage_dtype", "round_to", "round_tf32", "as_f32", "itemsize", "erf", "erfc",
+           "activation", "activation_grad", "nonfinite_to_nan", "first_nonfinite",
+           "check_finite"]
 
 _STORAGE = {
     "float32": np.dtype(np.float32),
@@ -64,6 +66,47 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 def as_f32(x: np.ndarray) -> np.ndarray:
     """Exact widening of any storage type to float32."""
     return np.asarray(x).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- non-finite
+def nonfinite_to_nan(a: np.ndarray) -> np.ndarray:
+    """``a`` with every infinity replaced by NaN (``a`` itself when all are finite).
+
+    Weights go through this wherever they are multiplied (the oracle, and the layers'
+    upload): an infinite weight times a zero is NaN in one summation and an infinity
+    in another (the 3xTF32 split of float32 turns infinities into NaN), so NaN is the
+    value every backend can agree on (reference.py, rule 11).
+    """
+    a = np.asarray(a)
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return a
+    out = a.copy()
+    out[bad] = np.nan
+    return out
+
+
+def first_nonfinite(a: np.ndarray):
+    """(index, value) of the first NaN or infinity of ``a`` in C order, or None."""
+    a = np.asarray(a)
+    finite = np.isfinite(a)
+    if finite.all():
+        return None
+    flat = int(np.argmin(finite.reshape(-1)))
+    index = tuple(int(i) for i in np.unravel_index(flat, a.shape))
+    return index, float(np.asarray(a[index]).astype(np.float32))
+
+
+def check_finite(name: str, a: np.ndarray) -> None:
+    """Raise ValueError naming ``name`` and its first non-finite element, if it has one."""
+    bad = first_nonfinite(a)
+    if bad is not None:
+        index, value = bad
+        count = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise ValueError(f"{name}[{', '.join(map(str, index))}] is {value} ({count} non-finite "
+                         f"value(s) in {name}); check_finite=True refuses them before the "
+                         "launch. Without it, the layer follows the oracle's non-finite policy "
+                         "(flashmoe_core.reference, rules 10-12)")
 
 
 # ---------------------------------------------------------------------------- activations

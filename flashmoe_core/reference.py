@@ -34,6 +34,30 @@ Semantics, pinned (the kernel follows them; tests compare against them):
 9. Combine: ``sum_j weight_j * y_j`` over the kept assignments in float32 (float64 in
    the oracle, rounded once), then rounded to ``cfg.dtype``.
 
+Non-finite values (NaN, +-inf), the same in the oracle, the fused kernel on a GPU and
+on the CPU emulator:
+
+10. A token is *marked* when any of its router logits is not finite. A NaN or an
+    infinity anywhere in its ``x`` row always does that (it reaches every logit), a
+    non-finite router weight does it for every token, and so does a logit beyond the
+    float32 range. A marked token is not routed: ``routing.experts`` is -1,
+    ``routing.weights`` NaN and ``routing.kept`` False in every slot; it claims no
+    capacity, reaches no expert, and its output row is NaN in every column. No token is
+    re-weighted or sent to an expert its logits did not choose.
+11. A non-finite expert weight counts as NaN (an infinity times a zero is NaN in one
+    summation order and an infinity in another; NaN is what every backend agrees on)
+    and propagates through the float math to the rows that use it: a NaN in ``w1``,
+    ``b1``, ``wg`` or ``wu`` of expert e makes every column of the output row of each
+    token with a kept assignment to e NaN; one in column c of ``w2`` or ``b2`` makes
+    column c of those rows NaN. Dropped assignments pass nothing on. The weight arrays
+    themselves are left as given.
+12. Finite inputs whose sums overflow (beyond float32, or beyond the storage type when
+    an intermediate is rounded) give infinities by each backend's own rounding: the
+    backends agree except at that boundary.
+
+Layers built with ``check_finite=True`` refuse non-finite input before the launch
+instead, naming the tensor and its first non-finite element.
+
 Tokens of a multi-rank layer are given rank-major: ``x`` has ``world_size * t`` rows,
 rows ``[r*t, (r+1)*t)`` belonging to rank ``r``.
 
@@ -52,13 +76,13 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .config import MoEConfig
-from .numerics import (activation, activation_grad, as_f32, erfc, gated, round_to,
-                       storage_dtype)
-from .weights import MoEWeights, expert_tensor_names
+from .numerics import (activation, activation_grad, as_f32, erfc, gated, nonfinite_to_nan,
+                       round_to, storage_dtype)
+from .weights import MoEWeights, check_weights, expert_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "route_tokens", "expert_ffn", "combine",
-           "matmul_f32", "given_routing", "with_capacity",
-           "check_tokens", "MoEGrads", "moe_backward"]
+           "matmul_f32", "given_routing", "with_capacity", "check_tokens", "marked_tokens",
+           "moe_forward_exact", "MoEGrads", "moe_backward"]
 
 
 class Routing(NamedTuple):
@@ -67,11 +91,12 @@ class Routing(NamedTuple):
     Attributes
     ----------
     experts : ndarray of int32, [T, k]
-        Chosen expert ids, in descending probability.
+        Chosen expert ids, in descending probability; -1 in every slot of a marked
+        token (one with a non-finite router logit, see the module's rule 10).
     weights : ndarray of float32, [T, k]
-        Combine weights (renormalised when the config says so).
+        Combine weights (renormalised when the config says so); NaN for a marked token.
     kept : ndarray of bool, [T, k]
-        False where the capacity rule dropped the assignment.
+        False where the capacity rule dropped the assignment, and for a marked token.
     """
 
     experts: np.ndarray
@@ -94,11 +119,11 @@ def matmul_f32(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None) 
     bias : ndarray [N], optional
         Added to the exact sum before rounding.
     """
-    a64 = np.asarray(a).astype(np.float64)
-    b64 = np.ascontiguousarray(np.asarray(b).astype(np.float64))
+    a64 = np.asarray(a).astype(np.float64, copy=False)
+    b64 = np.ascontiguousarray(np.asarray(b).astype(np.float64, copy=False))
     m = a64.shape[0]
     out = np.empty((m, b64.shape[1]), dtype=np.float32)
-    bias64 = None if bias is None else np.asarray(bias).astype(np.float64)
+    bias64 = None if bias is None else np.asarray(bias).astype(np.float64, copy=False)
     block = np.zeros((_ROW_BLOCK, a64.shape[1]), dtype=np.float64)
     for start in range(0, m, _ROW_BLOCK):
         n = min(_ROW_BLOCK, m - start)
@@ -109,6 +134,17 @@ def matmul_f32(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None) 
             r += bias64
         out[start:start + n] = r[:n]
     return out
+
+
+def _weight64(w: np.ndarray) -> np.ndarray:
+    """A weight array as the oracle multiplies with it: float64, infinities as NaN
+    (rule 11)."""
+    return nonfinite_to_nan(np.asarray(w).astype(np.float64))
+
+
+def marked_tokens(routing: Routing) -> np.ndarray:
+    """bool [T]: the tokens a routing marks as not routed (rule 10: expert -1)."""
+    return (np.asarray(routing.experts) < 0).any(axis=1)
 
 
 def check_tokens(cfg: MoEConfig, x: np.ndarray) -> int:
@@ -132,19 +168,21 @@ def check_tokens(cfg: MoEConfig, x: np.ndarray) -> int:
 
 def gate(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Router logits and scores (softmax probabilities or sigmoids), float32 [T, experts]
-    (rules 2 and 3)."""
+    (rules 2 and 3). A token whose logits are not all finite gets NaN scores (rule 10)."""
+    check_weights(cfg, weights)
     xr = round_to(x, cfg.dtype)
-    bias = weights.router_bias if cfg.router_bias else None
-    logits = matmul_f32(xr, weights.router, bias)
+    bias = _weight64(weights.router_bias) if cfg.router_bias else None
+    logits = matmul_f32(xr, _weight64(weights.router), bias)
     if cfg.router_logits == "storage":
         logits = as_f32(round_to(logits, cfg.dtype))
     l64 = logits.astype(np.float64)
-    if cfg.scoring == "sigmoid":
-        with np.errstate(over="ignore"):  # exp(-z) -> inf for z << 0 gives the right 0
+    with np.errstate(invalid="ignore", over="ignore"):  # marked rows are set below
+        if cfg.scoring == "sigmoid":
             scores = (1.0 / (1.0 + np.exp(-l64))).astype(np.float32)
-    else:
-        e = np.exp(l64 - l64.max(axis=1, keepdims=True))
-        scores = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        else:
+            e = np.exp(l64 - l64.max(axis=1, keepdims=True))
+            scores = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    scores[~np.isfinite(logits).all(axis=1)] = np.nan
     return logits, scores
 
 
@@ -168,11 +206,14 @@ def route(cfg: MoEConfig, probs: np.ndarray, tokens_per_rank: Optional[int] = No
     """Top-k, combine weights and the capacity rule for rank-major tokens (rules 4-6).
 
     ``probs`` are the scores :func:`gate` returns; ``logits`` are needed with
-    ``softmax_after_topk``, ``selection_bias`` with a selection bias.
+    ``softmax_after_topk``, ``selection_bias`` with a selection bias. A token whose
+    scores are not all finite is marked (rule 10): expert -1, weight NaN, nothing kept,
+    no capacity claimed.
     """
     t_all = probs.shape[0]
     t = t_all if tokens_per_rank is None else tokens_per_rank
     k = cfg.top_k
+    marked = ~np.isfinite(probs).all(axis=1)
     key = probs
     if cfg.softmax_after_topk:
         if logits is None:
@@ -182,33 +223,41 @@ def route(cfg: MoEConfig, probs: np.ndarray, tokens_per_rank: Optional[int] = No
         if selection_bias is None:
             raise ValueError("this config has a selection bias: pass selection_bias=")
         key = (probs + np.asarray(selection_bias, np.float32)).astype(np.float32)
+    key = np.where(marked[:, None], np.float32(0), key)  # any order: overwritten below
     if cfg.n_group > 1:
         key = _group_mask(cfg, key)
     # Stable sort of the negated keys: ties keep the lower expert id first.
     experts = np.argsort(-key, axis=1, kind="stable")[:, :k].astype(np.int32)
     if cfg.softmax_after_topk:
         z = np.take_along_axis(logits, experts, axis=1).astype(np.float64)
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        w64 = e / e.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            w64 = e / e.sum(axis=1, keepdims=True)
     else:
         w64 = np.take_along_axis(probs, experts, axis=1).astype(np.float64)
         if cfg.renormalize:
-            w64 = w64 / w64.sum(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                w64 = w64 / w64.sum(axis=1, keepdims=True)
     weights = (w64 * cfg.routed_scaling).astype(np.float32)
+    experts[marked] = -1
+    weights[marked] = np.nan
     return with_capacity(cfg, experts, weights, t)
 
 
 def with_capacity(cfg: MoEConfig, experts: np.ndarray, weights: np.ndarray,
                   tokens_per_rank: Optional[int] = None) -> Routing:
     """The Routing of chosen experts and weights once the capacity rule (6) has dropped
-    what does not fit (per source rank of ``tokens_per_rank`` tokens)."""
+    what does not fit (per source rank of ``tokens_per_rank`` tokens); marked tokens
+    (expert -1) keep nothing."""
     t_all, k = experts.shape
     t = t_all if tokens_per_rank is None else tokens_per_rank
     kept = np.ones((t_all, k), dtype=bool)
     cap = cfg.capacity(t)
     if cap is not None:
         for start in range(0, t_all, t):
+            # Marked tokens form a group of their own (-1) and take no expert's slots.
             kept[start:start + t] = _capacity_mask(experts[start:start + t], cap)
+    kept[(experts < 0).any(axis=1)] = False
     return Routing(experts, weights, kept)
 
 
@@ -225,27 +274,32 @@ def _capacity_mask(experts: np.ndarray, cap: int) -> np.ndarray:
 
 def expert_ffn(cfg: MoEConfig, weights: MoEWeights, expert: int, rows: np.ndarray) -> np.ndarray:
     """One expert applied to token rows; returns rows of the storage type."""
+    check_weights(cfg, weights)
     i = weights.local_index(expert)
     xr = round_to(rows, cfg.dtype)
+    w = {n: _weight64(getattr(weights, n)[i])
+         for n in expert_tensor_names(cfg.mlp, cfg.mlp_bias)}
     if cfg.mlp == "vanilla":
-        a = matmul_f32(xr, weights.w1[i], weights.b1[i])
+        a = matmul_f32(xr, w["w1"], w["b1"])
         h = round_to(activation(cfg.activation, a), cfg.dtype)
-        y = matmul_f32(h, weights.w2[i], weights.b2[i])
+        y = matmul_f32(h, w["w2"], w["b2"])
     else:
         bias = cfg.mlp_bias
-        g = matmul_f32(xr, weights.wg[i], weights.bg[i] if bias else None)
-        u = matmul_f32(xr, weights.wu[i], weights.bu[i] if bias else None)
+        g = matmul_f32(xr, w["wg"], w["bg"] if bias else None)
+        u = matmul_f32(xr, w["wu"], w["bu"] if bias else None)
         h = round_to(gated(cfg, g, u), cfg.dtype)
-        y = matmul_f32(h, weights.w2[i], weights.b2[i] if bias else None)
+        y = matmul_f32(h, w["w2"], w["b2"] if bias else None)
     return round_to(y, cfg.dtype)
 
 
 def combine(cfg: MoEConfig, routing: Routing, expert_out: np.ndarray) -> np.ndarray:
-    """Weighted sum of each token's kept expert outputs ([T, k, hidden] -> [T, hidden])."""
+    """Weighted sum of each token's kept expert outputs ([T, k, hidden] -> [T, hidden]);
+    NaN rows for marked tokens (rule 10)."""
     w = np.where(routing.kept, routing.weights, 0.0).astype(np.float64)
     acc = np.zeros((expert_out.shape[0], expert_out.shape[2]), dtype=np.float64)
     for j in range(expert_out.shape[1]):  # slot order; each product is exact in float64
         acc += w[:, j, None] * as_f32(expert_out[:, j]).astype(np.float64)
+    acc[marked_tokens(routing)] = np.nan
     return round_to(acc.astype(np.float32), cfg.dtype)
 
 
@@ -258,10 +312,16 @@ def check_routing(cfg: MoEConfig, routing: Routing, tokens: int) -> Routing:
     for name, a in (("experts", experts), ("weights", weights), ("kept", kept)):
         if a.shape != shape:
             raise ValueError(f"routing.{name} has shape {a.shape}, expected {shape}")
-    if experts.dtype.kind not in "iu" or experts.min() < 0 or experts.max() >= cfg.experts:
-        raise ValueError(f"routing.experts must be integer ids in [0, {cfg.experts})")
+    if experts.dtype.kind not in "iu" or experts.min() < -1 or experts.max() >= cfg.experts:
+        raise ValueError(f"routing.experts must be integer ids in [0, {cfg.experts}), or -1 "
+                         "for a marked token")
     if kept.dtype != bool:
         raise ValueError(f"routing.kept must be bool, got {kept.dtype}")
+    none = experts < 0
+    bad = np.nonzero((none.any(axis=1) & ~none.all(axis=1)) | (none & kept).any(axis=1))[0]
+    if bad.size:
+        raise ValueError(f"routing of token {int(bad[0])}: expert -1 marks a whole token "
+                         "(every slot -1, none kept), not one slot")
     return Routing(experts.astype(np.int32), weights.astype(np.float32), kept)
 
 
@@ -337,6 +397,7 @@ def moe_forward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
     y : ndarray [world_size * t, hidden] of the storage type
     routing : Routing
     """
+    check_weights(cfg, weights)
     t = check_tokens(cfg, x)
     x = np.asarray(x)
     if routing is None:
@@ -399,8 +460,9 @@ class MoEGrads:
 def _weights64(cfg: MoEConfig, weights: MoEWeights) -> Dict[str, np.ndarray]:
     """The weight values the forward oracle multiplies with, exactly, in float64."""
     # MoEWeights stores its arrays already rounded to cfg.dtype (tfloat32 included), and
-    # the forward multiplies with them as stored: widening them is all that is needed.
-    return {n: a.astype(np.float64) for n, a in weights.arrays().items()}
+    # the forward multiplies with them as stored: widening them (infinities as NaN, rule
+    # 11) is all that is needed.
+    return {n: _weight64(a) for n, a in weights.arrays().items()}
 
 
 def _act64(name: str, a: np.ndarray) -> np.ndarray:
@@ -497,8 +559,9 @@ def _expert_backward64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], run: _Expe
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # rows of marked tokens: NaN is what they get
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
 
 
 def _combine_weights64(cfg: MoEConfig, probs: np.ndarray,
@@ -563,7 +626,28 @@ def _forward_fixed_routing64(cfg: MoEConfig, weights64: Mapping[str, np.ndarray]
     for run in _run_experts64(cfg, weights64, x64, routing, _index_of(expert_ids, cfg)):
         # add.at: an explicit routing may name one expert twice for a token.
         np.add.at(y, run.tok, w[run.tok, run.slot, None] * run.out)
+    y[marked_tokens(routing)] = np.nan
     return y
+
+
+def moe_forward_exact(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
+                      routing: Routing) -> np.ndarray:
+    """The layer in exact float64 math on a given routing: no rounding after the inputs.
+
+    What :func:`moe_forward` computes, without its rounding to ``cfg.dtype`` and to
+    float32 along the way (the combine weights come from the float64 softmax). The gap
+    between the two is the oracle's rounding: ``python -m flashmoe_core.run --check``
+    on the reference backend measures it.
+
+    Returns
+    -------
+    y : float64 ndarray [world_size * t, hidden]
+    """
+    check_weights(cfg, weights)
+    check_tokens(cfg, x)
+    x64 = round_to(np.asarray(x), cfg.dtype).astype(np.float64)
+    return _forward_fixed_routing64(cfg, _weights64(cfg, weights), x64, routing,
+                                    weights.expert_ids)
 
 
 def _check_grad_output(cfg: MoEConfig, dy: np.ndarray, rows: int) -> np.ndarray:
@@ -614,6 +698,11 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
     (``dx`` is the gradient with respect to the rounded ``x``). No gradient flows
     through the top-k choice or the capacity rule; ``act'(0) = 0`` for relu.
 
+    Non-finite values follow the forward's rules 10-12: a marked token gets a NaN ``dx``
+    row and makes the router gradient NaN (it used every router weight) but adds nothing
+    to the expert gradients (it reached no expert); a NaN weight propagates through the
+    float64 math to the gradients that depend on it.
+
     Parameters
     ----------
     cfg : MoEConfig
@@ -651,6 +740,7 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
         raise ValueError("moe_backward differentiates the softmax-then-top-k routing only; "
                          "this config's routing rules (scoring, biases, groups, scaling, "
                          "rounded logits) have no backward yet")
+    check_weights(cfg, weights)
     t = check_tokens(cfg, x)
     x = np.asarray(x)
     dy64 = _check_grad_output(cfg, dy, x.shape[0])
@@ -691,6 +781,10 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
     d_probs = np.zeros_like(probs)
     np.add.at(d_probs, (np.arange(probs.shape[0])[:, None], routing.experts), d_sel)
     d_logits = probs * (d_probs - (d_probs * probs).sum(axis=1, keepdims=True))
+    # A marked token's output is NaN whatever the weights (rule 10): its logits'
+    # gradient is NaN, which makes its dx row and the whole router gradient NaN (it used
+    # every router weight); it reached no expert, so the experts' gradients keep none.
+    d_logits[marked_tokens(routing)] = np.nan
     grads.router += x64.T @ d_logits
     dx += d_logits @ w64["router"].T
     return dx, grads

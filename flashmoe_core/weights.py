@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -9,7 +10,13 @@ import numpy as np
 from .config import MoEConfig
 from .numerics import round_to, storage_dtype
 
-__all__ = ["MoEWeights"]
+__all__ = ["MoEWeights", "check_weights", "WEIGHT_FIELDS"]
+
+# The MoEConfig fields that fix what the weights are: their shapes and element type.
+# Weights built for one config serve any config that agrees on these (the token bound,
+# top_k, capacity, activation and placement do not change a weight).
+WEIGHT_FIELDS = ("hidden", "ffn", "experts", "mlp", "dtype", "router_bias", "selection_bias",
+                 "mlp_bias")
 
 # Draw order of the random generator; never reorder (it would change every seed).
 _TENSOR_IDS = {"router": 0, "w1": 1, "b1": 2, "w2": 3, "b2": 4, "wg": 5, "wu": 6,
@@ -22,6 +29,14 @@ def router_tensor_names(cfg: MoEConfig) -> Tuple[str, ...]:
     """The router's tensors for a config: ``router`` and the biases its rules name."""
     return ("router",) + (("router_bias",) if cfg.router_bias else ()) + \
         (("selection_bias",) if cfg.selection_bias else ())
+
+
+def _count(name: str, value, lo: int = 0) -> int:
+    """An integer argument (Python or NumPy) >= lo, as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < lo:
+        raise ValueError(f"{name}={value!r} must be an integer >= {lo}")
+    return int(value)
 
 
 def expert_tensor_names(mlp: str, bias: bool = False) -> Tuple[str, ...]:
@@ -47,6 +62,10 @@ class MoEWeights:
       ``selection_bias`` [experts], float32 whatever the storage type
 
     E is ``len(expert_ids)``: all experts by default, or the subset one rank owns.
+
+    Arrays are kept as given, NaN and infinities included; every backend multiplies an
+    infinite weight as NaN (:mod:`flashmoe_core.reference`, rule 11), and layers built
+    with ``check_finite=True`` refuse non-finite weights.
 
     Parameters
     ----------
@@ -150,6 +169,7 @@ class MoEWeights:
         rank that materialises only its own experts gets exactly the same values as a
         process that materialises all of them.
         """
+        seed = _count("seed", seed)
         ids = tuple(range(cfg.experts)) if expert_ids is None else tuple(sorted(expert_ids))
         h, f = cfg.hidden, cfg.ffn
         gain = 2.0 if cfg.activation == "relu" else 2.5
@@ -188,9 +208,44 @@ class MoEWeights:
         return f"MoEWeights({self.cfg.dtype}, experts={len(self.expert_ids)}, {shapes})"
 
 
+def check_weights(cfg: MoEConfig, weights: MoEWeights) -> MoEWeights:
+    """Check that ``weights`` fit ``cfg``; every entry point calls this before using them.
+
+    The weights must have been built for a config that agrees with ``cfg`` on
+    :data:`WEIGHT_FIELDS`, and their arrays must still have the shapes and storage type
+    that config gives them (an attribute replaced after construction is caught too).
+
+    Raises
+    ------
+    TypeError
+        When ``weights`` is not a :class:`MoEWeights`.
+    ValueError
+        Naming the field or array that differs, what it is and what ``cfg`` needs.
+    """
+    if not isinstance(weights, MoEWeights):
+        raise TypeError(f"weights must be MoEWeights, got {type(weights).__name__}")
+    for field in WEIGHT_FIELDS:
+        built, here = getattr(weights.cfg, field), getattr(cfg, field)
+        if built != here:
+            raise ValueError(
+                f"the weights were built for MoEConfig.{field}={built!r}, but this config has "
+                f"{field}={here!r}; build them for this config (MoEWeights.random(cfg, seed) "
+                "or MoEWeights(cfg, ...))")
+    for name, shape in MoEWeights.expected_shapes(cfg, len(weights.expert_ids)).items():
+        want = np.dtype(np.float32) if name in _FLOAT32 else storage_dtype(cfg.dtype)
+        a = getattr(weights, name, None)
+        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != want:
+            got = (f"{a.shape} {a.dtype}" if isinstance(a, np.ndarray)
+                   else type(a).__name__)
+            raise ValueError(f"weights.{name} is {got}, but this config needs {shape} {want} "
+                             f"({len(weights.expert_ids)} experts held); build the weights "
+                             "again instead of replacing their arrays")
+    return weights
+
+
 def random_tokens(cfg: MoEConfig, seed: int = 0, tokens: Optional[int] = None,
                   rank: int = 0) -> np.ndarray:
     """Deterministic N(0, 1) activations [tokens, hidden] for one rank, rounded to dtype."""
-    t = cfg.tokens if tokens is None else tokens
-    rng = np.random.default_rng([int(seed), 1000, rank])
+    t = cfg.tokens if tokens is None else _count("tokens", tokens, 1)
+    rng = np.random.default_rng([_count("seed", seed), 1000, _count("rank", rank)])
     return round_to(rng.standard_normal((t, cfg.hidden), dtype=np.float32), cfg.dtype)

@@ -14,6 +14,7 @@ import numpy as np
 __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "STRUCTS", "ENUMS", "FAULT_CODES",
            "STATE", "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS",
            "TRACE_RECORD", "TASK_KINDS", "TRACE_PHASES", "PHASES", "DTYPE_IDS", "ACT_IDS",
+           "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED",
            "abi_defines", "decode_fault"]
 
 ABI_VERSION = 5
@@ -82,6 +83,7 @@ ENUMS: Dict[str, Dict[str, int]] = {
               "kPhaseReturnWait": 10},
     "DType": {"kFloat32": 0, "kTFloat32": 1, "kBFloat16": 2, "kFloat16": 3},
     "Act": {"kRelu": 0, "kGelu": 1, "kSilu": 2, "kIdentity": 3, "kSwigluClamped": 4},
+    "RowMark": {"kNoExpert": -1, "kRowDropped": -1, "kRowMarked": -2},
 }
 
 
@@ -122,6 +124,11 @@ DTYPE_IDS = _view("DType", {"float32": "kFloat32", "tfloat32": "kTFloat32",
                             "bfloat16": "kBFloat16", "float16": "kFloat16"})
 ACT_IDS = _view("Act", {"relu": "kRelu", "gelu": "kGelu", "silu": "kSilu",
                         "identity": "kIdentity", "swiglu_clamped": "kSwigluClamped"})
+
+# Routing marks: topk_expert of a marked token, token_rows of a dropped / marked slot.
+NO_EXPERT = ENUMS["RowMark"]["kNoExpert"]
+ROW_DROPPED = ENUMS["RowMark"]["kRowDropped"]
+ROW_MARKED = ENUMS["RowMark"]["kRowMarked"]
 
 STRUCTS: Dict[str, np.dtype] = {"FaultRecord": FAULT_RECORD, "MoeLayout": MOE_LAYOUT,
                                 "TraceRecord": TRACE_RECORD}

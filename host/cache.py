@@ -2,7 +2,10 @@
 
 An entry is ``MAGIC + sha256(payload) + payload``; a load that finds a short file,
 another magic or a digest mismatch treats the entry as corrupt, removes it and
-reports a miss, so the caller rebuilds. Writes go to a temporary file in the same
+reports a miss, so the caller rebuilds. A checksum proves an entry whole, not that it
+is the kernel asked for: a load given the identity it expects (:mod:`.identity`)
+also reads the identity record built into the payload, and an entry that cannot
+prove it is that kernel is removed and missed the same way (``rejected`` says why). Writes go to a temporary file in the same
 folder, are flushed to disk and then renamed over the entry, so a reader sees either
 nothing or a whole entry. Ranks compiling the same kernel at once serialise on a
 per-entry lock file (``fcntl.flock``), and the losers find the winner's entry; the
@@ -18,7 +21,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Mapping, Optional
+
+from . import identity
+from .errors import FlashMoEError
 
 __all__ = ["KernelCache", "SCHEMA"]
 
@@ -41,6 +47,30 @@ class KernelCache:
     def __init__(self, root, lock_timeout_s: float = 900.0) -> None:
         self.root = Path(root)
         self.lock_timeout_s = lock_timeout_s
+        self.rejected: Dict[str, str] = {}  # key -> why its entry was not loaded
+
+    def _proven(self, key: str, payload: bytes, expect: Optional[Mapping[str, str]]) -> bool:
+        if expect is None:
+            return True
+        why = identity.mismatch(identity.read(payload), expect)
+        if why is not None:
+            self.rejected[key] = why
+        return why is None
+
+    def check_writable(self) -> None:
+        """Raise FlashMoEError unless entries can be written here (called before a
+        compile, so that an unusable folder fails in a second, not after the build)."""
+        d = self._dir()
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=d, prefix=".probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            where = exc.filename or d
+            raise FlashMoEError(
+                f"the kernel cache folder {self.root} is not usable ({exc.strerror}: {where}); "
+                "point FLASHMOE_CACHE_DIR at a writable folder") from None
 
     def _dir(self) -> Path:
         return self.root / f"v{SCHEMA}"
@@ -50,8 +80,9 @@ class KernelCache:
         return self._dir() / key[:2] / f"{key}.cubin"
 
     # ------------------------------------------------------------------ entries
-    def load(self, key: str) -> Optional[bytes]:
-        """The cached payload, or None on a miss or a corrupt entry (then removed)."""
+    def load(self, key: str, expect: Optional[Mapping[str, str]] = None) -> Optional[bytes]:
+        """The cached payload, or None on a miss, a corrupt entry or one whose identity
+        is not ``expect`` (those are removed)."""
         p = self.path(key)
         try:
             blob = p.read_bytes()
@@ -61,10 +92,12 @@ class KernelCache:
         if len(blob) > head and blob.startswith(_MAGIC):
             digest = blob[len(_MAGIC):head].decode("ascii", "replace")
             payload = blob[head:]
-            if hashlib.sha256(payload).hexdigest() == digest:
+            if hashlib.sha256(payload).hexdigest() == digest and \
+                    self._proven(key, payload, expect):
                 return payload
-        with contextlib.suppress(OSError):
-            p.unlink()
+        for q in (p, p.with_suffix(".json")):
+            with contextlib.suppress(OSError):
+                q.unlink()
         return None
 
     def store(self, key: str, payload: bytes, meta: Optional[dict] = None) -> Path:
@@ -82,14 +115,17 @@ class KernelCache:
         """File of a plain-file entry (a library that is loaded from disk as it is)."""
         return self.path(key).with_suffix(suffix)
 
-    def load_file(self, key: str, suffix: str) -> Optional[Path]:
-        """Path of a plain-file entry whose digest matches its record, else None (a
-        corrupt or half-recorded entry is removed)."""
+    def load_file(self, key: str, suffix: str,
+                  expect: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+        """Path of a plain-file entry whose digest matches its record and whose identity
+        is ``expect``, else None (a corrupt, half-recorded or foreign entry is removed)."""
         p = self.file_path(key, suffix)
         meta = p.with_name(p.name + ".json")
         try:
             digest = json.loads(meta.read_text())["sha256"]
-            ok = hashlib.sha256(p.read_bytes()).hexdigest() == digest
+            payload = p.read_bytes()
+            ok = hashlib.sha256(payload).hexdigest() == digest and \
+                self._proven(key, payload, expect)
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if ok:

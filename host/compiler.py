@@ -18,12 +18,13 @@ import json
 import time
 from typing import Any, Callable, Mapping, Optional, Tuple
 
+from . import identity
 from .cache import SCHEMA, KernelCache
 from .errors import CompileError, JitDisabledError
-from .toolchain import Toolchain
+from .toolchain import Toolchain, device_tree_digest
 
 __all__ = ["KernelSpec", "CompiledKernel", "build", "cache_key", "program_options",
-           "normalize_arch"]
+           "normalize_arch", "kernel_identity"]
 
 _SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100a", "sm_120a")
 
@@ -153,7 +154,13 @@ def cache_key(spec: KernelSpec, arch: str, toolchain: Toolchain, lineinfo: bool 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _compile(spec: KernelSpec, arch: str, toolchain: Toolchain, lineinfo: bool) -> bytes:
+def kernel_identity(spec: KernelSpec, key: str, toolchain: Toolchain) -> dict:
+    """The identity record a build of ``spec`` under ``key`` carries (:mod:`.identity`)."""
+    return identity.record(key, device_tree_digest(toolchain.device_root), spec.defines)
+
+
+def _compile(spec: KernelSpec, arch: str, toolchain: Toolchain, lineinfo: bool,
+             ident: dict) -> bytes:
     from cuda.core import Linker, LinkerOptions, ObjectCode, Program
 
     opts = program_options(spec, arch, toolchain, lineinfo)
@@ -161,7 +168,8 @@ def _compile(spec: KernelSpec, arch: str, toolchain: Toolchain, lineinfo: bool) 
     context = dict(spec.context, kernel=spec.entry, arch=arch)
     path = toolchain.device_root / spec.entry
     try:
-        source = path.read_text()
+        # The identity goes after the source, so compile errors keep their line numbers.
+        source = path.read_text() + identity.declaration(ident, device=True)
     except OSError as exc:
         raise CompileError("nvrtc", f"cannot read {path}: {exc}", flags, context) from None
     try:
@@ -215,26 +223,39 @@ def build(spec: KernelSpec, arch: str, toolchain: Toolchain, *, cache: Optional[
     """
     arch = normalize_arch(arch)
     key = cache_key(spec, arch, toolchain, lineinfo)
+    ident = kernel_identity(spec, key, toolchain)
     if cache is not None:
-        hit = cache.load(key)
+        # Only an entry that carries this very identity is used (a renamed or swapped
+        # entry is removed and rebuilt).
+        hit = cache.load(key, expect=ident)
         if hit is not None:
             return CompiledKernel(hit, key, arch, True, 0.0, spec)
+        why = getattr(cache, "rejected", {}).pop(key, None)
+        if why is not None and progress is not None:
+            progress(f"the cache entry of {spec.label} for {arch} was not that kernel ({why}); "
+                     "it was removed and is rebuilt")
     if not allow_compile:
         raise JitDisabledError(
             f"{spec.label} for {arch} is not in the kernel cache and compiling is disabled "
             f"(FLASHMOE_DISABLE_JIT); build it first with python -m flashmoe_core.build "
             f"--arch {arch}")
+    if cache is not None:
+        cache.check_writable()  # fail now, not after the compile
     lock = cache.lock(key) if cache is not None else _null_lock()
     with lock:
         if cache is not None:
-            hit = cache.load(key)  # another process may have built it while we waited
+            hit = cache.load(key, expect=ident)  # another process may have built it meanwhile
             if hit is not None:
                 return CompiledKernel(hit, key, arch, True, 0.0, spec)
         if progress is not None:
             est = cache.estimate_seconds(f"{spec.family}/{arch}", 30.0) if cache else 30.0
             progress(f"compiling {spec.label} for {arch} (first run only, ~{est:.0f} s)")
         t0 = time.perf_counter()
-        cubin = _compile(spec, arch, toolchain, lineinfo)
+        cubin = _compile(spec, arch, toolchain, lineinfo, ident)
+        if identity.read(cubin) != ident:
+            raise CompileError("nvrtc", f"the build of {spec.entry} lost its identity record "
+                               f"({identity.SYMBOL}); it cannot be cached safely", (),
+                               dict(spec.context, kernel=spec.entry, arch=arch))
         seconds = time.perf_counter() - t0
         if cache is not None:
             cache.store(key, cubin, meta={"entry": spec.entry, "arch": arch,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -27,14 +28,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from . import identity
 from .cache import SCHEMA, KernelCache
 from .compiler import KernelSpec
-from .errors import CompileError, FlashMoEError
-from .toolchain import Toolchain
+from .errors import CompileError, FlashMoEError, JitDisabledError
+from .toolchain import Toolchain, device_tree_digest
 
 __all__ = ["EmulatorError", "EmulatorOptions", "HostCompiler", "EmulatorLibrary",
-           "find_compiler", "emulator_entry", "compile_flags", "library_key", "build_library",
-           "load_library"]
+           "find_compiler", "check_compiler", "emulator_entry", "compile_flags", "library_key",
+           "library_identity", "build_library", "load_library"]
 
 # Flags every emulator build uses. -fno-strict-aliasing: CUDA code type-puns through
 # pointers as a matter of course; -fno-extern-tls-init: `__shared__` is thread_local
@@ -123,7 +125,10 @@ def find_compiler(cxx: Optional[str] = None) -> HostCompiler:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FlashMoEError(f"the host C++ compiler {path} does not run ({exc})") from None
     if out.returncode != 0:
-        raise FlashMoEError(f"{path} --version failed: {out.stderr.strip()[:500]}")
+        err = out.stderr.strip()[:500]
+        raise FlashMoEError(f"the host C++ compiler {path} does not work ('{path} --version' "
+                            f"exited {out.returncode}{': ' + err if err else ''}); install g++ "
+                            "or name a working one with FLASHMOE_CXX")
     return HostCompiler(path, out.stdout.splitlines()[0].strip() if out.stdout else "unknown")
 
 
@@ -169,24 +174,64 @@ def library_key(spec: KernelSpec, toolchain: Toolchain, compiler: HostCompiler) 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def library_identity(spec: KernelSpec, toolchain: Toolchain, compiler: HostCompiler) -> dict:
+    """The identity record the emulator library of ``spec`` carries (:mod:`.identity`)."""
+    return identity.record(library_key(spec, toolchain, compiler),
+                           device_tree_digest(toolchain.device_root), spec.defines)
+
+
+@functools.lru_cache(maxsize=None)
+def check_compiler(compiler: HostCompiler) -> None:
+    """Compile a one-line shared library with the emulator's flags, so that a compiler
+    that runs but cannot build one fails in a second, before any real compile.
+
+    Raises
+    ------
+    FlashMoEError
+    """
+    with tempfile.TemporaryDirectory(prefix="flashmoe-cxx-") as tmp:
+        src, out = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
+        src.write_text('extern "C" int flashmoe_probe() { return 17; }\n')
+        try:
+            proc = subprocess.run([compiler.path, *_BASE_FLAGS, str(src), "-o", str(out)],
+                                  capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise FlashMoEError(f"the host C++ compiler {compiler.path} does not run ({exc}); "
+                                "install g++ or name a working one with FLASHMOE_CXX") from None
+        if proc.returncode != 0 or not out.is_file():
+            log = (proc.stderr or proc.stdout).strip().splitlines()[:3]
+            raise FlashMoEError(
+                f"the host C++ compiler {compiler.path} ({compiler.version}) cannot build a "
+                f"C++17 shared library (exit {proc.returncode}: {' | '.join(log) or 'no output'});"
+                " install g++ or name a working one with FLASHMOE_CXX")
+
+
 def _compile(spec: KernelSpec, toolchain: Toolchain, compiler: HostCompiler, out: Path) -> None:
     source = toolchain.device_root / emulator_entry(spec)
     if not source.exists():
         raise FlashMoEError(f"no emulator build of {spec.entry} ({source} is missing)")
     flags = compile_flags(spec, toolchain)
-    cmd = [compiler.path, *flags, str(source), "-o", str(out)]
+    # The identity constant comes in as a forced include (not part of the key's flags).
+    ident = out.with_name(out.name + ".identity.h")
+    ident.write_text(identity.declaration(library_identity(spec, toolchain, compiler),
+                                          device=False))
+    cmd = [compiler.path, *flags, "-include", str(ident), str(source), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    context = dict(spec.context, kernel=spec.entry, backend="emulator")
     if proc.returncode != 0:
         log = proc.stderr.strip()
         if len(log) > 20000:  # template errors run long: keep the head, where the cause is
             log = log[:20000] + "\n[... log truncated ...]"
-        raise CompileError("host c++", log, [compiler.path, *flags],
-                           dict(spec.context, kernel=spec.entry, backend="emulator"))
+        raise CompileError("host c++", log, [compiler.path, *flags], context)
+    if not out.is_file():
+        raise CompileError("host c++", f"{compiler.path} exited 0 but wrote no library",
+                           [compiler.path, *flags], context)
 
 
 def build_library(spec: KernelSpec, toolchain: Toolchain, compiler: HostCompiler, *,
                   cache: Optional[KernelCache],
-                  progress: Optional[Callable[[str], None]] = None) -> Path:
+                  progress: Optional[Callable[[str], None]] = None,
+                  allow_compile: bool = True) -> Path:
     """Compile the emulator library of a spec, or find it in the cache.
 
     Parameters
@@ -199,26 +244,43 @@ def build_library(spec: KernelSpec, toolchain: Toolchain, compiler: HostCompiler
         None builds into a fresh temporary folder every time.
     progress : callable, optional
         Receives one line when a compile starts.
+    allow_compile : bool
+        False raises :class:`JitDisabledError` on a cache miss (FLASHMOE_DISABLE_JIT).
 
     Returns
     -------
-    Path of the shared library.
+    Path of the shared library (its identity checked, see :mod:`.identity`).
 
     Raises
     ------
     CompileError
         With the compiler's log and flags.
+    FlashMoEError
+        When the cache folder is unusable or the compiler cannot build a library
+        (checked before the compile).
     """
     key = library_key(spec, toolchain, compiler)
+    ident = library_identity(spec, toolchain, compiler)
+    if cache is not None:
+        hit = cache.load_file(key, ".so", expect=ident)
+        if hit is not None:
+            return hit
+        why = cache.rejected.pop(key, None)
+        if why is not None and progress is not None:
+            progress(f"the cached emulator build of {spec.label} was not that library ({why}); "
+                     "it was removed and is rebuilt")
+    if not allow_compile:
+        raise JitDisabledError(
+            f"the CPU-emulator build of {spec.label} is not in the kernel cache and compiling "
+            "is disabled (FLASHMOE_DISABLE_JIT); run once with compiling allowed to cache it")
+    check_compiler(compiler)
     if cache is None:
         out = Path(tempfile.mkdtemp(prefix="flashmoe-emu-")) / f"{key}.so"
         _compile(spec, toolchain, compiler, out)
         return out
-    hit = cache.load_file(key, ".so")
-    if hit is not None:
-        return hit
+    cache.check_writable()
     with cache.lock(key):
-        hit = cache.load_file(key, ".so")  # another process may have built it meanwhile
+        hit = cache.load_file(key, ".so", expect=ident)  # another process may have built it
         if hit is not None:
             return hit
         family = f"emulator/{Path(spec.entry).stem}"
@@ -246,10 +308,22 @@ class EmulatorLibrary:
     path : path of the shared library.
     """
 
-    def __init__(self, path) -> None:
+    def __init__(self, path, expect: Optional[dict] = None) -> None:
         self.path = Path(path)
         # RTLD_LOCAL: every library keeps its own runtime state.
         self._lib = ctypes.CDLL(str(self.path), mode=os.RTLD_LOCAL)
+        if expect is not None:
+            # Read the identity constant (data, not a call) before anything is called:
+            # the file may have changed since build_library checked its bytes.
+            try:
+                found = identity.read(ctypes.string_at(ctypes.addressof(
+                    ctypes.c_char.in_dll(self._lib, identity.SYMBOL))))
+            except ValueError:
+                found = None
+            why = identity.mismatch(found, expect)
+            if why is not None:
+                raise FlashMoEError(f"{self.path} is not the emulator library it was loaded "
+                                    f"as: {why}; remove it, or clear the kernel cache")
         self._lib.emu_configure.argtypes = [ctypes.c_ulonglong, ctypes.c_int, ctypes.c_int,
                                             ctypes.c_int, ctypes.c_int, ctypes.c_double,
                                             ctypes.c_int]
@@ -285,6 +359,7 @@ class EmulatorLibrary:
             raise EmulatorError(text or f"the emulator launch returned {rc}")
 
 
-def load_library(path) -> EmulatorLibrary:
-    """Load an emulator library built by :func:`build_library`."""
-    return EmulatorLibrary(path)
+def load_library(path, expect: Optional[dict] = None) -> EmulatorLibrary:
+    """Load an emulator library built by :func:`build_library`; with ``expect``
+    (:func:`library_identity`), only if the loaded library carries that identity."""
+    return EmulatorLibrary(path, expect)

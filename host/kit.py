@@ -29,6 +29,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+from . import identity
 from .errors import FlashMoEError
 
 __all__ = ["KernelKit", "KitWriter", "FORMAT"]
@@ -71,8 +72,9 @@ class KernelKit:
         self.device_digest: str = manifest["device_digest"]
         self.entries: Dict[str, Dict[str, Any]] = dict(manifest["entries"])
 
-    def load(self, key: str) -> Optional[bytes]:
-        """The cubin of ``key``, or None if the kit lacks it (or the entry is damaged)."""
+    def load(self, key: str, expect: Optional[Mapping[str, str]] = None) -> Optional[bytes]:
+        """The cubin of ``key``, or None if the kit lacks it, the entry is damaged or the
+        cubin's own identity record is not ``expect`` (see :mod:`.identity`)."""
         entry = self.entries.get(key)
         if entry is None:
             return None
@@ -81,6 +83,8 @@ class KernelKit:
         except (OSError, zlib.error):
             return None
         if hashlib.sha256(cubin).hexdigest() != entry["sha256"]:
+            return None
+        if expect is not None and identity.mismatch(identity.read(cubin), expect) is not None:
             return None
         return cubin
 

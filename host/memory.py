@@ -9,7 +9,7 @@ import numpy as np
 
 from .driver import check
 
-__all__ = ["alloc", "upload", "download", "zero", "PinnedArray"]
+__all__ = ["alloc", "upload", "download", "download_from", "zero", "PinnedArray"]
 
 
 def alloc(device, nbytes: int, stream):
@@ -57,11 +57,16 @@ def copy_in(buf, array: np.ndarray, stream, offset: int = 0) -> None:
 
 def download(buf, shape: Sequence[int], dtype, stream, offset: int = 0) -> np.ndarray:
     """Copy device memory into a new host array (waits for the stream)."""
+    return download_from(int(buf.handle) + offset, shape, dtype, stream)
+
+
+def download_from(ptr: int, shape: Sequence[int], dtype, stream) -> np.ndarray:
+    """Copy device memory at address ``ptr`` into a new host array (waits for the stream)."""
     out = np.empty(tuple(shape), dtype=np.dtype(dtype))
     if out.nbytes:
         from cuda.bindings import driver
 
-        check(driver.cuMemcpyDtoHAsync(out.ctypes.data, int(buf.handle) + offset, out.nbytes,
+        check(driver.cuMemcpyDtoHAsync(out.ctypes.data, int(ptr), out.nbytes,
                                        _stream_handle(stream)), "copying from the GPU")
     stream.sync()
     return out

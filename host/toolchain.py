@@ -29,12 +29,16 @@ _DEVICE_SUFFIXES = (".cuh", ".cu", ".h", ".cpp")
 def device_root(override: Optional[str] = None) -> Path:
     """The folder holding the device sources (``include/`` and ``kernels/``).
 
-    Looked up in order: ``override``; ``flashmoe_core/_device`` of an installed
-    wheel; ``device/`` of a source checkout (editable installs).
+    ``override`` if given (an error if it holds none); else ``flashmoe_core/_device``
+    of an installed wheel, or ``device/`` of a source checkout (editable installs).
     """
-    candidates = []
     if override:
-        candidates.append(Path(override))
+        # An explicit folder is used or refused, never replaced by the packaged sources.
+        if (Path(override) / "include" / "flashmoe").is_dir():
+            return Path(override)
+        raise FlashMoEError(f"{override} holds no device sources (include/flashmoe/*.cuh); "
+                            "point FLASHMOE_DEVICE_DIR at a checkout's device/, or unset it")
+    candidates = []
     here = Path(__file__).resolve().parent
     candidates += [here.parent / "_device", here.parent / "device"]
     for c in candidates:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import HAS_GPU, run_mpi
+from conftest import HAS_GPU, REPO, run_mpi
 
 SMALL = ["--tokens", "64", "--hidden", "32", "--ffn", "48", "--experts", "6"]
 
@@ -30,7 +30,7 @@ def test_auto_falls_back_to_reference_in_one_line(tmp_path):
 @pytest.mark.skipif(HAS_GPU, reason="checks the GPU-less error")
 def test_gpu_backend_without_gpu_is_a_clear_error():
     p = run(SMALL + ["--backend", "gpu"])
-    assert p.returncode == 2 and "needs an NVIDIA GPU" in p.stderr
+    assert p.returncode == 3 and "needs an NVIDIA GPU" in p.stderr
     assert "Traceback" not in p.stderr
 
 
@@ -67,6 +67,70 @@ def test_bad_input_exits_2_with_a_message(args, fragment):
     p = run(SMALL + ["--backend", "reference"] + args)
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert fragment in p.stderr and "Traceback" not in p.stderr
+
+
+def test_binary_config_and_negative_seed_name_the_flag(tmp_path):
+    f = tmp_path / "layer.json"
+    f.write_bytes(bytes(range(256)))
+    p = run(["--config", str(f), "--backend", "reference"])
+    assert p.returncode == 2 and f"--config {f}: not a text file" in p.stderr
+    f.write_text('{"tokens": 4, "hidden": 9, "ffn": 8, "experts": 2}')
+    p = run(["--config", str(f), "--backend", "reference"])
+    assert p.returncode == 2 and f"--config {f}: MoEConfig.hidden=9" in p.stderr
+    p = run(SMALL + ["--seed", "-1", "--backend", "reference"])
+    assert p.returncode == 2 and "--seed -1" in p.stderr
+
+
+ENV_CASES = {
+    # variable values every path refuses, whichever backend reads them
+    "timeout-word": ({"FLASHMOE_TIMEOUT_S": "banana"}, "reference", "FLASHMOE_TIMEOUT_S"),
+    "timeout-negative": ({"FLASHMOE_TIMEOUT_S": "-1"}, "reference", "FLASHMOE_TIMEOUT_S"),
+    "timeout-nan": ({"FLASHMOE_TIMEOUT_S": "nan"}, "emulator", "FLASHMOE_TIMEOUT_S"),
+    "quiet": ({"FLASHMOE_QUIET": "maybe"}, "reference", "FLASHMOE_QUIET"),
+    "device-dir": ({"FLASHMOE_DEVICE_DIR": "/nonexistent/device"}, "emulator",
+                   "FLASHMOE_DEVICE_DIR"),
+    "cxx-missing": ({"FLASHMOE_CXX": "no-such-c++"}, "emulator", "FLASHMOE_CXX"),
+    # the cache folder and the compiler, found unusable before anything compiles
+    "cache-is-a-file": ({"FLASHMOE_CACHE_DIR": "{file}"}, "emulator", "is not a folder"),
+    "cache-unwritable": ({"FLASHMOE_CACHE_DIR": "/proc/flashmoe-cache"}, "emulator",
+                         "kernel cache folder /proc/flashmoe-cache is not usable"),
+    "cxx-fails": ({"FLASHMOE_CXX": "false"}, "emulator", "does not work"),
+    "cxx-builds-nothing": ({"FLASHMOE_CXX": "true"}, "emulator",
+                           "cannot build a C++17 shared library"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENV_CASES))
+def test_environment_problems_exit_3_in_one_line_before_any_compile(case, tmp_path):
+    env, backend, fragment = ENV_CASES[case]
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    env = {k: v.format(file=afile) for k, v in env.items()}
+    env.setdefault("FLASHMOE_CACHE_DIR", str(tmp_path / "cache"))  # a miss: would compile
+    p = run(SMALL + ["--backend", backend], env=env)
+    assert p.returncode == 3, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert "compiling" not in p.stderr
+
+
+@pytest.mark.parametrize("backend", ["reference", "emulator"])
+def test_a_layer_too_large_for_the_machine_exits_3_before_allocating(backend):
+    p = run(["--tokens", "1048576", "--hidden", "65536", "--ffn", "65536", "--experts", "1024",
+             "--backend", backend])
+    assert p.returncode == 3 and "GiB of host memory" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and "compiling" not in p.stderr
+
+
+def test_exit_codes_are_documented_once():
+    from flashmoe_core import run as run_module
+    from flashmoe_core.cli import EXIT_CODES
+
+    readme = (REPO / "README.md").read_text()
+    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4]
+    for code in EXIT_CODES:
+        assert f"| {code} |" in readme
+    assert "4 a kernel fault or timeout" in " ".join(run_module.__doc__.split())
 
 
 def test_bad_flag_value_is_an_argparse_error():

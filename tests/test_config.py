@@ -134,3 +134,63 @@ def test_environment_values(monkeypatch):
     assert str(env.cache_dir()) == "/tmp/x"
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert env.launched_by_mpi()
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_values():
+    import numpy as np
+
+    c = MoEConfig(tokens=np.int64(64), hidden=np.int32(32), ffn=np.uint16(48),
+                  experts=np.int64(8), top_k=np.int8(2), capacity_factor=np.float32(1.5),
+                  renormalize=np.bool_(False), world_size=np.int64(2),
+                  placement=np.array([0, 1] * 4))
+    assert c == cfg(top_k=2, capacity_factor=1.5, renormalize=False, world_size=2,
+                    placement=(0, 1) * 4)
+    for name in ("tokens", "hidden", "ffn", "experts", "top_k", "world_size"):
+        assert type(getattr(c, name)) is int
+    assert type(c.capacity_factor) is float and type(c.renormalize) is bool
+    assert all(type(o) is int for o in c.placement)
+    assert MoEConfig.from_json(c.to_json()) == c
+    # Out-of-range NumPy values are still rejected, and NumPy bools are not integers.
+    with pytest.raises(ValueError, match="MoEConfig.tokens="):
+        cfg(tokens=np.int64(0))
+    with pytest.raises(ValueError, match="MoEConfig.experts="):
+        cfg(experts=np.bool_(True))
+    with pytest.raises(ValueError, match="MoEConfig.capacity_factor="):
+        cfg(capacity_factor=np.float64("nan"))
+
+
+def test_every_variable_is_validated_and_named(monkeypatch, tmp_path):
+    from flashmoe_core import env
+
+    for name in list(env._READERS):
+        monkeypatch.delenv(name, raising=False)
+    assert set(env.validate()) == set(env._READERS)
+    afile = tmp_path / "f"
+    afile.write_text("")
+    bad = {"FLASHMOE_TIMEOUT_S": "banana", "FLASHMOE_QUIET": "maybe",
+           "FLASHMOE_DEVICE_DIR": str(tmp_path / "devcie"), "FLASHMOE_ARCH": "sm_70",
+           "FLASHMOE_CACHE_DIR": str(afile), "FLASHMOE_CXX": "no-such-c++",
+           "FLASHMOE_CUTLASS_INCLUDE": str(tmp_path), "NVSHMEM_SYMMETRIC_SIZE": "-1",
+           "FLASHMOE_LINEINFO": "2", "FLASHMOE_DISABLE_JIT": "yes please",
+           "FLASHMOE_KERNEL_KIT": str(tmp_path)}
+    assert set(bad) == set(env._READERS)
+    for name, value in bad.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(env.EnvVarError) as exc:
+        env.validate()
+    for name in bad:  # one message naming every bad variable
+        assert name in str(exc.value)
+    for value in ("-1", "nan", "inf", "0"):
+        monkeypatch.setenv("FLASHMOE_TIMEOUT_S", value)
+        with pytest.raises(ValueError, match="FLASHMOE_TIMEOUT_S"):
+            env.timeout_s()
+    monkeypatch.setenv("FLASHMOE_ARCH", "90a")
+    assert env.arch_override() == "sm_90a"
+
+
+def test_a_mistyped_device_dir_is_refused_not_replaced(tmp_path):
+    from flashmoe_core import FlashMoEError
+    from flashmoe_core.host.toolchain import device_root
+
+    with pytest.raises(FlashMoEError, match="holds no device sources"):
+        device_root(str(tmp_path / "device"))

@@ -45,6 +45,60 @@ def test_library_is_built_once_then_cached(tmp_path):
     assert host_emu.load_library(rebuilt).function("emu_last_error", [], None) is not None
 
 
+def test_a_library_swapped_with_its_record_is_never_loaded(tmp_path):
+    # Two valid entries whose library and record were swapped pass every checksum; only
+    # the identity built into each library tells them apart (this used to segfault).
+    from flashmoe_core.kernels import nvshmem_ping_spec
+
+    tc, cc, cache = find_toolchain(), host_emu.find_compiler(), KernelCache(tmp_path)
+    ring = host_emu.build_library(ring_test_spec(), tc, cc, cache=cache)
+    ping = host_emu.build_library(nvshmem_ping_spec(), tc, cc, cache=cache)
+    ring_bytes, ping_bytes = ring.read_bytes(), ping.read_bytes()
+    for a, b in ((ring, ping), (ring.with_name(ring.name + ".json"),
+                                ping.with_name(ping.name + ".json"))):
+        data_a, data_b = a.read_bytes(), b.read_bytes()
+        a.write_bytes(data_b)
+        b.write_bytes(data_a)
+    ring_id = host_emu.library_identity(ring_test_spec(), tc, cc)
+    lines = []
+    again = host_emu.build_library(ring_test_spec(), tc, cc, cache=cache, progress=lines.append)
+    assert "was not that library" in lines[0] and "compiling" in lines[1]
+    from flashmoe_core.host import identity
+
+    assert identity.read(again.read_bytes()) == ring_id == identity.read(ring_bytes)
+    assert host_emu.load_library(again, ring_id) is not None
+    # The check inside the loaded library (the file may change after its bytes were read).
+    other = tmp_path / "other.so"
+    other.write_bytes(ping_bytes)
+    with pytest.raises(FlashMoEError, match="is not the emulator library it was loaded as: "
+                                            "it is the build of key"):
+        host_emu.load_library(other, ring_id)
+
+
+def test_disabled_jit_and_unusable_caches_fail_before_compiling(tmp_path):
+    from flashmoe_core import JitDisabledError
+
+    tc, cc = find_toolchain(), host_emu.find_compiler()
+    with pytest.raises(JitDisabledError, match="FLASHMOE_DISABLE_JIT"):
+        host_emu.build_library(ring_test_spec(), tc, cc, cache=KernelCache(tmp_path / "c"),
+                               allow_compile=False)
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    for root in (afile, Path("/proc/flashmoe-cache")):  # not a folder; not writable (root too)
+        lines = []
+        with pytest.raises(FlashMoEError, match="kernel cache folder .* is not usable"):
+            host_emu.build_library(ring_test_spec(), tc, cc, cache=KernelCache(root),
+                                   progress=lines.append)
+        assert lines == []  # no compile started
+
+
+@pytest.mark.parametrize("cxx", ["false", "true"])  # fails; succeeds but writes nothing
+def test_a_broken_compiler_is_found_before_any_compile(cxx):
+    cc = host_emu.HostCompiler(shutil.which(cxx), "fake 1.0")
+    with pytest.raises(FlashMoEError, match="cannot build a C\\+\\+17 shared library"):
+        host_emu.check_compiler(cc)
+
+
 def test_key_follows_defines_compiler_and_sources(tmp_path):
     tc = find_toolchain()
     cc = host_emu.find_compiler()

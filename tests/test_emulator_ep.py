@@ -124,6 +124,23 @@ def test_absent_rank_makes_the_others_time_out(world):
     assert [ep.testing.state(r)["epoch"] for r in range(world)] == [2] * world
 
 
+def test_the_emulator_honours_the_timeout_variable(monkeypatch):
+    # An absent PE used to time out after the emulator's 60 s whatever this said.
+    import time
+
+    monkeypatch.setenv("FLASHMOE_TIMEOUT_S", "0.5")
+    cfg = config(2)
+    ep = EmulatedExpertParallel(cfg, MoEWeights.random(cfg, 1))
+    t0 = time.monotonic()
+    with pytest.raises(FlashMoETimeout) as exc:
+        ep(inputs(cfg), absent=[1])
+    assert time.monotonic() - t0 < 20
+    assert 0.5 <= exc.value.records[0]["elapsed_ns"] / 1e9 < 5
+    monkeypatch.setenv("FLASHMOE_TIMEOUT_S", "nan")
+    with pytest.raises(ValueError, match="FLASHMOE_TIMEOUT_S='nan'"):
+        EmulatedExpertParallel(cfg, MoEWeights.random(cfg, 1))
+
+
 def test_a_peer_busy_for_longer_than_the_timeout_is_not_a_fault():
     # Every token goes to PE 1's experts: PE 0 sends its rows and then idles while PE 1
     # computes for seconds. Waits are bounded by time without progress anywhere (this

@@ -36,9 +36,13 @@ def _tool(name):
 gpu_check = _tool("gpu_check")
 
 
-def _stub_compile(spec, arch, toolchain, lineinfo):
-    """Stands in for NVRTC: distinct bytes per kernel, instantly."""
-    return f"stub {spec.entry} {arch} {lineinfo} {sorted(spec.defines)}".encode()
+def _stub_compile(spec, arch, toolchain, lineinfo, ident):
+    """Stands in for NVRTC: distinct bytes per kernel, instantly, with the identity record
+    a real build carries."""
+    from flashmoe_core.host import identity
+
+    return (f"stub {spec.entry} {arch} {lineinfo} {sorted(spec.defines)}" +
+            identity.declaration(ident, device=True)).encode()
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +183,7 @@ def test_kit_keys_do_not_depend_on_the_loading_machines_tools(stub_kit, tmp_path
 
     spec = moe_spec(FORWARD["bfloat16"])
     got = jit.compile_kernel(spec, ARCH)
-    assert got.cached and got.cubin == _stub_compile(spec, ARCH, None, False)
+    assert got.cached and got.cubin.startswith(f"stub {spec.entry} {ARCH} False ".encode())
     # Compiling is never an option from a kit, whatever FLASHMOE_DISABLE_JIT says.
     other = moe_spec(MoEConfig(tokens=8, hidden=64, ffn=64, experts=3, top_k=1))
     with pytest.raises(KitMissError, match="not built into the kit"):
@@ -216,6 +220,27 @@ def test_a_damaged_kit_entry_is_a_miss_not_a_bad_kernel(stub_kit, monkeypatch):
     assert kit.load(key) is None
     monkeypatch.setenv("FLASHMOE_KERNEL_KIT", str(kit.root))
     with pytest.raises(KitMissError):
+        jit.compile_kernel(ring_test_spec(), ARCH)
+
+
+def test_a_kit_entry_of_another_kernel_is_a_miss(stub_kit, monkeypatch):
+    # Another kernel's cubin under the ring test's key, its checksum updated to match:
+    # only the identity record inside the cubin shows that it is not the ring test.
+    import hashlib
+    import zlib
+
+    from flashmoe_core import jit
+
+    kit, _ = stub_kit
+    key, entry = next((k, e) for k, e in kit.entries.items() if "ring" in e["label"])
+    other = next(e for e in kit.entries.values() if "ping" in e["label"])
+    cubin = zlib.decompress((kit.root / other["file"]).read_bytes())
+    (kit.root / entry["file"]).write_bytes(zlib.compress(cubin))
+    kit.entries[key]["sha256"] = hashlib.sha256(cubin).hexdigest()
+    assert kit.load(key) == cubin  # whole and checksummed ...
+    monkeypatch.setenv("FLASHMOE_KERNEL_KIT", str(kit.root))
+    monkeypatch.setattr(jit, "_open_kit", lambda path: kit)
+    with pytest.raises(KitMissError):  # ... but not the kernel asked for
         jit.compile_kernel(ring_test_spec(), ARCH)
 
 

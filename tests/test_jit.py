@@ -89,6 +89,35 @@ def test_corrupt_entry_is_detected_and_rebuilt(tc, tmp_path):
     assert build(abi_check_spec(), "sm_80", tc, cache=cache).cached is False
 
 
+def test_a_swapped_entry_is_rebuilt_not_loaded(tc, tmp_path):
+    # Two whole, checksummed entries swapped under each other's keys: the identity record
+    # inside each cubin is what tells them apart.
+    cache = KernelCache(tmp_path)
+    a = build(abi_check_spec(), "sm_80", tc, cache=cache)
+    b = build(abi_check_spec(), "sm_90a", tc, cache=cache)
+    pa, pb = cache.path(a.key), cache.path(b.key)
+    blob_a, blob_b = pa.read_bytes(), pb.read_bytes()
+    pa.write_bytes(blob_b)
+    pb.write_bytes(blob_a)
+    assert cache.load(a.key) == b.cubin  # the checksum alone accepts it
+    lines = []
+    again = build(abi_check_spec(), "sm_80", tc, cache=cache, progress=lines.append)
+    assert not again.cached and again.cubin == a.cubin
+    assert "was not that kernel (it is the build of key" in lines[0]
+
+
+def test_an_unusable_cache_folder_fails_before_the_compile(tc, tmp_path):
+    from flashmoe_core import FlashMoEError
+
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    for root in (afile, "/proc/flashmoe-cache"):  # not a folder; not writable, even as root
+        lines = []
+        with pytest.raises(FlashMoEError, match="kernel cache folder .* is not usable"):
+            build(abi_check_spec(), "sm_80", tc, cache=KernelCache(root), progress=lines.append)
+        assert lines == []
+
+
 def _compile_in_child(args):
     root, arch = args
     from flashmoe_core.host.cache import KernelCache

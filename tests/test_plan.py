@@ -77,7 +77,7 @@ def test_layer_rejects_bad_construction_before_touching_a_gpu():
 
     cfg = MoEConfig(tokens=8, hidden=8, ffn=8, experts=2)
     other = MoEConfig(tokens=8, hidden=8, ffn=8, experts=3)
-    with pytest.raises(ValueError, match="same config"):
+    with pytest.raises(ValueError, match="built for MoEConfig.experts=3"):
         MoELayer(cfg, MoEWeights.random(other))
     with pytest.raises(TypeError):
         MoELayer("cfg", MoEWeights.random(cfg))

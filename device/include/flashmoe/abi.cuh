@@ -63,6 +63,18 @@ enum Mode : cuda::std::int32_t {
   kModeRouted = 5,        ///< full pass on the caller's topk_expert / topk_weight (no gate)
 };
 
+/**
+ * Marks in the routing buffers. A token whose router logits are not all finite (NaN or
+ * an infinity in its x row, in the router, or an overflow) is marked: no expert, NaN
+ * weights, no assignment kept, and its output row is NaN (reference.py states the
+ * policy). topk_expert holds kNoExpert for it, token_rows kRowMarked.
+ */
+enum RowMark : cuda::std::int32_t {
+  kNoExpert = -1,    ///< topk_expert of a marked token
+  kRowDropped = -1,  ///< token_rows of an assignment the capacity rule dropped
+  kRowMarked = -2,   ///< token_rows of every slot of a marked token
+};
+
 /// Kinds of trace records besides task kinds 0..7 (phases every block runs).
 enum TraceKind : cuda::std::uint32_t {
   kTraceGate = 8, kTraceTopk = 9, kTraceScan = 10, kTraceLists = 11, kTraceHeaders = 12,
@@ -127,7 +139,7 @@ struct MoeLayout {
   float* logits;               ///< [T, Ep]
   cuda::std::int32_t* topk_expert;   ///< [T, k]
   float* topk_weight;                ///< [T, k]
-  cuda::std::int32_t* token_rows;    ///< [T, k] compact row of each assignment, -1 dropped
+  cuda::std::int32_t* token_rows;    ///< [T, k] compact row of each assignment, or RowMark
   cuda::std::int32_t* row_token;     ///< [T * k] token of each compact row
   cuda::std::int32_t* tile_counts;   ///< [TT, E] per-tile counts, then per-tile bases
   cuda::std::int32_t* expert_total;  ///< [E] assignments before capacity
@@ -269,4 +281,5 @@ struct MoeLayout {
   X(Phase, kPhasePeerDone) X(Phase, kPhaseHeaders) X(Phase, kPhaseDispatchWait)             \
   X(Phase, kPhaseReturnWait)                                                                \
   X(DType, kFloat32) X(DType, kTFloat32) X(DType, kBFloat16) X(DType, kFloat16)             \
-  X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity) X(Act, kSwigluClamped)
+  X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity) X(Act, kSwigluClamped)       \
+  X(RowMark, kNoExpert) X(RowMark, kRowDropped) X(RowMark, kRowMarked)

@@ -129,7 +129,8 @@ using abi::kSwigluClamped;
 template <int kAct>
 FMOE_DEVICE float activate(float x) {
   if constexpr (kAct == kRelu) {
-    return fmaxf(x, 0.0f);
+    // Not fmaxf(x, 0): that returns 0 for a NaN, hiding it; the oracle's relu keeps it.
+    return x > 0.0f || x != x ? x : 0.0f;
   } else if constexpr (kAct == kGelu) {
     // erfc form: 1 + erf(x / sqrt 2) cancels for x < -3 (4% off at -5), erfc does not.
     return 0.5f * x * erfcf(-x * 0.70710678118654752f);

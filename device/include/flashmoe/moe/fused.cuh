@@ -283,7 +283,9 @@ struct Kernel {
 
   /// One warp: the token's scores from its logits logit(e) (softmax or sigmoid, after
   /// the router bias and rounding the rules ask for), top-k by the selection key (ties
-  /// to the lower expert), combine weights, and the token tile's per-expert counts.
+  /// to the lower expert), combine weights, and the token tile's per-expert counts. A
+  /// token with a logit that is not finite is marked instead (abi::RowMark): no expert,
+  /// NaN weights, nothing counted, so it claims no capacity and its output row is NaN.
   template <class Logit>
   FMOE_DEVICE void topk_token(int t, Logit logit) {
     using R = typename C::R;
@@ -294,6 +296,7 @@ struct Kernel {
     float s[C::kPerLane];  // scores (what weights are made of)
     float c[C::kPerLane];  // selection keys (what the top-k ranks)
     float m = kNegInf;
+    uint32_t bad = 0u;
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
       const int e = lane + 32 * i;
@@ -302,9 +305,23 @@ struct Kernel {
         v = logit(e);
         if constexpr (R::kRouterBias) v += L.router_bias[e];
         if constexpr (R::kRoundLogits) v = Ev::to_float(Ev::from_float(v));
+        // Exponent bits all ones: NaN or an infinity (a bit test, safe under fast math).
+        bad |= uint32_t((__float_as_uint(v) & 0x7f800000u) == 0x7f800000u);
       }
       z[i] = v;
       m = fmaxf(m, v);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+    if (bad != 0u) {  // warp-uniform after the reduction
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < C::K; ++j) {
+          L.topk_expert[t * C::K + j] = abi::kNoExpert;
+          L.topk_weight[t * C::K + j] = cuda::std::numeric_limits<float>::quiet_NaN();
+        }
+      }
+      return;
     }
     if constexpr (R::kSigmoid) {
 #pragma unroll
@@ -368,7 +385,7 @@ struct Kernel {
           best_p = op;
         }
       }
-      // Only NaN or -inf keys left (not for a valid config): any valid id keeps memory safe.
+      // Not reached with finite logits and a valid config; keeps memory safe.
       if (best_e >= C::E) best_e = j;
       if ((best_e & 31) == lane) taken |= 1u << (best_e >> 5);
       p_sel[j] = best_p;
@@ -467,13 +484,17 @@ struct Kernel {
     int kept_here = 0;
     for (int i = threadIdx.x; i < n; i += C::kThreads) {
       const int e = s_ex[i];
+      if (e < 0) {  // a marked token: no expert, nothing counted (topk_token)
+        L.token_rows[t0 * C::K + i] = abi::kRowMarked;
+        continue;
+      }
       int rank = 0;
       for (int q = 0; q < i; ++q) rank += s_ex[q] == e;
       const int pos = load_cg(&L.tile_counts[tt * C::E + e]) + rank;
       const bool keep = pos < load_cg(&L.expert_kept[e]);
       const int row = s_eoff[e] + pos;
       const int t = t0 + i / C::K;
-      L.token_rows[t0 * C::K + i] = keep ? row : -1;
+      L.token_rows[t0 * C::K + i] = keep ? row : int(abi::kRowDropped);
       if (keep) {
         L.row_token[row] = t;
         ++kept_here;
@@ -680,7 +701,8 @@ struct Kernel {
     return credit_rows_block(tile.out_row0, tile.rows, col);
   }
 
-  /// y[t, cols] = sum_j w[t, j] * Y[token_rows[t, j], cols], kept slots in slot order.
+  /// y[t, cols] = sum_j w[t, j] * Y[token_rows[t, j], cols], kept slots in slot order;
+  /// NaN for a marked token.
   FMOE_DEVICE void combine_task(int index) {
     const int tt = index / C::kDownTiles, col = index % C::kDownTiles;
     const int t0 = tt * kTile, n0 = col * G::BN;
@@ -690,15 +712,23 @@ struct Kernel {
       const int t = t0 + v / kChunks, n = n0 + (v % kChunks) * 8;
       if (t >= T || n >= C::H) continue;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      bool marked = false;
 #pragma unroll
       for (int j = 0; j < C::K; ++j) {
         const int row = load_cg(&L.token_rows[t * C::K + j]);
-        if (row < 0) continue;
+        if (row < 0) {
+          marked |= row == abi::kRowMarked;
+          continue;
+        }
         const float w = load_cg(&L.topk_weight[t * C::K + j]);
         float val[8];
         gemm::load8<Elem, true>(ye + int64_t(row) * C::H + n, val);
 #pragma unroll
         for (int q = 0; q < 8; ++q) acc[q] = fmaf(w, val[q], acc[q]);
+      }
+      if (marked) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[q] = cuda::std::numeric_limits<float>::quiet_NaN();
       }
       gemm::store8<Elem>(y + int64_t(t) * C::H + n, acc);
     }
