@@ -600,6 +600,7 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
     rec["delay_ns"] = delay_ns
     rec["trace"] = ptr("trace")
     rec["trace_capacity"] = trace_capacity
+    rec["pre"] = ptr("pre")  # a save slot's pre-activations; 0: the forward keeps none
     if cfg.world_size > 1:
         rec["slot_rows"] = slot_rows(cfg)
         rec["max_peer_tiles"] = max_peer_tiles(cfg)
