@@ -150,22 +150,31 @@ class SlotPool:
     def __init__(self, make: Callable[[bool], Any]) -> None:
         self._make = make
         self._free: Dict[str, list] = {"full": [], "light": []}
-        self.slots = 0
+        self._all: list = []
+
+    @property
+    def slots(self) -> int:
+        """Slots made so far (free or held by a SavedForBackward)."""
+        return len(self._all)
 
     def take(self, recompute: bool) -> Any:
         kind = "light" if recompute else "full"
         if self._free[kind]:
             return self._free[kind].pop()
-        self.slots += 1
-        return self._make(recompute)
+        slot = self._make(recompute)
+        self._all.append(slot)
+        return slot
 
     def give(self, slot: Any) -> None:
-        self._free[slot.kind].append(slot)
+        if any(slot is s for s in self._all):
+            self._free[slot.kind].append(slot)
 
     def drain(self):
-        """Every free slot (the layer is closing)."""
-        out = self._free["full"] + self._free["light"]
+        """Every slot, free or held (the layer is closing: records still held are spent)."""
+        out, self._all = self._all, []
         self._free = {"full": [], "light": []}
+        for slot in out:
+            slot.owner = None
         return out
 
 

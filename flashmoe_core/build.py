@@ -1,6 +1,7 @@
 """Compile kernels ahead of time (no GPU needed): into the cache, or into a kit.
 
     python -m flashmoe_core.build --arch sm_90a --tokens 8192 --experts 64
+    python -m flashmoe_core.build --arch sm_90a --tokens 8192 --experts 64 --training
     python -m flashmoe_core.build --arch sm_80 --kernels tests
     python -m flashmoe_core.build --arch sm_90a --kit DIR --tokens 8192 --experts 64
     python -m flashmoe_core.build --arch sm_90a --for-check DIR [--requests FILE]
@@ -41,7 +42,8 @@ def _config_requests(which: str, args) -> List[Request]:
     if which in ("moe", "all"):
         from .kernels import moe_specs
 
-        reqs += [Request(s, origins=("config",)) for s in moe_specs(config_from_args(args))]
+        reqs += [Request(s, origins=("config",))
+                 for s in moe_specs(config_from_args(args), training=args.training)]
     if which in ("tests", "all"):
         reqs += [Request(s, origins=("tests",)) for s in test_specs()]
     return reqs
@@ -130,6 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     where.add_argument("--for-check", type=Path, metavar="DIR", dest="for_check",
                        help="write the kit of tools/gpu_check.sh (every kernel its stages "
                             "load) to DIR; the configuration flags are ignored")
+    p.add_argument("--training", action="store_true",
+                   help="also the layer's backward kernel (layer.backward)")
     p.add_argument("--requests", type=Path, metavar="FILE",
                    help="also build the kernels of this listing (pytest --list-kernels FILE)")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),

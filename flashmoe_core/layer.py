@@ -29,6 +29,7 @@ from .host.errors import FlashMoEError, FlashMoETimeout, KernelFault
 from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
 from .jit import compile_kernel, target_arch
 from .kernels import moe_spec
+from .layer_backward import GpuTraining
 from .numerics import round_to, storage_dtype
 from .ep import plan_heap
 from .plan import max_peer_tiles, plan_layer, slot_rows
@@ -38,7 +39,7 @@ from .weights import MoEWeights
 __all__ = ["MoELayer"]
 
 
-class MoELayer:
+class MoELayer(GpuTraining):
     """A Mixture-of-Experts layer on one GPU, or one rank of an expert-parallel layer.
 
     Parameters
@@ -119,6 +120,8 @@ class MoELayer:
         if self.world > 1:  # collective: every rank fails alike instead of hanging later
             check_ranks_agree(comm, cfg, problem)
         self.trace_capacity = int(trace_capacity)
+        self._max_blocks = max_blocks
+        self._weights = weights  # the backward uploads its own layouts when first needed
         self.plan = plan_layer(cfg, local_experts=len(self.local_ids))
         self.heap = plan_heap(cfg) if self.world > 1 else None
         self._comm = comm if self.world > 1 else None
@@ -321,7 +324,8 @@ class MoELayer:
                               smem=self.smem)
 
     def __call__(self, x: Any, out: Any = None, stream: Any = None,
-                 return_routing: bool = False):
+                 return_routing: bool = False, save_for_backward: bool = False,
+                 recompute: bool = False):
         """Forward pass.
 
         Parameters
@@ -336,12 +340,23 @@ class MoELayer:
             done, since the consumer's stream is unknown.
         return_routing : bool
             Also return the kernel's Routing (synchronises).
+        save_for_backward : bool
+            Run into a save slot and also return a SavedForBackward for
+            :meth:`backward` (``y, saved[, routing]``); see :mod:`flashmoe_core.backward`.
+        recompute : bool
+            With ``save_for_backward``: keep only x and the routing; the backward runs
+            the forward again.
 
         Returns
         -------
         y (and the Routing): NumPy for NumPy input; for GPU input ``out`` if given, else a
         new tensor of x's kind where possible (CuPy, PyTorch, JAX), else a DLPack view.
         """
+        if save_for_backward or recompute:
+            if not save_for_backward:
+                raise ValueError("recompute=True is an option of save_for_backward=True")
+            return self._forward_saving(x, recompute, out=out, stream=stream,
+                                        return_routing=return_routing)
         self.check_fault()
         if isinstance(x, np.ndarray):
             return self._call_numpy(x, out, return_routing)
@@ -446,6 +461,7 @@ class MoELayer:
         if not self._buffers:
             return
         self._stream.sync()
+        self._close_training()
         sym = {id(b) for b in getattr(self, "_symmetric", [])}
         for buf in self._buffers.values():
             if id(buf) not in sym:
@@ -532,6 +548,10 @@ class LayerTesting:
         L._delay_ns = int(seconds * 1e9)
         L._stream.sync()
         L._layout = L._make_layout()
+
+    def inject_backward_delay(self, seconds: float) -> None:
+        """Delay every later backward launch of this rank by ``seconds``."""
+        self._layer._inject_backward_delay(seconds)
 
 
 def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_blocks=None,
