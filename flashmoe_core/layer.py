@@ -553,6 +553,11 @@ class LayerTesting:
         """Delay every later backward launch of this rank by ``seconds``."""
         self._layer._inject_backward_delay(seconds)
 
+    def training_launches(self, x: np.ndarray, dy: np.ndarray):
+        """(forward, backward) callables that launch a saving forward of staged ``x`` and
+        its backward for staged ``dy`` on the layer's stream (benchmarks)."""
+        return self._layer._training_launches(x, dy)
+
 
 def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_blocks=None,
                     trace_capacity=0, emulator_options=None):

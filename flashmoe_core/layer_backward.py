@@ -13,7 +13,6 @@ synchronises the host; without it the call returns once the kernel is done.
 
 from __future__ import annotations
 
-from typing import Any, Optional
 
 import numpy as np
 
@@ -344,6 +343,28 @@ class GpuTraining(TrainingMixin):
         return dx, MoEGradients(cfg.mlp, self._expert_ids(), **{
             n: export_tensor(b, shapes[n], _F32, like=dy) for n, b in owned.items()})
 
+    def _training_launches(self, x: np.ndarray, dy: np.ndarray):
+        """(forward, backward): launches on the layer's stream over staged buffers, for
+        timing (a saving forward into one slot, the backward of that slot into the
+        layer's own gradient buffers); nothing synchronises."""
+        t = self._validate(x.shape, x.dtype)
+        check_grad_output(self.cfg, dy.shape, dy.dtype, t)
+        bw = self._ensure_backward()
+        slot = self.__dict__.setdefault("_timing_slot", _GpuSlot(self, recompute=False))
+        memory.copy_in(slot.buf["x"], np.ascontiguousarray(x), self._stream)
+        memory.copy_in(bw.buf["dy_stage"], np.ascontiguousarray(dy), self._stream)
+        ptrs = [0 if n is None else int(bw.buf[f"g_{n}"].handle) for n in self._grad_order()]
+        s = self._stream
+
+        def forward():
+            self._forward_slot(s, slot, slot.ptr("x"), self._ptr("y_stage"), t)
+
+        def backward():
+            self._launch_backward(s, slot.layout_ptr(self), slot.ptr("x"),
+                                  int(bw.buf["dy_stage"].handle), int(bw.buf["dx_stage"].handle),
+                                  ptrs, t, False)
+        return forward, backward
+
     # ------------------------------------------------------------------ weights
     def set_weights(self, weights) -> None:
         """Replace the layer's weights (same config, stream-ordered after every launch so
@@ -379,6 +400,9 @@ class GpuTraining(TrainingMixin):
         if pool is not None:
             for slot in pool.drain():
                 slot.close()
+        timing = self.__dict__.pop("_timing_slot", None)
+        if timing is not None:
+            timing.close()
         bw, self._bw = self._bw, None
         if bw is not None:
             if bw.scratch is not None:

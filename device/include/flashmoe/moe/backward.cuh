@@ -598,7 +598,9 @@ struct Backward {
     const S* dat = static_cast<const S*>(B.da_t);
     weight_tile(
         s_rp[e + 1] - off,
-        [&](int r) -> const S* { return h0 + r < H ? xgt + int64_t(h0 + r) * rp() + off : nullptr; },
+        [&](int r) -> const S* {
+          return h0 + r < H ? xgt + int64_t(h0 + r) * rp() + off : nullptr;
+        },
         [&](int r) -> const S* {
           return n0 + r < kPF ? dat + int64_t(n0 + r) * rp() + off : nullptr;
         },
