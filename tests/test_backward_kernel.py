@@ -300,3 +300,25 @@ def test_cupy_backward_is_stream_ordered_and_equals_numpy():
     stream.sync()
     for name in want.names:
         assert np.array_equal(cupy.asnumpy(getattr(acc, name)), 2 * getattr(want, name)), name
+
+
+@pytest.mark.emulator
+def test_random_schedules_lazy_copies_and_stalls_change_no_bit():
+    # Missing barriers, early reads of cp.async data or ordering that depends on which
+    # block runs first would change results (or hang) under these perturbations.
+    from flashmoe_core.emulator import EmulatorOptions
+
+    cfg = MoEConfig(**SHAPES["fp16-gated-gelu-k4"])
+    layer, w = layer_for(cfg, "emulator")
+    x = random_tokens(cfg, 40, tokens=40)
+    dy = upstream(cfg, 40, 40)
+    _, saved = layer(x, save_for_backward=True)
+    want_dx, want = layer.backward(dy, saved, retain=True)
+    try:
+        layer.options = EmulatorOptions(seed=13, lazy_cp_async=True, chaos=80, chaos_us=200)
+        dx, grads = layer.backward(dy, saved)
+    finally:
+        layer.options = EmulatorOptions()
+    assert np.array_equal(dx.view(np.uint16), want_dx.view(np.uint16))
+    for name in want.names:
+        assert np.array_equal(getattr(grads, name), getattr(want, name)), name
