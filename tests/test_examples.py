@@ -22,9 +22,10 @@ def load_example():
 
 def test_training_example_loss_goes_down_alike_with_numpy_and_dlpack():
     mod = load_example()
-    numpy_losses = mod.train("emulator", dlpack=False, steps=16, say=lambda _: None)
-    dlpack_losses = mod.train("emulator", dlpack=True, steps=16, say=lambda _: None)
-    assert numpy_losses[-1] < 0.7 * numpy_losses[0], numpy_losses
+    numpy_losses = mod.train("emulator", dlpack=False, steps=8, say=lambda _: None)
+    dlpack_losses = mod.train("emulator", dlpack=True, steps=8, say=lambda _: None)
+    # The loop cycles over four batches: each one's loss fell by its second visit.
+    assert all(numpy_losses[i + 4] < 0.9 * numpy_losses[i] for i in range(4)), numpy_losses
     assert numpy_losses == dlpack_losses  # bitwise the same steps
 
 
