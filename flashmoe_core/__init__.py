@@ -3,7 +3,9 @@
 Public API:
 
 - :class:`MoEConfig`, :class:`MoEWeights` - what the layer is.
-- :class:`MoELayer` - the fused GPU kernel (one GPU, or one rank under MPI).
+- :class:`MoELayer` - the fused GPU kernel (one GPU, or one rank under MPI); training
+  through ``layer(x, save_for_backward=True)`` and ``layer.backward`` (gradients in a
+  :class:`MoEGradients`).
 - :mod:`flashmoe_core.reference` - the NumPy oracle (``moe_forward``, ``Routing``).
 - :func:`moe_forward_distributed` - the oracle over mpi4py ranks.
 - :func:`cuda_available` - whether GPU paths can run here.
@@ -15,12 +17,14 @@ from .config import MoEConfig
 from .host.device import cuda_available
 from .host.errors import (BootstrapError, CompileError, CudaUnavailableError, FlashMoEError,
                           FlashMoETimeout, JitDisabledError, KernelFault)
+from .backward import MoEGradients, SavedForBackward
 from .layer import MoELayer
 from .reference import Routing, moe_forward
 from .weights import MoEWeights, random_tokens
 
 __all__ = [
-    "__version__", "MoEConfig", "MoEWeights", "MoELayer", "Routing", "moe_forward",
+    "__version__", "MoEConfig", "MoEWeights", "MoELayer", "MoEGradients", "SavedForBackward",
+    "Routing", "moe_forward",
     "random_tokens",
     "moe_forward_distributed", "cuda_available", "FlashMoEError", "CudaUnavailableError",
     "CompileError", "JitDisabledError", "BootstrapError", "FlashMoETimeout", "KernelFault",

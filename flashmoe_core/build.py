@@ -1,6 +1,7 @@
 """Compile kernels ahead of time (no GPU needed): into the cache, or into a kit.
 
     python -m flashmoe_core.build --arch sm_90a --tokens 8192 --experts 64
+    python -m flashmoe_core.build --arch sm_90a --tokens 8192 --experts 64 --training
     python -m flashmoe_core.build --arch sm_80 --kernels tests
     python -m flashmoe_core.build --arch sm_90a --kit DIR --tokens 8192 --experts 64
     python -m flashmoe_core.build --arch sm_90a --for-check DIR [--requests FILE]
@@ -45,7 +46,8 @@ def _config_requests(which: str, args) -> List[Request]:
     if which in ("moe", "all"):
         from .kernels import moe_specs
 
-        reqs += [Request(s, origins=("config",)) for s in moe_specs(config_from_args(args))]
+        reqs += [Request(s, origins=("config",))
+                 for s in moe_specs(config_from_args(args), training=args.training)]
     if which in ("tests", "all"):
         reqs += [Request(s, origins=("tests",)) for s in test_specs()]
     return reqs
@@ -139,6 +141,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "per SM and mainloop SASS mix, and the layer's tasks, padding "
                             "and roofline (needs the 'report' extra)")
     p.add_argument("--json", action="store_true", help="with --report: print JSON")
+    p.add_argument("--training", action="store_true",
+                   help="also the layer's backward kernel (layer.backward)")
     p.add_argument("--requests", type=Path, metavar="FILE",
                    help="also build the kernels of this listing (pytest --list-kernels FILE)")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import env
 from .config import MoEConfig
+from .emulator_backward import EmulatedTraining
 from .ep import plan_heap
 from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
 from .host.emulator import EmulatorError, EmulatorOptions
@@ -286,7 +287,7 @@ class _Emulated:
         self._launcher.options = value
 
 
-class EmulatedMoELayer(_Emulated):
+class EmulatedMoELayer(_Emulated, EmulatedTraining):
     """A one-GPU MoE layer whose fused kernel runs on the CPU emulator.
 
     ``MoELayer(cfg, weights, backend="emulator")`` returns one. NumPy in, NumPy out.
@@ -326,6 +327,7 @@ class EmulatedMoELayer(_Emulated):
         self._launcher = _Launcher(cfg, options)
         self._pe = _PeBuffers(cfg, weights, 0, _timeout(timeout_s))
         self.plan = self._pe.plan
+        self._weights = weights  # the backward uploads its own layouts when first needed
 
     def _launch(self, tokens: int, mode: str, x_ptr: int) -> None:
         pe = self._pe
@@ -350,9 +352,22 @@ class EmulatedMoELayer(_Emulated):
         self._pe.view("x_stage", x.shape, x.dtype)[...] = x
         return t
 
-    def __call__(self, x: np.ndarray, return_routing: bool = False, routing=None):
+    def __call__(self, x: np.ndarray, return_routing: bool = False, routing=None,
+                 save_for_backward: bool = False, recompute: bool = False):
         """Forward pass: ``y`` (and the kernel's Routing) as NumPy; ``routing`` as for
-        :meth:`MoELayer.__call__` (the caller's experts and weights)."""
+        :meth:`MoELayer.__call__` (the caller's experts and weights).
+
+        ``save_for_backward=True`` also returns a SavedForBackward for
+        :meth:`backward` (``y, saved[, routing]``); ``recompute=True`` keeps only x and
+        the routing (see :mod:`flashmoe_core.backward`).
+        """
+        if save_for_backward or recompute:
+            if not save_for_backward:
+                raise ValueError("recompute=True is an option of save_for_backward=True")
+            if routing is not None:
+                raise ValueError("routing= has no backward yet: run the forward without "
+                                 "save_for_backward, or let the router choose")
+            return self._forward_saving(x, recompute, return_routing=return_routing)
         mode = "full"
         if routing is not None:
             shape = getattr(x, "shape", ())
@@ -426,6 +441,10 @@ class _LayerTesting:
         pe = self._layer._pe
         pe.delay_ns = int(seconds * 1e9)
         pe.make_layout()
+
+    def inject_backward_delay(self, seconds: float) -> None:
+        """Delay every later backward launch by ``seconds``."""
+        self._layer._inject_backward_delay(seconds)
 
 
 # ------------------------------------------------------------------------- several PEs

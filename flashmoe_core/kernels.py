@@ -17,7 +17,7 @@ from .host.compiler import KernelSpec
 
 __all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "TileConfig", "tile_config", "tile_gemm_spec", "nvshmem_ping_spec",
            "ring_test_spec", "abi_check_spec", "test_specs", "moe_defines", "moe_spec",
-           "moe_specs"]
+           "moe_backward_spec", "moe_specs"]
 
 
 
@@ -141,6 +141,25 @@ def moe_spec(cfg) -> KernelSpec:
                            context={"config": cfg.to_json()})
 
 
-def moe_specs(cfg) -> List[KernelSpec]:
-    """Every kernel a layer of this configuration uses."""
-    return [moe_spec(cfg)]
+def moe_backward_spec(cfg) -> KernelSpec:
+    """The fused MoE backward kernel for a configuration (same constants as the forward).
+
+    Raises
+    ------
+    ValueError
+        For ``world_size > 1``: the backward runs on one GPU so far.
+    """
+    if cfg.world_size > 1:
+        raise ValueError(f"world_size={cfg.world_size}: the fused backward runs on one GPU; "
+                         "expert parallelism of the backward is not implemented yet")
+    return KernelSpec.make("kernels/moe_backward.cu", moe_defines(cfg),
+                           label="the fused MoE backward kernel", family="moe_backward",
+                           context={"config": cfg.to_json()})
+
+
+def moe_specs(cfg, training: bool = False) -> List[KernelSpec]:
+    """Every kernel a layer of this configuration uses (``training``: the backward too)."""
+    specs = [moe_spec(cfg)]
+    if training and cfg.world_size == 1:
+        specs.append(moe_backward_spec(cfg))
+    return specs

@@ -29,6 +29,7 @@ from .host.errors import FlashMoEError, FlashMoETimeout, KernelFault
 from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
 from .jit import compile_kernel, target_arch
 from .kernels import moe_spec
+from .layer_backward import GpuTraining
 from .numerics import as_f32, check_finite, nonfinite_to_nan, round_to, storage_dtype
 from .ep import plan_heap
 from .plan import max_peer_tiles, plan_layer, slot_rows
@@ -38,7 +39,7 @@ from .weights import MoEWeights, check_weights
 __all__ = ["MoELayer"]
 
 
-class MoELayer:
+class MoELayer(GpuTraining):
     """A Mixture-of-Experts layer on one GPU, or one rank of an expert-parallel layer.
 
     Parameters
@@ -127,6 +128,8 @@ class MoELayer:
         if self.world > 1:  # collective: every rank fails alike instead of hanging later
             check_ranks_agree(comm, cfg, problem)
         self.trace_capacity = int(trace_capacity)
+        self._max_blocks = max_blocks
+        self._weights = weights  # the backward uploads its own layouts when first needed
         self.plan = plan_layer(cfg, local_experts=len(self.local_ids))
         self.heap = plan_heap(cfg) if self.world > 1 else None
         self._comm = comm if self.world > 1 else None
@@ -329,7 +332,8 @@ class MoELayer:
                               smem=self.smem)
 
     def __call__(self, x: Any, out: Any = None, stream: Any = None,
-                 return_routing: bool = False, routing=None):
+                 return_routing: bool = False, routing=None, save_for_backward: bool = False,
+                 recompute: bool = False):
         """Forward pass.
 
         Parameters
@@ -348,12 +352,26 @@ class MoELayer:
             Use these expert ids and combine weights (NumPy [t, top_k]) instead of the
             router, for routers the config cannot express; the capacity rule still
             applies. Validated before launch (ids in range, finite weights).
+        save_for_backward : bool
+            Run into a save slot and also return a SavedForBackward for
+            :meth:`backward` (``y, saved[, routing]``); see :mod:`flashmoe_core.backward`.
+        recompute : bool
+            With ``save_for_backward``: keep only x and the routing; the backward runs
+            the forward again.
 
         Returns
         -------
         y (and the Routing): NumPy for NumPy input; for GPU input ``out`` if given, else a
         new tensor of x's kind where possible (CuPy, PyTorch, JAX), else a DLPack view.
         """
+        if save_for_backward or recompute:
+            if not save_for_backward:
+                raise ValueError("recompute=True is an option of save_for_backward=True")
+            if routing is not None:
+                raise ValueError("routing= has no backward yet: run the forward without "
+                                 "save_for_backward, or let the router choose")
+            return self._forward_saving(x, recompute, out=out, stream=stream,
+                                        return_routing=return_routing)
         self.check_fault()
         given = None
         if routing is not None:
@@ -482,6 +500,7 @@ class MoELayer:
         if not self._buffers:
             return
         self._stream.sync()
+        self._close_training()
         sym = {id(b) for b in getattr(self, "_symmetric", [])}
         for buf in self._buffers.values():
             if id(buf) not in sym:
@@ -569,6 +588,15 @@ class LayerTesting:
         L._stream.sync()
         L._layout = L._make_layout()
 
+    def inject_backward_delay(self, seconds: float) -> None:
+        """Delay every later backward launch of this rank by ``seconds``."""
+        self._layer._inject_backward_delay(seconds)
+
+    def training_launches(self, x: np.ndarray, dy: np.ndarray):
+        """(forward, backward) callables that launch a saving forward of staged ``x`` and
+        its backward for staged ``dy`` on the layer's stream (benchmarks)."""
+        return self._layer._training_launches(x, dy)
+
 
 def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_blocks=None,
                     trace_capacity=0, emulator_options=None, check_finite=False):
@@ -655,6 +683,7 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
     rec["trace_capacity"] = trace_capacity
     rec["router_bias"] = ptr("router_bias")
     rec["selection_bias"] = ptr("selection_bias")
+    rec["pre"] = ptr("pre")  # a save slot's pre-activations; 0: the forward keeps none
     if cfg.world_size > 1:
         rec["slot_rows"] = slot_rows(cfg)
         rec["max_peer_tiles"] = max_peer_tiles(cfg)

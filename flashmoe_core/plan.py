@@ -14,7 +14,8 @@ from .config import MoEConfig
 from .kernels import TILE, tile_config
 from .numerics import itemsize
 
-__all__ = ["LayerPlan", "plan_layer", "TILE", "slot_rows", "max_peer_tiles"]
+__all__ = ["LayerPlan", "plan_layer", "TILE", "slot_rows", "max_peer_tiles", "BackwardPlan",
+           "plan_backward", "SAVED_ROUTING", "saved_buffers"]
 
 
 
@@ -122,3 +123,83 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
     return LayerPlan(token_tiles=tt, logits_stride=ep, max_rowtiles=max_rowtiles,
                      up_tiles=up_tiles, down_tiles=down_tiles, ring_capacity=ring,
                      workspace=workspace, weights=weights)
+
+
+# ============================================================================ backward
+
+# Per-call buffers a forward writes that its backward reads: a save slot has its own.
+SAVED_ROUTING = ("topk_expert", "topk_weight", "token_rows", "row_token", "expert_kept",
+                 "tile_kept")
+
+
+def saved_buffers(cfg: MoEConfig, recompute: bool = False) -> Dict[str, int]:
+    """Buffer name -> bytes of one save slot: the input ``x`` and the routing, and unless
+    ``recompute`` the expert intermediates (``z``, ``y_expert``, the pre-activation
+    ``pre``: vanilla ``x W1 + b1``, gated ``x Wg`` and ``x Wu``)."""
+    t, k, e, h, f = cfg.tokens, cfg.top_k, cfg.experts, cfg.hidden, cfg.ffn
+    b = itemsize(cfg.dtype)
+    tt = math.ceil(t / TILE)
+    out = {"x": t * h * b, "topk_expert": t * k * 4, "topk_weight": t * k * 4,
+           "token_rows": t * k * 4, "row_token": t * k * 4, "expert_kept": e * 4,
+           "tile_kept": tt * 4}
+    if not recompute:
+        pf = 2 * f if cfg.mlp == "gated" else f
+        out.update(z=t * k * f * b, y_expert=t * k * h * b, pre=t * k * pf * b)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    """Sizes of what a layer adds for its backward (allocated at its first backward).
+
+    Attributes
+    ----------
+    rp_capacity : int
+        Columns of the transposed per-row buffers: every local expert's rows rounded up
+        to 8, at most ``tokens * top_k + 7 * local experts`` (rounded up to 8).
+    tp_capacity : int
+        Tokens rounded up to 8 (columns of ``x_t`` and ``dz_t``).
+    ring_capacity : int
+        Task-ring slots: every published backward task of the worst case.
+    weights : dict
+        Buffer name -> bytes of the weights in the backward's layouts (a second copy of
+        the weights while training).
+    workspace : dict
+        Buffer name -> bytes.
+    """
+
+    rp_capacity: int
+    tp_capacity: int
+    ring_capacity: int
+    weights: Dict[str, int]
+    workspace: Dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.workspace.values()) + sum(self.weights.values())
+
+
+def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
+    """The backward's buffers on one rank (``local_experts`` defaults to all)."""
+    el = cfg.experts if local_experts is None else local_experts
+    t, k, e, h, f = cfg.tokens, cfg.top_k, cfg.experts, cfg.hidden, cfg.ffn
+    b = itemsize(cfg.dtype)
+    gated = cfg.mlp == "gated"
+    pf = 2 * f if gated else f
+    ep = math.ceil(e / 8) * 8
+    tt = math.ceil(t / TILE)
+    rp = math.ceil((t * k + 7 * el) / 8) * 8
+    tp = math.ceil(t / 8) * 8
+    ht, ft, pt = (math.ceil(n / TILE) for n in (h, f, pf))
+    max_rowtiles = math.ceil(t * k / TILE) + e
+    ring = max_rowtiles * ht + el * ht * pt + (0 if gated else el * ft) + tt * ht
+    weights = {"router_b": h * ep * b, "w_up_b": el * h * pf * b, "w_down_b": el * f * h * b}
+    workspace = {
+        "dye": t * k * h * b, "dye_t": h * rp * b, "z_t": f * rp * b, "xg_t": h * rp * b,
+        "da": t * k * pf * b, "da_t": pf * rp * b, "dxe": t * k * h * 4, "dz": t * ep * b,
+        "dz_t": ep * tp * b, "x_t": h * tp * b, "dep_dx": max_rowtiles * 4,
+        "dep_expert": el * 4, "dep_dxsum": tt * ht * 4, "ring": ring * 8,
+        "dy_stage": t * h * b, "dx_stage": t * h * b,
+    }
+    return BackwardPlan(rp_capacity=rp, tp_capacity=tp, ring_capacity=ring, weights=weights,
+                        workspace=workspace)

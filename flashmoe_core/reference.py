@@ -703,6 +703,15 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
     to the expert gradients (it reached no expert); a NaN weight propagates through the
     float64 math to the gradients that depend on it.
 
+    The fused kernel (``layer.backward``) computes the same gradients with the
+    forward's rounding rules: ``w_tj dy_t`` per kept row, the saved intermediate and
+    pre-activations (as the forward stored them), ``da`` (gated ``dg``, ``du``) and
+    ``dL/dz`` are rounded to ``cfg.dtype`` where they feed tensor cores; ``w`` is the
+    forward's float32 combine weight, ``g_tj = <dy_t, y_expert>`` uses the rounded expert
+    output, softmax and the router terms are float32; every product accumulates in
+    float32 in a fixed order (no atomics); weight gradients are float32 and ``dx`` sums
+    the router term, then the slots in slot order, rounded once to ``cfg.dtype``.
+
     Parameters
     ----------
     cfg : MoEConfig

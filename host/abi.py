@@ -11,7 +11,8 @@ from typing import Dict
 
 import numpy as np
 
-__all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "STRUCTS", "ENUMS", "FAULT_CODES",
+__all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "MOE_BACKWARD_LAYOUT",
+           "MOE_BACKWARD_POINTERS", "BWD_TASK_KINDS", "STRUCTS", "ENUMS", "FAULT_CODES",
            "STATE", "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS",
            "TRACE_RECORD", "TASK_KINDS", "TRACE_PHASES", "PHASES", "DTYPE_IDS", "ACT_IDS",
            "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED",
@@ -58,8 +59,17 @@ MOE_LAYOUT = _struct(
     + [(name, _PTR, 216 + 8 * i) for i, name in enumerate(MOE_EP_POINTERS)]
     + [("delay_ns", "<u8", 320), ("slot_rows", "<i4", 328), ("max_peer_tiles", "<i4", 332),
        ("max_local_experts", "<i4", 336), ("trace_capacity", "<i4", 340),
-       ("trace", _PTR, 344), ("router_bias", _PTR, 352), ("selection_bias", _PTR, 360)],
-    368)
+       ("trace", _PTR, 344), ("router_bias", _PTR, 352), ("selection_bias", _PTR, 360),
+       ("pre", _PTR, 368)], 376)
+
+# The backward kernel's layout: pointers first, then its sizes.
+MOE_BACKWARD_POINTERS = (
+    "router_b", "w_up_b", "w_down_b", "dye", "dye_t", "z_t", "xg_t", "da", "da_t", "dxe", "dz",
+    "dz_t", "x_t", "dep_dx", "dep_expert", "dep_dxsum", "ring")
+MOE_BACKWARD_LAYOUT = _struct(
+    [(name, _PTR, 8 * i) for i, name in enumerate(MOE_BACKWARD_POINTERS)]
+    + [("delay_ns", "<u8", 136), ("ring_capacity", "<i4", 144), ("rp_capacity", "<i4", 148),
+       ("tp_capacity", "<i4", 152), ("reserved0", "<i4", 156)], 160)
 
 TRACE_RECORD = _struct([("start_ns", "<u8", 0), ("end_ns", "<u8", 8), ("block", "<u4", 16),
                         ("what", "<u4", 20)], 24)
@@ -80,7 +90,11 @@ ENUMS: Dict[str, Dict[str, int]] = {
     "Phase": {"kPhaseBarrierGate": 1, "kPhaseBarrierTopk": 2, "kPhaseBarrierScan": 3,
               "kPhaseBarrierLists": 4, "kPhaseRingSlot": 5, "kPhaseRingFull": 6,
               "kPhasePeerDone": 7, "kPhaseHeaders": 8, "kPhaseDispatchWait": 9,
-              "kPhaseReturnWait": 10},
+              "kPhaseReturnWait": 10, "kPhaseBwdBarrierGate": 11,
+              "kPhaseBwdBarrierTokens": 12, "kPhaseBwdBarrierTranspose": 13,
+              "kPhaseBwdRingSlot": 14, "kPhaseBwdRingFull": 15},
+    "BwdTaskKind": {"kBwdDH": 0, "kBwdDW2": 1, "kBwdDB2": 2, "kBwdDR": 3, "kBwdDX": 4,
+                    "kBwdDW1": 5, "kBwdDB1": 6, "kBwdDXSum": 7},
     "DType": {"kFloat32": 0, "kTFloat32": 1, "kBFloat16": 2, "kFloat16": 3},
     "Act": {"kRelu": 0, "kGelu": 1, "kSilu": 2, "kIdentity": 3, "kSwigluClamped": 4},
     "RowMark": {"kNoExpert": -1, "kRowDropped": -1, "kRowMarked": -2},
@@ -118,7 +132,16 @@ PHASES = {v: k for k, v in _view("Phase", {
     "task-ring slot": "kPhaseRingSlot", "task ring capacity": "kPhaseRingFull",
     "peer's end of the previous launch": "kPhasePeerDone", "peer's header": "kPhaseHeaders",
     "tile dispatched by a peer": "kPhaseDispatchWait",
-    "result tile owed by a peer": "kPhaseReturnWait"}).items()}
+    "result tile owed by a peer": "kPhaseReturnWait",
+    "backward's grid barrier after its gate": "kPhaseBwdBarrierGate",
+    "backward's grid barrier after its per-token pass": "kPhaseBwdBarrierTokens",
+    "backward's grid barrier after its transposes": "kPhaseBwdBarrierTranspose",
+    "backward's task-ring slot": "kPhaseBwdRingSlot",
+    "backward's task ring capacity": "kPhaseBwdRingFull"}).items()}
+# The backward's task kinds (low 4 bits of its descriptors).
+BWD_TASK_KINDS = {v: k for k, v in _view("BwdTaskKind", {
+    "dH": "kBwdDH", "dW2": "kBwdDW2", "db2": "kBwdDB2", "dRouter": "kBwdDR", "dX": "kBwdDX",
+    "dW1": "kBwdDW1", "db1": "kBwdDB1", "dx": "kBwdDXSum"}).items()}
 # The FMOE_DTYPE and FMOE_ACT constants of each element type and activation.
 DTYPE_IDS = _view("DType", {"float32": "kFloat32", "tfloat32": "kTFloat32",
                             "bfloat16": "kBFloat16", "float16": "kFloat16"})
@@ -131,7 +154,8 @@ ROW_DROPPED = ENUMS["RowMark"]["kRowDropped"]
 ROW_MARKED = ENUMS["RowMark"]["kRowMarked"]
 
 STRUCTS: Dict[str, np.dtype] = {"FaultRecord": FAULT_RECORD, "MoeLayout": MOE_LAYOUT,
-                                "TraceRecord": TRACE_RECORD}
+                                "TraceRecord": TRACE_RECORD,
+                                "MoeBackwardLayout": MOE_BACKWARD_LAYOUT}
 
 
 def abi_defines() -> Dict[str, int]:

@@ -9,7 +9,8 @@ import numpy as np
 
 from .driver import check
 
-__all__ = ["alloc", "upload", "download", "download_from", "zero", "PinnedArray"]
+__all__ = ["alloc", "upload", "download", "download_from", "zero", "copy_device",
+           "PinnedArray"]
 
 
 def alloc(device, nbytes: int, stream):
@@ -53,6 +54,15 @@ def copy_in(buf, array: np.ndarray, stream, offset: int = 0) -> None:
         check(driver.cuMemcpyHtoDAsync(int(buf.handle) + offset, a.ctypes.data, a.nbytes,
                                        _stream_handle(stream)), "copying to the GPU")
         stream.sync()
+
+
+def copy_device(dst: int, src: int, nbytes: int, stream) -> None:
+    """Copy ``nbytes`` between device addresses, stream-ordered (returns at once)."""
+    if nbytes:
+        from cuda.bindings import driver
+
+        check(driver.cuMemcpyDtoDAsync(int(dst), int(src), int(nbytes), _stream_handle(stream)),
+              "copying on the GPU")
 
 
 def download(buf, shape: Sequence[int], dtype, stream, offset: int = 0) -> np.ndarray:

@@ -316,3 +316,83 @@ def test_bad_dy_dtype_and_bad_inputs():
     dx, _ = moe_backward(cfg, w, x, dy)
     dx64, _ = moe_backward(cfg, w, x, np.ones((8, 8)))
     assert np.array_equal(dx, dx64)
+
+
+# ------------------------------------------------------------ through the routing itself
+# How far apart (in probability) a token's top k + 1 choices must be for its routing to
+# stay put under a step: a step of EPS moves a logit by about EPS * |R| (~1e-5 here), so
+# a gap of 1e-3 leaves the top-k choice, its slot order and the capacity rule unchanged
+# at every perturbed point (which the test checks, not assumes).
+TIE_MARGIN = 1e-3
+
+
+def forward_from_scratch64(cfg, w64, x64):
+    """The layer in float64 with everything recomputed from x64: logits, softmax, top-k
+    of the exact probabilities, the capacity rule, combine weights, experts."""
+    from flashmoe_core.reference import _softmax64, route
+
+    probs = _softmax64(x64 @ w64["router"])
+    routing = route(cfg, probs, x64.shape[0] // cfg.world_size)
+    return _forward_fixed_routing64(cfg, w64, x64, routing), routing
+
+
+def away_from_ties(cfg, seed, t):
+    """Weights and tokens whose top k + 1 probabilities differ by TIE_MARGIN at least
+    for every token (the first seed from ``seed`` on; deterministic)."""
+    from flashmoe_core.reference import _softmax64
+
+    for s in range(seed, seed + 200):
+        w = MoEWeights.random(cfg, s)
+        x = tokens(cfg, s, t)
+        w64, x64 = weights64(cfg, w), x.astype(np.float64)
+        p = np.sort(_softmax64(x64 @ w64["router"]), axis=1)[:, ::-1]
+        n = min(cfg.top_k + 1, cfg.experts)
+        if np.diff(-p[:, :n], axis=1).min() > TIE_MARGIN:
+            return w, x, w64, x64
+    raise AssertionError("no seed keeps the top-k choices apart")
+
+
+SCRATCH = [("gated", "silu", None, 2, True, 1), ("vanilla", "gelu", 0.5, 3, True, 1),
+           ("vanilla", "silu", None, 1, False, 1), ("gated", "gelu", 0.75, 2, False, 2),
+           ("vanilla", "gelu", None, 4, True, 2)]
+
+
+@pytest.mark.parametrize("mlp,act,cf,k,renorm,ws", SCRATCH,
+                         ids=["-".join(map(str, case)) for case in SCRATCH])
+def test_dx_and_router_gradient_through_the_routing_itself(mlp, act, cf, k, renorm, ws):
+    # Finite differences of the whole layer, the routing recomputed at each perturbed
+    # point (not held fixed): where no choice is near a tie, they equal the gradient
+    # moe_backward computes with its own routing.
+    cfg = MoEConfig(tokens=6, hidden=8, ffn=16, experts=5, top_k=k, mlp=mlp, activation=act,
+                    dtype="float32", capacity_factor=cf, renormalize=renorm, world_size=ws)
+    seed = 100 + SCRATCH.index((mlp, act, cf, k, renorm, ws))
+    w, x, w64, x64 = away_from_ties(cfg, seed, cfg.tokens)
+    y0, base = forward_from_scratch64(cfg, w64, x64)
+    _, routing32 = moe_forward(cfg, w, x)
+    assert np.array_equal(base.experts, routing32.experts)  # the float32 choice is the same
+    assert np.array_equal(base.kept, routing32.kept)
+    if cf is not None:
+        assert not base.kept.all()
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal(y0.shape)
+    dx, grads = moe_backward(cfg, w, x, dy)  # its own routing, from x
+    for name, arr, got_all in (("x", x64, dx), ("router", w64["router"], grads.router)):
+        picks = rng.choice(arr.size, size=min(COORDS, arr.size), replace=False)
+        fd = np.empty(picks.size)
+        for n, flat in enumerate(picks):
+            idx = np.unravel_index(flat, arr.shape)
+            orig = arr[idx]
+            ys = []
+            for step in (EPS, -EPS):
+                arr[idx] = orig + step
+                y, r = forward_from_scratch64(cfg, w64, x64)
+                assert np.array_equal(r.experts, base.experts) and \
+                    np.array_equal(r.kept, base.kept), (name, idx)  # away from ties indeed
+                ys.append(y)
+            arr[idx] = orig
+            fd[n] = np.sum(dy * (ys[0] - ys[1])) / (2 * EPS)
+        got = got_all.reshape(-1)[picks]
+        err = np.abs(fd - got) / np.maximum(np.abs(fd), FLOOR)
+        assert err.max() < RTOL, (name, err.max(), fd, got)
+        if name == "x" or not (k == 1 and renorm):
+            assert np.abs(got).max() > FLOOR, (name, got)

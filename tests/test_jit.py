@@ -10,8 +10,8 @@ from flashmoe_core.host.cache import KernelCache
 from flashmoe_core.host.compiler import KernelSpec, build, cache_key, normalize_arch
 from flashmoe_core.host.toolchain import find_toolchain
 from flashmoe_core import MoEConfig
-from flashmoe_core.kernels import (abi_check_spec, moe_spec, nvshmem_ping_spec, ring_test_spec,
-                                   tile_gemm_spec)
+from flashmoe_core.kernels import (abi_check_spec, moe_backward_spec, moe_spec, nvshmem_ping_spec,
+                                   ring_test_spec, tile_gemm_spec)
 
 pytestmark = pytest.mark.compile
 
@@ -32,6 +32,11 @@ MATRIX = [
     ("sm_90a", moe_spec(MoEConfig(tokens=8192, hidden=2048, ffn=2048, experts=64, top_k=2))),
     ("sm_80", moe_spec(MoEConfig(tokens=256, hidden=1000, ffn=1032, experts=7, top_k=7,
                                  mlp="gated", activation="silu", dtype="float16"))),
+    # The backward: the benchmark's shape on Hopper, the odd gated fp16 one on Ampere.
+    ("sm_90a", moe_backward_spec(MoEConfig(tokens=8192, hidden=2048, ffn=2048, experts=64,
+                                           top_k=2))),
+    ("sm_80", moe_backward_spec(MoEConfig(tokens=256, hidden=1000, ffn=1032, experts=7, top_k=7,
+                                          mlp="gated", activation="silu", dtype="float16"))),
     # Expert parallelism: the NVSHMEM build, linked with libnvshmem_device.a.
     ("sm_90a", moe_spec(MoEConfig(tokens=8192, hidden=2048, ffn=2048, experts=64, top_k=2,
                                   world_size=8))),
@@ -40,7 +45,8 @@ SYMBOLS = {"kernels/tile_gemm.cu": b"flashmoe_tile_gemm",
            "kernels/nvshmem_ping.cu": b"flashmoe_nvshmem_ping",
            "kernels/abi_check.cu": b"flashmoe_abi_check",
            "kernels/ring_test.cu": b"flashmoe_ring_test",
-           "kernels/moe_fused.cu": b"flashmoe_moe_forward"}
+           "kernels/moe_fused.cu": b"flashmoe_moe_forward",
+           "kernels/moe_backward.cu": b"flashmoe_moe_backward"}
 
 
 @pytest.fixture(scope="module")

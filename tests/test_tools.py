@@ -77,3 +77,15 @@ def test_bench_ep_dry_run_and_weak_scaling(tmp_path):
     assert p.returncode == 0, p.stderr
     eff = {r["world"]: r["weak_scaling_efficiency"] for r in json.loads(p.stdout)}
     assert eff[2] == 1.0 and abs(eff[8] - 3.33 / 3.70) < 1e-12
+
+
+def test_bench_training_rows_are_listed():
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--dry-run",
+                        "--training"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(l) for l in p.stdout.splitlines()]
+    assert [(r["mlp"], r["tokens"], r["experts"], r["pass"]) for r in rows] == \
+        [("vanilla", 16384, 64, "training"), ("gated", 16384, 64, "training")]
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--dry-run",
+                        "--training", "--row", "float16:512:8"], capture_output=True, text=True)
+    assert [json.loads(l)["pass"] for l in p.stdout.splitlines()] == ["training"]

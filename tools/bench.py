@@ -4,6 +4,7 @@
     python tools/bench.py --out /tmp/b --quick              # a smoke run
     python tools/bench.py --dry-run                         # list the sweep, no GPU
     python tools/bench.py --out /tmp/b --row bfloat16:16384:64   # one row
+    python tools/bench.py --out /tmp/b --training           # forward + backward rows
 
 Sweeps tokens 128..16K (experts 64) and experts 8..256 (16K tokens) at hidden = ffn =
 2048, top-2, bf16 and tf32, plus a gated (SwiGLU) row and a skewed-routing row, with
@@ -24,6 +25,13 @@ events, median reported. Every row also times, on the same GPU in the same proce
 TFLOP/s count the router GEMM and the kept assignments' expert GEMMs only. Each row
 also records where one traced pass spent its time (flashmoe_core.trace.phase_times).
 Writes bench.json (rows + metadata) and PNG plots to --out.
+
+Training rows (``--training``; default T=16K, H=F=2048, E=64, top-2, bf16, vanilla and
+gated) time a saving forward plus its backward, the backward alone and the forward
+alone, beside the dense GEMMs of equal FLOPs in the same run (the forward's two, or
+three gated, and each one's two backward GEMMs: dX and dW), and record what a saved
+forward keeps per token (with and without recompute) and the backward's scratch. The
+target on an H100: forward + backward at >= 0.6x the dense rate (``train_vs_dense``).
 """
 
 from __future__ import annotations
@@ -60,6 +68,12 @@ def sweep(quick: bool, dtypes):
     rows.append(row(d, 16384, 64, mlp="gated"))
     rows.append(row(d, 16384, 64, routing="skewed"))
     return rows
+
+
+def training_sweep():
+    """The training rows: the target shape, vanilla and gated."""
+    return [{"dtype": "bfloat16", "tokens": 16384, "experts": 64, "mlp": mlp,
+             "routing": "balanced", "pass": "training"} for mlp in ("vanilla", "gated")]
 
 
 def parse_row(text: str) -> dict:
@@ -376,6 +390,110 @@ def bench_row(spec, warmup, iters):
     return row
 
 
+def dense_training_cublas(cfg, warmup, iters):
+    """Dense forward + backward GEMMs of the expert FLOPs (M = tokens * top_k rows):
+    up and down projections and, for each, dX and dW; through torch or CuPy. (ms, lib)."""
+    m, h, f = cfg.tokens * cfg.top_k, cfg.hidden, cfg.ffn
+    fu = 2 * f if cfg.mlp == "gated" else f
+    try:
+        import torch
+
+        dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        torch.backends.cuda.matmul.allow_tf32 = cfg.dtype == "tfloat32"
+        mk = lambda *s: torch.randn(*s, device="cuda", dtype=dt)  # noqa: E731
+        xx, w1, w2, dy, dzu = mk(m, h), mk(h, fu), mk(f, h), mk(m, h), mk(m, fu)
+
+        def run():
+            z = (xx @ w1)[:, :f]           # forward
+            z @ w2
+            dz = dy @ w2.t()               # backward of the down projection
+            z.t() @ dy
+            dzu @ w1.t()                   # backward of the up projection
+            xx.t() @ dzu
+            return dz
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(iters):
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), f"torch {torch.__version__} (cuBLAS)"
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        dt = np.float32 if cfg.dtype in ("tfloat32", "float32") else np.float16
+        mk = lambda *s: cupy.random.standard_normal(s).astype(dt)  # noqa: E731
+        xx, w1, w2, dy, dzu = mk(m, h), mk(h, fu), mk(f, h), mk(m, h), mk(m, fu)
+
+        def run():
+            z = (xx @ w1)[:, :f]
+            z @ w2
+            dy @ w2.T
+            z.T @ dy
+            dzu @ w1.T
+            xx.T @ dzu
+        ev = [cupy.cuda.Event(), cupy.cuda.Event()]
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(iters):
+            ev[0].record()
+            run()
+            ev[1].record()
+            ev[1].synchronize()
+            times.append(cupy.cuda.get_elapsed_time(*ev))
+        return statistics.median(times), "cupy (cuBLAS)"
+    except ImportError:
+        return None, None
+
+
+def bench_training_row(spec, warmup, iters):
+    """Forward + backward, backward only and forward only of one layer; memory kept."""
+    from flashmoe_core.backward import saved_bytes_per_token
+    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.numerics import round_to
+    from flashmoe_core.plan import plan_backward
+
+    cfg = make_config(**spec)
+    weights = bench_weights(cfg, spec["routing"])
+    x = bench_tokens(cfg, spec["routing"])
+    rng = np.random.default_rng(2)
+    dy = round_to(rng.standard_normal(x.shape, dtype=np.float32) * np.float32(1e-3), cfg.dtype)
+    layer = MoELayer(cfg, weights)
+    try:
+        fwd, bwd = layer.testing.training_launches(x, dy)
+        s = layer.stream
+        train_ms = time_events(s, lambda: (fwd(), bwd()), warmup, iters)
+        bwd_ms = time_events(s, bwd, warmup, iters)
+        fwd_ms = time_events(s, fwd, warmup, iters)
+        layer.synchronize()
+        routing = layer.routing(x.shape[0])
+        flops = 3 * cfg.flops(x.shape[0], kept=int(routing.kept.sum()))  # fwd + 2x bwd
+        row = dict(spec, hidden=cfg.hidden, ffn=cfg.ffn, top_k=cfg.top_k,
+                   train_ms=train_ms, backward_ms=bwd_ms, forward_saving_ms=fwd_ms,
+                   train_tflops=flops / train_ms / 1e9,
+                   backward_tflops=(flops * 2 / 3) / bwd_ms / 1e9,
+                   saved_bytes_per_token=saved_bytes_per_token(cfg),
+                   saved_bytes_per_token_recompute=saved_bytes_per_token(cfg, recompute=True),
+                   backward_scratch_bytes_per_token=(
+                       sum(plan_backward(cfg).workspace.values()) / cfg.tokens),
+                   backward_weight_bytes=sum(plan_backward(cfg).weights.values()),
+                   backward_grid=layer._bw.grid)
+    finally:
+        layer.close()
+    dense, lib = dense_training_cublas(cfg, warmup, iters)
+    if dense is not None:
+        row["dense_train_ms"], row["dense_library"] = dense, lib
+        row["train_vs_dense"] = dense / train_ms  # >= 0.6 is the target on an H100
+    return row
+
+
 def plot(rows, out: Path) -> list:
     try:
         import matplotlib
@@ -428,14 +546,19 @@ def main(argv=None) -> int:
     p.add_argument("--row", action="append", default=[],
                    metavar="DTYPE:TOKENS:EXPERTS[:MLP[:ROUTING]]",
                    help="time only these rows (repeatable), e.g. bfloat16:16384:64")
+    p.add_argument("--training", action="store_true",
+                   help="time forward + backward rows (the training sweep, or the --row rows)")
     p.add_argument("--dry-run", action="store_true", help="print the sweep and exit")
     a = p.parse_args(argv)
     if a.warmup < 0 or a.iters < 1:
         p.error("--warmup >= 0 and --iters >= 1")
     try:
-        rows = [parse_row(r) for r in a.row] if a.row else sweep(a.quick, a.dtypes)
+        rows = [parse_row(r) for r in a.row] if a.row else \
+            (training_sweep() if a.training else sweep(a.quick, a.dtypes))
     except ValueError as exc:
         p.error(str(exc))
+    if a.training:
+        rows = [dict(r, **{"pass": "training"}) for r in rows]
     if a.dry_run:
         for r in rows:
             print(json.dumps(r))
@@ -456,7 +579,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     for spec in rows:
         try:
-            r = bench_row(spec, a.warmup, a.iters)
+            run = bench_training_row if spec.get("pass") == "training" else bench_row
+            r = run(spec, a.warmup, a.iters)
         except Exception as exc:  # keep the sweep going; record what failed
             r = dict(spec, error=f"{type(exc).__name__}: {exc}")
         results.append(r)
@@ -468,7 +592,7 @@ def main(argv=None) -> int:
                           "dense": "cuBLAS GEMMs of the same shapes (see dense_library)"},
             "flops": "router + expert GEMMs of kept assignments"}
     (a.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
-    meta["plots"] = plot([r for r in results if "error" not in r], a.out)
+    meta["plots"] = plot([r for r in results if "error" not in r and "pass" not in r], a.out)
     (a.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     return 1 if any("error" in r for r in results) else 0
 
@@ -478,9 +602,10 @@ def precompile(rows, arch, jobs):
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
-    from flashmoe_core.kernels import moe_spec, tile_gemm_spec
+    from flashmoe_core.kernels import moe_backward_spec, moe_spec, tile_gemm_spec
 
     specs = {moe_spec(make_config(**r)) for r in rows}
+    specs |= {moe_backward_spec(make_config(**r)) for r in rows if r.get("pass") == "training"}
     specs |= {tile_gemm_spec(r["dtype"]) for r in rows}
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=mp.get_context("spawn")) as ex:
         list(ex.map(_compile_one, [(s, arch) for s in specs]))

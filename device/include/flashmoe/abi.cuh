@@ -99,6 +99,25 @@ enum Phase : cuda::std::int32_t {
   kPhaseHeaders = 8,       ///< waiting for a peer's header
   kPhaseDispatchWait = 9,  ///< waiting for a tile a peer dispatched to us
   kPhaseReturnWait = 10,   ///< waiting for a result tile a peer owes us
+  // The backward kernel's own waits (kernels/moe_backward.cu).
+  kPhaseBwdBarrierGate = 11,       ///< grid barrier after the backward's gate recompute
+  kPhaseBwdBarrierTokens = 12,     ///< grid barrier after the per-token pass
+  kPhaseBwdBarrierTranspose = 13,  ///< grid barrier after the transposes
+  kPhaseBwdRingSlot = 14,          ///< a slot of the backward's task ring
+  kPhaseBwdRingFull = 15,          ///< the backward's task ring ran out of slots
+};
+
+/// Task kinds of the backward kernel's descriptors (index << 4 | kind). Kinds 0..3 are
+/// ready when the task loop starts (their indices come first); 4..7 are published.
+enum BwdTaskKind : cuda::std::uint32_t {
+  kBwdDH = 0,     ///< dH = dYe W2^T for a row tile x F column tile; epilogue dA and dA^T
+  kBwdDW2 = 1,    ///< dW2 tile of one expert: Z^T dYe over its rows
+  kBwdDB2 = 2,    ///< db2 columns of one expert
+  kBwdDR = 3,     ///< router gradient tile: X^T dZ over the tokens
+  kBwdDX = 4,     ///< dX_e = dA W1^T for a row tile x H column tile (float32 rows)
+  kBwdDW1 = 5,    ///< dW1 (gated dWg | dWu) tile of one expert: X^T dA over its rows
+  kBwdDB1 = 6,    ///< db1 columns of one expert
+  kBwdDXSum = 7,  ///< dx of a token tile x H column tile: dZ R^T + the slots' dX rows
 };
 
 /**
@@ -187,6 +206,42 @@ struct MoeLayout {
   // Routing rules with per-expert vectors (float32 [E], null when the config has none).
   const float* router_bias;           ///< added to the logits
   const float* selection_bias;        ///< added to the scores to choose experts only
+  /// Saving for the backward: the up epilogue also stores the pre-activation, vanilla
+  /// `x W1 + b1` [T * k, F], gated `x Wg` then `x Wu` [T * k, 2F], in the storage type.
+  /// Null (the default) stores nothing.
+  void* pre;
+};
+
+/**
+ * What the backward kernel reads besides a saved forward's MoeLayout (routing, compact
+ * rows, z, y_expert, pre, state, fault) and the per-call arguments: the weights in the
+ * layouts the backward GEMMs read (both operands K-major) and its own workspace, sized
+ * for max_tokens. RP = rp_capacity columns (each expert's rows padded to 8), TP =
+ * tp_capacity (tokens padded to 8), PF = F (vanilla) or 2F (gated).
+ */
+struct MoeBackwardLayout {
+  const void* router_b;        ///< [H, Ep] router, user layout, experts padded with zeros
+  const void* w_up_b;          ///< vanilla W1 [El, H, F]; gated [El, H, 2F]: Wg row, Wu row
+  const void* w_down_b;        ///< W2 [El, F, H] (user layout)
+  void* dye;                   ///< [T * k, H] w * dy per compact row
+  void* dye_t;                 ///< [H, RP]
+  void* z_t;                   ///< [F, RP]
+  void* xg_t;                  ///< [H, RP] x rows of the compact rows
+  void* da;                    ///< [T * k, PF] dA (gated: dG then dU)
+  void* da_t;                  ///< [PF, RP]
+  float* dxe;                  ///< [T * k, H] dX of each compact row
+  void* dz;                    ///< [T, Ep] gradient of the logits
+  void* dz_t;                  ///< [Ep, TP]
+  void* x_t;                   ///< [H, TP]
+  cuda::std::uint32_t* dep_dx;      ///< [max_rowtiles] dH column tiles done per row tile
+  cuda::std::uint32_t* dep_expert;  ///< [El] dH tasks done per local expert
+  cuda::std::uint32_t* dep_dxsum;   ///< [TT, H / 128] dX rows done per dx task
+  cuda::std::uint64_t* ring;        ///< [ring_capacity] epoch-tagged task slots
+  cuda::std::uint64_t delay_ns;     ///< injected start delay (fault tests), 0 normally
+  cuda::std::int32_t ring_capacity;
+  cuda::std::int32_t rp_capacity;
+  cuda::std::int32_t tp_capacity;
+  cuda::std::int32_t reserved0;
 };
 
 }  // namespace abi
@@ -256,12 +311,35 @@ struct MoeLayout {
   X(MoeLayout, trace)        \
   X(MoeLayout, router_bias)  \
   X(MoeLayout, selection_bias) \
+  X(MoeLayout, pre)          \
+  X(MoeBackwardLayout, router_b)   \
+  X(MoeBackwardLayout, w_up_b)     \
+  X(MoeBackwardLayout, w_down_b)   \
+  X(MoeBackwardLayout, dye)        \
+  X(MoeBackwardLayout, dye_t)      \
+  X(MoeBackwardLayout, z_t)        \
+  X(MoeBackwardLayout, xg_t)       \
+  X(MoeBackwardLayout, da)         \
+  X(MoeBackwardLayout, da_t)       \
+  X(MoeBackwardLayout, dxe)        \
+  X(MoeBackwardLayout, dz)         \
+  X(MoeBackwardLayout, dz_t)       \
+  X(MoeBackwardLayout, x_t)        \
+  X(MoeBackwardLayout, dep_dx)     \
+  X(MoeBackwardLayout, dep_expert) \
+  X(MoeBackwardLayout, dep_dxsum)  \
+  X(MoeBackwardLayout, ring)       \
+  X(MoeBackwardLayout, delay_ns)   \
+  X(MoeBackwardLayout, ring_capacity) \
+  X(MoeBackwardLayout, rp_capacity) \
+  X(MoeBackwardLayout, tp_capacity) \
+  X(MoeBackwardLayout, reserved0)  \
   X(TraceRecord, start_ns)   \
   X(TraceRecord, end_ns)     \
   X(TraceRecord, block)      \
   X(TraceRecord, what)
 
-#define FMOE_ABI_STRUCTS(X) X(FaultRecord) X(MoeLayout) X(TraceRecord)
+#define FMOE_ABI_STRUCTS(X) X(FaultRecord) X(MoeLayout) X(TraceRecord) X(MoeBackwardLayout)
 
 /// X-macro list of every (enum, enumerator) above, for the ABI compile test; a CPU test
 /// checks that it names every enumerator and that host/abi.py mirrors them all.
@@ -279,7 +357,12 @@ struct MoeLayout {
   X(Phase, kPhaseBarrierGate) X(Phase, kPhaseBarrierTopk) X(Phase, kPhaseBarrierScan)       \
   X(Phase, kPhaseBarrierLists) X(Phase, kPhaseRingSlot) X(Phase, kPhaseRingFull)            \
   X(Phase, kPhasePeerDone) X(Phase, kPhaseHeaders) X(Phase, kPhaseDispatchWait)             \
-  X(Phase, kPhaseReturnWait)                                                                \
+  X(Phase, kPhaseReturnWait) X(Phase, kPhaseBwdBarrierGate) X(Phase, kPhaseBwdBarrierTokens)\
+  X(Phase, kPhaseBwdBarrierTranspose) X(Phase, kPhaseBwdRingSlot)                           \
+  X(Phase, kPhaseBwdRingFull)                                                               \
+  X(BwdTaskKind, kBwdDH) X(BwdTaskKind, kBwdDW2) X(BwdTaskKind, kBwdDB2)                    \
+  X(BwdTaskKind, kBwdDR) X(BwdTaskKind, kBwdDX) X(BwdTaskKind, kBwdDW1)                     \
+  X(BwdTaskKind, kBwdDB1) X(BwdTaskKind, kBwdDXSum)                                         \
   X(DType, kFloat32) X(DType, kTFloat32) X(DType, kBFloat16) X(DType, kFloat16)             \
   X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity) X(Act, kSwigluClamped)       \
   X(RowMark, kNoExpert) X(RowMark, kRowDropped) X(RowMark, kRowMarked)

@@ -110,14 +110,15 @@ struct TaskRing {
   uint32_t* state;
   int32_t capacity;
   uint32_t tag;  ///< epoch + 1 (never 0, so zeroed memory is never a valid slot)
+  int32_t slot_phase = kPhaseRingSlot;  ///< fault phase of a slot wait (kernels differ)
+  int32_t full_phase = kPhaseRingFull;  ///< fault phase of running out of slots
 
   /// Append `count` descriptors desc(i); called by one thread after its fence.
   template <class Desc>
   FMOE_DEVICE bool publish(int count, Desc desc, const WaitSite& site) const {
     const uint32_t base = atomicAdd(&state[abi::kPublished], uint32_t(count));
     if (base + uint32_t(count) > uint32_t(capacity)) {
-      report_fault(site, abi::kProtocol, kPhaseRingFull, -1, int64_t(base) + count, capacity,
-                   -1, 0);
+      report_fault(site, abi::kProtocol, full_phase, -1, int64_t(base) + count, capacity, -1, 0);
       return false;
     }
     for (int i = 0; i < count; ++i) {
@@ -131,12 +132,12 @@ struct TaskRing {
   /// Wait for slot `index` of this launch; returns its descriptor, or -1 on failure.
   FMOE_DEVICE int64_t take(uint32_t index, const WaitSite& site) const {
     if (index >= uint32_t(capacity)) {
-      report_fault(site, abi::kProtocol, kPhaseRingFull, int32_t(index), index, capacity, -1, 0);
+      report_fault(site, abi::kProtocol, full_phase, int32_t(index), index, capacity, -1, 0);
       return -1;
     }
     const uint64_t* slot = &slots[index];
     const bool ok = bounded_wait(
-        site, kPhaseRingSlot, int32_t(index), -1,
+        site, slot_phase, int32_t(index), -1,
         [&] { return uint32_t(load_volatile(slot) >> 32) == tag; },
         [&](int64_t& seen, int64_t& expected) {
           seen = int64_t(load_volatile(slot) >> 32);

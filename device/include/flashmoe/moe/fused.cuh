@@ -549,10 +549,13 @@ struct Kernel {
 
   /**
    * Up projection of one kUpCols-column slice: out = act(A W1^T + b1) or act(A Wg^T) *
-   * (A Wu^T), A rows a_row(r), output rows out + r * F.
+   * (A Wu^T), A rows a_row(r), output rows out + r * F. A non-null `pre` (saving for the
+   * backward) also gets the pre-activations: rows pre + r * F (vanilla, A W1^T + b1) or
+   * pre + r * 2F (gated, A Wg^T then A Wu^T).
    */
   template <class ARow>
-  FMOE_DEVICE void up_compute(const RowTile& tile, int col, ARow a_row, S* out) {
+  FMOE_DEVICE void up_compute(const RowTile& tile, int col, ARow a_row, S* out,
+                              S* pre = nullptr) {
     if (!compute) return;
     const int n0 = col * C::kUpCols;
     // Gated: B rows [0, kUpCols) are Wg rows, [kUpCols, BN) the matching Wu rows.
@@ -578,13 +581,26 @@ struct Kernel {
           gemm::load8<Elem>(b_up + n, bg);
           gemm::load8<Elem>(b_up + C::F + n, bu);
         }
+        if (pre != nullptr) {  // uniform: saving for the backward or not
+          float gg[8], uu[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            gg[j] = v[j] + bg[j];
+            uu[j] = u[j] + bu[j];
+          }
+          gemm::store8<Elem>(pre + int64_t(r) * 2 * C::F + n, gg);
+          gemm::store8<Elem>(pre + int64_t(r) * 2 * C::F + C::F + n, uu);
+        }
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = gated_act(v[j] + bg[j], u[j] + bu[j]);
       } else {
         float b[8];
         gemm::load8<Elem>(b_up + n, b);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = gemm::activate<C::kAct>(v[j] + b[j]);
+        for (int j = 0; j < 8; ++j) v[j] += b[j];
+        if (pre != nullptr) gemm::store8<Elem>(pre + int64_t(r) * C::F + n, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = gemm::activate<C::kAct>(v[j]);
       }
       gemm::store8<Elem>(out + int64_t(r) * C::F + n, v);
     });
@@ -678,9 +694,12 @@ struct Kernel {
   FMOE_DEVICE bool up_task(int index) {
     const int rt = index / C::kUpTiles, col = index % C::kUpTiles;
     const RowTile tile = local_tile(rt);
+    constexpr int kPreCols = C::kGated ? 2 * C::F : C::F;
+    S* pre = L.pre == nullptr ? nullptr
+                              : static_cast<S*>(L.pre) + int64_t(tile.out_row0) * kPreCols;
     up_compute(tile, col, [&](int r) {
       return x + int64_t(load_cg(&L.row_token[tile.a_row0 + r])) * C::H;
-    }, static_cast<S*>(L.z) + int64_t(tile.out_row0) * C::F);
+    }, static_cast<S*>(L.z) + int64_t(tile.out_row0) * C::F, pre);
     bool ok = true;
     if (threadIdx.x == 0) {
       __threadfence();

@@ -1,0 +1,764 @@
+/**
+ * @file backward.cuh
+ * @brief The persistent fused MoE backward: dx and the gradients of the router and every
+ *        expert weight, from a saved forward, in one launch on tensor cores.
+ *
+ * Phases, task formats and numerics: docs/design.md ("Backward"). It reuses the
+ * forward's machinery: the saved routing and compact rows (a forward MoeLayout whose
+ * per-call buffers belong to a save slot), the tile GEMM, the task ring, grid barriers,
+ * bounded waits and the fault record. Every sum has a fixed order and no float atomics
+ * are used, so the result is bitwise repeatable; each gradient element is written by the
+ * one task that owns its tile (read-modify-write when accumulating).
+ */
+#pragma once
+
+#include "fused.cuh"
+
+namespace flashmoe {
+namespace moe {
+
+using abi::BwdTaskKind;
+using abi::kBwdDB1;
+using abi::kBwdDB2;
+using abi::kBwdDH;
+using abi::kBwdDR;
+using abi::kBwdDW1;
+using abi::kBwdDW2;
+using abi::kBwdDX;
+using abi::kBwdDXSum;
+
+FMOE_DEVICE uint32_t bdesc(uint32_t index, BwdTaskKind kind) { return (index << 4) | kind; }
+
+/// Derivative of an activation at a float32 pre-activation (relu'(0) = 0).
+template <int kAct>
+FMOE_DEVICE float activate_grad(float x) {
+  if constexpr (kAct == gemm::kRelu) {
+    return x > 0.0f ? 1.0f : 0.0f;
+  } else if constexpr (kAct == gemm::kGelu) {
+    // Phi(x) + x phi(x), Phi in the erfc form for the same reason as the forward's gelu.
+    const float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
+    return cdf + x * (0.39894228040143268f * expf(-0.5f * x * x));
+  } else if constexpr (kAct == gemm::kSilu) {
+    const float s = 1.0f / (1.0f + expf(-x));  // exp overflow for x << 0 gives s = 0: right
+    return s * (1.0f + x * (1.0f - s));
+  } else {
+    return 1.0f;
+  }
+}
+
+/// Where the gradients go (float32, the user's MoEWeights layouts). Vanilla: up = dW1
+/// [El, H, F], up2 = db1 [El, F], down = dW2 [El, F, H], down_b = db2 [El, H]. Gated:
+/// up = dWg, up2 = dWu [El, H, F], down = dW2, down_b null. router = [H, E].
+struct GradOut {
+  float* router;
+  float* up;
+  float* up2;
+  float* down;
+  float* down_b;
+};
+
+template <class C>
+struct Backward {
+  using G = typename C::G;
+  using S = typename C::S;
+  using Elem = typename C::Elem;
+  static constexpr int kTile = C::kTile;
+  static constexpr int H = C::H, F = C::F, E = C::E, K = C::K;
+  static constexpr int kEp = C::kEp;
+  static constexpr int kPF = C::kGated ? 2 * F : F;             // pre-activation / dA width
+  static constexpr int kFT = (F + kTile - 1) / kTile;            // dH column tiles
+  static constexpr int kHT = C::kDownTiles;                      // H column tiles
+  static constexpr int kPT = (kPF + kTile - 1) / kTile;          // dW1 column tiles (PF)
+  static constexpr int kEpT = (kEp + kTile - 1) / kTile;         // router-gradient tiles
+  static constexpr int kTLd = kTile + 8;                         // transpose tile row stride
+  static_assert(kTile * kTLd * int(sizeof(S)) <= G::kSmemBytes,
+                "the transpose tile must fit the GEMM's shared memory");
+  static_assert(!C::kEP, "the backward runs on one GPU (expert parallelism: not yet)");
+  /// Shared memory: the tile GEMM, then four tables over experts.
+  static constexpr int kSmemTables = 4 * (E + 1) * int(sizeof(int32_t));
+  static constexpr int kSmemBytes = G::kSmemBytes + kSmemTables;
+
+  const abi::MoeLayout& L;          // the saved forward (its slot's routing and rows)
+  const abi::MoeBackwardLayout& B;
+  const S* x;
+  const S* dy;
+  S* dx;
+  GradOut out;
+  int T;           // tokens of the saved forward
+  int TT;          // token tiles
+  bool accumulate;
+  char* smem;
+  int32_t* s_eoff;   // [E + 1] first compact row of each expert
+  int32_t* s_rp;     // [E + 1] first padded column of each expert (rows rounded up to 8)
+  int32_t* s_rtoff;  // [El + 1] first row tile of each local expert
+  int32_t* s_lexp;   // [El] global id of each local expert
+  WaitSite site;
+  TaskRing ring;
+
+  FMOE_DEVICE Backward(const abi::MoeLayout& l, const abi::MoeBackwardLayout& b, const S* x_,
+                       const S* dy_, S* dx_, GradOut g, int tokens, bool acc, char* sm,
+                       int32_t* tables, uint32_t epoch)
+      : L(l), B(b), x(x_), dy(dy_), dx(dx_), out(g), T(tokens),
+        TT((tokens + kTile - 1) / kTile), accumulate(acc), smem(sm), s_eoff(tables),
+        s_rp(tables + (E + 1)), s_rtoff(tables + 2 * (E + 1)), s_lexp(tables + 3 * (E + 1)),
+        site{l.fault, l.timeout_ns, l.rank, epoch, l.state, l.world},
+        ring{b.ring, l.state, b.ring_capacity, epoch + 1u, abi::kPhaseBwdRingSlot,
+             abi::kPhaseBwdRingFull} {}
+
+  FMOE_DEVICE static int tiles_of(int rows) { return (rows + kTile - 1) / kTile; }
+  FMOE_DEVICE int rp() const { return B.rp_capacity; }  // row stride of the [*, RP] buffers
+  FMOE_DEVICE int tp() const { return B.tp_capacity; }  // row stride of the [*, TP] buffers
+
+  // ---------------------------------------------------------------- tables
+  /// Every block: compact-row and padded-column offsets over experts, row-tile offsets
+  /// over local experts (the saved forward's expert_kept). Returns the local row tiles.
+  FMOE_DEVICE int expert_offsets() {
+    const int el = L.local_experts;
+    for (int e = threadIdx.x; e < E; e += C::kThreads) {
+      const int n = L.expert_kept[e];
+      s_eoff[e] = n;
+      s_rp[e] = (n + 7) & ~7;
+      s_lexp[e] = e;
+    }
+    __syncthreads();
+    for (int le = threadIdx.x; le < el; le += C::kThreads) {
+      s_rtoff[le] = tiles_of(s_eoff[s_lexp[le]]);
+    }
+    __syncthreads();
+    Kernel<C>::block_scan(s_eoff, E);
+    Kernel<C>::block_scan(s_rp, E);
+    Kernel<C>::block_scan(s_rtoff, el);
+    return s_rtoff[el];
+  }
+
+  struct RowTile {
+    int le;     // local expert
+    int rows;   // valid rows (1..kTile)
+    int row0;   // first compact row
+    int col0;   // its column in the [*, RP] buffers
+  };
+
+  FMOE_DEVICE RowTile local_tile(int rt) const {
+    const int le = find_interval(s_rtoff, L.local_experts, rt);
+    const int e = s_lexp[le];
+    const int r = rt - s_rtoff[le];
+    const int kept = s_eoff[e + 1] - s_eoff[e];
+    return RowTile{le, min(kTile, kept - r * kTile), s_eoff[e] + r * kTile, s_rp[e] + r * kTile};
+  }
+
+  FMOE_DEVICE int expert_rowtiles(int le) const { return s_rtoff[le + 1] - s_rtoff[le]; }
+
+  // ---------------------------------------------------------------- phase 0: gate
+  FMOE_DEVICE void zero_counters() {
+    const int gtid = blockIdx.x * C::kThreads + threadIdx.x;
+    const int gsize = gridDim.x * C::kThreads;
+    if (gtid == 0) {
+      L.state[abi::kHead] = 0u;
+      L.state[abi::kPublished] = 0u;
+      L.state[abi::kTraced] = 0u;
+    }
+    for (int i = gtid; i < L.max_rowtiles; i += gsize) B.dep_dx[i] = 0u;
+    for (int i = gtid; i < L.local_experts; i += gsize) B.dep_expert[i] = 0u;
+    for (int i = gtid; i < TT * kHT; i += gsize) B.dep_dxsum[i] = 0u;
+  }
+
+  /// The forward's router logits again (same GEMM, same bits); with every expert in one
+  /// gate tile, the per-token pass runs from shared memory at once.
+  FMOE_DEVICE void gate_tile(int tile) {
+    const int tt = tile / C::kGateTiles, et = tile % C::kGateTiles;
+    const int t0 = tt * kTile, e0 = et * G::BN;
+    const S* router = static_cast<const S*>(L.router_t);
+    const float* staged = G::compute_tile(
+        smem, H,
+        [&](int r) -> const S* { return t0 + r < T ? x + int64_t(t0 + r) * H : nullptr; },
+        [&](int r) -> const S* { return e0 + r < E ? router + int64_t(e0 + r) * H : nullptr; });
+    if constexpr (C::kFusedTopk) {
+      const int warp = int(threadIdx.x >> 5);
+      for (int r = warp; r < kTile && t0 + r < T; r += C::kWarps) {
+        token_pass(t0 + r, [&](int e) { return staged[r * G::kStageLd + e]; });
+      }
+    } else {
+      G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
+        if (t0 + r >= T || e0 + c >= kEp) return;
+        float4* dst = reinterpret_cast<float4*>(L.logits + int64_t(t0 + r) * kEp + e0 + c);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+      });
+    }
+    __syncthreads();
+  }
+
+  // ---------------------------------------------------------------- phase 1: tokens
+  FMOE_DEVICE void token_pass(int t) {
+    const float* row = L.logits + int64_t(t) * kEp;
+    token_pass(t, [&](int e) { return load_cg(row + e); });
+  }
+
+  /**
+   * One warp per token t: the softmax again (the forward's operations in the forward's
+   * order), then per slot j the combine-weight gradient g_j = <dy_t, y_expert[row]>
+   * (float32, lanes then a butterfly: a fixed order) and dye[row] = w_j dy_t, then the
+   * router: d_sel_j = (g_j - sum_i g_i w_i) / S (renormalised) or g_j, and
+   * dz = p * (dp - <dp, p>), stored in the storage type. Dropped slots have g_j = 0.
+   */
+  template <class Logit>
+  FMOE_DEVICE void token_pass(int t, Logit logit) {
+    const int lane = threadIdx.x & 31;
+    constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
+    float v[C::kPerLane];
+    float m = kNegInf;
+#pragma unroll
+    for (int i = 0; i < C::kPerLane; ++i) {
+      const int e = lane + 32 * i;
+      v[i] = e < E ? logit(e) : kNegInf;
+      m = fmaxf(m, v[i]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < C::kPerLane; ++i) {
+      v[i] = (lane + 32 * i < E) ? expf(v[i] - m) : 0.0f;
+      sum += v[i];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+#pragma unroll
+    for (int i = 0; i < C::kPerLane; ++i) v[i] = v[i] / sum;
+
+    const S* dyt = dy + int64_t(t) * H;
+    float g[K], w[K], ps[K];
+    int es[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      es[j] = L.topk_expert[t * K + j];
+      w[j] = L.topk_weight[t * K + j];
+      const int row = L.token_rows[t * K + j];
+      float mine = 0.0f;
+#pragma unroll
+      for (int i = 0; i < C::kPerLane; ++i) {
+        if (i == (es[j] >> 5)) mine = v[i];
+      }
+      ps[j] = __shfl_sync(0xffffffffu, mine, es[j] & 31);
+      float acc = 0.0f;
+      if (row >= 0) {  // warp-uniform
+        const S* ye = static_cast<const S*>(L.y_expert) + int64_t(row) * H;
+        S* de = static_cast<S*>(B.dye) + int64_t(row) * H;
+        for (int c = lane * 8; c < H; c += 256) {
+          float a[8], b[8];
+          gemm::load8<Elem>(dyt + c, a);
+          gemm::load8<Elem, true>(ye + c, b);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            acc = fmaf(a[q], b[q], acc);
+            a[q] *= w[j];
+          }
+          gemm::store8<Elem>(de + c, a);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      }
+      g[j] = acc;
+    }
+    float total = 1.0f;
+    if constexpr (C::kRenorm) {
+      total = 0.0f;
+#pragma unroll
+      for (int j = 0; j < K; ++j) total += ps[j];
+    }
+    float gw = 0.0f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) gw = fmaf(g[j], w[j], gw);
+    float ds[K];
+    float dot = 0.0f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      ds[j] = C::kRenorm ? (g[j] - gw) / total : g[j];
+      dot = fmaf(ds[j], ps[j], dot);
+    }
+    S* dzt = static_cast<S*>(B.dz) + int64_t(t) * kEp;
+#pragma unroll
+    for (int i = 0; i < C::kPerLane; ++i) {
+      const int e = lane + 32 * i;
+      if (e < kEp) {
+        float dp = 0.0f;
+#pragma unroll
+        for (int j = 0; j < K; ++j) dp += es[j] == e ? ds[j] : 0.0f;
+        dzt[e] = Elem::from_float(e < E ? v[i] * (dp - dot) : 0.0f);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- phase 2: transposes
+  /**
+   * Transpose `rows` (<= kTile) rows x `cols` (<= kTile, a multiple of 8) columns:
+   * src_row(r) points at row r's first column; dst_col(c) + r receives element (r, c),
+   * for r up to rows rounded to 8 (zeros past `rows`: the K padding of the weight
+   * gradients). Sources may come from other blocks of this launch: read through L2.
+   */
+  template <class SrcRow, class DstCol>
+  FMOE_DEVICE void transpose_tile(int rows, int cols, SrcRow src_row, DstCol dst_col) {
+    constexpr int kVec = 16 / int(sizeof(S));
+    constexpr int kRowVecs = kTile / kVec;
+    S* tile = reinterpret_cast<S*>(smem);
+    for (int v = threadIdx.x; v < kTile * kRowVecs; v += C::kThreads) {
+      const int r = v / kRowVecs, c = (v % kRowVecs) * kVec;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows && c < cols) val = __ldcg(reinterpret_cast<const uint4*>(src_row(r) + c));
+      *reinterpret_cast<uint4*>(tile + r * kTLd + c) = val;
+    }
+    __syncthreads();
+    const int chunks = (rows + 7) >> 3;
+    for (int v = threadIdx.x; v < cols * chunks; v += C::kThreads) {
+      const int c = v / chunks, r0 = (v % chunks) * 8;
+      gemm::Elements8<S> e8;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) e8.e[q] = tile[(r0 + q) * kTLd + c];
+      const auto vec = cuda::std::bit_cast<gemm::Vectors8<S>>(e8);
+      uint4* dst = reinterpret_cast<uint4*>(dst_col(c) + r0);
+#pragma unroll
+      for (int j = 0; j < gemm::Vectors8<S>::kCount; ++j) dst[j] = vec.v[j];
+    }
+    __syncthreads();
+  }
+
+  /// Phase 2 (grid-stride over blocks): the K-major operands of the weight gradients.
+  /// Per local row tile: dye^T, the gathered x^T and z^T into columns of [*, RP]; per
+  /// token tile: x^T and dz^T into columns of [*, TP].
+  FMOE_DEVICE void transposes(int n_rt) {
+    constexpr int kPerRt = 2 * kHT + kFT, kPerTt = kHT + kEpT;
+    const int jobs = n_rt * kPerRt + TT * kPerTt;
+    const S* dye = static_cast<const S*>(B.dye);
+    const S* z = static_cast<const S*>(L.z);
+    const S* dz = static_cast<const S*>(B.dz);
+    for (int j = blockIdx.x; j < jobs; j += gridDim.x) {
+      if (j < n_rt * kPerRt) {
+        const RowTile tile = local_tile(j / kPerRt);
+        const int q = j % kPerRt;
+        if (q < kHT) {
+          const int c0 = q * kTile;
+          S* dst = static_cast<S*>(B.dye_t);
+          transpose_tile(
+              tile.rows, min(kTile, H - c0),
+              [&](int r) { return dye + int64_t(tile.row0 + r) * H + c0; },
+              [&](int c) { return dst + int64_t(c0 + c) * rp() + tile.col0; });
+        } else if (q < 2 * kHT) {
+          const int c0 = (q - kHT) * kTile;
+          S* dst = static_cast<S*>(B.xg_t);
+          transpose_tile(
+              tile.rows, min(kTile, H - c0),
+              [&](int r) { return x + int64_t(L.row_token[tile.row0 + r]) * H + c0; },
+              [&](int c) { return dst + int64_t(c0 + c) * rp() + tile.col0; });
+        } else {
+          const int c0 = (q - 2 * kHT) * kTile;
+          S* dst = static_cast<S*>(B.z_t);
+          transpose_tile(
+              tile.rows, min(kTile, F - c0),
+              [&](int r) { return z + int64_t(tile.row0 + r) * F + c0; },
+              [&](int c) { return dst + int64_t(c0 + c) * rp() + tile.col0; });
+        }
+      } else {
+        const int i = j - n_rt * kPerRt;
+        const int t0 = (i / kPerTt) * kTile, q = i % kPerTt;
+        const int rows = min(kTile, T - t0);
+        if (q < kHT) {
+          const int c0 = q * kTile;
+          S* dst = static_cast<S*>(B.x_t);
+          transpose_tile(
+              rows, min(kTile, H - c0), [&](int r) { return x + int64_t(t0 + r) * H + c0; },
+              [&](int c) { return dst + int64_t(c0 + c) * tp() + t0; });
+        } else {
+          const int c0 = (q - kHT) * kTile;
+          S* dst = static_cast<S*>(B.dz_t);
+          transpose_tile(
+              rows, min(kTile, kEp - c0), [&](int r) { return dz + int64_t(t0 + r) * kEp + c0; },
+              [&](int c) { return dst + int64_t(c0 + c) * tp() + t0; });
+        }
+      }
+    }
+  }
+
+  /// The weight-gradient tasks of local expert le: dW1 tiles, and db1 columns (vanilla).
+  /// One thread, after its release fence.
+  FMOE_DEVICE bool publish_expert(int le) {
+    bool ok = ring.publish(kHT * kPT, [&](int i) {
+      return bdesc(uint32_t(le * kHT * kPT + i), kBwdDW1);
+    }, site);
+    if constexpr (!C::kGated) {
+      ok = ok && ring.publish(kFT, [&](int i) { return bdesc(uint32_t(le * kFT + i), kBwdDB1); },
+                              site);
+    }
+    return ok;
+  }
+
+  /// Tasks nothing would publish: dx of token tiles without a kept assignment, weight
+  /// gradients of experts without rows (they are zero, or untouched when accumulating).
+  FMOE_DEVICE bool publish_empty() {
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      for (int tt = blockIdx.x; ok && tt < TT; tt += gridDim.x) {
+        if (L.tile_kept[tt] == 0) {
+          ok = ring.publish(kHT, [&](int i) {
+            return bdesc(uint32_t(tt * kHT + i), kBwdDXSum);
+          }, site);
+        }
+      }
+      for (int le = blockIdx.x; ok && le < L.local_experts; le += gridDim.x) {
+        if (expert_rowtiles(le) == 0) ok = publish_expert(le);
+      }
+    }
+    return !block_fault_raised(site, !ok);
+  }
+
+  // ---------------------------------------------------------------- tasks
+  /// Store (or add) 8 float32 gradients at a 16-byte aligned address.
+  FMOE_DEVICE void put8(float* p, const float (&v)[8]) const {
+    float4* d = reinterpret_cast<float4*>(p);
+    float4 lo = make_float4(v[0], v[1], v[2], v[3]), hi = make_float4(v[4], v[5], v[6], v[7]);
+    if (accumulate) {
+      const float4 a = d[0], b = d[1];
+      lo.x += a.x; lo.y += a.y; lo.z += a.z; lo.w += a.w;
+      hi.x += b.x; hi.y += b.y; hi.z += b.z; hi.w += b.w;
+    }
+    d[0] = lo;
+    d[1] = hi;
+  }
+
+  /**
+   * One kTile x kTile tile of a weight gradient, C = A B^T over k (a multiple of 8, the
+   * expert's rows or the tokens, padded with zeros); epi(r, c, v) stores 8 columns. With
+   * k = 0 the tile is zero: stored as such, or skipped when accumulating.
+   */
+  template <class ARow, class BRow, class Epi>
+  FMOE_DEVICE void weight_tile(int k, ARow a_row, BRow b_row, Epi epi) {
+    if (k == 0) {
+      if (accumulate) return;
+      for (int v = threadIdx.x; v < kTile * (kTile / 8); v += C::kThreads) {
+        float zeros[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        epi(v / (kTile / 8), (v % (kTile / 8)) * 8, zeros);
+      }
+      __syncthreads();
+      return;
+    }
+    const float* staged = G::compute_tile(smem, k, a_row, b_row);
+    G::for_each_row_chunk(staged, kTile, epi);
+    __syncthreads();
+  }
+
+  /// dH of a row tile x F column tile, then dA (vanilla dH act'(a); gated dG = dH u
+  /// act'(g), dU = dH act(g)) rows and their transposes; completes the row tile's dX
+  /// dependency and, with the expert's last, its weight gradients.
+  FMOE_DEVICE bool dh_task(int index) {
+    const int rt = index / kFT, f0 = (index % kFT) * kTile;
+    const RowTile tile = local_tile(rt);
+    const S* dye = static_cast<const S*>(B.dye) + int64_t(tile.row0) * H;
+    const S* w2 = static_cast<const S*>(B.w_down_b) + int64_t(tile.le) * F * H;
+    const float* staged = G::compute_tile(
+        smem, H, [&](int r) -> const S* { return r < tile.rows ? dye + int64_t(r) * H : nullptr; },
+        [&](int r) -> const S* { return f0 + r < F ? w2 + int64_t(f0 + r) * H : nullptr; });
+    const S* pre = static_cast<const S*>(L.pre) + int64_t(tile.row0) * kPF;
+    S* da = static_cast<S*>(B.da) + int64_t(tile.row0) * kPF;
+    G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
+      const int n = f0 + c;
+      if (r >= tile.rows || n >= F) return;
+      if constexpr (C::kGated) {
+        float gv[8], uv[8], dg[8], du[8];
+        gemm::load8<Elem>(pre + int64_t(r) * kPF + n, gv);
+        gemm::load8<Elem>(pre + int64_t(r) * kPF + F + n, uv);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          dg[q] = v[q] * uv[q] * activate_grad<C::kAct>(gv[q]);
+          du[q] = v[q] * gemm::activate<C::kAct>(gv[q]);
+        }
+        gemm::store8<Elem>(da + int64_t(r) * kPF + n, dg);
+        gemm::store8<Elem>(da + int64_t(r) * kPF + F + n, du);
+      } else {
+        float a[8];
+        gemm::load8<Elem>(pre + int64_t(r) * kPF + n, a);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) v[q] *= activate_grad<C::kAct>(a[q]);
+        gemm::store8<Elem>(da + int64_t(r) * kPF + n, v);
+      }
+    });
+    __syncthreads();
+    // dA^T from the rows this block just wrote (the staged tile is spent by now).
+    const int cols = min(kTile, F - f0);
+    S* da_t = static_cast<S*>(B.da_t);
+    transpose_tile(tile.rows, cols, [&](int r) { return da + int64_t(r) * kPF + f0; },
+                   [&](int c) { return da_t + int64_t(f0 + c) * rp() + tile.col0; });
+    if constexpr (C::kGated) {
+      transpose_tile(tile.rows, cols, [&](int r) { return da + int64_t(r) * kPF + F + f0; },
+                     [&](int c) { return da_t + int64_t(F + f0 + c) * rp() + tile.col0; });
+    }
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      if (atomicAdd(&B.dep_dx[rt], 1u) + 1u == uint32_t(kFT)) {
+        ok = ring.publish(kHT, [&](int i) { return bdesc(uint32_t(rt * kHT + i), kBwdDX); },
+                          site);
+      }
+      const uint32_t need = uint32_t(expert_rowtiles(tile.le) * kFT);
+      if (atomicAdd(&B.dep_expert[tile.le], 1u) + 1u == need) ok = publish_expert(tile.le) && ok;
+    }
+    return ok;
+  }
+
+  /// Credit `len` finished dX rows of token tile tt in H column tile col; the credit that
+  /// completes it publishes the dx task. One thread, after its release fence.
+  FMOE_DEVICE bool credit_run(int tt, int len, int col) {
+    const uint32_t target = uint32_t(L.tile_kept[tt]);
+    const uint32_t done = atomicAdd(&B.dep_dxsum[tt * kHT + col], uint32_t(len)) + uint32_t(len);
+    if (done != target) return true;
+    return ring.publish(1, [&](int) { return bdesc(uint32_t(tt * kHT + col), kBwdDXSum); },
+                        site);
+  }
+
+  /// dX_e of a row tile x H column tile, float32 rows; credits the dx tasks of the
+  /// token tiles its rows come from (one thread per row finds the runs).
+  FMOE_DEVICE bool dx_task(int index) {
+    static_assert(C::kThreads == kTile, "one thread per row of a row tile");
+    __shared__ int32_t s_tt[kTile];
+    const int rt = index / kHT, col = index % kHT, h0 = col * kTile;
+    const RowTile tile = local_tile(rt);
+    const S* da = static_cast<const S*>(B.da) + int64_t(tile.row0) * kPF;
+    const S* w1 = static_cast<const S*>(B.w_up_b) + int64_t(tile.le) * H * kPF;
+    const float* staged = G::compute_tile(
+        smem, kPF,
+        [&](int r) -> const S* { return r < tile.rows ? da + int64_t(r) * kPF : nullptr; },
+        [&](int r) -> const S* { return h0 + r < H ? w1 + int64_t(h0 + r) * kPF : nullptr; });
+    float* dxe = B.dxe + int64_t(tile.row0) * H;
+    G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
+      if (r >= tile.rows || h0 + c >= H) return;
+      float4* d = reinterpret_cast<float4*>(dxe + int64_t(r) * H + h0 + c);
+      d[0] = make_float4(v[0], v[1], v[2], v[3]);
+      d[1] = make_float4(v[4], v[5], v[6], v[7]);
+    });
+    const int r = threadIdx.x;
+    if (r < tile.rows) s_tt[r] = L.row_token[tile.row0 + r] / kTile;
+    __syncthreads();
+    if (r >= tile.rows || (r > 0 && s_tt[r - 1] == s_tt[r])) return true;
+    int len = 1;
+    while (r + len < tile.rows && s_tt[r + len] == s_tt[r]) ++len;  // bounded: <= rows
+    __threadfence();  // release (after the block barrier): the rows before the credit
+    return credit_run(s_tt[r], len, col);
+  }
+
+  /// dx of a token tile x H column tile: dZ R^T (float32), plus the token's dX rows in
+  /// slot order, rounded once to the storage type.
+  FMOE_DEVICE void dxsum_task(int index) {
+    const int tt = index / kHT, t0 = tt * kTile, h0 = (index % kHT) * kTile;
+    const S* dz = static_cast<const S*>(B.dz);
+    const S* rb = static_cast<const S*>(B.router_b);
+    const float* staged = G::compute_tile(
+        smem, kEp,
+        [&](int r) -> const S* { return t0 + r < T ? dz + int64_t(t0 + r) * kEp : nullptr; },
+        [&](int r) -> const S* { return h0 + r < H ? rb + int64_t(h0 + r) * kEp : nullptr; });
+    G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
+      const int t = t0 + r, n = h0 + c;
+      if (t >= T || n >= H) return;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const int row = L.token_rows[t * K + j];
+        if (row < 0) continue;
+        const float4* p = reinterpret_cast<const float4*>(B.dxe + int64_t(row) * H + n);
+        const float4 a = __ldcg(p), b = __ldcg(p + 1);
+        v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
+        v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+      }
+      gemm::store8<Elem>(dx + int64_t(t) * H + n, v);
+    });
+    __syncthreads();
+  }
+
+  /// dW2 of one expert, F tile x H tile: z^T (dye^T)^T over the expert's rows.
+  FMOE_DEVICE void dw2_task(int index) {
+    const int le = index / (kFT * kHT), rem = index % (kFT * kHT);
+    const int f0 = (rem / kHT) * kTile, h0 = (rem % kHT) * kTile;
+    const int e = s_lexp[le], off = s_rp[e];
+    const S* zt = static_cast<const S*>(B.z_t);
+    const S* dyet = static_cast<const S*>(B.dye_t);
+    float* dst = out.down + int64_t(le) * F * H;
+    weight_tile(
+        s_rp[e + 1] - off,
+        [&](int r) -> const S* { return f0 + r < F ? zt + int64_t(f0 + r) * rp() + off : nullptr; },
+        [&](int r) -> const S* {
+          return h0 + r < H ? dyet + int64_t(h0 + r) * rp() + off : nullptr;
+        },
+        [&](int r, int c, float(&v)[8]) {
+          if (f0 + r < F && h0 + c < H) put8(dst + int64_t(f0 + r) * H + h0 + c, v);
+        });
+  }
+
+  /// dW1 (gated: dWg | dWu) of one expert, H tile x PF tile: xg^T (dA^T)^T.
+  FMOE_DEVICE void dw1_task(int index) {
+    const int le = index / (kHT * kPT), rem = index % (kHT * kPT);
+    const int h0 = (rem / kPT) * kTile, n0 = (rem % kPT) * kTile;
+    const int e = s_lexp[le], off = s_rp[e];
+    const S* xgt = static_cast<const S*>(B.xg_t);
+    const S* dat = static_cast<const S*>(B.da_t);
+    weight_tile(
+        s_rp[e + 1] - off,
+        [&](int r) -> const S* {
+          return h0 + r < H ? xgt + int64_t(h0 + r) * rp() + off : nullptr;
+        },
+        [&](int r) -> const S* {
+          return n0 + r < kPF ? dat + int64_t(n0 + r) * rp() + off : nullptr;
+        },
+        [&](int r, int c, float(&v)[8]) {
+          const int h = h0 + r, n = n0 + c;
+          if (h >= H || n >= kPF) return;  // F is a multiple of 8: no chunk straddles F
+          float* base = n < F ? out.up : out.up2;
+          put8(base + (int64_t(le) * H + h) * F + (n < F ? n : n - F), v);
+        });
+  }
+
+  /// Column sums of one expert's rows of a [*, RP] buffer (rows h0.. of it), in row
+  /// order: db2 from dye^T, db1 from dA^T.
+  FMOE_DEVICE void bias_task(const S* src_t, int n_rows, int le, int h0, float* dst) {
+    const int e = s_lexp[le], off = s_rp[e], k = s_rp[e + 1] - off;
+    const int h = h0 + threadIdx.x;
+    if (h < n_rows) {
+      const S* row = src_t + int64_t(h) * rp() + off;
+      float s = 0.0f;
+      for (int i = 0; i < k; i += 8) {
+        float v[8];
+        gemm::load8<Elem, true>(row + i, v);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) s += v[q];
+      }
+      float* p = dst + int64_t(le) * n_rows + h;
+      if (k > 0 || !accumulate) *p = accumulate ? *p + s : s;
+    }
+    __syncthreads();
+  }
+
+  /// Router gradient, H tile x expert tile: x^T (dz^T)^T over the tokens.
+  FMOE_DEVICE void dr_task(int index) {
+    const int h0 = (index / kEpT) * kTile, e0 = (index % kEpT) * kTile;
+    const S* xt = static_cast<const S*>(B.x_t);
+    const S* dzt = static_cast<const S*>(B.dz_t);
+    weight_tile(
+        (T + 7) & ~7,
+        [&](int r) -> const S* { return h0 + r < H ? xt + int64_t(h0 + r) * tp() : nullptr; },
+        [&](int r) -> const S* { return e0 + r < kEp ? dzt + int64_t(e0 + r) * tp() : nullptr; },
+        [&](int r, int c, float(&v)[8]) {
+          const int h = h0 + r;
+          if (h >= H) return;
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const int e = e0 + c + q;  // the router's rows are E wide: no vector stores
+            if (e < E) {
+              float* p = out.router + int64_t(h) * E + e;
+              *p = accumulate ? *p + v[q] : v[q];
+            }
+          }
+        });
+  }
+
+  // ---------------------------------------------------------------- the task loop
+  struct Counts {
+    uint32_t dh, dw2, db2, dr, published;
+    FMOE_DEVICE uint32_t ready() const { return dh + dw2 + db2 + dr; }
+    FMOE_DEVICE uint32_t total() const { return ready() + published; }
+  };
+
+  FMOE_DEVICE Counts counts(int n_rt) const {
+    const uint32_t el = uint32_t(L.local_experts);
+    Counts n;
+    n.dh = uint32_t(n_rt * kFT);
+    n.dw2 = el * kFT * kHT;
+    n.db2 = C::kGated ? 0u : el * kHT;
+    n.dr = uint32_t(kHT * kEpT);
+    n.published = uint32_t(n_rt * kHT) + el * kHT * kPT + (C::kGated ? 0u : el * kFT) +
+                  uint32_t(TT * kHT);
+    return n;
+  }
+
+  /// Claim tasks until none are left: ready kinds by index first, then ring slots.
+  FMOE_DEVICE bool task_loop(const Counts& n) {
+    __shared__ int64_t s_task;
+    const uint32_t total = n.total();
+    for (;;) {  // bounded: claimed indices only grow and stop at `total`
+      if (threadIdx.x == 0) {
+        uint32_t idx = atomicAdd(&L.state[abi::kHead], 1u);
+        if (idx >= total) {
+          s_task = -2;
+        } else if (idx < n.dh) {
+          s_task = bdesc(idx, kBwdDH);
+        } else if ((idx -= n.dh) < n.dw2) {
+          s_task = bdesc(idx, kBwdDW2);
+        } else if ((idx -= n.dw2) < n.db2) {
+          s_task = bdesc(idx, kBwdDB2);
+        } else if ((idx -= n.db2) < n.dr) {
+          s_task = bdesc(idx, kBwdDR);
+        } else {
+          s_task = ring.take(idx - n.dr, site);
+        }
+      }
+      __syncthreads();
+      const int64_t task = s_task;
+      __syncthreads();
+      if (task == -2) return true;
+      if (task < 0) return false;
+      const int index = int(task >> 4);
+      bool ok = true;
+      switch (uint32_t(task & 15)) {
+        case kBwdDH: ok = dh_task(index); break;
+        case kBwdDW2: dw2_task(index); break;
+        case kBwdDB2:
+          bias_task(static_cast<const S*>(B.dye_t), H, index / kHT, (index % kHT) * kTile,
+                    out.down_b);
+          break;
+        case kBwdDR: dr_task(index); break;
+        case kBwdDX: ok = dx_task(index); break;
+        case kBwdDW1: dw1_task(index); break;
+        case kBwdDB1:
+          bias_task(static_cast<const S*>(B.da_t), F, index / kFT, (index % kFT) * kTile,
+                    out.up2);
+          break;
+        case kBwdDXSum: dxsum_task(index); break;
+        default: ok = false; break;
+      }
+      // Publication can fail in one thread only; every thread must leave together.
+      if (!__syncthreads_and(ok)) return false;
+    }
+  }
+};
+
+/**
+ * The whole backward pass of one saved forward (`fwd`: its slot's layout). flags bit 0:
+ * add into the gradient buffers instead of overwriting them.
+ */
+template <class C>
+FMOE_DEVICE void backward(const abi::MoeLayout* fwd, const abi::MoeBackwardLayout* bwd,
+                          const typename C::S* x, const typename C::S* dy, typename C::S* dx,
+                          GradOut grads, int tokens, int flags) {
+  extern __shared__ __align__(128) char smem[];
+  __shared__ uint32_t s_epoch;
+  const abi::MoeLayout& L = *fwd;
+  if (threadIdx.x == 0) s_epoch = read_epoch(L.state);
+  __syncthreads();
+  int32_t* tables = reinterpret_cast<int32_t*>(smem + C::G::kSmemBytes);
+  Backward<C> k(L, *bwd, x, dy, dx, grads, tokens, (flags & 1) != 0, smem, tables, s_epoch);
+  const int warps = gridDim.x * C::kWarps;
+  const int gwarp = blockIdx.x * C::kWarps + int(threadIdx.x >> 5);
+
+  if (bwd->delay_ns != 0u && blockIdx.x == 0 && threadIdx.x == 0) sleep_for(bwd->delay_ns);
+  const int n_rt = k.expert_offsets();
+  k.zero_counters();
+  int barrier = 0;
+  for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) k.gate_tile(tile);
+  if constexpr (!C::kFusedTopk) {
+    if (!grid_barrier(L.state, barrier++, k.site, abi::kPhaseBwdBarrierGate)) return;
+    for (int t = gwarp; t < tokens; t += warps) k.token_pass(t);
+  }
+  if (!grid_barrier(L.state, barrier++, k.site, abi::kPhaseBwdBarrierTokens)) return;
+  k.transposes(n_rt);
+  if (!k.publish_empty()) return;
+  if (!grid_barrier(L.state, barrier++, k.site, abi::kPhaseBwdBarrierTranspose)) return;
+  if (!k.task_loop(k.counts(n_rt))) return;
+  leave_launch(L.state);
+}
+
+}  // namespace moe
+}  // namespace flashmoe

@@ -1,0 +1,50 @@
+/**
+ * @file moe_backward.cu
+ * @brief Entry point of the persistent fused MoE backward kernel.
+ *
+ * Launch contract (docs/design.md, "Backward"): block 128 threads; grid = every
+ * co-resident block (occupancy x SMs, from the host's occupancy query); dynamic shared
+ * memory flashmoe_moe_backward_smem bytes (opt-in above 48 KiB). `fwd` points to the
+ * MoeLayout of a save slot whose forward ran with `pre` set (routing, compact rows, z,
+ * y_expert, pre of that call; its state and fault record are the layer's); `bwd` to the
+ * layer's MoeBackwardLayout; both in device memory. `x` is the saved input, `dy` the
+ * upstream gradient ([tokens, H], storage type), `dx` receives [tokens, H]; the five
+ * float32 gradient pointers are the user layouts (GradOut in backward.cuh; unused ones
+ * may be null). flags bit 0 adds into the gradients. Launches of one layer (forward and
+ * backward) must not overlap: they share the state words. Not cooperative-launched.
+ *
+ * Compile-time constants: those of moe_fused.cu (flashmoe_core/kernels.py), FMOE_EP=0.
+ */
+#include <flashmoe/moe/backward.cuh>
+
+#if !defined(FMOE_DTYPE) || !defined(FMOE_H) || !defined(FMOE_F) || !defined(FMOE_E) || \
+    !defined(FMOE_K) || !defined(FMOE_GATED) || !defined(FMOE_ACT) || !defined(FMOE_RENORM) || \
+    !defined(FMOE_BM) || !defined(FMOE_BN) || !defined(FMOE_BK) || !defined(FMOE_STAGES)
+#error "the backward kernel needs the fused kernel's constants (flashmoe_core/kernels.py)"
+#endif
+
+#ifndef FMOE_EP
+#define FMOE_EP 0
+#endif
+
+using BwdCfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K,
+                                     FMOE_GATED != 0, FMOE_ACT, FMOE_RENORM != 0, FMOE_BM,
+                                     FMOE_BN, FMOE_BK, FMOE_STAGES, FMOE_EP != 0>;
+using BwdS = BwdCfg::S;
+
+/// Dynamic shared memory per block, read by the host.
+extern "C" __device__ const int flashmoe_moe_backward_smem =
+    flashmoe::moe::Backward<BwdCfg>::kSmemBytes;
+/// The ABI version the kernel was built with (checked by the host at load).
+extern "C" __device__ const unsigned flashmoe_moe_backward_abi = flashmoe::abi::kAbiVersion;
+
+extern "C" __global__ void __launch_bounds__(128)
+flashmoe_moe_backward(const flashmoe::abi::MoeLayout* __restrict__ fwd,
+                      const flashmoe::abi::MoeBackwardLayout* __restrict__ bwd,
+                      const BwdS* __restrict__ x, const BwdS* __restrict__ dy,
+                      BwdS* __restrict__ dx, float* g_router, float* g_up, float* g_up2,
+                      float* g_down, float* g_down_b, int tokens, int flags) {
+  flashmoe::moe::backward<BwdCfg>(fwd, bwd, x, dy, dx,
+                                  flashmoe::moe::GradOut{g_router, g_up, g_up2, g_down, g_down_b},
+                                  tokens, flags);
+}

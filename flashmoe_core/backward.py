@@ -1,0 +1,345 @@
+"""Training: the layer's backward pass, shared by the GPU and emulator backends.
+
+    y, saved = layer(x, save_for_backward=True)        # the forward keeps what it needs
+    dx, grads = layer.backward(dy, saved)               # one fused backward launch
+    layer.backward(dy, saved, grads_out=acc, accumulate=True)   # add into your buffers
+
+``saved`` names a *save slot* of the layer: buffers of its own that the forward wrote
+instead of the layer's workspace (routing, compact rows, the expert intermediates and
+pre-activations, a copy of ``x``). Slots are reused, so a training loop allocates
+nothing after its first step. ``recompute=True`` keeps only ``x`` and the routing; the
+backward then runs the forward again first (it is deterministic: the routing is checked
+to be the same). :func:`saved_bytes_per_token` says what each choice keeps.
+
+Gradients are float32 in the layouts of :class:`~flashmoe_core.weights.MoEWeights`
+(:class:`MoEGradients`); ``dx`` has the storage type of ``x``. The numerics are stated
+next to :func:`flashmoe_core.reference.moe_backward`, the float64 oracle.
+
+Bad use is a ``ValueError`` before anything runs: ``dy`` of the wrong shape or dtype,
+``saved`` of another layer, a record already consumed (a second backward needs
+``retain=True`` on the first), weights changed since the forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import weakref
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import MoEConfig
+from .host.abi import MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS
+from .numerics import storage_dtype
+from .plan import SAVED_ROUTING, BackwardPlan, saved_buffers
+from .weights import MoEWeights, expert_tensor_names
+
+__all__ = ["MoEGradients", "SavedForBackward", "saved_bytes_per_token", "backward_weights",
+           "backward_layout_record", "check_grad_output", "gradient_shapes"]
+
+
+def gradient_shapes(cfg: MoEConfig, n_experts: Optional[int] = None) -> Dict[str, tuple]:
+    """Name -> shape of every gradient (those of the weights, router first)."""
+    return MoEWeights.expected_shapes(cfg, n_experts)
+
+
+class MoEGradients:
+    """Gradients of a layer's weights: ``router`` [hidden, experts]; vanilla ``w1, b1,
+    w2, b2``; gated ``wg, wu, w2``; float32, shaped like the weights held
+    (``expert_ids``).
+
+    Each attribute is a NumPy array, or a GPU tensor of the caller's kind when the
+    backward ran on DLPack tensors.
+
+    Parameters
+    ----------
+    mlp : {"vanilla", "gated"}
+    expert_ids : sequence of int
+    **arrays
+        One array per name in ``names``.
+    """
+
+    def __init__(self, mlp: str, expert_ids: Sequence[int], **arrays: Any) -> None:
+        self.names: Tuple[str, ...] = ("router",) + expert_tensor_names(mlp)
+        if set(arrays) != set(self.names):
+            raise ValueError(f"MoEGradients for mlp={mlp!r} needs exactly {list(self.names)}, "
+                             f"got {sorted(arrays)}")
+        self.mlp = mlp
+        self.expert_ids = tuple(int(e) for e in expert_ids)
+        for name in self.names:
+            setattr(self, name, arrays[name])
+
+    @classmethod
+    def zeros(cls, cfg: MoEConfig, expert_ids: Optional[Sequence[int]] = None) -> "MoEGradients":
+        """float32 NumPy zeros for a layer holding ``expert_ids`` (default: all experts)."""
+        ids = tuple(range(cfg.experts)) if expert_ids is None else tuple(expert_ids)
+        return cls(cfg.mlp, ids, **{n: np.zeros(s, np.float32)
+                                    for n, s in gradient_shapes(cfg, len(ids)).items()})
+
+    def arrays(self) -> Dict[str, Any]:
+        """Name -> gradient, router first (the order of ``MoEWeights.arrays``)."""
+        return {n: getattr(self, n) for n in self.names}
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)
+        return f"MoEGradients({self.mlp}, experts={len(self.expert_ids)}, {shapes})"
+
+
+_serials = itertools.count(1)
+
+
+class SavedForBackward:
+    """What ``layer(x, save_for_backward=True)`` returns beside ``y``: a handle on the
+    save slot that holds the forward's activations. Pass it to ``layer.backward``.
+
+    The slot goes back to the layer when the backward consumes the record (unless
+    ``retain=True``), when :meth:`release` is called, or when the record is garbage.
+
+    Attributes
+    ----------
+    tokens : int
+        Tokens of the forward (``dy`` must have this many rows).
+    recompute : bool
+        Whether only ``x`` and the routing were kept.
+    nbytes : int
+        Device (or emulator) memory the slot holds.
+    """
+
+    def __init__(self, layer: Any, slot: Any, tokens: int, recompute: bool,
+                 weights_version: int, nbytes: int) -> None:
+        self._layer = weakref.ref(layer)
+        self._slot = slot
+        self.serial = next(_serials)
+        slot.owner = self.serial
+        self.tokens = int(tokens)
+        self.recompute = bool(recompute)
+        self.weights_version = weights_version
+        self.nbytes = int(nbytes)
+
+    @property
+    def released(self) -> bool:
+        """True once the slot went back to the layer (the record is spent)."""
+        return self._slot is None or self._slot.owner != self.serial
+
+    def release(self) -> None:
+        """Give the slot back to the layer now (the record can no longer be used)."""
+        slot, self._slot = self._slot, None
+        layer = self._layer()
+        if slot is not None and slot.owner == self.serial:
+            slot.owner = None
+            if layer is not None:
+                layer._saved_pool.give(slot)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: nothing left to give back to
+            pass
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "live"
+        return (f"SavedForBackward(tokens={self.tokens}, recompute={self.recompute}, "
+                f"{self.nbytes / 2**20:.2f} MiB, {state})")
+
+
+class SlotPool:
+    """Free save slots of one layer by kind ("full" or "light"), reused before new ones
+    are made."""
+
+    def __init__(self, make: Callable[[bool], Any]) -> None:
+        self._make = make
+        self._free: Dict[str, list] = {"full": [], "light": []}
+        self._all: list = []
+
+    @property
+    def slots(self) -> int:
+        """Slots made so far (free or held by a SavedForBackward)."""
+        return len(self._all)
+
+    def take(self, recompute: bool) -> Any:
+        kind = "light" if recompute else "full"
+        if self._free[kind]:
+            return self._free[kind].pop()
+        slot = self._make(recompute)
+        self._all.append(slot)
+        return slot
+
+    def give(self, slot: Any) -> None:
+        if any(slot is s for s in self._all):
+            self._free[slot.kind].append(slot)
+
+    def drain(self):
+        """Every slot, free or held (the layer is closing: records still held are spent)."""
+        out, self._all = self._all, []
+        self._free = {"full": [], "light": []}
+        for slot in out:
+            slot.owner = None
+        return out
+
+
+def saved_bytes_per_token(cfg: MoEConfig, recompute: bool = False) -> float:
+    """Bytes one token's saved forward keeps (the per-layer tables excluded): ``x``,
+    its routing (``16 * top_k``: expert, weight, compact row and the row's token), and
+    without ``recompute`` the expert intermediate, output and pre-activation rows."""
+    per = {n: b for n, b in saved_buffers(cfg, recompute).items()
+           if n not in ("expert_kept", "tile_kept")}
+    return sum(per.values()) / cfg.tokens
+
+
+def backward_weights(w: MoEWeights) -> Dict[str, np.ndarray]:
+    """The weights in the layouts the backward GEMMs read (C = A B^T, both K-major):
+    ``router_b`` [hidden, ceil8(experts)] (the router, zero-padded columns),
+    ``w_up_b`` vanilla ``w1`` [E, hidden, ffn] / gated ``[wg | wu]`` [E, hidden, 2 ffn],
+    ``w_down_b`` ``w2`` [E, ffn, hidden]: the user layouts, uploaded as they are."""
+    cfg = w.cfg
+    ep = math.ceil(cfg.experts / 8) * 8
+    router = np.zeros((cfg.hidden, ep), storage_dtype(cfg.dtype))
+    router[:, :cfg.experts] = w.router
+    up = w.w1 if cfg.mlp == "vanilla" else np.concatenate([w.wg, w.wu], axis=2)
+    return {"router_b": router, "w_up_b": np.ascontiguousarray(up),
+            "w_down_b": np.ascontiguousarray(w.w2)}
+
+
+def backward_layout_record(plan: BackwardPlan, ptr: Callable[[str], int],
+                           delay_ns: int = 0) -> np.ndarray:
+    """The MoeBackwardLayout a layer hands its backward kernel (``ptr``: buffer name ->
+    address)."""
+    rec = np.zeros((), dtype=MOE_BACKWARD_LAYOUT)
+    for name in MOE_BACKWARD_POINTERS:
+        rec[name] = ptr(name)
+    rec["delay_ns"] = int(delay_ns)
+    rec["ring_capacity"] = plan.ring_capacity
+    rec["rp_capacity"] = plan.rp_capacity
+    rec["tp_capacity"] = plan.tp_capacity
+    return rec
+
+
+def check_grad_output(cfg: MoEConfig, shape, dtype, tokens: int,
+                      contiguous: bool = True) -> None:
+    """``dy`` must look like the forward's ``y``: [tokens, hidden] of the storage type."""
+    want = storage_dtype(cfg.dtype)
+    if tuple(shape) != (tokens, cfg.hidden):
+        raise ValueError(f"dy has shape {tuple(shape)}; expected ({tokens}, {cfg.hidden}), the "
+                         f"shape of this saved forward's y ({tokens} tokens)")
+    if np.dtype(dtype) != want:
+        raise ValueError(f"dy has dtype {np.dtype(dtype)}; expected {want}, the dtype of y "
+                         f"(dtype={cfg.dtype!r}); convert it first")
+    if not contiguous:
+        raise ValueError("dy must be C-contiguous (rows of hidden elements)")
+
+
+class TrainingMixin:
+    """``save_for_backward`` and ``backward`` on top of a backend's hooks.
+
+    A backend provides ``cfg``, ``_expert_ids()``, ``_tr_make_slot(recompute)``,
+    ``_tr_forward(x, slot, **kw)`` (returns ``(y, tokens, extra)``) and
+    ``_tr_backward(dy, slot, tokens, grads_out, accumulate, **kw)`` (returns
+    ``(dx, grads)``).
+    """
+
+    _weights_version = 0
+
+    @property
+    def _saved_pool(self) -> SlotPool:
+        pool = self.__dict__.get("_slot_pool")
+        if pool is None:
+            pool = self.__dict__["_slot_pool"] = SlotPool(self._tr_make_slot)
+        return pool
+
+    def saved_bytes(self, recompute: bool = False) -> int:
+        """Bytes one save slot of this layer holds (sized for ``cfg.tokens``)."""
+        return sum(saved_buffers(self.cfg, recompute).values())
+
+    def _forward_saving(self, x, recompute: bool, **kw):
+        cfg = self.cfg
+        if not cfg.default_routing or cfg.mlp_bias or cfg.activation == "swiglu_clamped":
+            raise ValueError("the backward kernel covers the softmax-then-top-k routing and "
+                             "the plain MLPs (relu, gelu, silu; gated without biases); this "
+                             "config's routing rules or experts have no backward yet")
+        slot = self._saved_pool.take(recompute)
+        try:
+            y, tokens, extra = self._tr_forward(x, slot, **kw)
+        except BaseException:
+            self._saved_pool.give(slot)
+            raise
+        saved = SavedForBackward(self, slot, tokens, recompute, self._weights_version,
+                                 self.saved_bytes(recompute))
+        return (y, saved) + tuple(extra)
+
+    def backward(self, dy, saved: SavedForBackward, grads_out: Optional[MoEGradients] = None,
+                 accumulate: bool = False, retain: bool = False, **kw):
+        """Gradients of the forward that returned ``saved``, for the upstream ``dy``.
+
+        Parameters
+        ----------
+        dy : array, [tokens, hidden] of the storage type
+            NumPy; on the GPU backend also any DLPack GPU tensor (then every result is
+            a tensor of its kind, stream-ordered like the forward).
+        saved : SavedForBackward
+            From ``layer(x, save_for_backward=True)`` of this layer.
+        grads_out : MoEGradients, optional
+            float32 buffers to write the weight gradients into (same kind as ``dy``).
+        accumulate : bool
+            Add into ``grads_out`` instead of overwriting it (micro-batches).
+        retain : bool
+            Keep ``saved`` usable for another backward.
+        **kw
+            Backend options (GPU: ``stream=``).
+
+        Returns
+        -------
+        dx : the gradient of ``x`` (storage type, the kind of ``dy``)
+        grads : MoEGradients (``grads_out`` if given)
+        """
+        if not isinstance(saved, SavedForBackward):
+            raise TypeError(f"saved must be the SavedForBackward of a forward with "
+                            f"save_for_backward=True, got {type(saved).__name__}")
+        if saved._layer() is not self:
+            raise ValueError("saved comes from another layer's forward; pass it to the "
+                             "backward of the layer that made it")
+        if saved.released:
+            raise ValueError("saved was already consumed: its backward ran (or release() was "
+                             "called) and its slot was reused; run the forward again, or pass "
+                             "retain=True to the first backward to run it twice")
+        if saved.weights_version != self._weights_version:
+            raise ValueError("the layer's weights changed (set_weights) after this forward; its "
+                             "saved activations belong to the old weights: run the forward "
+                             "again")
+        if accumulate and grads_out is None:
+            raise ValueError("accumulate=True adds into grads_out: pass the buffers to add to")
+        if grads_out is not None:
+            self._check_grads_out(grads_out)
+        dx, grads = self._tr_backward(dy, saved._slot, saved.tokens, grads_out, bool(accumulate),
+                                      **kw)
+        if not retain:
+            saved.release()
+        return dx, grads
+
+    def _check_grads_out(self, grads: MoEGradients) -> None:
+        if not isinstance(grads, MoEGradients):
+            raise TypeError(f"grads_out must be MoEGradients, got {type(grads).__name__}")
+        ids = self._expert_ids()
+        if grads.mlp != self.cfg.mlp or tuple(grads.expert_ids) != tuple(ids):
+            raise ValueError(f"grads_out is for mlp={grads.mlp!r}, experts {grads.expert_ids}; "
+                             f"this layer is {self.cfg.mlp!r} holding experts {tuple(ids)}")
+        for name, shape in gradient_shapes(self.cfg, len(ids)).items():
+            a = getattr(grads, name)
+            got_shape = tuple(getattr(a, "shape", ()))
+            if got_shape != shape:
+                raise ValueError(f"grads_out.{name} has shape {got_shape}; expected {shape}")
+            if isinstance(a, np.ndarray) and a.dtype != np.float32:
+                raise ValueError(f"grads_out.{name} has dtype {a.dtype}; gradients are float32")
+
+
+def numpy_grads_ok(a: np.ndarray) -> bool:
+    """Whether the kernel can write a NumPy gradient in place (float32, C-contiguous,
+    writable, 16-byte aligned)."""
+    return (a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+            and a.ctypes.data % 16 == 0)
+
+
+def routing_equal(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
+    """Whether two routings (name -> array of SAVED_ROUTING) are identical."""
+    return all(np.array_equal(a[n].view(np.uint8), b[n].view(np.uint8)) for n in SAVED_ROUTING)
+

@@ -1,0 +1,230 @@
+"""The backward pass on the CPU emulator: :class:`EmulatedMoELayer`'s training hooks.
+
+The same kernel source as the GPU's (``kernels/moe_backward.cu``) built for the host;
+save slots, the backward's buffers and its weights live in host memory laid out as on
+a GPU. NumPy in and out; CPU DLPack tensors (anything ``np.from_dlpack`` takes) are
+accepted too and come back as NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import types
+from typing import Optional
+
+import numpy as np
+
+from .backward import (MoEGradients, TrainingMixin, backward_layout_record, backward_weights,
+                       check_grad_output, gradient_shapes, numpy_grads_ok, routing_equal)
+from .host.abi import ABI_VERSION
+from .host.errors import FlashMoEError
+from .jit import emulator_library
+from .kernels import moe_backward_spec
+from .numerics import round_to, storage_dtype
+from .plan import SAVED_ROUTING, plan_backward, saved_buffers
+from .reference import Routing
+
+__all__ = ["EmulatedTraining"]
+
+_P = ctypes.c_void_p
+
+
+def _aligned(nbytes: int, fill: Optional[int] = None) -> np.ndarray:
+    from .emulator import _aligned as aligned
+
+    return aligned(nbytes, fill)
+
+
+def as_numpy(a, name: str) -> np.ndarray:
+    """A NumPy view of a NumPy array or a CPU DLPack tensor."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "__dlpack__"):
+        try:
+            return np.from_dlpack(a)
+        except (RuntimeError, TypeError, BufferError) as exc:
+            raise TypeError(f"{name}: the emulator takes NumPy arrays or CPU DLPack tensors; "
+                            f"np.from_dlpack refused this {type(a).__name__} ({exc})") from None
+    raise TypeError(f"{name}: the emulator takes NumPy arrays or CPU DLPack tensors, got "
+                    f"{type(a).__name__}")
+
+
+class _Slot:
+    """One save slot in host memory (buffer name -> aligned bytes)."""
+
+    def __init__(self, cfg, recompute: bool) -> None:
+        self.kind = "light" if recompute else "full"
+        self.owner = None
+        # Garbage, as device memory starts: nothing may rely on it.
+        self.buf = {n: _aligned(b, 0xA5) for n, b in saved_buffers(cfg, recompute).items()}
+
+    def ptr(self, name: str) -> int:
+        return int(self.buf[name].ctypes.data)
+
+    def view(self, name: str, shape, dtype) -> np.ndarray:
+        n = int(np.prod(shape))
+        return self.buf[name].view(dtype)[:n].reshape(shape)
+
+    def routing(self, cfg, tokens: int) -> dict:
+        k, tt = cfg.top_k, -(-tokens // 128)
+        shapes = {"topk_expert": ((tokens, k), np.int32), "topk_weight": ((tokens, k), np.float32),
+                  "token_rows": ((tokens, k), np.int32), "row_token": ((tokens * k,), np.int32),
+                  "expert_kept": ((cfg.experts,), np.int32), "tile_kept": ((tt,), np.int32)}
+        return {n: self.view(n, *shapes[n]) for n in SAVED_ROUTING}
+
+
+class _BackwardLauncher:
+    """The backward kernel's emulator library for one configuration."""
+
+    def __init__(self, cfg) -> None:
+        self.lib = emulator_library(moe_backward_spec(cfg))
+        abi = self.lib.function("emu_moe_backward_abi", [], ctypes.c_uint)()
+        if abi != ABI_VERSION:
+            raise FlashMoEError(f"emulator backward kernel ABI {abi} differs from host ABI "
+                                f"{ABI_VERSION}; clear the kernel cache (FLASHMOE_CACHE_DIR)")
+        self.fn = self.lib.function("emu_moe_backward", [ctypes.c_int, _P, _P, _P, _P, _P, _P,
+                                                         _P, ctypes.c_int, ctypes.c_int])
+
+
+class EmulatedTraining(TrainingMixin):
+    """Training hooks of :class:`~flashmoe_core.emulator.EmulatedMoELayer` (one PE)."""
+
+    _bw = None  # the backward's buffers, launcher and layout once a backward ran
+
+    # ------------------------------------------------------------------ hooks
+    def _expert_ids(self):
+        return tuple(range(self.cfg.experts))
+
+    def _tr_make_slot(self, recompute: bool) -> _Slot:
+        return _Slot(self.cfg, recompute)
+
+    def _slot_layout(self, slot: _Slot) -> np.ndarray:
+        from .layer import layout_record
+
+        pe = self._pe
+        rec = layout_record(self.cfg, pe.plan,
+                            lambda n: slot.ptr(n) if n in slot.buf else pe.ptr(n),
+                            fault=int(pe.fault.ctypes.data), timeout_s=pe.timeout_s, rank=0,
+                            local_experts=len(pe.local_ids), delay_ns=pe.delay_ns)
+        out = _aligned(rec.nbytes)
+        out[...] = np.frombuffer(rec.tobytes(), np.uint8)
+        return out
+
+    def _forward_into(self, slot: _Slot, x_ptr: int, tokens: int) -> None:
+        layout = self._slot_layout(slot)
+        pe = self._pe
+        self._launcher([types.SimpleNamespace(layout=layout)], [tokens], [True], "full",
+                       self.grid, [x_ptr], [pe.ptr("y_stage")])
+        self.check_fault()
+
+    def _tr_forward(self, x, slot: _Slot, return_routing: bool = False):
+        x = as_numpy(x, "x")
+        if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
+            x = round_to(x, "tfloat32")
+        from .layer import validate_input
+
+        t = validate_input(self.cfg, x.shape, x.dtype)
+        slot.view("x", x.shape, x.dtype)[...] = x
+        self._forward_into(slot, slot.ptr("x"), t)
+        y = self._pe.view("y_stage", (t, self.cfg.hidden), storage_dtype(self.cfg.dtype)).copy()
+        extra = ()
+        if return_routing:
+            r = slot.routing(self.cfg, t)
+            extra = (Routing(r["topk_expert"].copy(), r["topk_weight"].copy(),
+                             r["token_rows"] >= 0),)
+        return y, t, extra
+
+    # ------------------------------------------------------------------ backward
+    def _ensure_backward(self):
+        if self._bw is not None:
+            return self._bw
+        plan = plan_backward(self.cfg)
+        buf = {n: _aligned(b, 0xA5) for n, b in plan.workspace.items()}
+        buf["ring"][...] = 0
+        bw = types.SimpleNamespace(plan=plan, buf=buf, launcher=_BackwardLauncher(self.cfg),
+                                   delay_ns=0, scratch=None, layout=None)
+        self._bw = bw
+        self._upload_backward_weights(self._weights)
+        return bw
+
+    def _upload_backward_weights(self, w) -> None:
+        bw = self._bw
+        for name, a in backward_weights(w).items():
+            a = np.ascontiguousarray(a)
+            bw.buf[name] = _aligned(a.nbytes)
+            bw.buf[name][...] = a.reshape(-1).view(np.uint8)
+        self._make_backward_layout()
+
+    def _make_backward_layout(self) -> None:
+        bw = self._bw
+        rec = backward_layout_record(bw.plan, lambda n: int(bw.buf[n].ctypes.data),
+                                     delay_ns=bw.delay_ns)
+        bw.layout = _aligned(rec.nbytes)
+        bw.layout[...] = np.frombuffer(rec.tobytes(), np.uint8)
+
+    def _tr_backward(self, dy, slot: _Slot, tokens: int, grads_out, accumulate: bool):
+        cfg = self.cfg
+        dy = as_numpy(dy, "dy")
+        check_grad_output(cfg, dy.shape, dy.dtype, tokens, dy.flags.c_contiguous)
+        bw = self._ensure_backward()
+        fwd = slot
+        if slot.kind == "light":
+            # Only x and the routing were kept: the forward again, into a full slot.
+            if bw.scratch is None:
+                bw.scratch = _Slot(cfg, recompute=False)
+            fwd = bw.scratch
+            self._forward_into(fwd, slot.ptr("x"), tokens)
+            if not routing_equal(fwd.routing(cfg, tokens), slot.routing(cfg, tokens)):
+                raise FlashMoEError("the recomputed forward routed differently from the saved "
+                                    "one: the forward kernel is not deterministic here (a bug)")
+        dt = storage_dtype(cfg.dtype)
+        dy_stage = bw.buf["dy_stage"].view(dt)[:dy.size].reshape(dy.shape)
+        dy_stage[...] = dy
+        if grads_out is None:
+            grads = MoEGradients(cfg.mlp, self._expert_ids(), **{
+                n: _aligned(int(np.prod(s)) * 4).view(np.float32).reshape(s)
+                for n, s in gradient_shapes(cfg).items()})
+        else:
+            grads = grads_out
+            for name, a in grads.arrays().items():
+                if not isinstance(a, np.ndarray) or not numpy_grads_ok(a):
+                    raise ValueError(f"grads_out.{name} must be a writable, C-contiguous, "
+                                     "16-byte aligned float32 NumPy array (np.zeros gives one)")
+        order = ("router", "w1", "b1", "w2", "b2") if cfg.mlp == "vanilla" else \
+            ("router", "wg", "wu", "w2", None)
+        ptrs = [0 if n is None else int(getattr(grads, n).ctypes.data) for n in order]
+        lb = bw.launcher
+        fwd_layout = self._slot_layout(fwd)
+        arr = lambda t, vals: (t * len(vals))(*vals)  # noqa: E731
+        lb.lib.launch(self.options, lb.fn, 1, arr(_P, [int(fwd_layout.ctypes.data)]),
+                      arr(_P, [int(bw.layout.ctypes.data)]), arr(_P, [slot.ptr("x")]),
+                      arr(_P, [int(bw.buf["dy_stage"].ctypes.data)]),
+                      arr(_P, [int(bw.buf["dx_stage"].ctypes.data)]), arr(_P, ptrs),
+                      arr(ctypes.c_int, [tokens]), int(accumulate), self.grid)
+        self.check_fault()
+        dx = bw.buf["dx_stage"].view(dt)[:dy.size].reshape(dy.shape).copy()
+        return dx, grads
+
+    # ------------------------------------------------------------------ weights
+    def set_weights(self, weights) -> None:
+        """Replace the layer's weights (same config): both the forward's and, once a
+        backward ran, the backward's copies. Saved forwards of the old weights can no
+        longer run their backward."""
+        from .weights import MoEWeights
+
+        if not isinstance(weights, MoEWeights) or weights.cfg != self.cfg:
+            raise ValueError("weights must be MoEWeights built for this same config")
+        self._pe._upload_weights(weights)
+        self._pe.make_layout()
+        self._weights = weights
+        self._weights_version += 1
+        if self._bw is not None:
+            self._upload_backward_weights(weights)
+
+    def _inject_backward_delay(self, seconds: float) -> None:
+        """Delay every later backward launch by ``seconds`` (fault injection)."""
+        if not 0 <= seconds <= 60:
+            raise ValueError(f"delay {seconds} s must be in [0, 60]")
+        bw = self._ensure_backward()
+        bw.delay_ns = int(seconds * 1e9)
+        self._make_backward_layout()
