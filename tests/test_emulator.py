@@ -189,9 +189,9 @@ def test_mutant_lost_combine_task_is_caught_by_the_kernels_own_timeout(tmp_path,
 
 def test_mutant_divergent_barrier_is_reported_where_threads_wait(tmp_path, monkeypatch):
     # Thread 0 alone reaches an extra __syncthreads: a hang on a GPU.
-    _mutant(tmp_path, monkeypatch, FUSED, "    if (lane == 0) {\n      float norm = 0.0f;",
+    _mutant(tmp_path, monkeypatch, FUSED, "    if (lane == 0) {\n      float w[C::K];",
             "    if (lane == 0) {\n      if (threadIdx.x == 0) __syncthreads();\n"
-            "      float norm = 0.0f;")
+            "      float w[C::K];")
     cfg = MoEConfig(tokens=64, hidden=128, ffn=128, experts=8, top_k=2)
     layer = MoELayer(cfg, MoEWeights.random(cfg, 0), backend="emulator", max_blocks=2)
     with pytest.raises(EmulatorError) as exc:
