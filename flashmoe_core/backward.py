@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .config import MoEConfig
-from .host.abi import MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS
+from .host.abi import MOE_BACKWARD_EP_POINTERS, MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS
 from .numerics import storage_dtype
 from .plan import SAVED_ROUTING, BackwardPlan, saved_buffers
 from .weights import MoEWeights, expert_tensor_names
@@ -206,7 +206,7 @@ def backward_layout_record(plan: BackwardPlan, ptr: Callable[[str], int],
     """The MoeBackwardLayout a layer hands its backward kernel (``ptr``: buffer name ->
     address)."""
     rec = np.zeros((), dtype=MOE_BACKWARD_LAYOUT)
-    for name in MOE_BACKWARD_POINTERS:
+    for name in MOE_BACKWARD_POINTERS + MOE_BACKWARD_EP_POINTERS:
         rec[name] = ptr(name)
     rec["delay_ns"] = int(delay_ns)
     rec["ring_capacity"] = plan.ring_capacity

@@ -27,7 +27,8 @@ import numpy as np
 
 from . import env
 from .config import MoEConfig
-from .emulator_backward import EmulatedTraining
+from .emulator_backward import (EmulatedExpertParallelTraining, EmulatedTraining,
+                                backward_symmetric)
 from .ep import plan_heap
 from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
 from .host.emulator import EmulatorError, EmulatorOptions
@@ -162,8 +163,9 @@ class _PeBuffers:
         if cfg.world_size > 1:
             hp = plan_heap(cfg)
             workspace = {k: v for k, v in hp.local.items() if k not in self.plan.weights}
+            sizes = {**hp.symmetric, **backward_symmetric(cfg)}
             for name, off in heap_offsets.items():
-                self.buf[name] = heap[off:off + hp.symmetric[name]]
+                self.buf[name] = heap[off:off + sizes[name]]
             weights = weights.subset(self.local_ids)
         else:
             workspace = self.plan.workspace
@@ -448,7 +450,7 @@ class _LayerTesting:
 
 
 # ------------------------------------------------------------------------- several PEs
-class EmulatedExpertParallel(_Emulated):
+class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
     """``cfg.world_size`` PEs of an expert-parallel layer in one process, their fused
     kernels launched together on the emulator, NVSHMEM emulated between them.
 
@@ -486,13 +488,16 @@ class EmulatedExpertParallel(_Emulated):
         if self.check_finite:
             check_weights_finite(weights)
         self.cfg = cfg
+        self._weights = weights  # the backward uploads its own layouts when first needed
         self.world = cfg.world_size
         self.grid = _grid(grid, 2)
         self._launcher = _Launcher(cfg, options)
         timeout = _timeout(timeout_s)
         hp = plan_heap(cfg)
         offsets, total = {}, 0
-        for name, nbytes in hp.symmetric.items():  # same order and offsets on every PE
+        # The backward's symmetric buffers are reserved too (host memory is cheap here).
+        symmetric = {**hp.symmetric, **backward_symmetric(cfg)}
+        for name, nbytes in symmetric.items():  # same order and offsets on every PE
             offsets[name] = total
             total += -(-nbytes // _ALIGN) * _ALIGN
         self.heap_bytes = total
@@ -506,7 +511,7 @@ class EmulatedExpertParallel(_Emulated):
         return _ExpertParallelTesting(self)
 
     def __call__(self, xs: Sequence[np.ndarray], absent: Sequence[int] = (),
-                 return_routing: bool = False):
+                 return_routing: bool = False, save_for_backward: bool = False):
         """One forward pass on every PE at once.
 
         Parameters
@@ -514,6 +519,8 @@ class EmulatedExpertParallel(_Emulated):
         xs : one [t_p, hidden] array per PE (each PE's own tokens).
         absent : PEs that do not launch this pass (fault injection: the others time out).
         return_routing : also return each PE's Routing.
+        save_for_backward : also return a SavedForBackward for :meth:`backward`
+            (``ys, saved[, routings]``).
 
         Returns
         -------
@@ -526,6 +533,8 @@ class EmulatedExpertParallel(_Emulated):
             PE's decoded record (None where there was none). Every PE then recovers
             as after ``MoELayer.recover()`` on every rank.
         """
+        if save_for_backward:
+            return self._forward_saving_ep(xs, absent, return_routing)
         tokens, launched = self._run(xs, absent, "full")
         dt = storage_dtype(self.cfg.dtype)
         ys: List[Optional[np.ndarray]] = [

@@ -83,7 +83,18 @@ class _BackwardLauncher:
             raise FlashMoEError(f"emulator backward kernel ABI {abi} differs from host ABI "
                                 f"{ABI_VERSION}; clear the kernel cache (FLASHMOE_CACHE_DIR)")
         self.fn = self.lib.function("emu_moe_backward", [ctypes.c_int, _P, _P, _P, _P, _P, _P,
-                                                         _P, ctypes.c_int, ctypes.c_int])
+                                                         _P, _P, ctypes.c_int, ctypes.c_int, _P,
+                                                         ctypes.c_ulonglong])
+
+    def __call__(self, options, fwd, bwd, x, dy, dx, grads, tokens, launched, accumulate: bool,
+                 grid: int, heaps=(), heap_bytes: int = 0) -> None:
+        """One launch on len(fwd) PEs (per-PE addresses; grads: 5 per PE)."""
+        arr = lambda t, vals: (t * len(vals))(*vals)  # noqa: E731
+        self.lib.launch(options, self.fn, len(fwd), arr(_P, fwd), arr(_P, bwd), arr(_P, x),
+                        arr(_P, dy), arr(_P, dx), arr(_P, grads), arr(ctypes.c_int, tokens),
+                        arr(ctypes.c_int, [int(bool(v)) for v in launched]), int(accumulate),
+                        grid, arr(_P, [int(h.ctypes.data) for h in heaps]) if heaps else None,
+                        heap_bytes)
 
 
 class EmulatedTraining(TrainingMixin):
@@ -157,8 +168,9 @@ class EmulatedTraining(TrainingMixin):
 
     def _make_backward_layout(self) -> None:
         bw = self._bw
-        rec = backward_layout_record(bw.plan, lambda n: int(bw.buf[n].ctypes.data),
-                                     delay_ns=bw.delay_ns)
+        rec = backward_layout_record(
+            bw.plan, lambda n: int(bw.buf[n].ctypes.data) if n in bw.buf else 0,
+            delay_ns=bw.delay_ns)
         bw.layout = _aligned(rec.nbytes)
         bw.layout[...] = np.frombuffer(rec.tobytes(), np.uint8)
 
@@ -193,14 +205,11 @@ class EmulatedTraining(TrainingMixin):
         order = ("router", "w1", "b1", "w2", "b2") if cfg.mlp == "vanilla" else \
             ("router", "wg", "wu", "w2", None)
         ptrs = [0 if n is None else int(getattr(grads, n).ctypes.data) for n in order]
-        lb = bw.launcher
         fwd_layout = self._slot_layout(fwd)
-        arr = lambda t, vals: (t * len(vals))(*vals)  # noqa: E731
-        lb.lib.launch(self.options, lb.fn, 1, arr(_P, [int(fwd_layout.ctypes.data)]),
-                      arr(_P, [int(bw.layout.ctypes.data)]), arr(_P, [slot.ptr("x")]),
-                      arr(_P, [int(bw.buf["dy_stage"].ctypes.data)]),
-                      arr(_P, [int(bw.buf["dx_stage"].ctypes.data)]), arr(_P, ptrs),
-                      arr(ctypes.c_int, [tokens]), int(accumulate), self.grid)
+        bw.launcher(self.options, [int(fwd_layout.ctypes.data)], [int(bw.layout.ctypes.data)],
+                    [slot.ptr("x")], [int(bw.buf["dy_stage"].ctypes.data)],
+                    [int(bw.buf["dx_stage"].ctypes.data)], ptrs, [tokens], [True], accumulate,
+                    self.grid)
         self.check_fault()
         dx = bw.buf["dx_stage"].view(dt)[:dy.size].reshape(dy.shape).copy()
         return dx, grads
@@ -228,3 +237,200 @@ class EmulatedTraining(TrainingMixin):
         bw = self._ensure_backward()
         bw.delay_ns = int(seconds * 1e9)
         self._make_backward_layout()
+
+
+# ------------------------------------------------------------------------- several PEs
+def backward_symmetric(cfg) -> dict:
+    """The backward's symmetric buffers (name -> bytes) an emulated expert-parallel layer
+    reserves in every PE's heap."""
+    return plan_backward(cfg, cfg.max_local_experts).symmetric
+
+
+class _EpSlot:
+    """A save slot of every PE at once (one per PE, same index on each)."""
+
+    def __init__(self, cfg, world: int) -> None:
+        self.kind = "full"
+        self.owner = None
+        self.pes = [_Slot(cfg, recompute=False) for _ in range(world)]
+        self.tokens = [0] * world
+
+
+class EmulatedExpertParallelTraining:
+    """``save_for_backward`` and ``backward`` of
+    :class:`~flashmoe_core.emulator.EmulatedExpertParallel`: every PE at once, along
+    the forward's routes. Each PE's gradients hold its own experts; its ``router``
+    gradient is the partial over its own tokens (the router is replicated: sum the
+    partials over PEs, as for any data-parallel weight)."""
+
+    _bw_pes = None
+    _weights_version = 0
+
+    @property
+    def _saved_pool(self):
+        from .backward import SlotPool
+
+        pool = self.__dict__.get("_slot_pool")
+        if pool is None:
+            pool = self.__dict__["_slot_pool"] = SlotPool(
+                lambda recompute: _EpSlot(self.cfg, self.world))
+        return pool
+
+    def _ep_slot_layout(self, pe, slot: _Slot, saving: bool) -> np.ndarray:
+        """PE pe's layout for one slot: while saving, owners put results into the
+        layer's symmetric y_expert and recv_rows receives x rows (copied into the slot
+        after the launch); for the backward the slot's copies stand in for them."""
+        from .layer import layout_record
+
+        own = set(slot.buf) - ({"y_expert", "recv_saved"} if saving else set())
+        rec = layout_record(self.cfg, pe.plan, lambda n: slot.ptr(n) if n in own else pe.ptr(n),
+                            fault=int(pe.fault.ctypes.data), timeout_s=pe.timeout_s,
+                            rank=pe.rank, local_experts=len(pe.local_ids),
+                            delay_ns=pe.delay_ns)
+        out = _aligned(rec.nbytes)
+        out[...] = np.frombuffer(rec.tobytes(), np.uint8)
+        return out
+
+    def _raise_faults(self) -> None:
+        from .layer import fault_exception, recovery_state
+
+        records = [pe.fault_info() for pe in self.pes]
+        if any(records):
+            words, epoch = recovery_state([pe.state()["epoch"] for pe in self.pes])
+            for pe in self.pes:
+                pe.recover(words, epoch)
+            exc = fault_exception(next(r for r in records if r))
+            exc.records = records
+            raise exc
+
+    def _forward_saving_ep(self, xs, absent=(), return_routing: bool = False):
+        from .backward import SavedForBackward
+        from .layer import validate_input
+
+        if len(xs) != self.world:
+            raise ValueError(f"xs has {len(xs)} arrays; expected one per PE ({self.world})")
+        if absent:
+            raise ValueError("save_for_backward=True runs every PE (absent= is for fault tests "
+                             "of the plain forward)")
+        slot = self._saved_pool.take(False)
+        try:
+            tokens = []
+            for r, (pe, x, s) in enumerate(zip(self.pes, xs, slot.pes)):
+                x = as_numpy(x, f"xs[{r}]")
+                if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
+                    x = round_to(x, "tfloat32")
+                t = validate_input(self.cfg, x.shape, x.dtype)
+                s.view("x", x.shape, x.dtype)[...] = x
+                tokens.append(t)
+            layouts = [self._ep_slot_layout(pe, s, saving=True) for pe, s in zip(self.pes,
+                                                                               slot.pes)]
+            self._launcher([types.SimpleNamespace(layout=lay) for lay in layouts], tokens,
+                           [True] * self.world, "full", self.grid, [s.ptr("x") for s in slot.pes],
+                           [pe.ptr("y_stage") for pe in self.pes], self._heaps, self.heap_bytes)
+            self._raise_faults()
+        except BaseException:
+            self._saved_pool.give(slot)
+            raise
+        for pe, s in zip(self.pes, slot.pes):  # the symmetric results the backward reads
+            s.buf["y_expert"][...] = pe.buf["y_expert"][:s.buf["y_expert"].size]
+            s.buf["recv_saved"][...] = pe.buf["recv_rows"][:s.buf["recv_saved"].size]
+        slot.tokens = tokens
+        dt = storage_dtype(self.cfg.dtype)
+        ys = [pe.view("y_stage", (t, self.cfg.hidden), dt).copy()
+              for pe, t in zip(self.pes, tokens)]
+        saved = SavedForBackward(self, slot, max(tokens), False, self._weights_version,
+                                 sum(sum(b.nbytes for b in s.buf.values()) for s in slot.pes))
+        if return_routing:
+            routings = []
+            for s, t in zip(slot.pes, tokens):
+                r = s.routing(self.cfg, t)
+                routings.append(Routing(r["topk_expert"].copy(), r["topk_weight"].copy(),
+                                        r["token_rows"] >= 0))
+            return ys, saved, routings
+        return ys, saved
+
+    def _ensure_backward_ep(self):
+        if self._bw_pes is not None:
+            return self._bw_pes
+        cfg = self.cfg
+        launcher = _BackwardLauncher(cfg)
+        out = []
+        for pe in self.pes:
+            plan = plan_backward(cfg, len(pe.local_ids))
+            buf = {n: _aligned(b, 0xA5) for n, b in plan.workspace.items()}
+            buf["ring"][...] = 0
+            for name in plan.symmetric:  # in the heap: owners put into each other's
+                buf[name] = pe.buf[name]
+            out.append(types.SimpleNamespace(plan=plan, buf=buf, layout=None, pe=pe))
+        self._bw_pes = types.SimpleNamespace(launcher=launcher, pes=out)
+        self._upload_backward_weights_ep(self._weights)
+        return self._bw_pes
+
+    def _upload_backward_weights_ep(self, w) -> None:
+        for bw in self._bw_pes.pes:
+            for name, a in backward_weights(w.subset(bw.pe.local_ids)).items():
+                a = np.ascontiguousarray(a)
+                bw.buf[name] = _aligned(a.nbytes)
+                bw.buf[name][...] = a.reshape(-1).view(np.uint8)
+            rec = backward_layout_record(
+                bw.plan, lambda n: int(bw.buf[n].ctypes.data) if n in bw.buf else 0)
+            bw.layout = _aligned(rec.nbytes)
+            bw.layout[...] = np.frombuffer(rec.tobytes(), np.uint8)
+
+    def backward(self, dys, saved, absent=()):
+        """Gradients of the expert-parallel forward that returned ``saved``.
+
+        Parameters
+        ----------
+        dys : one [t_p, hidden] array per PE (the storage type; each PE's own tokens)
+        saved : SavedForBackward of ``ep(xs, save_for_backward=True)``
+        absent : PEs that do not launch (fault injection: the others time out)
+
+        Returns
+        -------
+        dxs : list of arrays, one per PE
+        grads : list of MoEGradients, one per PE: its own experts, and its partial
+            router gradient (over its tokens)
+        """
+        from .backward import SavedForBackward
+
+        if not isinstance(saved, SavedForBackward) or not isinstance(saved._slot, _EpSlot):
+            raise TypeError("saved must come from ep(xs, save_for_backward=True)")
+        if saved._layer() is not self:
+            raise ValueError("saved comes from another layer's forward")
+        if saved.released:
+            raise ValueError("saved was already consumed (its backward ran); run the forward "
+                             "again")
+        if len(dys) != self.world:
+            raise ValueError(f"dys has {len(dys)} arrays; expected one per PE ({self.world})")
+        bad = [r for r in absent if not 0 <= r < self.world]
+        if bad:
+            raise ValueError(f"absent PEs {bad} are not in [0, {self.world})")
+        cfg, slot = self.cfg, saved._slot
+        dys = [as_numpy(dy, f"dys[{r}]") for r, dy in enumerate(dys)]
+        for dy, t in zip(dys, slot.tokens):
+            check_grad_output(cfg, dy.shape, dy.dtype, t, dy.flags.c_contiguous)
+        st = self._ensure_backward_ep()
+        dt = storage_dtype(cfg.dtype)
+        order = ("router", "w1", "b1", "w2", "b2") if cfg.mlp == "vanilla" else \
+            ("router", "wg", "wu", "w2", None)
+        grads, ptrs, fwd = [], [], []
+        for bw, s, dy in zip(st.pes, slot.pes, dys):
+            bw.buf["dy_stage"].view(dt)[:dy.size].reshape(dy.shape)[...] = dy
+            g = MoEGradients(cfg.mlp, bw.pe.local_ids, **{
+                n: _aligned(int(np.prod(sh)) * 4).view(np.float32).reshape(sh)
+                for n, sh in gradient_shapes(cfg, len(bw.pe.local_ids)).items()})
+            grads.append(g)
+            ptrs += [0 if n is None else int(getattr(g, n).ctypes.data) for n in order]
+            fwd.append(self._ep_slot_layout(bw.pe, s, saving=False))
+        launched = [r not in absent for r in range(self.world)]
+        st.launcher(self.options, [int(f.ctypes.data) for f in fwd],
+                    [int(bw.layout.ctypes.data) for bw in st.pes], [s.ptr("x") for s in slot.pes],
+                    [int(bw.buf["dy_stage"].ctypes.data) for bw in st.pes],
+                    [int(bw.buf["dx_stage"].ctypes.data) for bw in st.pes], ptrs, slot.tokens,
+                    launched, False, self.grid, self._heaps, self.heap_bytes)
+        self._raise_faults()
+        saved.release()
+        dxs = [bw.buf["dx_stage"].view(dt)[:dy.size].reshape(dy.shape).copy()
+               for bw, dy in zip(st.pes, dys)]
+        return dxs, grads

@@ -142,24 +142,19 @@ def moe_spec(cfg) -> KernelSpec:
 
 
 def moe_backward_spec(cfg) -> KernelSpec:
-    """The fused MoE backward kernel for a configuration (same constants as the forward).
-
-    Raises
-    ------
-    ValueError
-        For ``world_size > 1``: the backward runs on one GPU so far.
-    """
-    if cfg.world_size > 1:
-        raise ValueError(f"world_size={cfg.world_size}: the fused backward runs on one GPU; "
-                         "expert parallelism of the backward is not implemented yet")
-    return KernelSpec.make("kernels/moe_backward.cu", moe_defines(cfg),
-                           label="the fused MoE backward kernel", family="moe_backward",
+    """The fused MoE backward kernel for a configuration (same constants as the forward;
+    ``world_size > 1``: the NVSHMEM build)."""
+    ep = cfg.world_size > 1
+    return KernelSpec.make("kernels/moe_backward.cu", moe_defines(cfg), nvshmem=ep,
+                           label="the expert-parallel fused MoE backward kernel" if ep
+                           else "the fused MoE backward kernel",
+                           family="moe_backward_ep" if ep else "moe_backward",
                            context={"config": cfg.to_json()})
 
 
 def moe_specs(cfg, training: bool = False) -> List[KernelSpec]:
     """Every kernel a layer of this configuration uses (``training``: the backward too)."""
     specs = [moe_spec(cfg)]
-    if training and cfg.world_size == 1:
+    if training:
         specs.append(moe_backward_spec(cfg))
     return specs

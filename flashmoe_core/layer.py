@@ -684,6 +684,8 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
     rec["router_bias"] = ptr("router_bias")
     rec["selection_bias"] = ptr("selection_bias")
     rec["pre"] = ptr("pre")  # a save slot's pre-activations; 0: the forward keeps none
+    rec["pre_remote"] = ptr("pre_remote")
+    rec["recv_saved"] = ptr("recv_saved")
     if cfg.world_size > 1:
         rec["slot_rows"] = slot_rows(cfg)
         rec["max_peer_tiles"] = max_peer_tiles(cfg)

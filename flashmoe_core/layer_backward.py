@@ -225,7 +225,8 @@ class GpuTraining(TrainingMixin):
 
     def _make_backward_layout(self) -> None:
         bw = self._bw
-        rec = backward_layout_record(bw.plan, lambda n: int(bw.buf[n].handle),
+        rec = backward_layout_record(bw.plan,
+                                     lambda n: int(bw.buf[n].handle) if n in bw.buf else 0,
                                      delay_ns=bw.delay_ns)
         data = np.frombuffer(rec.tobytes(), np.uint8)
         if bw.layout is None:

@@ -145,6 +145,9 @@ def saved_buffers(cfg: MoEConfig, recompute: bool = False) -> Dict[str, int]:
     if not recompute:
         pf = 2 * f if cfg.mlp == "gated" else f
         out.update(z=t * k * f * b, y_expert=t * k * h * b, pre=t * k * pf * b)
+        if cfg.world_size > 1:  # the owner's side: rows received from every source
+            sr = cfg.world_size * slot_rows(cfg)
+            out.update(recv_saved=sr * h * b, z_remote=sr * f * b, pre_remote=sr * pf * b)
     return out
 
 
@@ -166,6 +169,9 @@ class BackwardPlan:
         the weights while training).
     workspace : dict
         Buffer name -> bytes.
+    symmetric : dict
+        Expert parallelism: name -> bytes of the backward's symmetric buffers (``dxe``,
+        where owners put dX rows, and ``dxe_remote``, their put source).
     """
 
     rp_capacity: int
@@ -173,10 +179,12 @@ class BackwardPlan:
     ring_capacity: int
     weights: Dict[str, int]
     workspace: Dict[str, int]
+    symmetric: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.workspace.values()) + sum(self.weights.values())
+        return sum(self.workspace.values()) + sum(self.weights.values()) + \
+            sum(self.symmetric.values())
 
 
 def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
@@ -188,11 +196,15 @@ def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
     pf = 2 * f if gated else f
     ep = math.ceil(e / 8) * 8
     tt = math.ceil(t / TILE)
-    rp = math.ceil((t * k + 7 * el) / 8) * 8
+    w = cfg.world_size
+    received = (w * slot_rows(cfg)) if w > 1 else 0  # rows an owner can receive at most
+    rp = math.ceil((t * k + received + 7 * el) / 8) * 8
     tp = math.ceil(t / 8) * 8
     ht, ft, pt = (math.ceil(n / TILE) for n in (h, f, pf))
     max_rowtiles = math.ceil(t * k / TILE) + e
     ring = max_rowtiles * ht + el * ht * pt + (0 if gated else el * ft) + tt * ht
+    if w > 1:  # received tiles' dH and dX; dW2 and db2 are published there
+        ring += w * max_peer_tiles(cfg) * (ft + ht) + el * ft * ht + (0 if gated else el * ht)
     weights = {"router_b": h * ep * b, "w_up_b": el * h * pf * b, "w_down_b": el * f * h * b}
     workspace = {
         "dye": t * k * h * b, "dye_t": h * rp * b, "z_t": f * rp * b, "xg_t": h * rp * b,
@@ -201,5 +213,9 @@ def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
         "dep_expert": el * 4, "dep_dxsum": tt * ht * 4, "ring": ring * 8,
         "dy_stage": t * h * b, "dx_stage": t * h * b,
     }
+    symmetric = {}
+    if w > 1:
+        symmetric = {"dxe": workspace.pop("dxe"), "dxe_remote": received * h * 4}
+        workspace.update(da_remote=received * pf * b, dep_remote=w * max_peer_tiles(cfg) * 8)
     return BackwardPlan(rp_capacity=rp, tp_capacity=tp, ring_capacity=ring, weights=weights,
-                        workspace=workspace)
+                        workspace=workspace, symmetric=symmetric)

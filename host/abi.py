@@ -12,13 +12,13 @@ from typing import Dict
 import numpy as np
 
 __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "MOE_BACKWARD_LAYOUT",
-           "MOE_BACKWARD_POINTERS", "BWD_TASK_KINDS", "STRUCTS", "ENUMS", "FAULT_CODES",
+           "MOE_BACKWARD_POINTERS", "MOE_BACKWARD_EP_POINTERS", "BWD_TASK_KINDS", "STRUCTS", "ENUMS", "FAULT_CODES",
            "STATE", "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS",
            "TRACE_RECORD", "TASK_KINDS", "TRACE_PHASES", "PHASES", "DTYPE_IDS", "ACT_IDS",
            "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED",
            "abi_defines", "decode_fault"]
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 def _struct(fields, size: int) -> np.dtype:
@@ -60,16 +60,18 @@ MOE_LAYOUT = _struct(
     + [("delay_ns", "<u8", 320), ("slot_rows", "<i4", 328), ("max_peer_tiles", "<i4", 332),
        ("max_local_experts", "<i4", 336), ("trace_capacity", "<i4", 340),
        ("trace", _PTR, 344), ("router_bias", _PTR, 352), ("selection_bias", _PTR, 360),
-       ("pre", _PTR, 368)], 376)
+       ("pre", _PTR, 368), ("pre_remote", _PTR, 376), ("recv_saved", _PTR, 384)], 392)
 
 # The backward kernel's layout: pointers first, then its sizes.
 MOE_BACKWARD_POINTERS = (
     "router_b", "w_up_b", "w_down_b", "dye", "dye_t", "z_t", "xg_t", "da", "da_t", "dxe", "dz",
     "dz_t", "x_t", "dep_dx", "dep_expert", "dep_dxsum", "ring")
+MOE_BACKWARD_EP_POINTERS = ("da_remote", "dxe_remote", "dep_remote")
 MOE_BACKWARD_LAYOUT = _struct(
     [(name, _PTR, 8 * i) for i, name in enumerate(MOE_BACKWARD_POINTERS)]
     + [("delay_ns", "<u8", 136), ("ring_capacity", "<i4", 144), ("rp_capacity", "<i4", 148),
-       ("tp_capacity", "<i4", 152), ("reserved0", "<i4", 156)], 160)
+       ("tp_capacity", "<i4", 152), ("reserved0", "<i4", 156)]
+    + [(name, _PTR, 160 + 8 * i) for i, name in enumerate(MOE_BACKWARD_EP_POINTERS)], 184)
 
 TRACE_RECORD = _struct([("start_ns", "<u8", 0), ("end_ns", "<u8", 8), ("block", "<u4", 16),
                         ("what", "<u4", 20)], 24)
@@ -92,9 +94,11 @@ ENUMS: Dict[str, Dict[str, int]] = {
               "kPhasePeerDone": 7, "kPhaseHeaders": 8, "kPhaseDispatchWait": 9,
               "kPhaseReturnWait": 10, "kPhaseBwdBarrierGate": 11,
               "kPhaseBwdBarrierTokens": 12, "kPhaseBwdBarrierTranspose": 13,
-              "kPhaseBwdRingSlot": 14, "kPhaseBwdRingFull": 15},
+              "kPhaseBwdRingSlot": 14, "kPhaseBwdRingFull": 15, "kPhaseBwdPeerDone": 16,
+              "kPhaseBwdHeaders": 17, "kPhaseBwdDispatchWait": 18, "kPhaseBwdReturnWait": 19},
     "BwdTaskKind": {"kBwdDH": 0, "kBwdDW2": 1, "kBwdDB2": 2, "kBwdDR": 3, "kBwdDX": 4,
-                    "kBwdDW1": 5, "kBwdDB1": 6, "kBwdDXSum": 7},
+                    "kBwdDW1": 5, "kBwdDB1": 6, "kBwdDXSum": 7, "kBwdSend": 8,
+                    "kBwdDHRemote": 9, "kBwdDXRemote": 10},
     "DType": {"kFloat32": 0, "kTFloat32": 1, "kBFloat16": 2, "kFloat16": 3},
     "Act": {"kRelu": 0, "kGelu": 1, "kSilu": 2, "kIdentity": 3, "kSwigluClamped": 4},
     "RowMark": {"kNoExpert": -1, "kRowDropped": -1, "kRowMarked": -2},
@@ -137,11 +141,16 @@ PHASES = {v: k for k, v in _view("Phase", {
     "backward's grid barrier after its per-token pass": "kPhaseBwdBarrierTokens",
     "backward's grid barrier after its transposes": "kPhaseBwdBarrierTranspose",
     "backward's task-ring slot": "kPhaseBwdRingSlot",
-    "backward's task ring capacity": "kPhaseBwdRingFull"}).items()}
+    "backward's task ring capacity": "kPhaseBwdRingFull",
+    "backward's wait for a peer's end of its previous launch": "kPhaseBwdPeerDone",
+    "backward's wait for a peer's header": "kPhaseBwdHeaders",
+    "backward's wait for dy rows a peer sends": "kPhaseBwdDispatchWait",
+    "backward's wait for dx rows a peer owes": "kPhaseBwdReturnWait"}).items()}
 # The backward's task kinds (low 4 bits of its descriptors).
 BWD_TASK_KINDS = {v: k for k, v in _view("BwdTaskKind", {
     "dH": "kBwdDH", "dW2": "kBwdDW2", "db2": "kBwdDB2", "dRouter": "kBwdDR", "dX": "kBwdDX",
-    "dW1": "kBwdDW1", "db1": "kBwdDB1", "dx": "kBwdDXSum"}).items()}
+    "dW1": "kBwdDW1", "db1": "kBwdDB1", "dx": "kBwdDXSum", "send": "kBwdSend",
+    "dH (remote)": "kBwdDHRemote", "dX (remote)": "kBwdDXRemote"}).items()}
 # The FMOE_DTYPE and FMOE_ACT constants of each element type and activation.
 DTYPE_IDS = _view("DType", {"float32": "kFloat32", "tfloat32": "kTFloat32",
                             "bfloat16": "kBFloat16", "float16": "kFloat16"})

@@ -13,7 +13,11 @@
  * may be null). flags bit 0 adds into the gradients. Launches of one layer (forward and
  * backward) must not overlap: they share the state words. Not cooperative-launched.
  *
- * Compile-time constants: those of moe_fused.cu (flashmoe_core/kernels.py), FMOE_EP=0.
+ * Compile-time constants: those of moe_fused.cu (flashmoe_core/kernels.py). FMOE_EP=1
+ * (expert parallelism) needs what the forward's EP build needs (NVSHMEM, symmetric
+ * buffers, 2 * (world + 1) * 4 more bytes of dynamic shared memory) and a `fwd` layout
+ * whose recv_saved, z_remote and pre_remote hold the saved forward's received rows;
+ * MoeBackwardLayout::dxe and dxe_remote are then symmetric.
  */
 #include <flashmoe/moe/backward.cuh>
 

@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 5;
+constexpr cuda::std::uint32_t kAbiVersion = 6;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -105,6 +105,10 @@ enum Phase : cuda::std::int32_t {
   kPhaseBwdBarrierTranspose = 13,  ///< grid barrier after the transposes
   kPhaseBwdRingSlot = 14,          ///< a slot of the backward's task ring
   kPhaseBwdRingFull = 15,          ///< the backward's task ring ran out of slots
+  kPhaseBwdPeerDone = 16,          ///< backward: a peer's end of its previous launch
+  kPhaseBwdHeaders = 17,           ///< backward: a peer's header
+  kPhaseBwdDispatchWait = 18,      ///< backward: dye rows a peer sends us
+  kPhaseBwdReturnWait = 19,        ///< backward: dX rows a peer owes us
 };
 
 /// Task kinds of the backward kernel's descriptors (index << 4 | kind). Kinds 0..3 are
@@ -118,6 +122,10 @@ enum BwdTaskKind : cuda::std::uint32_t {
   kBwdDW1 = 5,    ///< dW1 (gated dWg | dWu) tile of one expert: X^T dA over its rows
   kBwdDB1 = 6,    ///< db1 columns of one expert
   kBwdDXSum = 7,  ///< dx of a token tile x H column tile: dZ R^T + the slots' dX rows
+  // Expert parallelism.
+  kBwdSend = 8,      ///< put one tile of dye rows into its owner's receive buffer (ready)
+  kBwdDHRemote = 9,  ///< dH of a received tile x F column tile (published by the subscriber)
+  kBwdDXRemote = 10, ///< dX of a received tile x H column tile; the last one returns the rows
 };
 
 /**
@@ -210,6 +218,12 @@ struct MoeLayout {
   /// `x W1 + b1` [T * k, F], gated `x Wg` then `x Wu` [T * k, 2F], in the storage type.
   /// Null (the default) stores nothing.
   void* pre;
+  /// Expert parallelism, saving: the owner's pre-activations of received rows
+  /// [W, SR, F or 2F] (null: not saving).
+  void* pre_remote;
+  /// Expert parallelism, a save slot's copy of the rows it received [W, SR, H] (the
+  /// backward's x rows of remote assignments; recv_rows then carries dye rows).
+  void* recv_saved;
 };
 
 /**
@@ -242,6 +256,11 @@ struct MoeBackwardLayout {
   cuda::std::int32_t rp_capacity;
   cuda::std::int32_t tp_capacity;
   cuda::std::int32_t reserved0;
+  // Expert parallelism (null on one GPU). dxe above is then symmetric: owners put the
+  // dX rows of our assignments into it.
+  void* da_remote;                  ///< [W, SR, PF] dA of received rows
+  float* dxe_remote;                ///< sym [W, SR, H] dX of received rows (put source)
+  cuda::std::uint32_t* dep_remote;  ///< [W * PT, 2] dH / dX column tiles done per tile
 };
 
 }  // namespace abi
@@ -312,6 +331,8 @@ struct MoeBackwardLayout {
   X(MoeLayout, router_bias)  \
   X(MoeLayout, selection_bias) \
   X(MoeLayout, pre)          \
+  X(MoeLayout, pre_remote)   \
+  X(MoeLayout, recv_saved)   \
   X(MoeBackwardLayout, router_b)   \
   X(MoeBackwardLayout, w_up_b)     \
   X(MoeBackwardLayout, w_down_b)   \
@@ -334,6 +355,9 @@ struct MoeBackwardLayout {
   X(MoeBackwardLayout, rp_capacity) \
   X(MoeBackwardLayout, tp_capacity) \
   X(MoeBackwardLayout, reserved0)  \
+  X(MoeBackwardLayout, da_remote)  \
+  X(MoeBackwardLayout, dxe_remote) \
+  X(MoeBackwardLayout, dep_remote) \
   X(TraceRecord, start_ns)   \
   X(TraceRecord, end_ns)     \
   X(TraceRecord, block)      \
@@ -359,10 +383,12 @@ struct MoeBackwardLayout {
   X(Phase, kPhasePeerDone) X(Phase, kPhaseHeaders) X(Phase, kPhaseDispatchWait)             \
   X(Phase, kPhaseReturnWait) X(Phase, kPhaseBwdBarrierGate) X(Phase, kPhaseBwdBarrierTokens)\
   X(Phase, kPhaseBwdBarrierTranspose) X(Phase, kPhaseBwdRingSlot)                           \
-  X(Phase, kPhaseBwdRingFull)                                                               \
+  X(Phase, kPhaseBwdRingFull) X(Phase, kPhaseBwdPeerDone) X(Phase, kPhaseBwdHeaders)       \
+  X(Phase, kPhaseBwdDispatchWait) X(Phase, kPhaseBwdReturnWait)                             \
   X(BwdTaskKind, kBwdDH) X(BwdTaskKind, kBwdDW2) X(BwdTaskKind, kBwdDB2)                    \
   X(BwdTaskKind, kBwdDR) X(BwdTaskKind, kBwdDX) X(BwdTaskKind, kBwdDW1)                     \
-  X(BwdTaskKind, kBwdDB1) X(BwdTaskKind, kBwdDXSum)                                         \
+  X(BwdTaskKind, kBwdDB1) X(BwdTaskKind, kBwdDXSum) X(BwdTaskKind, kBwdSend)                \
+  X(BwdTaskKind, kBwdDHRemote) X(BwdTaskKind, kBwdDXRemote)                                 \
   X(DType, kFloat32) X(DType, kTFloat32) X(DType, kBFloat16) X(DType, kFloat16)             \
   X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity) X(Act, kSwigluClamped)       \
   X(RowMark, kNoExpert) X(RowMark, kRowDropped) X(RowMark, kRowMarked)

@@ -9,6 +9,13 @@
  * bounded waits and the fault record. Every sum has a fixed order and no float atomics
  * are used, so the result is bitwise repeatable; each gradient element is written by the
  * one task that owns its tile (read-modify-write when accumulating).
+ *
+ * Expert parallelism (kEP): along the forward's routes. Each rank computes the router
+ * part and the w*dy rows of all its assignments, sends the rows of remote experts to
+ * their owners (send tasks, the forward's tile streams), and the owner runs dH and dX
+ * on them and puts the float32 dX rows back into the source's dxe. Weight gradients
+ * stay with the owner, over every source's rows in source order, so they equal the
+ * one-GPU ones bit for bit; the router gradient is each rank's partial over its tokens.
  */
 #pragma once
 
@@ -26,6 +33,9 @@ using abi::kBwdDW1;
 using abi::kBwdDW2;
 using abi::kBwdDX;
 using abi::kBwdDXSum;
+using abi::kBwdDHRemote;
+using abi::kBwdDXRemote;
+using abi::kBwdSend;
 
 FMOE_DEVICE uint32_t bdesc(uint32_t index, BwdTaskKind kind) { return (index << 4) | kind; }
 
@@ -73,8 +83,8 @@ struct Backward {
   static constexpr int kTLd = kTile + 8;                         // transpose tile row stride
   static_assert(kTile * kTLd * int(sizeof(S)) <= G::kSmemBytes,
                 "the transpose tile must fit the GEMM's shared memory");
-  static_assert(!C::kEP, "the backward runs on one GPU (expert parallelism: not yet)");
-  /// Shared memory: the tile GEMM, then four tables over experts.
+  /// Shared memory: the tile GEMM, then four tables over experts; expert parallelism
+  /// adds the forward's two prefix arrays over peers (2 * (world + 1) ints, at launch).
   static constexpr int kSmemTables = 4 * (E + 1) * int(sizeof(int32_t));
   static constexpr int kSmemBytes = G::kSmemBytes + kSmemTables;
 
@@ -89,11 +99,13 @@ struct Backward {
   bool accumulate;
   char* smem;
   int32_t* s_eoff;   // [E + 1] first compact row of each expert
-  int32_t* s_rp;     // [E + 1] first padded column of each expert (rows rounded up to 8)
+  int32_t* s_rp;     // [El + 1] first column of each local expert in the [*, RP] buffers
+                     // (its rows from every source, rounded up to 8)
   int32_t* s_rtoff;  // [El + 1] first row tile of each local expert
   int32_t* s_lexp;   // [El] global id of each local expert
   WaitSite site;
   TaskRing ring;
+  Kernel<C>* fk = nullptr;  // expert parallelism: the forward's protocol helpers
 
   FMOE_DEVICE Backward(const abi::MoeLayout& l, const abi::MoeBackwardLayout& b, const S* x_,
                        const S* dy_, S* dx_, GradOut g, int tokens, bool acc, char* sm,
@@ -115,10 +127,12 @@ struct Backward {
   FMOE_DEVICE int expert_offsets() {
     const int el = L.local_experts;
     for (int e = threadIdx.x; e < E; e += C::kThreads) {
-      const int n = L.expert_kept[e];
-      s_eoff[e] = n;
-      s_rp[e] = (n + 7) & ~7;
-      s_lexp[e] = e;
+      s_eoff[e] = L.expert_kept[e];
+      if constexpr (C::kEP) {
+        if (L.expert_owner[e] == L.rank) s_lexp[L.expert_local[e]] = e;
+      } else {
+        s_lexp[e] = e;
+      }
     }
     __syncthreads();
     for (int le = threadIdx.x; le < el; le += C::kThreads) {
@@ -126,9 +140,44 @@ struct Backward {
     }
     __syncthreads();
     Kernel<C>::block_scan(s_eoff, E);
-    Kernel<C>::block_scan(s_rp, E);
     Kernel<C>::block_scan(s_rtoff, el);
     return s_rtoff[el];
+  }
+
+  /// Rows of local expert le that source s assigned (this rank: its compact rows;
+  /// a peer: its header, after the exchange).
+  FMOE_DEVICE int rows_from(int s, int le) const {
+    if (!C::kEP || s == L.rank) return s_eoff[s_lexp[le] + 1] - s_eoff[s_lexp[le]];
+    return load_cg(&L.headers[(int64_t(s) * L.max_local_experts + le) * 2]);
+  }
+
+  /// Column of source s's first row of local expert le: sources in rank order, so the
+  /// rows of an expert are in the one-GPU order (tokens rank-major).
+  FMOE_DEVICE int source_col(int s, int le) const {
+    int col = s_rp[le];
+    for (int q = 0; q < s; ++q) col += rows_from(q, le);  // bounded: world PEs
+    return col;
+  }
+
+  FMOE_DEVICE int rows_total(int le) const {
+    int n = 0;
+    for (int q = 0; q < (C::kEP ? L.world : 1); ++q) n += rows_from(q, le);  // bounded: world
+    return n;
+  }
+
+  /// s_rp: each local expert's columns (every source's rows, padded to 8 at its end).
+  FMOE_DEVICE void column_offsets() {
+    const int el = L.local_experts;
+    for (int le = threadIdx.x; le < el; le += C::kThreads) s_rp[le] = (rows_total(le) + 7) & ~7;
+    __syncthreads();
+    Kernel<C>::block_scan(s_rp, el);
+  }
+
+  /// Columns a tile of `rows` rows starting at column c0 of local expert le writes: its
+  /// rows, and the zero padding after them when it ends the expert's columns.
+  FMOE_DEVICE int write_rows(int le, int c0, int rows) const {
+    const int end = c0 + rows;
+    return end == s_rp[le] + rows_total(le) ? s_rp[le + 1] - c0 : rows;
   }
 
   struct RowTile {
@@ -143,7 +192,8 @@ struct Backward {
     const int e = s_lexp[le];
     const int r = rt - s_rtoff[le];
     const int kept = s_eoff[e + 1] - s_eoff[e];
-    return RowTile{le, min(kTile, kept - r * kTile), s_eoff[e] + r * kTile, s_rp[e] + r * kTile};
+    const int c0 = (C::kEP ? source_col(L.rank, le) : s_rp[le]) + r * kTile;
+    return RowTile{le, min(kTile, kept - r * kTile), s_eoff[e] + r * kTile, c0};
   }
 
   FMOE_DEVICE int expert_rowtiles(int le) const { return s_rtoff[le + 1] - s_rtoff[le]; }
@@ -160,6 +210,9 @@ struct Backward {
     for (int i = gtid; i < L.max_rowtiles; i += gsize) B.dep_dx[i] = 0u;
     for (int i = gtid; i < L.local_experts; i += gsize) B.dep_expert[i] = 0u;
     for (int i = gtid; i < TT * kHT; i += gsize) B.dep_dxsum[i] = 0u;
+    if constexpr (C::kEP) {
+      for (int i = gtid; i < 2 * L.world * L.max_peer_tiles; i += gsize) B.dep_remote[i] = 0u;
+    }
   }
 
   /// The forward's router logits again (same GEMM, same bits); with every expert in one
@@ -298,6 +351,15 @@ struct Backward {
    */
   template <class SrcRow, class DstCol>
   FMOE_DEVICE void transpose_tile(int rows, int cols, SrcRow src_row, DstCol dst_col) {
+    transpose_tile(rows, (rows + 7) & ~7, cols, src_row, dst_col);
+  }
+
+  /// As above, writing `out_rows` (>= rows) destination elements per column: zeros past
+  /// `rows`. Destinations that are not 16-byte aligned (expert parallelism: a source's
+  /// rows start anywhere in its expert's columns) are stored element by element.
+  template <class SrcRow, class DstCol>
+  FMOE_DEVICE void transpose_tile(int rows, int out_rows, int cols, SrcRow src_row,
+                                  DstCol dst_col) {
     constexpr int kVec = 16 / int(sizeof(S));
     constexpr int kRowVecs = kTile / kVec;
     S* tile = reinterpret_cast<S*>(smem);
@@ -308,57 +370,75 @@ struct Backward {
       *reinterpret_cast<uint4*>(tile + r * kTLd + c) = val;
     }
     __syncthreads();
-    const int chunks = (rows + 7) >> 3;
-    for (int v = threadIdx.x; v < cols * chunks; v += C::kThreads) {
-      const int c = v / chunks, r0 = (v % chunks) * 8;
-      gemm::Elements8<S> e8;
+    const bool aligned = (out_rows & 7) == 0 &&
+                         (reinterpret_cast<cuda::std::uintptr_t>(dst_col(0)) & 15) == 0;
+    if (aligned) {  // uniform: the same for every thread
+      const int chunks = out_rows >> 3;
+      for (int v = threadIdx.x; v < cols * chunks; v += C::kThreads) {
+        const int c = v / chunks, r0 = (v % chunks) * 8;
+        gemm::Elements8<S> e8;
 #pragma unroll
-      for (int q = 0; q < 8; ++q) e8.e[q] = tile[(r0 + q) * kTLd + c];
-      const auto vec = cuda::std::bit_cast<gemm::Vectors8<S>>(e8);
-      uint4* dst = reinterpret_cast<uint4*>(dst_col(c) + r0);
+        for (int q = 0; q < 8; ++q) e8.e[q] = tile[(r0 + q) * kTLd + c];
+        const auto vec = cuda::std::bit_cast<gemm::Vectors8<S>>(e8);
+        uint4* dst = reinterpret_cast<uint4*>(dst_col(c) + r0);
 #pragma unroll
-      for (int j = 0; j < gemm::Vectors8<S>::kCount; ++j) dst[j] = vec.v[j];
+        for (int j = 0; j < gemm::Vectors8<S>::kCount; ++j) dst[j] = vec.v[j];
+      }
+    } else {
+      for (int v = threadIdx.x; v < cols * out_rows; v += C::kThreads) {
+        const int c = v / out_rows, r = v % out_rows;
+        dst_col(c)[r] = tile[r * kTLd + c];
+      }
     }
     __syncthreads();
   }
 
   /// Phase 2 (grid-stride over blocks): the K-major operands of the weight gradients.
-  /// Per local row tile: dye^T, the gathered x^T and z^T into columns of [*, RP]; per
-  /// token tile: x^T and dz^T into columns of [*, TP].
-  FMOE_DEVICE void transposes(int n_rt) {
-    constexpr int kPerRt = 2 * kHT + kFT, kPerTt = kHT + kEpT;
-    const int jobs = n_rt * kPerRt + TT * kPerTt;
+  /// Per local row tile: dye^T, the gathered x^T and z^T into its columns of [*, RP];
+  /// per received tile (expert parallelism): x^T and z^T of the rows the saved forward
+  /// received (their dye^T comes with their dH); per token tile: x^T and dz^T into
+  /// columns of [*, TP].
+  FMOE_DEVICE void transposes(int n_rt, int n_recv) {
+    constexpr int kPerRt = 2 * kHT + kFT, kPerRecv = kHT + kFT, kPerTt = kHT + kEpT;
+    const int local_jobs = n_rt * kPerRt, recv_jobs = n_recv * kPerRecv;
+    const int jobs = local_jobs + recv_jobs + TT * kPerTt;
     const S* dye = static_cast<const S*>(B.dye);
     const S* z = static_cast<const S*>(L.z);
     const S* dz = static_cast<const S*>(B.dz);
     for (int j = blockIdx.x; j < jobs; j += gridDim.x) {
-      if (j < n_rt * kPerRt) {
+      if (j < local_jobs) {
         const RowTile tile = local_tile(j / kPerRt);
         const int q = j % kPerRt;
+        const int out = write_rows(tile.le, tile.col0, tile.rows);
         if (q < kHT) {
-          const int c0 = q * kTile;
-          S* dst = static_cast<S*>(B.dye_t);
-          transpose_tile(
-              tile.rows, min(kTile, H - c0),
-              [&](int r) { return dye + int64_t(tile.row0 + r) * H + c0; },
-              [&](int c) { return dst + int64_t(c0 + c) * rp() + tile.col0; });
+          row_transpose(tile.rows, out, q * kTile, H, tile.col0, B.dye_t,
+                        [&](int r) { return dye + int64_t(tile.row0 + r) * H; });
         } else if (q < 2 * kHT) {
-          const int c0 = (q - kHT) * kTile;
-          S* dst = static_cast<S*>(B.xg_t);
-          transpose_tile(
-              tile.rows, min(kTile, H - c0),
-              [&](int r) { return x + int64_t(L.row_token[tile.row0 + r]) * H + c0; },
-              [&](int c) { return dst + int64_t(c0 + c) * rp() + tile.col0; });
+          row_transpose(tile.rows, out, (q - kHT) * kTile, H, tile.col0, B.xg_t,
+                        [&](int r) { return x + int64_t(L.row_token[tile.row0 + r]) * H; });
         } else {
-          const int c0 = (q - 2 * kHT) * kTile;
-          S* dst = static_cast<S*>(B.z_t);
-          transpose_tile(
-              tile.rows, min(kTile, F - c0),
-              [&](int r) { return z + int64_t(tile.row0 + r) * F + c0; },
-              [&](int c) { return dst + int64_t(c0 + c) * rp() + tile.col0; });
+          row_transpose(tile.rows, out, (q - 2 * kHT) * kTile, F, tile.col0, B.z_t,
+                        [&](int r) { return z + int64_t(tile.row0 + r) * F; });
         }
+      } else if (j < local_jobs + recv_jobs) {
+#if FLASHMOE_NVSHMEM
+        if constexpr (C::kEP) {
+          const int g = (j - local_jobs) / kPerRecv, q = (j - local_jobs) % kPerRecv;
+          const RemoteTile rt = remote_tile(g);
+          const int out = write_rows(rt.pt.le, rt.col0, rt.pt.rows);
+          if (q < kHT) {
+            const S* xr = static_cast<const S*>(L.recv_saved) + rt.row0 * H;
+            row_transpose(rt.pt.rows, out, q * kTile, H, rt.col0, B.xg_t,
+                          [&](int r) { return xr + int64_t(r) * H; });
+          } else {
+            const S* zr = static_cast<const S*>(L.z_remote) + rt.row0 * F;
+            row_transpose(rt.pt.rows, out, (q - kHT) * kTile, F, rt.col0, B.z_t,
+                          [&](int r) { return zr + int64_t(r) * F; });
+          }
+        }
+#endif
       } else {
-        const int i = j - n_rt * kPerRt;
+        const int i = j - local_jobs - recv_jobs;
         const int t0 = (i / kPerTt) * kTile, q = i % kPerTt;
         const int rows = min(kTile, T - t0);
         if (q < kHT) {
@@ -378,6 +458,16 @@ struct Backward {
     }
   }
 
+  /// Columns [c0, c0 + kTile) (of `width`) of `rows` rows row(r) into columns
+  /// col0 + r of a [*, RP] buffer, `out` destination elements per column.
+  template <class Row>
+  FMOE_DEVICE void row_transpose(int rows, int out, int c0, int width, int col0, void* dst_t,
+                                 Row row) {
+    S* dst = static_cast<S*>(dst_t);
+    transpose_tile(rows, out, min(kTile, width - c0), [&](int r) { return row(r) + c0; },
+                   [&](int c) { return dst + int64_t(c0 + c) * rp() + col0; });
+  }
+
   /// The weight-gradient tasks of local expert le: dW1 tiles, and db1 columns (vanilla).
   /// One thread, after its release fence.
   FMOE_DEVICE bool publish_expert(int le) {
@@ -387,6 +477,16 @@ struct Backward {
     if constexpr (!C::kGated) {
       ok = ok && ring.publish(kFT, [&](int i) { return bdesc(uint32_t(le * kFT + i), kBwdDB1); },
                               site);
+    }
+    if constexpr (C::kEP) {  // received dye^T lands with the dH tasks: dW2 and db2 wait too
+      ok = ok && ring.publish(kFT * kHT, [&](int i) {
+        return bdesc(uint32_t(le * kFT * kHT + i), kBwdDW2);
+      }, site);
+      if constexpr (!C::kGated) {
+        ok = ok && ring.publish(kHT, [&](int i) {
+          return bdesc(uint32_t(le * kHT + i), kBwdDB2);
+        }, site);
+      }
     }
     return ok;
   }
@@ -404,7 +504,7 @@ struct Backward {
         }
       }
       for (int le = blockIdx.x; ok && le < L.local_experts; le += gridDim.x) {
-        if (expert_rowtiles(le) == 0) ok = publish_expert(le);
+        if (expert_dh_tasks(le) == 0u) ok = publish_expert(le);
       }
     }
     return !block_fault_raised(site, !ok);
@@ -445,22 +545,20 @@ struct Backward {
     __syncthreads();
   }
 
-  /// dH of a row tile x F column tile, then dA (vanilla dH act'(a); gated dG = dH u
-  /// act'(g), dU = dH act(g)) rows and their transposes; completes the row tile's dX
-  /// dependency and, with the expert's last, its weight gradients.
-  FMOE_DEVICE bool dh_task(int index) {
-    const int rt = index / kFT, f0 = (index % kFT) * kTile;
-    const RowTile tile = local_tile(rt);
-    const S* dye = static_cast<const S*>(B.dye) + int64_t(tile.row0) * H;
-    const S* w2 = static_cast<const S*>(B.w_down_b) + int64_t(tile.le) * F * H;
+  /**
+   * dH of `rows` rows (dye rows a, pre-activations pre, of local expert le) x F column
+   * tile f0, then dA (vanilla dH act'(a); gated dG = dH u act'(g), dU = dH act(g)) rows
+   * into da and their transposes into columns col0.. of da_t.
+   */
+  FMOE_DEVICE void dh_compute(int le, int rows, int f0, int col0, const S* a, const S* pre,
+                              S* da) {
+    const S* w2 = static_cast<const S*>(B.w_down_b) + int64_t(le) * F * H;
     const float* staged = G::compute_tile(
-        smem, H, [&](int r) -> const S* { return r < tile.rows ? dye + int64_t(r) * H : nullptr; },
+        smem, H, [&](int r) -> const S* { return r < rows ? a + int64_t(r) * H : nullptr; },
         [&](int r) -> const S* { return f0 + r < F ? w2 + int64_t(f0 + r) * H : nullptr; });
-    const S* pre = static_cast<const S*>(L.pre) + int64_t(tile.row0) * kPF;
-    S* da = static_cast<S*>(B.da) + int64_t(tile.row0) * kPF;
     G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
       const int n = f0 + c;
-      if (r >= tile.rows || n >= F) return;
+      if (r >= rows || n >= F) return;
       if constexpr (C::kGated) {
         float gv[8], uv[8], dg[8], du[8];
         gemm::load8<Elem>(pre + int64_t(r) * kPF + n, gv);
@@ -473,23 +571,51 @@ struct Backward {
         gemm::store8<Elem>(da + int64_t(r) * kPF + n, dg);
         gemm::store8<Elem>(da + int64_t(r) * kPF + F + n, du);
       } else {
-        float a[8];
-        gemm::load8<Elem>(pre + int64_t(r) * kPF + n, a);
+        float av[8];
+        gemm::load8<Elem>(pre + int64_t(r) * kPF + n, av);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) v[q] *= activate_grad<C::kAct>(a[q]);
+        for (int q = 0; q < 8; ++q) v[q] *= activate_grad<C::kAct>(av[q]);
         gemm::store8<Elem>(da + int64_t(r) * kPF + n, v);
       }
     });
     __syncthreads();
     // dA^T from the rows this block just wrote (the staged tile is spent by now).
-    const int cols = min(kTile, F - f0);
-    S* da_t = static_cast<S*>(B.da_t);
-    transpose_tile(tile.rows, cols, [&](int r) { return da + int64_t(r) * kPF + f0; },
-                   [&](int c) { return da_t + int64_t(f0 + c) * rp() + tile.col0; });
+    const int out = write_rows(le, col0, rows);
+    row_transpose(rows, out, f0, F, col0, B.da_t, [&](int r) { return da + int64_t(r) * kPF; });
     if constexpr (C::kGated) {
-      transpose_tile(tile.rows, cols, [&](int r) { return da + int64_t(r) * kPF + F + f0; },
-                     [&](int c) { return da_t + int64_t(F + f0 + c) * rp() + tile.col0; });
+      S* dat = static_cast<S*>(B.da_t) + int64_t(F) * rp();  // dU^T: rows F.. of da_t
+      transpose_tile(rows, out, min(kTile, F - f0),
+                     [&](int r) { return da + int64_t(r) * kPF + F + f0; },
+                     [&](int c) { return dat + int64_t(f0 + c) * rp() + col0; });
     }
+  }
+
+  /// dH tasks of local expert le expected before its weight gradients can run.
+  FMOE_DEVICE uint32_t expert_dh_tasks(int le) const {
+    int tiles = expert_rowtiles(le);
+    if constexpr (C::kEP) {
+      for (int q = 0; q < L.world; ++q) {  // bounded: world PEs
+        if (q != L.rank) tiles += tiles_of(rows_from(q, le));
+      }
+    }
+    return uint32_t(tiles * kFT);
+  }
+
+  /// One dH task of local expert le is done (one thread, after its release fence).
+  FMOE_DEVICE bool expert_dh_done(int le) {
+    if (atomicAdd(&B.dep_expert[le], 1u) + 1u != expert_dh_tasks(le)) return true;
+    return publish_expert(le);
+  }
+
+  /// dH of a local row tile x F column tile; completes the row tile's dX dependency and,
+  /// with the expert's last, its weight gradients.
+  FMOE_DEVICE bool dh_task(int index) {
+    const int rt = index / kFT, f0 = (index % kFT) * kTile;
+    const RowTile tile = local_tile(rt);
+    dh_compute(tile.le, tile.rows, f0, tile.col0,
+               static_cast<const S*>(B.dye) + int64_t(tile.row0) * H,
+               static_cast<const S*>(L.pre) + int64_t(tile.row0) * kPF,
+               static_cast<S*>(B.da) + int64_t(tile.row0) * kPF);
     bool ok = true;
     if (threadIdx.x == 0) {
       __threadfence();
@@ -497,8 +623,7 @@ struct Backward {
         ok = ring.publish(kHT, [&](int i) { return bdesc(uint32_t(rt * kHT + i), kBwdDX); },
                           site);
       }
-      const uint32_t need = uint32_t(expert_rowtiles(tile.le) * kFT);
-      if (atomicAdd(&B.dep_expert[tile.le], 1u) + 1u == need) ok = publish_expert(tile.le) && ok;
+      ok = expert_dh_done(tile.le) && ok;
     }
     return ok;
   }
@@ -513,6 +638,21 @@ struct Backward {
                         site);
   }
 
+  /// dX_e = dA W1^T of `rows` dA rows of local expert le, H column tile h0, float32
+  /// rows into out.
+  FMOE_DEVICE void dx_compute(int le, int rows, int h0, const S* da, float* out) {
+    const S* w1 = static_cast<const S*>(B.w_up_b) + int64_t(le) * H * kPF;
+    const float* staged = G::compute_tile(
+        smem, kPF, [&](int r) -> const S* { return r < rows ? da + int64_t(r) * kPF : nullptr; },
+        [&](int r) -> const S* { return h0 + r < H ? w1 + int64_t(h0 + r) * kPF : nullptr; });
+    G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
+      if (r >= rows || h0 + c >= H) return;
+      float4* d = reinterpret_cast<float4*>(out + int64_t(r) * H + h0 + c);
+      d[0] = make_float4(v[0], v[1], v[2], v[3]);
+      d[1] = make_float4(v[4], v[5], v[6], v[7]);
+    });
+  }
+
   /// dX_e of a row tile x H column tile, float32 rows; credits the dx tasks of the
   /// token tiles its rows come from (one thread per row finds the runs).
   FMOE_DEVICE bool dx_task(int index) {
@@ -520,19 +660,8 @@ struct Backward {
     __shared__ int32_t s_tt[kTile];
     const int rt = index / kHT, col = index % kHT, h0 = col * kTile;
     const RowTile tile = local_tile(rt);
-    const S* da = static_cast<const S*>(B.da) + int64_t(tile.row0) * kPF;
-    const S* w1 = static_cast<const S*>(B.w_up_b) + int64_t(tile.le) * H * kPF;
-    const float* staged = G::compute_tile(
-        smem, kPF,
-        [&](int r) -> const S* { return r < tile.rows ? da + int64_t(r) * kPF : nullptr; },
-        [&](int r) -> const S* { return h0 + r < H ? w1 + int64_t(h0 + r) * kPF : nullptr; });
-    float* dxe = B.dxe + int64_t(tile.row0) * H;
-    G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
-      if (r >= tile.rows || h0 + c >= H) return;
-      float4* d = reinterpret_cast<float4*>(dxe + int64_t(r) * H + h0 + c);
-      d[0] = make_float4(v[0], v[1], v[2], v[3]);
-      d[1] = make_float4(v[4], v[5], v[6], v[7]);
-    });
+    dx_compute(tile.le, tile.rows, h0, static_cast<const S*>(B.da) + int64_t(tile.row0) * kPF,
+               B.dxe + int64_t(tile.row0) * H);
     const int r = threadIdx.x;
     if (r < tile.rows) s_tt[r] = L.row_token[tile.row0 + r] / kTile;
     __syncthreads();
@@ -574,12 +703,12 @@ struct Backward {
   FMOE_DEVICE void dw2_task(int index) {
     const int le = index / (kFT * kHT), rem = index % (kFT * kHT);
     const int f0 = (rem / kHT) * kTile, h0 = (rem % kHT) * kTile;
-    const int e = s_lexp[le], off = s_rp[e];
+    const int off = s_rp[le];
     const S* zt = static_cast<const S*>(B.z_t);
     const S* dyet = static_cast<const S*>(B.dye_t);
     float* dst = out.down + int64_t(le) * F * H;
     weight_tile(
-        s_rp[e + 1] - off,
+        s_rp[le + 1] - off,
         [&](int r) -> const S* { return f0 + r < F ? zt + int64_t(f0 + r) * rp() + off : nullptr; },
         [&](int r) -> const S* {
           return h0 + r < H ? dyet + int64_t(h0 + r) * rp() + off : nullptr;
@@ -593,11 +722,11 @@ struct Backward {
   FMOE_DEVICE void dw1_task(int index) {
     const int le = index / (kHT * kPT), rem = index % (kHT * kPT);
     const int h0 = (rem / kPT) * kTile, n0 = (rem % kPT) * kTile;
-    const int e = s_lexp[le], off = s_rp[e];
+    const int off = s_rp[le];
     const S* xgt = static_cast<const S*>(B.xg_t);
     const S* dat = static_cast<const S*>(B.da_t);
     weight_tile(
-        s_rp[e + 1] - off,
+        s_rp[le + 1] - off,
         [&](int r) -> const S* {
           return h0 + r < H ? xgt + int64_t(h0 + r) * rp() + off : nullptr;
         },
@@ -615,7 +744,7 @@ struct Backward {
   /// Column sums of one expert's rows of a [*, RP] buffer (rows h0.. of it), in row
   /// order: db2 from dye^T, db1 from dA^T.
   FMOE_DEVICE void bias_task(const S* src_t, int n_rows, int le, int h0, float* dst) {
-    const int e = s_lexp[le], off = s_rp[e], k = s_rp[e + 1] - off;
+    const int off = s_rp[le], k = s_rp[le + 1] - off;
     const int h = h0 + threadIdx.x;
     if (h < n_rows) {
       const S* row = src_t + int64_t(h) * rp() + off;
@@ -655,22 +784,192 @@ struct Backward {
         });
   }
 
+#if FLASHMOE_NVSHMEM
+  // ---------------------------------------------------------------- expert parallelism
+  using PeerTile = typename Kernel<C>::PeerTile;
+  struct RemoteTile {
+    PeerTile pt;
+    int64_t row0;  // its first row in the [W, SR] receive-side buffers
+    int col0;      // its first column in the [*, RP] buffers
+  };
+
+  /// Received tile g (over every source) and where its rows go.
+  FMOE_DEVICE RemoteTile remote_tile(int g) const {
+    const PeerTile pt = fk->recv_tile(g);
+    const int src0 =
+        load_cg(&L.headers[(int64_t(pt.peer) * L.max_local_experts + pt.le) * 2 + 1]);
+    return RemoteTile{pt, fk->slot_row(pt), source_col(pt.peer, pt.le) + pt.src_row - src0};
+  }
+
+  /// Send task j: gather a tile's dye rows (contiguous compact rows) and put them into
+  /// this rank's slot of the owner's receive buffer, with its dispatch signal.
+  FMOE_DEVICE void send_task(int j) {
+    const PeerTile t = fk->send_tile(j);
+    S* stage = static_cast<S*>(L.send_rows) + int64_t(t.src_row) * H;
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const S*>(B.dye) +
+                                                      int64_t(t.src_row) * H);
+    constexpr int kRowVecs = H * int(sizeof(S)) / 16;
+    for (int v = threadIdx.x; v < t.rows * kRowVecs; v += C::kThreads) {
+      reinterpret_cast<uint4*>(stage)[v] = __ldcg(src + v);
+    }
+    __syncthreads();
+    __threadfence();
+    S* dst = static_cast<S*>(L.recv_rows) + (int64_t(L.rank) * L.slot_rows + t.dst_row) * H;
+    nvshmemx_putmem_signal_nbi_block(dst, stage, size_t(t.rows) * H * sizeof(S),
+                                     &L.dispatch_sig[int64_t(L.rank) * L.max_peer_tiles + t.index],
+                                     ring.tag, NVSHMEM_SIGNAL_SET, t.peer);
+  }
+
+  /// dH of a received tile x F column tile (dye rows as they arrived); the first column
+  /// tile's task also transposes the dye rows. Completes the tile's dX dependency and
+  /// its part of the expert's.
+  FMOE_DEVICE bool dh_remote_task(int index) {
+    const int g = index / kFT, f0 = (index % kFT) * kTile;
+    const RemoteTile rt = remote_tile(g);
+    const int le = rt.pt.le, rows = rt.pt.rows;
+    const S* a = static_cast<const S*>(L.recv_rows) + rt.row0 * H;
+    dh_compute(le, rows, f0, rt.col0, a, static_cast<const S*>(L.pre_remote) + rt.row0 * kPF,
+               static_cast<S*>(B.da_remote) + rt.row0 * kPF);
+    if (f0 == 0) {
+      const int out = write_rows(le, rt.col0, rows);
+      for (int c0 = 0; c0 < H; c0 += kTile) {
+        row_transpose(rows, out, c0, H, rt.col0, B.dye_t,
+                      [&](int r) { return a + int64_t(r) * H; });
+      }
+    }
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      if (atomicAdd(&B.dep_remote[2 * g], 1u) + 1u == uint32_t(kFT)) {
+        ok = ring.publish(kHT, [&](int i) {
+          return bdesc(uint32_t(g * kHT + i), kBwdDXRemote);
+        }, site);
+      }
+      ok = expert_dh_done(le) && ok;
+    }
+    return ok;
+  }
+
+  /// dX of a received tile x H column tile; the block finishing the tile's last column
+  /// tile puts its float32 rows into the source's dxe, with the return signal.
+  FMOE_DEVICE void dx_remote_task(int index) {
+    __shared__ int s_last;
+    const int g = index / kHT, h0 = (index % kHT) * kTile;
+    const RemoteTile rt = remote_tile(g);
+    float* out = B.dxe_remote + rt.row0 * H;
+    dx_compute(rt.pt.le, rt.pt.rows, h0, static_cast<const S*>(B.da_remote) + rt.row0 * kPF,
+               out);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      s_last = atomicAdd(&B.dep_remote[2 * g + 1], 1u) + 1u == uint32_t(kHT);
+      __threadfence();
+    }
+    __syncthreads();
+    if (s_last) {
+      __threadfence();  // every thread acquires: the put's copy reads other blocks' rows
+      nvshmemx_putmem_signal_nbi_block(
+          B.dxe + int64_t(rt.pt.src_row) * H, out, size_t(rt.pt.rows) * H * sizeof(float),
+          &L.return_sig[int64_t(L.rank) * L.max_peer_tiles + rt.pt.index], ring.tag,
+          NVSHMEM_SIGNAL_SET, rt.pt.peer);
+    }
+  }
+
+  /// Credit returned dX rows [row0, row0 + rows) (one thread): every H column tile of
+  /// each token tile they come from.
+  FMOE_DEVICE bool credit_rows(int row0, int rows) {
+    bool ok = true;
+    int r = 0;
+    while (r < rows) {  // bounded: r grows by at least one each turn, up to kTile
+      const int tt = L.row_token[row0 + r] / kTile;
+      int len = 1;
+      while (r + len < rows && L.row_token[row0 + r + len] / kTile == tt) ++len;  // bounded: <= rows
+      for (int c = 0; c < kHT; ++c) ok = credit_run(tt, len, c) && ok;
+      r += len;
+    }
+    return ok;
+  }
+
+  /**
+   * The subscriber (last block), as the forward's: each thread watches a window of its
+   * events (dye tiles dispatched to us: their dH tasks; dX rows returned to us: credits
+   * of the dx tasks) and handles them as they land.
+   */
+  FMOE_DEVICE bool subscribe() {
+    constexpr int kWindow = 8;
+    const int n_recv = fk->s_src[L.world], n = n_recv + fk->s_dst[L.world];
+    const uint32_t tag = ring.tag;
+    bool ok = true;
+    for (int base = threadIdx.x; ok && base < n; base += kWindow * C::kThreads) {
+      PeerTile pt[kWindow];
+      const uint64_t* sig[kWindow];
+      uint32_t pending = 0u;
+      for (int j = 0; j < kWindow && base + j * C::kThreads < n; ++j) {
+        const int ev = base + j * C::kThreads;
+        pt[j] = fk->event_tile(ev, n_recv);
+        sig[j] = (ev < n_recv ? L.dispatch_sig : L.return_sig) +
+                 int64_t(pt[j].peer) * L.max_peer_tiles + pt[j].index;
+        pending |= 1u << j;
+      }
+      while (ok && pending != 0u) {  // bounded: each turn handles an event or gives up
+        const int first = __ffs(int(pending)) - 1;
+        int ready = first;
+        ok = bounded_wait(
+            site,
+            base + first * C::kThreads < n_recv ? abi::kPhaseBwdDispatchWait
+                                                : abi::kPhaseBwdReturnWait,
+            pt[first].index, pt[first].peer,
+            [&] {
+              for (uint32_t m = pending; m != 0u; m &= m - 1u) {
+                const int j = __ffs(int(m)) - 1;
+                if (load_volatile(sig[j]) == uint64_t(tag)) {
+                  ready = j;
+                  return true;
+                }
+              }
+              return false;
+            },
+            [&](int64_t& seen, int64_t& expected) {
+              seen = int64_t(load_volatile(sig[first]));
+              expected = int64_t(tag);
+            });
+        if (!ok) break;
+        __threadfence_system();  // acquire: the rows were written by another GPU
+        pending &= ~(1u << ready);
+        const int ev = base + ready * C::kThreads;
+        if (ev < n_recv) {
+          ok = ring.publish(kFT, [&](int i) {
+            return bdesc(uint32_t(ev * kFT + i), kBwdDHRemote);
+          }, site);
+        } else {
+          ok = credit_rows(pt[ready].src_row, pt[ready].rows);
+        }
+      }
+    }
+    return __syncthreads_and(ok) != 0;
+  }
+#endif  // FLASHMOE_NVSHMEM
+
   // ---------------------------------------------------------------- the task loop
   struct Counts {
-    uint32_t dh, dw2, db2, dr, published;
-    FMOE_DEVICE uint32_t ready() const { return dh + dw2 + db2 + dr; }
+    uint32_t send, dh, dw2, db2, dr, published;
+    FMOE_DEVICE uint32_t ready() const { return send + dh + dw2 + db2 + dr; }
     FMOE_DEVICE uint32_t total() const { return ready() + published; }
   };
 
-  FMOE_DEVICE Counts counts(int n_rt) const {
+  /// Task counts; n_recv / n_send: tiles received from / sent to peers.
+  FMOE_DEVICE Counts counts(int n_rt, int n_recv, int n_send) const {
     const uint32_t el = uint32_t(L.local_experts);
+    const uint32_t weights2 = el * kFT * kHT + (C::kGated ? 0u : el * kHT);  // dW2, db2
     Counts n;
+    n.send = uint32_t(n_send);
     n.dh = uint32_t(n_rt * kFT);
-    n.dw2 = el * kFT * kHT;
-    n.db2 = C::kGated ? 0u : el * kHT;
+    n.dw2 = C::kEP ? 0u : el * kFT * kHT;  // with peers they wait for received rows
+    n.db2 = C::kEP || C::kGated ? 0u : el * kHT;
     n.dr = uint32_t(kHT * kEpT);
     n.published = uint32_t(n_rt * kHT) + el * kHT * kPT + (C::kGated ? 0u : el * kFT) +
-                  uint32_t(TT * kHT);
+                  uint32_t(TT * kHT) +
+                  (C::kEP ? uint32_t(n_recv * (kFT + kHT)) + weights2 : 0u);
     return n;
   }
 
@@ -683,7 +982,9 @@ struct Backward {
         uint32_t idx = atomicAdd(&L.state[abi::kHead], 1u);
         if (idx >= total) {
           s_task = -2;
-        } else if (idx < n.dh) {
+        } else if (idx < n.send) {
+          s_task = bdesc(idx, kBwdSend);
+        } else if ((idx -= n.send) < n.dh) {
           s_task = bdesc(idx, kBwdDH);
         } else if ((idx -= n.dh) < n.dw2) {
           s_task = bdesc(idx, kBwdDW2);
@@ -717,6 +1018,11 @@ struct Backward {
                     out.up2);
           break;
         case kBwdDXSum: dxsum_task(index); break;
+#if FLASHMOE_NVSHMEM
+        case kBwdSend: send_task(index); break;
+        case kBwdDHRemote: ok = dh_remote_task(index); break;
+        case kBwdDXRemote: dx_remote_task(index); break;
+#endif
         default: ok = false; break;
       }
       // Publication can fail in one thread only; every thread must leave together.
@@ -742,10 +1048,21 @@ FMOE_DEVICE void backward(const abi::MoeLayout* fwd, const abi::MoeBackwardLayou
   Backward<C> k(L, *bwd, x, dy, dx, grads, tokens, (flags & 1) != 0, smem, tables, s_epoch);
   const int warps = gridDim.x * C::kWarps;
   const int gwarp = blockIdx.x * C::kWarps + int(threadIdx.x >> 5);
+#if FLASHMOE_NVSHMEM
+  // The forward's protocol helpers over the same tables, plus its two peer prefixes.
+  int32_t* peer_tables = tables + 4 * (C::E + 1);
+  Kernel<C> fk{L, x, nullptr, tokens, k.TT, -1, smem, k.s_eoff, k.s_rtoff, k.s_lexp,
+               peer_tables, peer_tables + (L.world + 1), k.site, k.ring, s_epoch + 1u, true};
+  if constexpr (C::kEP) k.fk = &fk;
+#endif
 
   if (bwd->delay_ns != 0u && blockIdx.x == 0 && threadIdx.x == 0) sleep_for(bwd->delay_ns);
   const int n_rt = k.expert_offsets();
   k.zero_counters();
+#if FLASHMOE_NVSHMEM
+  // headers_out entries no expert fills are zero since allocation (never written).
+  if constexpr (C::kEP) fk.write_headers();
+#endif
   int barrier = 0;
   for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) k.gate_tile(tile);
   if constexpr (!C::kFusedTopk) {
@@ -753,10 +1070,30 @@ FMOE_DEVICE void backward(const abi::MoeLayout* fwd, const abi::MoeBackwardLayou
     for (int t = gwarp; t < tokens; t += warps) k.token_pass(t);
   }
   if (!grid_barrier(L.state, barrier++, k.site, abi::kPhaseBwdBarrierTokens)) return;
-  k.transposes(n_rt);
+  int n_recv = 0, n_send = 0;
+#if FLASHMOE_NVSHMEM
+  if constexpr (C::kEP) {
+    if (!fk.exchange_headers(s_epoch, abi::kPhaseBwdPeerDone, abi::kPhaseBwdHeaders)) return;
+    n_recv = fk.s_src[L.world];
+    n_send = fk.s_dst[L.world];
+  }
+#endif
+  k.column_offsets();
+  k.transposes(n_rt, n_recv);
   if (!k.publish_empty()) return;
   if (!grid_barrier(L.state, barrier++, k.site, abi::kPhaseBwdBarrierTranspose)) return;
-  if (!k.task_loop(k.counts(n_rt))) return;
+#if FLASHMOE_NVSHMEM
+  if constexpr (C::kEP) {
+    if (blockIdx.x == gridDim.x - 1) {  // the subscriber claims no tasks
+      if (!k.subscribe()) return;
+    } else if (!k.task_loop(k.counts(n_rt, n_recv, n_send))) {
+      return;
+    }
+    fk.finish();
+    return;
+  }
+#endif
+  if (!k.task_loop(k.counts(n_rt, n_recv, n_send))) return;
   leave_launch(L.state);
 }
 

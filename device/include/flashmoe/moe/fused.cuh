@@ -809,14 +809,16 @@ struct Kernel {
   }
 
   /// Phase 3b: send headers (after the peer finished the previous launch), then wait for
-  /// every peer's header and derive the per-peer tile prefixes.
-  FMOE_DEVICE bool exchange_headers(uint32_t epoch) {
+  /// every peer's header and derive the per-peer tile prefixes. The phases name the
+  /// waits in a fault record (the backward passes its own).
+  FMOE_DEVICE bool exchange_headers(uint32_t epoch, int32_t done_phase = kPhasePeerDone,
+                                    int32_t header_phase = kPhaseHeaders) {
     const int me = L.rank;
     if (blockIdx.x == 0) {
       for (int p = threadIdx.x; p < L.world; p += C::kThreads) {
         if (p == me) continue;
         // The peer may still read what we sent last launch: wait for its "done".
-        if (epoch > 0u && !wait_signal(site, kPhasePeerDone, -1, p, &L.done_sig[p], epoch)) {
+        if (epoch > 0u && !wait_signal(site, done_phase, -1, p, &L.done_sig[p], epoch)) {
           break;
         }
         const int64_t n = int64_t(L.max_local_experts) * 2;
@@ -828,7 +830,7 @@ struct Kernel {
     if (threadIdx.x == 0) {
       for (int s = 0; s < L.world; ++s) {
         if (s == me) continue;
-        if (!wait_signal(site, kPhaseHeaders, -1, s, &L.header_sig[s], tag)) break;
+        if (!wait_signal(site, header_phase, -1, s, &L.header_sig[s], tag)) break;
       }
       __threadfence_system();  // acquire: the headers were written by other GPUs
     }
@@ -879,8 +881,11 @@ struct Kernel {
     const int64_t row0 = slot_row(pt);
     const RowTile tile{pt.le, pt.rows, 0, 0};
     const S* a = static_cast<const S*>(L.recv_rows) + row0 * C::H;
+    constexpr int kPreCols = C::kGated ? 2 * C::F : C::F;
+    S* pre = L.pre_remote == nullptr ? nullptr
+                                     : static_cast<S*>(L.pre_remote) + row0 * kPreCols;
     up_compute(tile, col, [&](int r) { return a + int64_t(r) * C::H; },
-               static_cast<S*>(L.z_remote) + row0 * C::F);
+               static_cast<S*>(L.z_remote) + row0 * C::F, pre);
     bool ok = true;
     if (threadIdx.x == 0) {
       __threadfence();
