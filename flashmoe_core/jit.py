@@ -98,16 +98,19 @@ def compile_kernel(spec: KernelSpec, arch: Optional[str] = None,
 
 @functools.lru_cache(maxsize=None)
 def _emulator_library(spec: KernelSpec, device_dir: Optional[str],
-                      cutlass_include: Optional[str], cxx: Optional[str]):
+                      cutlass_include: Optional[str], cxx: Optional[str], checked: bool):
     from .host import emulator
 
     tc = find_toolchain(device_dir, cutlass_include)
     compiler = emulator.find_compiler(cxx)
-    path = emulator.build_library(spec, tc, compiler, cache=kernel_cache(), progress=_progress)
+    path = emulator.build_library(spec, tc, compiler, cache=kernel_cache(), progress=_progress,
+                                  checked=checked)
     return emulator.load_library(path)
 
 
-def emulator_library(spec: KernelSpec):
+def emulator_library(spec: KernelSpec, checked: bool = False):
     """The CPU-emulator build of a kernel, compiled (or cached) and loaded once per
-    process (see :mod:`flashmoe_core.host.emulator`)."""
-    return _emulator_library(spec, env.device_dir(), env.cutlass_include(), env.cxx())
+    process (see :mod:`flashmoe_core.host.emulator`); ``checked`` builds carry the
+    memory model (weak memory, race detection, preemption)."""
+    return _emulator_library(spec, env.device_dir(), env.cutlass_include(), env.cxx(),
+                             bool(checked))
