@@ -47,9 +47,12 @@ __all__ = ["EmulatorError", "EmulatorOptions", "BufferSpan", "HostCompiler", "Em
 
 # Flags every emulator build uses. -fno-strict-aliasing: CUDA code type-puns through
 # pointers as a matter of course; -fno-extern-tls-init: `__shared__` is thread_local
-# and must not get a dynamic-initialisation wrapper per access.
+# and must not get a dynamic-initialisation wrapper per access; -fno-gnu-unique: the
+# statics of inline functions (function-scope `__shared__` variables among them) stay
+# in their library, where unique symbols would bind every library loaded later to the
+# first one's copies.
 _BASE_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
-               "-fno-extern-tls-init", "-w")
+               "-fno-extern-tls-init", "-fno-gnu-unique", "-w")
 # Checked builds: every load and store of the device code calls memory.h (volatile ones
 # apart), no per-function calls; line tables name the code in reports. Compiled with -c
 # and linked without the sanitizer run time (memory.h defines what it would).

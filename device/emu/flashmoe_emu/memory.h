@@ -74,8 +74,9 @@ template <class T>
 FMOE_EMU_RT inline T hi_of(T a, T b) { return a < b ? b : a; }
 
 // ------------------------------------------------------------------ code sites
-inline uintptr_t& module_base() {
-  static uintptr_t base = [] {
+/// This library's load address (internal linkage: every emulator library has its own).
+[[maybe_unused]] static uintptr_t module_base() {
+  static const uintptr_t base = [] {
     Dl_info info{};
     dladdr(reinterpret_cast<void*>(&module_base), &info);
     return reinterpret_cast<uintptr_t>(info.dli_fbase);
@@ -306,6 +307,8 @@ struct MemBlock {
   ~MemBlock() { delete[] smem; }
   uint64_t rng = 0;
   int countdown = 0;                 // accesses until the next preemption
+  bool dirty = false;                // plain global stores since the last fence
+  bool exposed = false;              // ... and a strong write after them (a publication)
 };
 
 struct SyncShard {
@@ -564,11 +567,11 @@ inline std::string thread_name(int blk, unsigned tid) {
   return block_name(blk) + " thread " + std::to_string(tid);
 }
 
-[[noreturn]] inline void global_race(const char* kind, const Buffer& buf, uintptr_t a,
-                                     const std::string& now, const std::string& before,
-                                     const char* advice) {
-  model_fault(std::string("data race on global memory (") + kind + ") at " + where(buf, a) +
-              ": " + now + "; " + before + "; " + advice);
+inline std::string global_race(const char* kind, const Buffer& buf, uintptr_t a,
+                               const std::string& now, const std::string& before,
+                               const char* advice) {
+  return std::string("data race on global memory (") + kind + ") at " + where(buf, a) + ": " +
+         now + "; " + before + "; " + advice;
 }
 
 constexpr const char* kOrderAdvice =
@@ -579,39 +582,42 @@ constexpr const char* kOrderAdvice =
 enum class Access : uint8_t { Read, L2Read, NcRead, Write, StrongRead, StrongWrite, Put };
 
 /// A weak access by block m's current thread of one word of a registered buffer.
-FMOE_EMU_RT inline void global_word(MemBlock& m, Buffer& buf, uintptr_t a, uintptr_t word,
-                                    uint8_t mask, Access kind, uint32_t pc, unsigned tid) {
+/// Returns the report of a violation ("" if none); the caller faults after the word's
+/// lock is released (a fault never returns, and other blocks would wait on the lock).
+FMOE_EMU_RT inline std::string global_word(MemBlock& m, Buffer& buf, uintptr_t a, uintptr_t word,
+                                           uint8_t mask, Access kind, uint32_t pc,
+                                           unsigned tid) {
   const Options& o = options();
   const size_t i = buf.index(word);
   const bool reading = kind == Access::Read || kind == Access::L2Read || kind == Access::NcRead;
   WordLock lock(word);
   GWord* g = buf.word(i, !reading || buf.symmetric);
-  if (g == nullptr) return;  // read, and nobody wrote the word this launch
+  if (g == nullptr) return {};  // read, and nobody wrote the word this launch
   const auto hb = [&](int blk, uint32_t clk) {
     return blk < 0 || blk == m.id || clk <= m.vcd[size_t(blk)];
   };
   const auto me = [&] { return thread_name(m.id, tid); };  // only for reports
   if (reading) {
     if (o.races && !hb(g->w_blk, g->w_clk)) {
-      global_race("read-after-write", buf, a, me() + " reads it at " + pc_text(pc),
+      return global_race("read-after-write", buf, a, me() + " reads it at " + pc_text(pc),
                   thread_name(g->w_blk, g->w_tid) + (g->w_strong ? " updated it atomically" :
                   " wrote it") + " at " + pc_text(g->w_pc), kOrderAdvice);
     }
     if (o.weak && g->w_blk >= 0 && g->w_blk != m.id && kind != Access::L2Read) {
-      model_fault(std::string(kind == Access::NcRead ? "__ldg (read-only path)" :
+      return std::string(kind == Access::NcRead ? "__ldg (read-only path)" :
                   "cacheable load (ld.global.ca)") + " at " + pc_text(pc) + " by " + me() +
                   " of " + where(buf, a) + ", which " + thread_name(g->w_blk, g->w_tid) +
                   " wrote during this launch at " + pc_text(g->w_pc) +
                   ": L1 is not coherent across blocks, so the load may return a stale line; "
                   "read data produced during the launch through L2 (load_cg / __ldcg / "
-                  "cp.async.cg, design rule 3)");
+                  "cp.async.cg, design rule 3)";
     }
     if (kind == Access::NcRead && o.weak && g->w_blk == m.id) {
-      model_fault("__ldg (read-only path) at " + pc_text(pc) + " by " + me() + " of " +
-                  where(buf, a) + ", which this block wrote during the launch at " +
-                  pc_text(g->w_pc) + ": the read-only cache is not coherent with stores");
+      return "__ldg (read-only path) at " + pc_text(pc) + " by " + me() + " of " +
+             where(buf, a) + ", which this block wrote during the launch at " +
+             pc_text(g->w_pc) + ": the read-only cache is not coherent with stores";
     }
-    if (g->w_blk == m.id) return;  // reads of its own writes never race
+    if (g->w_blk == m.id) return {};  // reads of its own writes never race
     if (g->r_blk < 0 || g->r_blk == m.id || hb(g->r_blk, g->r_clk)) {
       g->r_blk = int16_t(m.id);
       g->r_clk = m.clk;
@@ -623,12 +629,12 @@ FMOE_EMU_RT inline void global_word(MemBlock& m, Buffer& buf, uintptr_t a, uintp
       g->r2_pc = pc;
       g->r2_tid = uint16_t(tid);
     }
-    return;
+    return {};
   }
   const bool strong = kind == Access::StrongWrite;
   if (o.races) {
     if (!hb(g->w_blk, g->w_clk) && !(strong && g->w_strong)) {
-      global_race("write-after-write", buf, a,
+      return global_race("write-after-write", buf, a,
                   me() + (strong ? " updates it atomically at " : " writes it at ") + pc_text(pc),
                   thread_name(g->w_blk, g->w_tid) + (g->w_strong ? " updated it atomically" :
                   " wrote it") + " at " + pc_text(g->w_pc), kOrderAdvice);
@@ -636,7 +642,7 @@ FMOE_EMU_RT inline void global_word(MemBlock& m, Buffer& buf, uintptr_t a, uintp
     for (int r = 0; r < 2; ++r) {
       const int blk = r ? g->r2_blk : g->r_blk;
       if (!hb(blk, r ? g->r2_clk : g->r_clk)) {
-        global_race("write-after-read", buf, a,
+        return global_race("write-after-read", buf, a,
                     me() + (kind == Access::Put ? " lands a put" : strong ? " updates it" :
                     " writes it") + " at " + pc_text(pc),
                     thread_name(blk, r ? g->r2_tid : g->r_tid) + " read it at " +
@@ -657,6 +663,7 @@ FMOE_EMU_RT inline void global_word(MemBlock& m, Buffer& buf, uintptr_t a, uintp
   g->w_tid = uint16_t(tid);
   g->w_strong = strong;
   g->r_blk = g->r2_blk = -1;
+  return {};
 }
 
 FMOE_EMU_RT inline void global_access(MemBlock& m, Buffer& buf, uintptr_t a, size_t n,
@@ -673,10 +680,17 @@ FMOE_EMU_RT inline void global_access(MemBlock& m, Buffer& buf, uintptr_t a, siz
       const uintptr_t byte = word + uintptr_t(k);
       if (byte >= a && byte < end) mask |= uint8_t(1u << k);
     }
-    global_word(m, buf, hi_of(a, word), word, mask, kind, pc, tid);
+    std::string err = global_word(m, buf, hi_of(a, word), word, mask, kind, pc, tid);
+    if (!err.empty()) model_fault(err);
   }
-  if (kind == Access::StrongWrite) publish(m, a & ~uintptr_t(3));
-  if (kind == Access::Write && options().weak && (next_random(m) & 1023) == 0) drain(m, true);
+  if (kind == Access::StrongWrite) {
+    publish(m, a & ~uintptr_t(3));
+    m.exposed |= m.dirty;
+  }
+  if (kind == Access::Write && options().weak) {
+    m.dirty = true;
+    if ((next_random(m) & 1023) == 0) drain(m, true);
+  }
 }
 
 // ------------------------------------------------------------------ shared memory
@@ -735,6 +749,8 @@ FMOE_EMU_RT inline void smem_access(MemBlock& m, uintptr_t a, size_t n, bool wri
 }
 
 // ------------------------------------------------------------------ entry points
+constexpr int kExposedStallMs = 30;
+
 /// Maybe give the thread's turn away (preemption at a memory access).
 FMOE_EMU_RT inline void maybe_preempt(MemBlock& m) {
   const int p = options().preempt;
@@ -792,6 +808,14 @@ FMOE_EMU_RT inline void on_fence(Scope scope) {
   MemBlock* m = cur_mem();
   if (m == nullptr || scope == Scope::Cta) return;
   InModel guard;
+  if (options().weak && m->exposed) {
+    // The block published (an atomic or signal) after plain stores no fence covered:
+    // it waits before this fence releases them, so that a block acting on the
+    // publication reads first, as it may on a GPU (a missing release fence then shows
+    // whatever the timing of the other blocks would have been).
+    std::this_thread::sleep_for(std::chrono::milliseconds(kExposedStallMs));
+  }
+  m->dirty = m->exposed = false;
   if (options().weak) drain(*m);
   if (options().races) hb_fence(*m, scope == Scope::Sys);
 }
