@@ -31,7 +31,7 @@ from .emulator_backward import (EmulatedExpertParallelTraining, EmulatedTraining
                                 backward_symmetric)
 from .ep import plan_heap
 from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
-from .host.emulator import EmulatorError, EmulatorOptions
+from .host.emulator import BufferSpan, EmulatorError, EmulatorOptions
 from .host.errors import FlashMoEError
 from .jit import emulator_library
 from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
@@ -73,6 +73,10 @@ def _timeout(timeout_s: Optional[float]) -> float:
     return t
 
 
+def _span(name: str, a: Optional[np.ndarray], pe: int = 0, symmetric: bool = False):
+    return [] if a is None else [BufferSpan(name, _addr(a), int(a.nbytes), pe, symmetric)]
+
+
 def _grid(grid: int, least: int) -> int:
     if not least <= int(grid) <= 256:
         raise ValueError(f"grid={grid} must be in [{least}, 256] blocks")
@@ -88,13 +92,15 @@ def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarra
     from .ops import gemm_operands
 
     a, b, bias, a_index, m, n, k = gemm_operands(a, b, dtype, bias, activation, gated, a_index)
-    lib = emulator_library(tile_gemm_spec(dtype))
+    lib = emulator_library(tile_gemm_spec(dtype), options.checked)
     fn = lib.function("emu_tile_gemm", [_P, _P, _P, _P, _P] + [ctypes.c_int] * 5)
     out = np.empty((m, n), storage_dtype(dtype))
     bias = None if bias is None else np.ascontiguousarray(round_to(bias, dtype))
     if m > 0:
+        spans = (_span("A", a) + _span("a_index", a_index) + _span("B", b) + _span("bias", bias) +
+                 _span("C", out))
         lib.launch(options, fn, _addr(a), _addr(a_index), _addr(b), _addr(bias), _addr(out),
-                   m, n, k, ACT_IDS[activation], int(gated))
+                   m, n, k, ACT_IDS[activation], int(gated), buffers=spans)
     return out
 
 
@@ -110,43 +116,50 @@ def ring_test(state: np.ndarray, ring: np.ndarray, seen: np.ndarray, seeds: int,
     if state.size < STATE_WORDS or ring.size < seeds * fanout or seen.size < seeds * (1 + fanout):
         raise ValueError("state needs 16 words, ring seeds * fanout slots and seen "
                          "seeds * (1 + fanout) counters")
-    lib = emulator_library(ring_test_spec())
+    lib = emulator_library(ring_test_spec(), options.checked)
     fn = lib.function("emu_ring_test", [ctypes.c_int, _P, _P, ctypes.c_int, _P, ctypes.c_int,
                                         ctypes.c_int, _P, ctypes.c_ulonglong])
-    record = np.zeros((), FAULT_RECORD)
+    record = np.zeros(1, FAULT_RECORD)
+    spans = _span("state", state) + _span("ring", ring) + _span("seen", seen) + \
+        _span("fault record", record)
     lib.launch(options, fn, _grid(grid, 1), _addr(state), _addr(ring), ring.size, _addr(seen),
-               seeds, fanout, record.__array_interface__["data"][0], int(timeout_s * 1e9))
+               seeds, fanout, _addr(record), int(timeout_s * 1e9), buffers=spans)
     return decode_fault(record.tobytes())
 
 
 def nvshmem_ping(pes: int, count: int = 64, epoch: int = 1, timeout_s: float = 5.0,
                  options: EmulatorOptions = EmulatorOptions()):
     """``kernels/nvshmem_ping.cu`` on ``pes`` emulated PEs: each puts ``count`` words to
-    the next PE with a signal and waits for the previous one's.
+    the next PE (a put, a fence, the last word with a signal) and waits for the
+    previous one's.
 
     Returns
     -------
-    (received, records): received[p] are the words PE p got; records[p] its decoded
-    fault record (code 0 when its signal arrived in time).
+    (received, records): received[p] are the words PE p's kernel read after its signal
+    arrived; records[p] its decoded fault record (code 0 when the signal came in time).
     """
     if not 1 <= pes <= 64 or count < 1:
         raise ValueError(f"pes={pes} must be in [1, 64] and count={count} positive")
-    lib = emulator_library(nvshmem_ping_spec())
+    lib = emulator_library(nvshmem_ping_spec(), options.checked)
     fn = lib.function("emu_nvshmem_ping", [ctypes.c_int, _P, ctypes.c_ulonglong,
                                            ctypes.c_ulonglong, _P, ctypes.c_ulonglong,
                                            ctypes.c_int, ctypes.c_uint64, _P, ctypes.c_ulonglong,
-                                           _P])
+                                           _P, _P])
     heap_bytes = _ALIGN + count * 8
     heaps = [_aligned(heap_bytes, 0) for _ in range(pes)]
     srcs = [np.arange(count, dtype=np.uint64) + np.uint64(1000 * p) for p in range(pes)]
+    got = [np.zeros(count, np.uint64) for _ in range(pes)]
     records = np.zeros(pes, FAULT_RECORD)
     results = np.zeros(pes, np.int32)
     heap_ptrs = (ctypes.c_void_p * pes)(*[_addr(h) for h in heaps])
     src_ptrs = (ctypes.c_void_p * pes)(*[_addr(s) for s in srcs])
+    got_ptrs = (ctypes.c_void_p * pes)(*[_addr(g) for g in got])
+    spans = [b for p in range(pes) for b in
+             _span("heap", heaps[p], p, True) + _span("src", srcs[p], p) +
+             _span("got", got[p], p)] + _span("fault records", records) + _span("results", results)
     lib.launch(options, fn, pes, heap_ptrs, heap_bytes, _ALIGN, src_ptrs, 0, count, epoch,
-               _addr(records), int(timeout_s * 1e9), _addr(results))
-    received = [h[_ALIGN:].view(np.uint64).copy() for h in heaps]
-    return received, [decode_fault(records[p:p + 1].tobytes()) for p in range(pes)]
+               _addr(records), int(timeout_s * 1e9), _addr(results), got_ptrs, buffers=spans)
+    return got, [decode_fault(records[p:p + 1].tobytes()) for p in range(pes)]
 
 
 # ------------------------------------------------------------------------- one PE
@@ -159,6 +172,7 @@ class _PeBuffers:
         self.local_ids = cfg.local_experts(rank) if cfg.world_size > 1 else list(range(cfg.experts))
         self.plan = plan_layer(cfg, local_experts=len(self.local_ids))
         self.buf: Dict[str, np.ndarray] = {}
+        self.heap_names = set(heap_offsets or ())
         self.delay_ns = 0
         if cfg.world_size > 1:
             hp = plan_heap(cfg)
@@ -212,6 +226,13 @@ class _PeBuffers:
     def ptr(self, name: str) -> int:
         return _addr(self.buf.get(name))
 
+    def spans(self) -> List[BufferSpan]:
+        """Every buffer of this PE, named for the memory model."""
+        heap = self.heap_names
+        out = [s for name, a in self.buf.items() for s in _span(name, a, self.rank, name in heap)]
+        return out + _span("layout", self.layout, self.rank) + \
+            _span("fault record", self.fault, self.rank)
+
     def make_layout(self) -> None:
         rec = layout_record(self.cfg, self.plan, self.ptr, fault=_addr(self.fault),
                             timeout_s=self.timeout_s, rank=self.rank,
@@ -245,7 +266,12 @@ class _Launcher:
         if not isinstance(options, EmulatorOptions):
             raise TypeError(f"options must be EmulatorOptions, got {type(options).__name__}")
         self.cfg, self.options = cfg, options
-        self.lib = emulator_library(moe_spec(cfg))
+        self._load()
+
+    def _load(self) -> None:
+        """The library the options need (a checked build for the memory model)."""
+        cfg = self.cfg
+        self.lib = emulator_library(moe_spec(cfg), self.options.checked)
         abi = self.lib.function("emu_moe_abi", [], ctypes.c_uint)()
         if abi != ABI_VERSION:
             raise FlashMoEError(f"emulator kernel ABI {abi} differs from host ABI {ABI_VERSION}; "
@@ -258,6 +284,12 @@ class _Launcher:
                                                         ctypes.c_int, ctypes.c_int, _P,
                                                         ctypes.c_ulonglong])
 
+    def set_options(self, options: EmulatorOptions) -> None:
+        checked = self.options.checked
+        self.options = options
+        if options.checked != checked:
+            self._load()
+
     def __call__(self, pes: Sequence[_PeBuffers], tokens: Sequence[int], launched: Sequence[bool],
                  mode: str, grid: int, x_ptrs: Sequence[int], y_ptrs: Sequence[int],
                  heaps: Sequence[np.ndarray] = (), heap_bytes: int = 0) -> None:
@@ -269,7 +301,8 @@ class _Launcher:
             arr(_P, y_ptrs), arr(ctypes.c_int, tokens),
             arr(ctypes.c_int, [-1 if c is None else c for c in caps]),
             arr(ctypes.c_int, [int(bool(v)) for v in launched]), MODES[mode], grid,
-            arr(_P, [_addr(h) for h in heaps]) if heaps else None, heap_bytes)
+            arr(_P, [_addr(h) for h in heaps]) if heaps else None, heap_bytes,
+            buffers=[b for p in pes for b in p.spans()])
 
 
 class _Emulated:
@@ -286,7 +319,7 @@ class _Emulated:
     def options(self, value: EmulatorOptions) -> None:
         if not isinstance(value, EmulatorOptions):
             raise TypeError("options must be EmulatorOptions")
-        self._launcher.options = value
+        self._launcher.set_options(value)
 
 
 class EmulatedMoELayer(_Emulated, EmulatedTraining):

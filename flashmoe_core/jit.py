@@ -99,19 +99,21 @@ def compile_kernel(spec: KernelSpec, arch: Optional[str] = None,
 
 @functools.lru_cache(maxsize=None)
 def _emulator_library(spec: KernelSpec, device_dir: Optional[str],
-                      cutlass_include: Optional[str], cxx: Optional[str], jit_disabled: bool):
+                      cutlass_include: Optional[str], cxx: Optional[str], jit_disabled: bool,
+                      checked: bool):
     from .host import emulator
 
     tc = find_toolchain(device_dir, cutlass_include)
     compiler = emulator.find_compiler(cxx)
     path = emulator.build_library(spec, tc, compiler, cache=kernel_cache(), progress=_progress,
-                                  allow_compile=not jit_disabled)
-    return emulator.load_library(path, emulator.library_identity(spec, tc, compiler))
+                                  allow_compile=not jit_disabled, checked=checked)
+    return emulator.load_library(path, emulator.library_identity(spec, tc, compiler, checked))
 
 
-def emulator_library(spec: KernelSpec):
+def emulator_library(spec: KernelSpec, checked: bool = False):
     """The CPU-emulator build of a kernel, compiled (or cached) and loaded once per
-    process (see :mod:`flashmoe_core.host.emulator`); honours FLASHMOE_DISABLE_JIT."""
+    process (see :mod:`flashmoe_core.host.emulator`); honours FLASHMOE_DISABLE_JIT;
+    ``checked`` builds carry the memory model (weak memory, race detection, preemption)."""
     env.validate()  # every variable, whether or not the emulator reads it
     return _emulator_library(spec, env.device_dir(), env.cutlass_include(), env.cxx(),
-                             env.jit_disabled())
+                             env.jit_disabled(), bool(checked))

@@ -141,8 +141,9 @@ def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarra
 def nvshmem_ping(count: int = 64, epoch: int = 1, timeout_s: float = 5.0) -> np.ndarray:
     """Put-with-signal round trip on the NVSHMEM ring of this process's world.
 
-    Every PE sends ``count`` words to the next PE and waits for the previous one's.
-    NVSHMEM must be initialised (world of one is fine). Returns the received words.
+    Every PE sends ``count`` words to the next PE (a put, a fence, the last word with
+    the signal) and waits for the previous one's. NVSHMEM must be initialised (world of
+    one is fine). Returns the words the kernel read after its signal arrived.
 
     Raises
     ------
@@ -169,15 +170,17 @@ def nvshmem_ping(count: int = 64, epoch: int = 1, timeout_s: float = 5.0) -> np.
     record = memory.PinnedArray(FAULT_RECORD)
     result = memory.alloc(dev, 4, stream)
     memory.zero(result, stream)
+    got = memory.alloc(dev, count * 8, stream)
+    memory.zero(got, stream)
     args = (np.uint64(int(dst.handle)), np.uint64(int(src_buf.handle)),
             np.uint64(int(sig.handle)), np.int32(count), np.uint64(epoch),
             np.uint64(record.ptr), np.uint64(int(timeout_s * 1e9)),
-            np.uint64(int(result.handle)))
+            np.uint64(int(result.handle)), np.uint64(int(got.handle)))
     _launch.launch_kernel(stream, kern, (1, 1, 1), (32, 1, 1), args)
     stream.sync()
     fault = decode_fault(record.array.tobytes())
     ok = int(memory.download(result, (1,), np.int32, stream)[0])
-    received = memory.download(dst, (count,), np.uint64, stream)
+    received = memory.download(got, (count,), np.uint64, stream)  # what the kernel read
     shmem.barrier_all(stream=stream)
     stream.sync()
     shmem.free(dst)

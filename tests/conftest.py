@@ -59,6 +59,15 @@ def backend(request):
     return request.param
 
 
+def emulator_checks(seed: int = 1):
+    """Options of the emulator tier's kernel tests: every check the emulator has
+    (weak global memory, race detection, preemption at memory accesses, lazy cp.async,
+    random warp schedules), under ``seed``."""
+    from flashmoe_core.emulator import EmulatorOptions
+
+    return EmulatorOptions.strict(seed)
+
+
 def per_backend(backend: str, gpu, emulator):
     """A test size for the backend (the emulator runs ~10^4x slower than a GPU)."""
     return gpu if backend == "gpu" else emulator

@@ -1,9 +1,14 @@
 """Expert parallelism on the CPU emulator: several PEs in one process, NVSHMEM emulated
-between them, the same scenarios as the GPU tier's mpirun tests (test_gpu_ep.py)."""
+between them, the same scenarios as the GPU tier's mpirun tests (test_gpu_ep.py).
+
+Most run with every emulator check on (weak memory, races, preemption, lazy cp.async;
+conftest.emulator_checks) under several seeds; the ones about timing (a busy peer, the
+watchdog) run unchecked, at the emulator's full speed."""
 
 import numpy as np
 import pytest
 
+from conftest import emulator_checks
 from flashmoe_core import FlashMoETimeout, MoEConfig, MoEWeights, random_tokens
 from flashmoe_core.emulator import EmulatedExpertParallel, EmulatorOptions
 from flashmoe_core.gpu_run import TOLERANCE, compare
@@ -42,14 +47,16 @@ def check(cfg, w, xs, ys, routings):
 def test_expert_parallel_matches_oracle_and_world_1(world):
     cfg = config(world)
     w = MoEWeights.random(cfg, 1)
-    ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30, options=emulator_checks(1))
     xs = inputs(cfg)
     for launch in range(3):  # epochs, ring tags and done-signals advance
+        ep.options = emulator_checks(seed=launch + world)  # another schedule each launch
         ys, routings = ep(xs, return_routing=True)
         y = check(cfg, w, xs, ys, routings)
         assert [ep.testing.state(r)["epoch"] for r in range(world)] == [launch + 1] * world
     one = cfg.replace(world_size=1, tokens=TOKENS * world)
-    single = MoELayer(one, MoEWeights.random(one, 1), backend="emulator")
+    single = MoELayer(one, MoEWeights.random(one, 1), backend="emulator",
+                      emulator_options=emulator_checks(7))
     y1 = single(np.concatenate(xs))
     # Dropless: the expert-parallel output equals the one-GPU output bit for bit.
     assert np.array_equal(y1.view(np.uint16), y.view(np.uint16))
@@ -58,7 +65,7 @@ def test_expert_parallel_matches_oracle_and_world_1(world):
 def test_expert_parallel_with_capacity_below_the_token_bound():
     cfg = config(2, capacity_factor=0.6)
     w = MoEWeights.random(cfg, 4)
-    ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30, options=emulator_checks(4))
     xs = [random_tokens(cfg, 5, rank=r, tokens=61) for r in range(2)]
     ys, routings = ep(xs, return_routing=True)
     assert [y.shape[0] for y in ys] == [61, 61]
@@ -70,7 +77,7 @@ def test_random_schedules_and_stalls_keep_the_protocol_correct():
     cfg = config(2)
     w = MoEWeights.random(cfg, 1)
     ep = EmulatedExpertParallel(cfg, w, timeout_s=30,
-                                options=EmulatorOptions(seed=11, chaos=40, chaos_us=300))
+                                options=EmulatorOptions.strict(11, chaos=40, chaos_us=300))
     xs = inputs(cfg)
     for _ in range(2):
         ys, routings = ep(xs, return_routing=True)
@@ -83,7 +90,7 @@ def test_subscriber_threads_with_many_events_each():
     cfg = MoEConfig(tokens=128, hidden=128, ffn=128, experts=256, top_k=8, world_size=2)
     w = MoEWeights.random(cfg, 3)
     ep = EmulatedExpertParallel(cfg, w, timeout_s=30,
-                                options=EmulatorOptions(seed=5, chaos=20, chaos_us=200))
+                                options=EmulatorOptions.strict(5, chaos=20, chaos_us=200))
     xs = inputs(cfg)
     ys, routings = ep(xs, return_routing=True)
     check(cfg, w, xs, ys, routings)
@@ -92,7 +99,7 @@ def test_subscriber_threads_with_many_events_each():
 def test_delayed_rank_still_correct():
     cfg = config(2)
     w = MoEWeights.random(cfg, 1)
-    ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30, options=emulator_checks(6))
     ep.testing.inject_delay(0, 0.3)
     xs = inputs(cfg)
     for _ in range(2):
@@ -104,7 +111,7 @@ def test_delayed_rank_still_correct():
 def test_absent_rank_makes_the_others_time_out(world):
     cfg = config(world)
     w = MoEWeights.random(cfg, 1)
-    ep = EmulatedExpertParallel(cfg, w, timeout_s=1.0)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=1.0, options=emulator_checks(world))
     xs = inputs(cfg)
     with pytest.raises(FlashMoETimeout) as exc:
         ep(xs, absent=[world - 1])
@@ -165,7 +172,7 @@ def test_component_modes_end_the_launch_for_the_peers_too(mode):
     # waits for that before overwriting what the peer may read.
     cfg = config(2)
     w = MoEWeights.random(cfg, 1)
-    ep = EmulatedExpertParallel(cfg, w, timeout_s=2.0)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=2.0, options=emulator_checks(3))
     xs = inputs(cfg)
     ep.testing.run_mode(xs, mode)
     k = cfg.top_k
@@ -181,7 +188,7 @@ def test_watchdog_stops_a_launch_the_kernel_would_wait_on_for_long():
 
     cfg = config(2)
     ep = EmulatedExpertParallel(cfg, MoEWeights.random(cfg, 1), timeout_s=120.0,
-                                options=EmulatorOptions(watchdog_s=1.0))
+                                options=EmulatorOptions.strict(1, watchdog_s=1.0))
     with pytest.raises(EmulatorError, match="watchdog") as exc:
         ep(inputs(cfg), absent=[1])
     assert "__nanosleep at wait.cuh:" in str(exc.value)  # where the threads were spinning
@@ -194,7 +201,7 @@ def test_bad_expert_parallel_input_is_rejected():
         EmulatedExpertParallel(cfg.replace(world_size=1), MoEWeights.random(cfg.replace(world_size=1), 1))
     with pytest.raises(ValueError, match="EmulatedExpertParallel"):
         MoELayer(cfg, w, backend="emulator")
-    ep = EmulatedExpertParallel(cfg, w)
+    ep = EmulatedExpertParallel(cfg, w, options=emulator_checks())
     with pytest.raises(ValueError, match="one per PE"):
         ep(inputs(cfg)[:1])
     with pytest.raises(ValueError, match="absent PEs"):

@@ -1,8 +1,11 @@
 """Single device kernels against NumPy, on the GPU and on the CPU emulator."""
 
+import functools
+
 import numpy as np
 import pytest
 
+from conftest import emulator_checks
 from flashmoe_core.numerics import activation as act_ref
 from flashmoe_core.numerics import round_to
 
@@ -33,12 +36,14 @@ def ref_gemm(a, b, dtype, bias=None, activation="identity", gated=False, a_index
 
 
 def gemm_for(backend):
-    """The tile GEMM of a backend (same arguments and results)."""
+    """The tile GEMM of a backend (same arguments and results); the emulator's with all
+    its checks on."""
     if backend == "gpu":
         from flashmoe_core.ops import tile_gemm
-    else:
-        from flashmoe_core.emulator import tile_gemm
-    return tile_gemm
+        return tile_gemm
+    from flashmoe_core.emulator import tile_gemm
+
+    return functools.partial(tile_gemm, options=emulator_checks(seed=2))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "tfloat32", "bfloat16", "float16"])
@@ -101,7 +106,7 @@ def test_nvshmem_put_with_signal_round_trip_world_1():
 def test_nvshmem_put_with_signal_ring_on_the_emulator(pes):
     from flashmoe_core.emulator import nvshmem_ping
 
-    received, records = nvshmem_ping(pes, count=256, epoch=7)
+    received, records = nvshmem_ping(pes, count=256, epoch=7, options=emulator_checks(pes))
     for p in range(pes):
         src = (p - 1) % pes  # each PE receives the previous PE's words
         assert records[p]["code"] == 0, records[p]

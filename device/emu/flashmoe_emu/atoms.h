@@ -21,12 +21,24 @@
 
 namespace fmoe_emu {
 
-inline float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
-inline float half_bits_to_float(uint32_t bits16) {
-  return float(cutlass::half_t::bitcast(uint16_t(bits16)));
+// Operand decoders of the emulated instructions (runtime code: no cutlass calls, which
+// checked builds could not inline here).
+FMOE_EMU_RT inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+FMOE_EMU_RT inline float bf16_bits_to_float(uint32_t bits16) { return bits_to_float(bits16 << 16); }
+FMOE_EMU_RT inline float half_bits_to_float(uint32_t bits16) {
+  const uint32_t sign = (bits16 & 0x8000u) << 16, exp = (bits16 >> 10) & 0x1fu;
+  const uint32_t man = bits16 & 0x3ffu;
+  if (exp == 0x1fu) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / NaN
+  if (exp != 0) return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
+  const float sub = float(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
+  return sign ? -sub : sub;
 }
 /// A TF32 operand: the tensor core reads sign, exponent and the top 10 mantissa bits.
-inline float tf32_operand(uint32_t bits) { return __uint_as_float(bits & 0xffffe000u); }
+FMOE_EMU_RT inline float tf32_operand(uint32_t bits) { return bits_to_float(bits & 0xffffe000u); }
 
 struct MmaIn {
   uint32_t a[4];
@@ -44,7 +56,7 @@ static_assert(sizeof(MmaIn) <= 64, "an MMA's registers must fit a lane's exchang
 //   B(k, n): lane n * 4 + k % 4,             register k / 4
 // C/D (both): lane l, register r holds (m, n) = (g + 8 * (r / 2), 2 * t + r % 2).
 template <int kK, float (*Operand)(uint32_t)>
-inline void complete_mma(Block& blk, int w) {
+FMOE_EMU_RT inline void complete_mma(Block& blk, int w) {
   WarpState& ws = blk.warps[size_t(w)];
   MmaIn in[32];
   for (int l = 0; l < 32; ++l) std::memcpy(&in[l], ws.in[l], sizeof(MmaIn));
@@ -83,7 +95,7 @@ inline void complete_mma(Block& blk, int w) {
 }
 
 template <int kK, float (*Operand)(uint32_t)>
-inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+FMOE_EMU_RT inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
                 const Site& site) {
   MmaIn in;
   std::memcpy(in.a, a, sizeof in.a);
@@ -96,7 +108,7 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], c
 
 /// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8j..8j+7 give the row addresses of
 /// matrix j; lane l receives in register j the 32-bit word l % 4 of row l / 4 of it.
-inline void complete_ldmatrix_x4(Block& blk, int w) {
+FMOE_EMU_RT inline void complete_ldmatrix_x4(Block& blk, int w) {
   WarpState& ws = blk.warps[size_t(w)];
   const unsigned char* rows[32];
   for (int l = 0; l < 32; ++l) std::memcpy(&rows[l], ws.in[l], sizeof(void*));
@@ -107,9 +119,15 @@ inline void complete_ldmatrix_x4(Block& blk, int w) {
   }
 }
 
-inline void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3) {
+FMOE_EMU_RT inline void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2,
+                                    uint32_t& d3, uintptr_t pc) {
   const Site site{__FILE__, __LINE__, "ldmatrix.x4"};
   if (reinterpret_cast<uintptr_t>(row) % 16) fatal("ldmatrix row address not 16-byte aligned");
+#if FMOE_EMU_CHECKED
+  on_access(row, 16, Access::Read, pc);  // the row this lane names, read by the warp
+#else
+  (void)pc;
+#endif
   std::memcpy(lane_in(), &row, sizeof row);
   warp_collective(0xffffffffu, &complete_ldmatrix_x4, site);
   uint32_t d[4];
@@ -131,7 +149,7 @@ struct EmuMma {
   using ARegisters = uint32_t[4];
   using BRegisters = uint32_t[2];
   using CRegisters = float[4];
-  static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0, uint32_t const& a1,
+  FMOE_EMU_RT static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0, uint32_t const& a1,
                   uint32_t const& a2, uint32_t const& a3, uint32_t const& b0, uint32_t const& b1,
                   float const& c0, float const& c1, float const& c2, float const& c3) {
     float d[4];
@@ -158,9 +176,9 @@ struct MMA_Traits<EMU_SM80_16x8x8_F32TF32TF32F32_TN> : MMA_Traits<SM80_16x8x8_F3
 struct EMU_SM75_U32x4_LDSM_N {
   using SRegisters = uint128_t[1];
   using DRegisters = uint32_t[4];
-  static void copy(uint128_t const& smem_src, uint32_t& d0, uint32_t& d1, uint32_t& d2,
+  FMOE_EMU_RT static void copy(uint128_t const& smem_src, uint32_t& d0, uint32_t& d1, uint32_t& d2,
                    uint32_t& d3) {
-    ::fmoe_emu::ldmatrix_x4(&smem_src, d0, d1, d2, d3);
+    ::fmoe_emu::ldmatrix_x4(&smem_src, d0, d1, d2, d3, FMOE_EMU_PC());
   }
 };
 template <>
@@ -173,7 +191,7 @@ namespace fmoe_emu {
 /// (thread, value) entries where CuTe's MMA_Traits layout of an atom disagrees with
 /// the PTX ISA formulas used above (0 expected).
 template <class Traits, int M, int N, int K>
-inline int mma_traits_mismatches() {
+FMOE_EMU_RT inline int mma_traits_mismatches() {
   using namespace cute;
   int bad = 0;
   const auto la = typename Traits::ALayout{};
@@ -202,7 +220,7 @@ inline int mma_traits_mismatches() {
   return bad;
 }
 
-inline int mma_layout_mismatches() {
+FMOE_EMU_RT inline int mma_layout_mismatches() {
   using namespace cute;
   return mma_traits_mismatches<MMA_Traits<SM80_16x8x16_F32BF16BF16F32_TN>, 16, 8, 16>() +
          mma_traits_mismatches<MMA_Traits<SM80_16x8x16_F32F16F16F32_TN>, 16, 8, 16>() +

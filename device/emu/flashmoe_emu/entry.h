@@ -10,10 +10,18 @@
 
 #define FMOE_EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
-/// Set the launch options (runtime.h Options); returns 0.
+/// Set the launch options (runtime.h Options); returns 0, or 1 when the memory model is
+/// asked for (weak, races, preempt) in a library built without it.
 FMOE_EMU_EXPORT int emu_configure(unsigned long long seed, int lazy_cp_async, int poison_smem,
-                                  int chaos, int chaos_us, double watchdog_s, int stack_kib) {
+                                  int chaos, int chaos_us, double watchdog_s, int stack_kib,
+                                  int weak, int races, int preempt) {
   fmoe_emu::Options& o = fmoe_emu::options();
+#if !FMOE_EMU_CHECKED
+  if (weak || races || preempt) return 1;
+#endif
+  o.weak = weak != 0;
+  o.races = races != 0;
+  o.preempt = preempt;
   o.seed = seed;
   o.lazy_cp_async = lazy_cp_async != 0;
   o.poison_smem = poison_smem != 0;
@@ -21,6 +29,19 @@ FMOE_EMU_EXPORT int emu_configure(unsigned long long seed, int lazy_cp_async, in
   o.chaos_us = chaos_us;
   o.watchdog_s = watchdog_s;
   o.stack_bytes = size_t(stack_kib) * 1024;
+  return 0;
+}
+
+/// 1 if this library carries the memory model (a checked build: memory.h).
+FMOE_EMU_EXPORT int emu_checked() { return FMOE_EMU_CHECKED ? 1 : 0; }
+
+/// The buffers of the next launches, by name (memory.h checks only these): n entries
+/// of base address, size in bytes, PE and flags (1: an NVSHMEM symmetric heap buffer).
+FMOE_EMU_EXPORT int emu_register(int n, const char* const* names, const unsigned long long* base,
+                                 const unsigned long long* bytes, const int* pes,
+                                 const int* flags) {
+  fmoe_emu::register_buffers(n, names, reinterpret_cast<const uint64_t*>(base),
+                             reinterpret_cast<const uint64_t*>(bytes), pes, flags);
   return 0;
 }
 

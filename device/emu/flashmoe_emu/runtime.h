@@ -73,6 +73,17 @@
 #define __shared__ thread_local
 
 #define FMOE_HOST_EMU 1
+#ifndef FMOE_EMU_CHECKED
+#define FMOE_EMU_CHECKED 0
+#endif
+
+// Checked builds (memory.h) instrument the device code; the runtime's own functions are
+// left out: they are not the program under test, and they would be slower.
+#if FMOE_EMU_CHECKED
+#define FMOE_EMU_RT __attribute__((no_sanitize_thread))
+#else
+#define FMOE_EMU_RT
+#endif
 
 namespace fmoe_emu {
 
@@ -86,6 +97,9 @@ struct Options {
   int chaos_us = 2000;          ///< longest such stall
   double watchdog_s = 600.0;    ///< a launch running longer is stopped and reported
   size_t stack_bytes = 256 * 1024;
+  bool weak = false;            ///< weak global memory and rule 3 (memory.h; checked builds)
+  bool races = false;           ///< shared- and global-memory race detection (checked builds)
+  int preempt = 0;              ///< >0: about 1 in `preempt` memory accesses switches threads
 };
 inline Options& options() {
   static Options o;
@@ -106,7 +120,7 @@ inline std::string& error_text() {
   static std::string s;
   return s;
 }
-inline void record_error(const std::string& what) {
+FMOE_EMU_RT inline void record_error(const std::string& what) {
   std::lock_guard<std::mutex> lock(error_mutex());
   if (error_text().empty()) error_text() = what;
   aborting().store(true);
@@ -178,7 +192,7 @@ struct Context {
   void* sp = nullptr;
 };
 /// Prepare `ctx` to start entry(arg) on the stack [lo, lo + size).
-inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void*), void* arg) {
+FMOE_EMU_RT inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void*), void* arg) {
   auto top = reinterpret_cast<uintptr_t>(lo) + size;
   top &= ~uintptr_t(15);
   auto* frame = reinterpret_cast<uint64_t*>(top - 64);
@@ -196,16 +210,16 @@ inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void
   frame[7] = reinterpret_cast<uint64_t>(&fmoe_emu_fiber_start);  // return address
   ctx.sp = frame;
 }
-inline void switch_context(Context& from, Context& to) { fmoe_emu_switch(&from.sp, to.sp); }
+FMOE_EMU_RT inline void switch_context(Context& from, Context& to) { fmoe_emu_switch(&from.sp, to.sp); }
 #else
 struct Context {
   ucontext_t uc;
 };
-inline void trampoline(unsigned e0, unsigned e1, unsigned p0, unsigned p1) {
+FMOE_EMU_RT inline void trampoline(unsigned e0, unsigned e1, unsigned p0, unsigned p1) {
   auto entry = reinterpret_cast<void (*)(void*)>((uintptr_t(e1) << 32) | e0);
   entry(reinterpret_cast<void*>((uintptr_t(p1) << 32) | p0));
 }
-inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void*), void* arg) {
+FMOE_EMU_RT inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void*), void* arg) {
   getcontext(&ctx.uc);
   ctx.uc.uc_stack.ss_sp = lo;
   ctx.uc.uc_stack.ss_size = size;
@@ -215,7 +229,7 @@ inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void
   makecontext(&ctx.uc, reinterpret_cast<void (*)()>(&trampoline), 4, unsigned(e), unsigned(e >> 32),
               unsigned(p), unsigned(p >> 32));
 }
-inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+FMOE_EMU_RT inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
 // ------------------------------------------------------------------ blocks and fibers
@@ -227,9 +241,11 @@ struct PendingCopy {
   const void* src;
   int bytes;
   int group;
+  uintptr_t pc;  ///< where it was issued (checked builds)
 };
 
 struct Block;
+struct MemBlock;  // memory.h
 
 struct Fiber {
   Context ctx;
@@ -250,6 +266,7 @@ using WarpCompletion = void (*)(Block&, int warp);
 struct WarpState {
   int arrived = 0;
   unsigned gen = 0;
+  unsigned syncs = 0;  ///< __syncwarp()s completed (orders shared memory within the warp)
   int live = 32;
   WarpCompletion complete = nullptr;
   Site site;
@@ -275,20 +292,26 @@ struct Block {
   Site bar_site;
   bool failed = false;
   std::mt19937_64 rng;
+  MemBlock* mem = nullptr;  ///< the memory model's state of this block (checked builds)
 };
 
-inline thread_local Block* tl_block = nullptr;
-inline thread_local dim3 tl_blockIdx;
-inline thread_local dim3 tl_blockDim;
-inline thread_local dim3 tl_gridDim;
-inline thread_local int tl_pe = 0;  ///< which PE's grid this block belongs to
+/// The runtime's per-block thread-locals, in one place (the memory model tells them
+/// apart from `__shared__` variables, which are thread-locals too).
+struct ThreadState {
+  Block* block = nullptr;
+  dim3 blockIdx, blockDim, gridDim;
+  int pe = 0;  ///< which PE's grid this block belongs to
+  bool in_model = false;  ///< the memory model runs: instrumented code it calls is not checked
+};
+inline thread_local ThreadState tls;
 
-inline Fiber& cur_fiber() { return tl_block->fibers[size_t(tl_block->cur)]; }
-inline unsigned lane_id() { return cur_fiber().tid & 31u; }
-inline dim3 thread_idx() { return dim3(cur_fiber().tid, 0, 0); }
+FMOE_EMU_RT inline Fiber& cur_fiber() { return tls.block->fibers[size_t(tls.block->cur)]; }
+FMOE_EMU_RT inline unsigned lane_id() { return cur_fiber().tid & 31u; }
+/// threadIdx: called all over device code, so it stays inlinable there (no FMOE_EMU_RT).
+inline dim3 thread_idx() { return dim3(tls.block->fibers.data()[tls.block->cur].tid, 0, 0); }
 
 /// Where every live thread of a block waits, grouped by site (the deadlock report).
-inline std::string where_threads_wait(const Block& b) {
+FMOE_EMU_RT inline std::string where_threads_wait(const Block& b) {
   std::map<std::string, std::vector<unsigned>> at;
   for (const Fiber& f : b.fibers) {
     if (f.done) continue;
@@ -309,8 +332,8 @@ inline std::string where_threads_wait(const Block& b) {
 }
 
 /// Stop the current block with a report; never returns to the faulting thread.
-[[noreturn]] inline void fatal(const std::string& what) {
-  Block* b = tl_block;
+[[noreturn]] FMOE_EMU_RT inline void fatal(const std::string& what) {
+  Block* b = tls.block;
   std::string msg = "emulated kernel fault";
   if (b != nullptr) {
     msg += " in block " + std::to_string(b->idx.x) + " of PE " + std::to_string(b->pe);
@@ -328,15 +351,15 @@ inline std::string where_threads_wait(const Block& b) {
 }
 
 /// Give the block's OS thread back to its scheduler; the fiber resumes later.
-inline void yield() {
-  Block* b = tl_block;
+FMOE_EMU_RT inline void yield() {
+  Block* b = tls.block;
   switch_context(b->fibers[size_t(b->cur)].ctx, b->sched);
 }
 
 /// Inter-block timing perturbation: now and then stall this block's OS thread.
-inline void chaos() {
+FMOE_EMU_RT inline void chaos() {
   const int c = options().chaos;
-  Block* b = tl_block;
+  Block* b = tls.block;
   if (c <= 0 || b == nullptr) return;
   if (b->rng() % uint64_t(c) == 0) {
     std::this_thread::sleep_for(
@@ -344,14 +367,24 @@ inline void chaos() {
   }
 }
 
+}  // namespace fmoe_emu
+
+#include "memory.h"
+
+namespace fmoe_emu {
+
 // ------------------------------------------------------------------ cp.async
-inline void land(const PendingCopy& c) {
-  if (c.bytes > 0) std::memcpy(c.dst, c.src, size_t(c.bytes));
+/// The copy lands: it reads global memory as L2 holds it now and writes shared memory.
+FMOE_EMU_RT inline void land(const PendingCopy& c) {
+  if (c.bytes > 0) copy_l2(c.dst, c.src, size_t(c.bytes), c.pc);
   if (c.bytes < 16) std::memset(static_cast<char*>(c.dst) + c.bytes, 0, size_t(16 - c.bytes));
+#if FMOE_EMU_CHECKED
+  on_access(c.dst, 16, Access::Write, c.pc);
+#endif
 }
 /// Land every pending copy but those of the newest `keep` committed groups (PTX
 /// cp.async.wait_group semantics; uncommitted copies are not waited for).
-inline void cp_async_complete(Fiber& f, int keep) {
+FMOE_EMU_RT inline void cp_async_complete(Fiber& f, int keep) {
   const int limit = f.group - keep;
   auto it = f.pending.begin();
   while (it != f.pending.end()) {
@@ -363,24 +396,28 @@ inline void cp_async_complete(Fiber& f, int keep) {
     }
   }
 }
-inline void cp_async(void* dst, const void* src, int src_bytes) {
+FMOE_EMU_RT inline void cp_async(void* dst, const void* src, int src_bytes) {
+  const uintptr_t pc = FMOE_EMU_PC();
   if (reinterpret_cast<uintptr_t>(dst) % 16 ||
       (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16)) {
     fatal("cp.async with a shared or global address that is not 16-byte aligned");
   }
-  const PendingCopy c{dst, src, src_bytes, 0};
+  const PendingCopy c{dst, src, src_bytes, 0, pc};
   if (!options().lazy_cp_async) {
     land(c);
     return;
   }
   Fiber& f = cur_fiber();
-  f.pending.push_back({dst, src, src_bytes, f.group});
+#if FMOE_EMU_CHECKED
+  on_access(dst, 16, Access::Write, pc);  // in flight from now: nobody else may touch it
+#endif
+  f.pending.push_back({dst, src, src_bytes, f.group, pc});
 }
-inline void cp_async_commit() { ++cur_fiber().group; }
-inline void cp_async_wait(int n) { cp_async_complete(cur_fiber(), n); }
+FMOE_EMU_RT inline void cp_async_commit() { ++cur_fiber().group; }
+FMOE_EMU_RT inline void cp_async_wait(int n) { cp_async_complete(cur_fiber(), n); }
 
 // ------------------------------------------------------------------ __syncthreads
-inline void release_block_barrier(Block& b) {
+FMOE_EMU_RT inline void release_block_barrier(Block& b) {
   b.result_and = b.bar_and;
   b.result_or = b.bar_or;
   b.result_count = b.bar_count;
@@ -396,8 +433,8 @@ inline void release_block_barrier(Block& b) {
 
 /// __syncthreads and its reductions: every live thread of the block meets here, at the
 /// same call site (threads meeting at different __syncthreads is a divergence bug).
-inline void block_barrier(int pred, const Site& site) {
-  Block& b = *tl_block;
+FMOE_EMU_RT inline void block_barrier(int pred, const Site& site) {
+  Block& b = *tls.block;
   Fiber& f = cur_fiber();
   if (b.bar_arrived == 0) {
     b.bar_site = site;
@@ -420,7 +457,7 @@ inline void block_barrier(int pred, const Site& site) {
 }
 
 // ------------------------------------------------------------------ warp collectives
-inline void release_warp(Block& b, int w) {
+FMOE_EMU_RT inline void release_warp(Block& b, int w) {
   WarpState& ws = b.warps[size_t(w)];
   ws.arrived = 0;
   ws.complete = nullptr;
@@ -436,8 +473,8 @@ inline void release_warp(Block& b, int w) {
 /// to arrive runs `complete` (which fills every lane's `out` slot) and releases all.
 /// One barrier suffices: a lane writes only its own `in` slot, and only after reading
 /// its own `out` slot of the previous collective.
-inline void warp_collective(unsigned mask, WarpCompletion complete, const Site& site) {
-  Block& b = *tl_block;
+FMOE_EMU_RT inline void warp_collective(unsigned mask, WarpCompletion complete, const Site& site) {
+  Block& b = *tls.block;
   Fiber& f = cur_fiber();
   f.site = site;
   if (mask != 0xffffffffu) fatal("warp collective with a partial mask (not emulated): " + describe(site));
@@ -462,15 +499,15 @@ inline void warp_collective(unsigned mask, WarpCompletion complete, const Site& 
   }
 }
 
-inline unsigned char* lane_in() { return tl_block->warps[cur_fiber().tid / 32].in[lane_id()]; }
-inline unsigned char* lane_out() { return tl_block->warps[cur_fiber().tid / 32].out[lane_id()]; }
+FMOE_EMU_RT inline unsigned char* lane_in() { return tls.block->warps[cur_fiber().tid / 32].in[lane_id()]; }
+FMOE_EMU_RT inline unsigned char* lane_out() { return tls.block->warps[cur_fiber().tid / 32].out[lane_id()]; }
 
 /// Shuffle inputs: 8 bytes of value and the source lane each lane computed.
 struct ShflIn {
   unsigned char value[8];
   int src;
 };
-inline void complete_shfl(Block& b, int w) {
+FMOE_EMU_RT inline void complete_shfl(Block& b, int w) {
   WarpState& ws = b.warps[size_t(w)];
   for (int l = 0; l < 32; ++l) {
     ShflIn in;
@@ -482,7 +519,7 @@ inline void complete_shfl(Block& b, int w) {
 }
 
 template <class T>
-inline T shfl(unsigned mask, T v, int src_lane, const Site& site) {
+FMOE_EMU_RT inline T shfl(unsigned mask, T v, int src_lane, const Site& site) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of <= 8 bytes");
   ShflIn in{};
   std::memcpy(in.value, &v, sizeof(T));
@@ -494,19 +531,19 @@ inline T shfl(unsigned mask, T v, int src_lane, const Site& site) {
   return r;
 }
 
-inline void check_width(int width, const Site& site) {
+FMOE_EMU_RT inline void check_width(int width, const Site& site) {
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
     fatal("shuffle width must be a power of two in 1..32: " + describe(site));
   }
 }
 
-inline void complete_ballot(Block& b, int w) {
+FMOE_EMU_RT inline void complete_ballot(Block& b, int w) {
   WarpState& ws = b.warps[size_t(w)];
   unsigned r = 0;
   for (int l = 0; l < 32; ++l) r |= unsigned(ws.in[l][0] != 0) << l;
   for (int l = 0; l < 32; ++l) std::memcpy(ws.out[l], &r, sizeof r);
 }
-inline void complete_syncwarp(Block&, int) {}
+FMOE_EMU_RT inline void complete_syncwarp(Block& b, int w) { ++b.warps[size_t(w)].syncs; }
 
 // ------------------------------------------------------------------ launch
 struct FiberStart {
@@ -515,7 +552,7 @@ struct FiberStart {
   const std::function<void()>* body;
 };
 
-inline void fiber_main(void* arg) {
+FMOE_EMU_RT inline void fiber_main(void* arg) {
   auto* s = static_cast<FiberStart*>(arg);
   (*s->body)();
   Block& b = *s->block;
@@ -538,7 +575,7 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 /// Run one block: blockDim.x fibers on this OS thread until all are done or the launch
 /// is stopped.
-inline void run_block(int pe, dim3 bidx, dim3 grid, dim3 block, const std::function<void()>& body,
+FMOE_EMU_RT inline void run_block(int pe, dim3 bidx, dim3 grid, dim3 block, const std::function<void()>& body,
                       const std::function<void()>& on_start,
                       std::chrono::steady_clock::time_point t0) {
   const int n = int(block.x);
@@ -551,12 +588,13 @@ inline void run_block(int pe, dim3 bidx, dim3 grid, dim3 block, const std::funct
   b.warps.resize(size_t((n + 31) / 32));
   for (size_t w = 0; w < b.warps.size(); ++w) b.warps[w].live = std::min(32, n - int(w) * 32);
   b.rng.seed(options().seed * 0x9e3779b97f4a7c15ull + uint64_t(pe) * 7919u + bidx.x);
-  tl_block = &b;
-  tl_blockIdx = bidx;
-  tl_gridDim = grid;
-  tl_blockDim = block;
-  tl_pe = pe;
+  tls.block = &b;
+  tls.blockIdx = bidx;
+  tls.gridDim = grid;
+  tls.blockDim = block;
+  tls.pe = pe;
   if (on_start) on_start();
+  mem_block_start(b, pe * int(grid.x * grid.y) + int(bidx.y * grid.x + bidx.x));
   const size_t stack = options().stack_bytes;
   std::vector<FiberStart> starts(size_t(n), FiberStart{nullptr, 0, nullptr});
   for (int i = 0; i < n; ++i) {
@@ -577,7 +615,7 @@ inline void run_block(int pe, dim3 bidx, dim3 grid, dim3 block, const std::funct
   }
   const bool random = options().seed != 0;
   const int nwarps = int(b.warps.size());
-  auto run = [&](int i) {
+  auto run = [&](int i) FMOE_EMU_RT {
     b.cur = i;
     switch_context(b.sched, b.fibers[size_t(i)].ctx);
     b.cur = -1;
@@ -623,17 +661,18 @@ inline void run_block(int pe, dim3 bidx, dim3 grid, dim3 block, const std::funct
       break;
     }
   }
+  mem_block_end(b);
   for (Fiber& f : b.fibers) {
     if (f.stack != nullptr) munmap(f.stack, stack);
   }
-  tl_block = nullptr;
+  tls.block = nullptr;
 }
 
 /// Launch `grids` 1-D grids at once (one per emulated PE): one OS thread per block,
 /// all concurrent, as the blocks of a persistent grid must be co-resident. body(pe)
 /// runs as every CUDA thread; on_start(pe) once per block before its threads start.
 /// Returns false if the launch was stopped (error_text() says why).
-inline bool launch(int grids, dim3 grid, dim3 block, const std::function<void(int)>& body,
+FMOE_EMU_RT inline bool launch(int grids, dim3 grid, dim3 block, const std::function<void(int)>& body,
                    const std::function<void(int)>& on_start = {}) {
   {
     std::lock_guard<std::mutex> lock(error_mutex());
@@ -645,6 +684,7 @@ inline bool launch(int grids, dim3 grid, dim3 block, const std::function<void(in
     return false;
   }
   const auto t0 = std::chrono::steady_clock::now();
+  mem_begin_launch(grids, int(grid.x * grid.y));
   std::vector<std::function<void()>> bodies, starts;
   for (int g = 0; g < grids; ++g) {
     bodies.emplace_back([&body, g] { body(g); });
@@ -655,10 +695,11 @@ inline bool launch(int grids, dim3 grid, dim3 block, const std::function<void(in
   for (int g = 0; g < grids; ++g)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x)
-        threads.emplace_back([&, g, x, y] {
+        threads.emplace_back([&, g, x, y]() FMOE_EMU_RT {
           run_block(g, dim3(x, y, 1), grid, block, bodies[size_t(g)], starts[size_t(g)], t0);
         });
   for (std::thread& t : threads) t.join();
+  mem_end_launch();
   return error_text().empty();
 }
 
@@ -672,47 +713,58 @@ inline uint64_t now_ns() {
 
 // ------------------------------------------------------------------ CUDA built-ins
 #define threadIdx (::fmoe_emu::thread_idx())
-#define blockIdx (::fmoe_emu::tl_blockIdx)
-#define blockDim (::fmoe_emu::tl_blockDim)
-#define gridDim (::fmoe_emu::tl_gridDim)
+#define blockIdx (::fmoe_emu::tls.blockIdx)
+#define blockDim (::fmoe_emu::tls.blockDim)
+#define gridDim (::fmoe_emu::tls.gridDim)
 #define warpSize 32
 
-inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+FMOE_EMU_RT inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   fmoe_emu::block_barrier(1, {file, line, "__syncthreads"});
 }
-inline int __syncthreads_and(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+FMOE_EMU_RT inline int __syncthreads_and(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   fmoe_emu::block_barrier(p, {file, line, "__syncthreads_and"});
-  return fmoe_emu::tl_block->result_and;
+  return fmoe_emu::tls.block->result_and;
 }
-inline int __syncthreads_or(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+FMOE_EMU_RT inline int __syncthreads_or(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   fmoe_emu::block_barrier(p, {file, line, "__syncthreads_or"});
-  return fmoe_emu::tl_block->result_or;
+  return fmoe_emu::tls.block->result_or;
 }
-inline int __syncthreads_count(int p, const char* file = __builtin_FILE(),
+FMOE_EMU_RT inline int __syncthreads_count(int p, const char* file = __builtin_FILE(),
                                int line = __builtin_LINE()) {
   fmoe_emu::block_barrier(p, {file, line, "__syncthreads_count"});
-  return fmoe_emu::tl_block->result_count;
+  return fmoe_emu::tls.block->result_count;
 }
-inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
+FMOE_EMU_RT inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
                        int line = __builtin_LINE()) {
   fmoe_emu::warp_collective(mask, &fmoe_emu::complete_syncwarp, {file, line, "__syncwarp"});
 }
-inline void __threadfence() {
+// Fences are fence.sc at their scope (membar is fence.sc since sm_70): the memory model
+// drains the block's store buffer and synchronizes with earlier fences (memory.h).
+FMOE_EMU_RT inline void __threadfence() {
   fmoe_emu::chaos();
+  fmoe_emu::on_fence(fmoe_emu::Scope::Gpu);
   std::atomic_thread_fence(std::memory_order_seq_cst);
 }
-inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __threadfence_system() { __threadfence(); }
+FMOE_EMU_RT inline void __threadfence_block() {
+  fmoe_emu::on_fence(fmoe_emu::Scope::Cta);  // orders nothing for other blocks
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+FMOE_EMU_RT inline void __threadfence_system() {
+  fmoe_emu::chaos();
+  fmoe_emu::on_fence(fmoe_emu::Scope::Sys);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
 /// A spinning thread lets the other threads of its block run (other blocks have OS
 /// threads of their own).
-inline void __nanosleep(unsigned, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+FMOE_EMU_RT inline void __nanosleep(unsigned, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   fmoe_emu::cur_fiber().site = {file, line, "__nanosleep"};
+  fmoe_emu::on_spin();
   fmoe_emu::yield();
   std::this_thread::yield();
 }
 
 template <class T>
-inline T __shfl_sync(unsigned mask, T v, int src, int width = 32, const char* file = __builtin_FILE(),
+FMOE_EMU_RT inline T __shfl_sync(unsigned mask, T v, int src, int width = 32, const char* file = __builtin_FILE(),
                      int line = __builtin_LINE()) {
   const fmoe_emu::Site site{file, line, "__shfl_sync"};
   fmoe_emu::check_width(width, site);
@@ -720,7 +772,7 @@ inline T __shfl_sync(unsigned mask, T v, int src, int width = 32, const char* fi
   return fmoe_emu::shfl(mask, v, (lane & ~(width - 1)) + (src & (width - 1)), site);
 }
 template <class T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
+FMOE_EMU_RT inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
                          const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   const fmoe_emu::Site site{file, line, "__shfl_xor_sync"};
   fmoe_emu::check_width(width, site);
@@ -730,7 +782,7 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
   return fmoe_emu::shfl(mask, v, src, site);
 }
 template <class T>
-inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
+FMOE_EMU_RT inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
                           const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   const fmoe_emu::Site site{file, line, "__shfl_down_sync"};
   fmoe_emu::check_width(width, site);
@@ -739,7 +791,7 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
   return fmoe_emu::shfl(mask, v, src, site);
 }
 template <class T>
-inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32,
+FMOE_EMU_RT inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32,
                         const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   const fmoe_emu::Site site{file, line, "__shfl_up_sync"};
   fmoe_emu::check_width(width, site);
@@ -747,7 +799,7 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32,
   const int src = (lane & (width - 1)) >= int(delta) ? lane - int(delta) : lane;
   return fmoe_emu::shfl(mask, v, src, site);
 }
-inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+FMOE_EMU_RT inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
                               int line = __builtin_LINE()) {
   fmoe_emu::lane_in()[0] = pred != 0;
   fmoe_emu::warp_collective(mask, &fmoe_emu::complete_ballot, {file, line, "__ballot_sync"});
@@ -756,45 +808,69 @@ inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __buil
   return r;
 }
 
-// Atomics. CUDA's are relaxed device-scope read-modify-writes; sequentially
-// consistent builtins are at least as strong.
+// Atomics. CUDA's are relaxed device-scope read-modify-writes (they drain nothing and
+// order nothing by themselves); the builtins underneath are sequentially consistent.
+#if FMOE_EMU_CHECKED
+#define FMOE_EMU_ATOMIC_HOOK(p) fmoe_emu::on_atomic(p, sizeof(*(p)), FMOE_EMU_PC())
+#else
+#define FMOE_EMU_ATOMIC_HOOK(p) (void)0
+#endif
 #define FMOE_EMU_ATOMICS(T)                                                                     \
-  inline T atomicAdd(T* p, T v) {                                                               \
+  FMOE_EMU_RT inline T atomicAdd(T* p, T v) {                                                   \
     fmoe_emu::chaos();                                                                          \
+    FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);                                          \
   }                                                                                             \
-  inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }          \
-  inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }        \
-  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }            \
-  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }          \
-  inline T atomicMax(T* p, T v) {                                                               \
+  FMOE_EMU_RT inline T atomicSub(T* p, T v) {                                                   \
+    FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
+    return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST);                                          \
+  }                                                                                             \
+  FMOE_EMU_RT inline T atomicExch(T* p, T v) {                                                  \
+    FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
+    return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);                                         \
+  }                                                                                             \
+  FMOE_EMU_RT inline T atomicOr(T* p, T v) {                                                    \
+    FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
+    return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);                                           \
+  }                                                                                             \
+  FMOE_EMU_RT inline T atomicAnd(T* p, T v) {                                                   \
+    FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
+    return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);                                          \
+  }                                                                                             \
+  FMOE_EMU_RT inline T atomicMax(T* p, T v) {                                                   \
+    FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
     T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);                                               \
     while (old < v &&                                                                           \
            !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) \
       ;                                                                                         \
     return old;                                                                                 \
   }                                                                                             \
-  inline T atomicMin(T* p, T v) {                                                               \
+  FMOE_EMU_RT inline T atomicMin(T* p, T v) {                                                   \
+    FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
     T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);                                               \
     while (old > v &&                                                                           \
            !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) \
       ;                                                                                         \
     return old;                                                                                 \
   }                                                                                             \
-  inline T atomicCAS(T* p, T expected, T desired) {                                             \
+  FMOE_EMU_RT inline T atomicCAS(T* p, T expected, T desired) {                                 \
     fmoe_emu::chaos();                                                                          \
+    FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
     __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_SEQ_CST,                 \
                                 __ATOMIC_SEQ_CST);                                              \
     return expected;                                                                            \
   }                                                                                             \
-  inline T atomicCAS_system(T* p, T expected, T desired) { return atomicCAS(p, expected, desired); }
+  FMOE_EMU_RT inline T atomicCAS_system(T* p, T expected, T desired) {                          \
+    return atomicCAS(p, expected, desired);                                                     \
+  }
 FMOE_EMU_ATOMICS(int)
 FMOE_EMU_ATOMICS(unsigned)
 FMOE_EMU_ATOMICS(unsigned long long)
 #undef FMOE_EMU_ATOMICS
 
-inline float atomicAdd(float* p, float v) {
+FMOE_EMU_RT inline float atomicAdd(float* p, float v) {
   fmoe_emu::chaos();
+  FMOE_EMU_ATOMIC_HOOK(p);
   uint32_t old_bits = __atomic_load_n(reinterpret_cast<uint32_t*>(p), __ATOMIC_SEQ_CST);
   for (;;) {
     float old_val, new_val;
@@ -809,9 +885,15 @@ inline float atomicAdd(float* p, float v) {
   }
 }
 
-/// Loads through L2: volatile for scalars so that spin loops re-read memory.
+/// ld.global.cg: through L2 (what other blocks' drained stores made visible). Volatile
+/// for scalars in unchecked builds, so that spin loops re-read memory.
 template <class T>
-inline T __ldcg(const T* p) {
+FMOE_EMU_RT inline T __ldcg(const T* p) {
+#if FMOE_EMU_CHECKED
+  T v;
+  fmoe_emu::copy_l2(static_cast<void*>(&v), static_cast<const void*>(p), sizeof(T), FMOE_EMU_PC());
+  return v;
+#else
   if constexpr (std::is_arithmetic<T>::value) {
     return *reinterpret_cast<const volatile T*>(p);
   } else {
@@ -819,9 +901,14 @@ inline T __ldcg(const T* p) {
     std::memcpy(static_cast<void*>(&v), static_cast<const void*>(p), sizeof(T));
     return v;
   }
+#endif
 }
+/// ld.global.nc: the read-only path (the data must not change during the launch).
 template <class T>
-inline T __ldg(const T* p) {
+FMOE_EMU_RT inline T __ldg(const T* p) {
+#if FMOE_EMU_CHECKED
+  fmoe_emu::on_access(p, sizeof(T), fmoe_emu::Access::NcRead, FMOE_EMU_PC());
+#endif
   return *p;
 }
 

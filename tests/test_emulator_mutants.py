@@ -1,0 +1,172 @@
+"""The memory-ordering mutation suite: one-line bugs of the kinds persistent GPU kernels
+fail with, each seeded into a copy of the device sources, each of which the emulator's
+checked mode (weak memory, race detection, preemption) must report.
+
+On a GPU these are silent wrong results or hangs that no test there is expected to
+catch; the unchecked emulator (sequentially consistent, stores in order, threads
+switching only at barriers) passes every one of them.
+"""
+
+import concurrent.futures
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashmoe_core import MoEConfig, MoEWeights, random_tokens
+from flashmoe_core import jit
+from flashmoe_core.emulator import (EmulatedMoELayer, EmulatorError, EmulatorOptions,
+                                    nvshmem_ping, ring_test, tile_gemm)
+from flashmoe_core.host import emulator as host_emu
+from flashmoe_core.host.toolchain import find_toolchain
+from flashmoe_core.kernels import moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
+
+pytestmark = pytest.mark.emulator
+
+FUSED = "include/flashmoe/moe/fused.cuh"
+SYNC = "include/flashmoe/sync.cuh"
+GEMM = "include/flashmoe/gemm/tile_gemm.cuh"
+CFG = MoEConfig(tokens=64, hidden=128, ffn=128, experts=8, top_k=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    kind: str      # the kind of bug (test id)
+    file: str      # under device/
+    old: str       # the line(s) as they are ...
+    new: str       # ... and as the bug has them
+    runner: str    # fused, ring, gemm or ping
+    report: str    # what the emulator's report must say (regex)
+
+
+MUTANTS = [
+    Mutant("missing-release-fence-before-counter", FUSED,
+           "    if (threadIdx.x == 0) {\n      __threadfence();\n"
+           "      if (atomicAdd(&L.dep_rowtile[rt], 1u)",
+           "    if (threadIdx.x == 0) {\n      if (atomicAdd(&L.dep_rowtile[rt], 1u)",
+           "fused", r"data race on global memory \(read-after-write\) at 'z'"),
+    Mutant("plain-load-in-acquire-spin", SYNC,
+           "[&] { return load_volatile(&state[abi::kBarrier]) >= target; }",
+           "[&] { return state[abi::kBarrier] >= target; }",
+           "ring", r"(cacheable load|data race).*'state'"),
+    Mutant("missing-syncthreads-before-shared-reuse", "kernels/ring_test.cu",
+           "    const long long task = s_task;\n    __syncthreads();\n",
+           "    const long long task = s_task;\n",
+           # Thread 0 overwrites the task word while others still read it; when it
+           # races far enough ahead, the block meets at two barriers (a GPU hang).
+           "ring", r"shared-memory race .* on __shared__ .*s_task|meet at different barriers"),
+    Mutant("missing-barrier-between-staging-and-epilogue", GEMM,
+           "    const float* staged = stage_acc(acc, smem);\n    __syncthreads();",
+           "    const float* staged = stage_acc(acc, smem);",
+           "gemm", r"shared-memory race \(read-after-write\) on __shared__ smem"),
+    Mutant("non-atomic-shared-counter", FUSED,
+           "atomicAdd(&s_kept, kept_here);", "s_kept += kept_here;",
+           "fused", r"shared-memory race .* on __shared__ .*s_kept"),
+    Mutant("block-scope-fence-where-device-scope-is-needed", FUSED,
+           "    __threadfence();  // release (after the block barrier)",
+           "    __threadfence_block();  // release (after the block barrier)",
+           "fused", r"data race on global memory \(read-after-write\) at 'y_expert'"),
+    Mutant("cacheable-load-of-another-blocks-data", FUSED,
+           "const int row = load_cg(&L.token_rows[t * C::K + j]);",
+           "const int row = L.token_rows[t * C::K + j];",
+           "fused", r"cacheable load \(ld\.global\.ca\) at fused\.cuh:\d+ .* of 'token_rows'"),
+    Mutant("missing-nvshmem-fence-between-put-and-signal", "kernels/nvshmem_ping.cu",
+           "  nvshmem_fence();\n", "",
+           "ping", r"data race on global memory .* at 'heap'.*nvshmem_ping\.cu:\d+"),
+    Mutant("missing-acquire-fence-after-observing", SYNC,
+           "    if (!ok) return -1;\n    __threadfence();", "    if (!ok) return -1;",
+           "fused", r"data race on global memory \(read-after-write\) at '(z|y_expert)'"),
+    Mutant("missing-barrier-before-pipeline-refill", GEMM,
+           "          cp_async_wait<kStages - 2>();\n          __syncthreads();\n        }",
+           "          cp_async_wait<kStages - 2>();\n        }",
+           "gemm", r"shared-memory race .* on __shared__ smem .*tile_gemm\.cuh:\d+"),
+]
+
+SPECS = {"fused": moe_spec(CFG), "ring": ring_test_spec(), "gemm": tile_gemm_spec("bfloat16"),
+         "ping": nvshmem_ping_spec()}
+
+
+def make_mutant(root: Path, m: Mutant) -> Path:
+    dst = root / m.kind / "device"
+    shutil.copytree(find_toolchain().device_root, dst)
+    path = dst / m.file
+    text = path.read_text()
+    assert text.count(m.old) == 1, f"the mutation site is gone from {m.file}: {m.old!r}"
+    path.write_text(text.replace(m.old, m.new))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mutant_dirs(tmp_path_factory):
+    """Every mutant's device tree, its checked library compiled (two at a time)."""
+    root = tmp_path_factory.mktemp("mutants")
+    dirs = {m.kind: make_mutant(root, m) for m in MUTANTS}
+    compiler = host_emu.find_compiler()
+
+    def build(m: Mutant):
+        host_emu.build_library(SPECS[m.runner], find_toolchain(str(dirs[m.kind])), compiler,
+                               cache=jit.kernel_cache(), checked=True)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(build, MUTANTS))
+    return dirs
+
+
+def run(runner: str, seed: int) -> None:
+    """One launch (two for the fused kernel) of a runner's kernel, all checks on; a
+    result that differs from NumPy counts as caught too (but the report is asserted)."""
+    opts = EmulatorOptions.strict(seed)
+    if runner == "fused":
+        w = MoEWeights.random(CFG, 0)
+        layer = EmulatedMoELayer(CFG, w, grid=4, timeout_s=20, options=opts)
+        x = random_tokens(CFG, 1)
+        for _ in range(2):
+            layer(x)
+    elif runner == "ring":
+        state, ring, seen = (np.zeros(16, np.uint32), np.zeros(4000, np.uint64),
+                             np.zeros(4800, np.uint32))
+        ring_test(state, ring, seen, 800, 5, grid=4, timeout_s=20, options=opts)
+    elif runner == "gemm":
+        rng = np.random.default_rng(seed)
+        a = rng.standard_normal((130, 200)).astype(np.float32)
+        b = rng.standard_normal((72, 200)).astype(np.float32)
+        tile_gemm(a, b, "bfloat16", options=opts)
+    else:
+        nvshmem_ping(2, count=64, epoch=3, options=opts)
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.kind for m in MUTANTS])
+def test_seeded_memory_ordering_bug_is_reported(mutant, mutant_dirs, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(mutant_dirs[mutant.kind]))
+    # A missing fence shows only when another block reads in the window it opens; the
+    # emulator widens that window, and more seeds make a miss unlikely.
+    caught = None
+    for seed in (1, 2, 3):
+        try:
+            run(mutant.runner, seed)
+        except EmulatorError as exc:
+            caught = str(exc)
+            break
+    assert caught is not None, f"{mutant.kind}: not reported under seeds 1-3"
+    assert re.search(mutant.report, caught, re.S), caught
+    # Both sides of the report are source lines of the device code.
+    assert len(re.findall(r"\w+\.(?:cuh|cu):\d+", caught)) >= 2, caught
+
+
+def test_ordering_mutants_pass_the_unchecked_emulator(mutant_dirs, monkeypatch):
+    """Why the checks exist: without them, ordering bugs go unseen (barrier bugs the
+    unchecked emulator catches already, as a divergence or in the results)."""
+    by_kind = {m.kind: m for m in MUTANTS}
+    monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(mutant_dirs["plain-load-in-acquire-spin"]))
+    state, ring, seen = (np.zeros(16, np.uint32), np.zeros(4000, np.uint64),
+                         np.zeros(4800, np.uint32))
+    assert ring_test(state, ring, seen, 800, 5, grid=4, timeout_s=20)["code"] == 0
+    assert (seen == 1).all()
+    kind = "missing-nvshmem-fence-between-put-and-signal"
+    assert by_kind[kind].runner == "ping"
+    monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(mutant_dirs[kind]))
+    got, records = nvshmem_ping(2, count=64, epoch=3)
+    assert [r["code"] for r in records] == [0, 0]
+    assert got[1].tolist() == list(range(64)) and got[0].tolist() == [1000 + i for i in range(64)]
