@@ -302,7 +302,8 @@ class _Launcher:
             arr(ctypes.c_int, [-1 if c is None else c for c in caps]),
             arr(ctypes.c_int, [int(bool(v)) for v in launched]), MODES[mode], grid,
             arr(_P, [_addr(h) for h in heaps]) if heaps else None, heap_bytes,
-            buffers=[b for p in pes for b in p.spans()])
+            # Buffers the memory model watches; a save slot's stand-in PE names none.
+            buffers=[b for p in pes for b in (p.spans() if hasattr(p, "spans") else ())])
 
 
 class _Emulated:
