@@ -13,9 +13,12 @@ buffer in host memory and return NumPy::
     ys = ep([x0, x1])
 
 What it proves: the kernels' indexing, tiling, fragment layouts, pipelines, task and
-signal protocols, termination and fault paths, against the oracle. What it cannot:
-the GPU's weak memory model (the host orders more strongly), occupancy and
-co-residency limits, timing and performance.
+signal protocols, termination and fault paths, against the oracle; with
+``EmulatorOptions(weak=True, races=True, preempt=...)`` (or ``EmulatorOptions.strict``)
+also the memory-ordering rules of docs/design.md: weak global memory with per-block
+store buffers, the L1 rule, data races on shared and global memory. What it cannot:
+occupancy and co-residency limits, timing and performance, the NVLink/InfiniBand
+transports themselves.
 """
 
 from __future__ import annotations

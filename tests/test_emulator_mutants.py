@@ -85,6 +85,13 @@ MUTANTS = [
            "gemm", r"shared-memory race .* on __shared__ smem .*tile_gemm\.cuh:\d+"),
 ]
 
+# Not a bug: the annotation of the intended race (the progress stamp reads state words
+# other blocks zero with plain stores). Without it the detector reports that race.
+UNANNOTATED = Mutant("benign-race-annotation-removed", "include/flashmoe/wait.cuh",
+                     '  FMOE_BENIGN_RACE("progress stamp: any recent value of the state words");\n',
+                     "", "ring", r"strong \(volatile or atomic\) load at wait\.cuh:\d+")
+MUTANTS.append(UNANNOTATED)
+
 SPECS = {"fused": moe_spec(CFG), "ring": ring_test_spec(), "gemm": tile_gemm_spec("bfloat16"),
          "ping": nvshmem_ping_spec()}
 

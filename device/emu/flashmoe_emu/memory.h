@@ -587,7 +587,8 @@ enum class Access : uint8_t { Read, L2Read, NcRead, Write, StrongRead, StrongWri
 FMOE_EMU_RT inline std::string global_word(MemBlock& m, Buffer& buf, uintptr_t a, uintptr_t word,
                                            uint8_t mask, Access kind, uint32_t pc,
                                            unsigned tid) {
-  const Options& o = options();
+  Options o = options();
+  if (cur_fiber().benign > 0) o.races = o.weak = false;  // an annotated, intended race
   const size_t i = buf.index(word);
   const bool reading = kind == Access::Read || kind == Access::L2Read || kind == Access::NcRead;
   WordLock lock(word);
@@ -666,10 +667,34 @@ FMOE_EMU_RT inline std::string global_word(MemBlock& m, Buffer& buf, uintptr_t a
   return {};
 }
 
+/// A strong read (volatile, an atomic's read, a signal fetch) of a word another block
+/// wrote with a weak store that nothing ordered before it: a data race too (a flag set
+/// by a plain store). Intended ones are in FMOE_BENIGN_RACE scopes.
+FMOE_EMU_RT inline std::string strong_read(MemBlock& m, Buffer& buf, uintptr_t a, uint32_t pc,
+                                           unsigned tid) {
+  const uintptr_t word = a & ~uintptr_t(3);
+  WordLock lock(word);
+  const GWord* g = buf.word(buf.index(word), false);
+  if (g == nullptr || g->w_blk < 0 || g->w_blk == m.id || g->w_strong ||
+      g->w_clk <= m.vcd[size_t(g->w_blk)]) {
+    return {};
+  }
+  return global_race("read-after-write", buf, a,
+                     thread_name(m.id, tid) + " reads it with a strong (volatile or atomic) "
+                     "load at " + pc_text(pc),
+                     thread_name(g->w_blk, g->w_tid) + " wrote it with a plain store at " +
+                     pc_text(g->w_pc), kOrderAdvice);
+}
+
 FMOE_EMU_RT inline void global_access(MemBlock& m, Buffer& buf, uintptr_t a, size_t n,
                                       Access kind, uint32_t pc) {
-  const unsigned tid = cur_fiber().tid;
+  const Fiber& f = cur_fiber();
+  const unsigned tid = f.tid;
   if (kind == Access::StrongRead) {
+    if (options().races && f.benign == 0) {
+      std::string err = strong_read(m, buf, a, pc, tid);
+      if (!err.empty()) model_fault(err);
+    }
     observe(m, a & ~uintptr_t(3));
     return;
   }
@@ -747,6 +772,18 @@ FMOE_EMU_RT inline void smem_access(MemBlock& m, uintptr_t a, size_t n, bool wri
     }
   }
 }
+
+// ------------------------------------------------------------------ annotations
+/// FMOE_BENIGN_RACE(why) in device code: the accesses of the enclosing scope race on
+/// purpose (their values only steer a heuristic); the model checks none of them.
+struct BenignRace {
+  FMOE_EMU_RT explicit BenignRace(const char*) {
+    if (tls.block != nullptr && tls.block->cur >= 0) ++cur_fiber().benign;
+  }
+  FMOE_EMU_RT ~BenignRace() {
+    if (tls.block != nullptr && tls.block->cur >= 0) --cur_fiber().benign;
+  }
+};
 
 // ------------------------------------------------------------------ entry points
 constexpr int kExposedStallMs = 30;
@@ -936,6 +973,9 @@ namespace fmoe_emu {
 
 #define FMOE_EMU_PC() uintptr_t(0)
 enum class Scope : uint8_t { Cta, Gpu, Sys };
+struct BenignRace {
+  explicit BenignRace(const char*) {}
+};
 struct MemBlock {};
 inline void mem_begin_launch(int, int) {}
 inline void mem_end_launch() {}

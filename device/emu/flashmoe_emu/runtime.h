@@ -9,16 +9,20 @@
  *  - every block is one OS thread, and every block of every launched grid runs at
  *    once, so a persistent kernel's inter-block spin waits make progress exactly as
  *    with co-resident CTAs;
- *  - every CUDA thread is a fiber on its block's OS thread; fibers switch only at
+ *  - every CUDA thread is a fiber on its block's OS thread; fibers switch at
  *    __syncthreads, warp collectives, __nanosleep and emulated tensor-core
- *    instructions, in round-robin order or in seeded random warp bursts (so warps
+ *    instructions (and, with Options::preempt in checked builds, at shared and global
+ *    memory accesses), in round-robin order or in seeded random warp bursts (so warps
  *    drift apart and a missing barrier shows);
  *  - `__shared__` is `thread_local`: one copy per block, like shared memory;
  *  - warp collectives complete in the last lane to arrive, which computes every
  *    lane's result at once;
  *  - atomics are sequentially consistent builtins on the same addresses; fences are
- *    full fences. The host's memory model is stronger than the GPU's: a missing
- *    fence that only matters on weakly ordered hardware goes unseen here.
+ *    full fences. The host's memory model is stronger than the GPU's, so in unchecked
+ *    builds a missing fence that only matters on weakly ordered hardware goes unseen.
+ *    Checked builds (FMOE_EMU_CHECKED, memory.h) see every memory access of the device
+ *    code and model the GPU's: per-block store buffers, device vs block vs system
+ *    scope, the L1 rule and happens-before race detection.
  *
  * Faults of the emulated program (a barrier that can never complete, divergent warp
  * collectives, misaligned tensor-core addresses) do not kill the process: the block
@@ -258,6 +262,7 @@ struct Fiber {
   Site site;                       // where it waits (or last waited)
   std::vector<PendingCopy> pending;
   int group = 0;                   // cp.async groups committed so far
+  int benign = 0;                  // inside FMOE_BENIGN_RACE scopes: races not reported
 };
 
 /// Result computed by the lane completing a warp collective, for every lane.

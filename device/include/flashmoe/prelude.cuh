@@ -21,6 +21,15 @@
 
 #define FMOE_DEVICE __device__ __forceinline__
 
+// FMOE_BENIGN_RACE("why"); as a statement: the memory accesses of the enclosing scope
+// race with other blocks on purpose. The CPU emulator's race detector skips them
+// (device/emu/flashmoe_emu/memory.h); on the GPU it is nothing.
+#if FMOE_HOST_EMU
+#define FMOE_BENIGN_RACE(why) const ::fmoe_emu::BenignRace fmoe_benign_race_scope_(why)
+#else
+#define FMOE_BENIGN_RACE(why) static_cast<void>(0)
+#endif
+
 namespace flashmoe {
 
 using cuda::std::int32_t;

@@ -32,6 +32,9 @@ struct WaitSite {
 /// a peer busy with work we wait for, is never taken for a lost one.
 FMOE_DEVICE uint32_t progress_stamp(const WaitSite& site) {
   if (site.state == nullptr) return 0u;
+  // These words are zeroed with plain stores at launch start and by the last block out,
+  // here and on peers: any recent value will do (a stale one only restarts the clock).
+  FMOE_BENIGN_RACE("progress stamp: any recent value of the state words");
   const volatile uint32_t* w = site.state;
   uint32_t stamp = w[abi::kBarrier] + w[abi::kHead] + w[abi::kPublished];
 #if FLASHMOE_NVSHMEM
