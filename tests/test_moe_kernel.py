@@ -251,6 +251,10 @@ def test_timeout_becomes_an_exception_with_the_record(backend):
     cfg = MoEConfig(tokens=per_backend(backend, 4096, 1024), hidden=256, ffn=256, experts=8)
     w = MoEWeights.random(cfg, 0)
     layer = make_layer(cfg, w, backend, timeout_s=1e-6)
+    # Block 0 starts a second late, so the others wait at a grid barrier without
+    # progress; without it every wait may end within the 64 spins between two looks at
+    # the clock, and the launch then succeeds (it did, now and then, on a loaded host).
+    layer.testing.inject_delay(1.0)
     with pytest.raises(FlashMoETimeout) as exc:
         layer(random_tokens(cfg, 0))
     rec = exc.value.record
