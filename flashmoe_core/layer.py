@@ -175,7 +175,7 @@ class MoELayer(GpuTraining):
         # resident blocks, so that every block of every kernel is resident at once.
         self.grid = max(2, resident // max(sharing, 1))
         if max_blocks is not None:
-            self.grid = min(self.grid, max_blocks)
+            self.grid = min(self.grid, int(max_blocks))
         self._check_memory()
         self._buffers = {}
         self._upload_weights(weights.subset(self.local_ids) if self.world > 1 else weights)

@@ -186,7 +186,16 @@ def _check_against_oracle(cfg, w, x, y, routing, what):
     return y_ref
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16", "tfloat32"])
+# Every dtype on a GPU; on the emulator the two whose tensor-core paths the others
+# share (fp16 runs bf16's MMA path, tf32 float32's without the 3xTF32 split), since
+# each dtype costs the emulator a compile.
+KERNEL_CASES = [pytest.param("gpu", d, marks=pytest.mark.gpu, id=f"gpu-{d}")
+                for d in ("bfloat16", "float32", "float16", "tfloat32")] + \
+               [pytest.param("emulator", d, marks=pytest.mark.emulator, id=f"emu-{d}")
+                for d in ("bfloat16", "float32")]
+
+
+@pytest.mark.parametrize("backend,dtype", KERNEL_CASES)
 def test_kernel_follows_the_policy_for_each_dtype(dtype, backend):
     from flashmoe_core.layer import MoELayer
 
