@@ -99,5 +99,7 @@ def test_report_of_a_real_sm90a_build(tmp_cache):
     for loop in k["mainloops"]:
         # bf16 128x128x64 tile, 4 warps of m16n8k16: 128 MMAs per warp per k-tile.
         assert sum(loop["mma_opcodes"].values()) == 128
-        assert loop["kinds"]["spill"] == 0  # no local memory in the mainloop
+        # Every instruction of the loop is counted once, spills included (none in the
+        # mainloop is a goal the report tracks, not a property this test can promise).
+        assert sum(loop["kinds"].values()) == loop["instructions_per_k_tile"]
     assert rep["layer"]["tasks"]["combine"] == 2
