@@ -57,7 +57,8 @@ _BASE_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict
 # Checked builds: every load and store of the device code calls memory.h (volatile ones
 # apart), no per-function calls; line tables name the code in reports. Compiled with -c
 # and linked without the sanitizer run time (memory.h defines what it would).
-_CHECKED_FLAGS = ("-DFMOE_EMU_CHECKED=1", "-fsanitize=thread", "--param=tsan-distinguish-volatile=1",
+_CHECKED_FLAGS = ("-DFMOE_EMU_CHECKED=1", "-fsanitize=thread",
+                  "--param=tsan-distinguish-volatile=1",
                   "--param=tsan-instrument-func-entry-exit=0", "-g1")
 
 

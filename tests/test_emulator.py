@@ -111,6 +111,17 @@ def test_key_follows_defines_compiler_and_sources(tmp_path):
     (copy / "emu" / "flashmoe_emu" / "runtime.h").write_text(
         (copy / "emu" / "flashmoe_emu" / "runtime.h").read_text() + "\n// edited\n")
     assert k != host_emu.library_key(tile_gemm_spec("bfloat16"), find_toolchain(str(copy)), cc)
+    assert k != host_emu.library_key(tile_gemm_spec("bfloat16"), tc, cc, checked=True)
+
+
+def test_checks_need_a_checked_library():
+    # An unchecked build has no memory model: asking it for one is an error, not a pass.
+    from flashmoe_core.jit import emulator_library
+
+    lib = emulator_library(ring_test_spec())
+    assert not lib.checked and emulator_library(ring_test_spec(), checked=True).checked
+    with pytest.raises(EmulatorError, match="built without the memory model"):
+        lib.launch(EmulatorOptions(races=True), lambda: 0)
 
 
 def test_missing_compiler_is_a_clear_error():
@@ -137,6 +148,11 @@ def test_options_are_validated():
         EmulatorOptions(watchdog_s=0)
     with pytest.raises(ValueError, match="stack_kib"):
         EmulatorOptions(stack_kib=8)
+    with pytest.raises(ValueError, match="preempt"):
+        EmulatorOptions(preempt=-1)
+    strict = EmulatorOptions.strict(4)
+    assert strict.checked and strict.weak and strict.races and strict.lazy_cp_async
+    assert strict.seed == 4 and not EmulatorOptions(seed=4).checked
     cfg = MoEConfig(tokens=16, hidden=64, ffn=64, experts=4, top_k=2)
     w = MoEWeights.random(cfg, 0)
     with pytest.raises(ValueError, match="backend="):

@@ -177,3 +177,22 @@ def test_ordering_mutants_pass_the_unchecked_emulator(mutant_dirs, monkeypatch):
     got, records = nvshmem_ping(2, count=64, epoch=3)
     assert [r["code"] for r in records] == [0, 0]
     assert got[1].tolist() == list(range(64)) and got[0].tolist() == [1000 + i for i in range(64)]
+
+
+def test_weak_memory_alone_shows_a_missing_release_fence_in_the_results(mutant_dirs,
+                                                                          monkeypatch):
+    """The store buffers by themselves (no race detector): a consumer reads the old bytes
+    of rows whose producer published without a fence, and the output is wrong."""
+    from flashmoe_core.gpu_run import TOLERANCE, compare
+
+    monkeypatch.setenv("FLASHMOE_DEVICE_DIR",
+                       str(mutant_dirs["missing-release-fence-before-counter"]))
+    w = MoEWeights.random(CFG, 0)
+    layer = EmulatedMoELayer(CFG, w, grid=4, timeout_s=20, options=EmulatorOptions(weak=True))
+    errors = []
+    for launch in range(4):  # fresh tokens each time: the stale rows are the last launch's
+        layer.options = EmulatorOptions(weak=True, seed=launch + 1)
+        x = random_tokens(CFG, 10 + launch)
+        y, routing = layer(x, return_routing=True)
+        errors.append(compare(CFG, w, x, y, routing)["rel_error"])
+    assert max(errors) > TOLERANCE[CFG.dtype], errors

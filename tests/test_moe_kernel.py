@@ -226,7 +226,8 @@ def _check_ring(launch):
 
 
 def test_task_ring_protocol_under_contention(backend):
-    _check_ring(_ring_launch_gpu() if backend == "gpu" else _ring_launch_emulator(emulator_checks(3)))
+    launch = _ring_launch_gpu() if backend == "gpu" else _ring_launch_emulator(emulator_checks(3))
+    _check_ring(launch)
 
 
 @pytest.mark.emulator

@@ -95,7 +95,8 @@ FMOE_EMU_RT inline void complete_mma(Block& blk, int w) {
 }
 
 template <int kK, float (*Operand)(uint32_t)>
-FMOE_EMU_RT inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+FMOE_EMU_RT
+inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
                 const Site& site) {
   MmaIn in;
   std::memcpy(in.a, a, sizeof in.a);
@@ -149,7 +150,8 @@ struct EmuMma {
   using ARegisters = uint32_t[4];
   using BRegisters = uint32_t[2];
   using CRegisters = float[4];
-  FMOE_EMU_RT static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0, uint32_t const& a1,
+  FMOE_EMU_RT
+  static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0, uint32_t const& a1,
                   uint32_t const& a2, uint32_t const& a3, uint32_t const& b0, uint32_t const& b1,
                   float const& c0, float const& c1, float const& c2, float const& c3) {
     float d[4];

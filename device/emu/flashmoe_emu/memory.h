@@ -102,6 +102,7 @@ struct GWord {
   uint32_t w_pc = 0, r_pc = 0, r2_pc = 0;
   uint16_t w_tid = 0, r_tid = 0, r2_tid = 0;
   uint8_t w_strong = 0;  ///< the last write was an atomic or a signal
+  uint8_t w_put = 0;     ///< the last write was a put landing
   uint8_t p_mask = 0;    ///< bytes of the buffered store
   uint8_t p_old[4] = {0, 0, 0, 0};  ///< what other blocks still read there
 };
@@ -574,6 +575,9 @@ inline std::string global_race(const char* kind, const Buffer& buf, uintptr_t a,
          now + "; " + before + "; " + advice;
 }
 
+constexpr const char* kPutAdvice =
+    "a put is ordered before a later signal to the same PE only by nvshmem_fence or "
+    "nvshmem_quiet between them (or by being a put with that signal)";
 constexpr const char* kOrderAdvice =
     "no release/acquire chain orders them (design rules 1-2: after __syncthreads, one "
     "thread's __threadfence() then the atomic or signal; the observing thread's "
@@ -602,7 +606,8 @@ FMOE_EMU_RT inline std::string global_word(MemBlock& m, Buffer& buf, uintptr_t a
     if (o.races && !hb(g->w_blk, g->w_clk)) {
       return global_race("read-after-write", buf, a, me() + " reads it at " + pc_text(pc),
                   thread_name(g->w_blk, g->w_tid) + (g->w_strong ? " updated it atomically" :
-                  " wrote it") + " at " + pc_text(g->w_pc), kOrderAdvice);
+                  g->w_put ? " landed a put there" : " wrote it") + " at " + pc_text(g->w_pc),
+                  g->w_put ? kPutAdvice : kOrderAdvice);
     }
     if (o.weak && g->w_blk >= 0 && g->w_blk != m.id && kind != Access::L2Read) {
       return std::string(kind == Access::NcRead ? "__ldg (read-only path)" :
@@ -633,12 +638,13 @@ FMOE_EMU_RT inline std::string global_word(MemBlock& m, Buffer& buf, uintptr_t a
     return {};
   }
   const bool strong = kind == Access::StrongWrite;
+  const char* advice = kind == Access::Put || g->w_put ? kPutAdvice : kOrderAdvice;
   if (o.races) {
     if (!hb(g->w_blk, g->w_clk) && !(strong && g->w_strong)) {
       return global_race("write-after-write", buf, a,
                   me() + (strong ? " updates it atomically at " : " writes it at ") + pc_text(pc),
                   thread_name(g->w_blk, g->w_tid) + (g->w_strong ? " updated it atomically" :
-                  " wrote it") + " at " + pc_text(g->w_pc), kOrderAdvice);
+                  " wrote it") + " at " + pc_text(g->w_pc), advice);
     }
     for (int r = 0; r < 2; ++r) {
       const int blk = r ? g->r2_blk : g->r_blk;
@@ -647,7 +653,7 @@ FMOE_EMU_RT inline std::string global_word(MemBlock& m, Buffer& buf, uintptr_t a
                     me() + (kind == Access::Put ? " lands a put" : strong ? " updates it" :
                     " writes it") + " at " + pc_text(pc),
                     thread_name(blk, r ? g->r2_tid : g->r_tid) + " read it at " +
-                    pc_text(r ? g->r2_pc : g->r_pc), kOrderAdvice);
+                    pc_text(r ? g->r2_pc : g->r_pc), advice);
       }
     }
   }
@@ -663,6 +669,7 @@ FMOE_EMU_RT inline std::string global_word(MemBlock& m, Buffer& buf, uintptr_t a
   g->w_pc = pc;
   g->w_tid = uint16_t(tid);
   g->w_strong = strong;
+  g->w_put = kind == Access::Put;
   g->r_blk = g->r2_blk = -1;
   return {};
 }
@@ -877,41 +884,23 @@ FMOE_EMU_RT inline void on_spin() {
 // ------------------------------------------------------------------ instrumentation
 // What g++ -fsanitize=thread calls (no sanitizer run time is linked: these are it).
 #define FMOE_EMU_CB extern "C" FMOE_EMU_RT __attribute__((noinline))
+#define FMOE_EMU_ACCESS(p, n, kind)                                                          \
+  if (!fmoe_emu::tls.in_model) fmoe_emu::on_access(p, n, fmoe_emu::Access::kind, FMOE_EMU_PC())
 #define FMOE_EMU_RW(n)                                                                          \
-  FMOE_EMU_CB void __tsan_read##n(void* p) {                                                   \
-    if (!fmoe_emu::tls.in_model) fmoe_emu::on_access(p, n, fmoe_emu::Access::Read, FMOE_EMU_PC());                          \
-  }                                                                                             \
-  FMOE_EMU_CB void __tsan_write##n(void* p) {                                                  \
-    if (!fmoe_emu::tls.in_model) fmoe_emu::on_access(p, n, fmoe_emu::Access::Write, FMOE_EMU_PC());                         \
-  }                                                                                             \
-  FMOE_EMU_CB void __tsan_unaligned_read##n(void* p) {                                         \
-    if (!fmoe_emu::tls.in_model) fmoe_emu::on_access(p, n, fmoe_emu::Access::Read, FMOE_EMU_PC());                          \
-  }                                                                                             \
-  FMOE_EMU_CB void __tsan_unaligned_write##n(void* p) {                                        \
-    if (!fmoe_emu::tls.in_model) fmoe_emu::on_access(p, n, fmoe_emu::Access::Write, FMOE_EMU_PC());                         \
-  }                                                                                             \
-  FMOE_EMU_CB void __tsan_volatile_read##n(void* p) {                                          \
-    if (!fmoe_emu::tls.in_model) fmoe_emu::on_access(p, n, fmoe_emu::Access::StrongRead, FMOE_EMU_PC());                    \
-  }                                                                                             \
-  FMOE_EMU_CB void __tsan_volatile_write##n(void* p) {                                         \
-    if (!fmoe_emu::tls.in_model) fmoe_emu::on_access(p, n, fmoe_emu::Access::StrongWrite, FMOE_EMU_PC());                   \
-  }
+  FMOE_EMU_CB void __tsan_read##n(void* p) { FMOE_EMU_ACCESS(p, n, Read); }                    \
+  FMOE_EMU_CB void __tsan_write##n(void* p) { FMOE_EMU_ACCESS(p, n, Write); }                  \
+  FMOE_EMU_CB void __tsan_unaligned_read##n(void* p) { FMOE_EMU_ACCESS(p, n, Read); }          \
+  FMOE_EMU_CB void __tsan_unaligned_write##n(void* p) { FMOE_EMU_ACCESS(p, n, Write); }        \
+  FMOE_EMU_CB void __tsan_volatile_read##n(void* p) { FMOE_EMU_ACCESS(p, n, StrongRead); }     \
+  FMOE_EMU_CB void __tsan_volatile_write##n(void* p) { FMOE_EMU_ACCESS(p, n, StrongWrite); }
 FMOE_EMU_RW(1)
 FMOE_EMU_RW(2)
 FMOE_EMU_RW(4)
 FMOE_EMU_RW(8)
 FMOE_EMU_RW(16)
 #undef FMOE_EMU_RW
-FMOE_EMU_CB void __tsan_read_range(void* p, unsigned long n) {
-  if (!fmoe_emu::tls.in_model) {
-    fmoe_emu::on_access(p, size_t(n), fmoe_emu::Access::Read, FMOE_EMU_PC());
-  }
-}
-FMOE_EMU_CB void __tsan_write_range(void* p, unsigned long n) {
-  if (!fmoe_emu::tls.in_model) {
-    fmoe_emu::on_access(p, size_t(n), fmoe_emu::Access::Write, FMOE_EMU_PC());
-  }
-}
+FMOE_EMU_CB void __tsan_read_range(void* p, unsigned long n) { FMOE_EMU_ACCESS(p, n, Read); }
+FMOE_EMU_CB void __tsan_write_range(void* p, unsigned long n) { FMOE_EMU_ACCESS(p, n, Write); }
 FMOE_EMU_CB void __tsan_init() {}
 FMOE_EMU_CB void __tsan_func_entry(void*) {}
 FMOE_EMU_CB void __tsan_func_exit() {}

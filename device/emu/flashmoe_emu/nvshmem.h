@@ -86,7 +86,8 @@ FMOE_EMU_RT inline void deliver(char* remote, const void* src, size_t bytes, uin
 #endif
 }
 
-FMOE_EMU_RT inline void signal_update(uint64_t* sig, uint64_t value, int op, int pe, const char* what,
+FMOE_EMU_RT
+inline void signal_update(uint64_t* sig, uint64_t value, int op, int pe, const char* what,
                                       uintptr_t pc) {
   auto* remote = reinterpret_cast<uint64_t*>(symmetric_on(sig, pe, what));
 #if FMOE_EMU_CHECKED
@@ -159,7 +160,9 @@ FMOE_EMU_RT inline void nvshmemx_signal_op(uint64_t* sig, uint64_t value, int op
 FMOE_EMU_RT inline void nvshmem_putmem_nbi(void* dest, const void* src, size_t bytes, int pe) {
   const uintptr_t pc = FMOE_EMU_PC();
   char* remote = fmoe_emu::symmetric_on(dest, pe, "nvshmem_putmem_nbi");
-  if (bytes > 0) fmoe_emu::symmetric_on(static_cast<char*>(dest) + bytes - 1, pe, "nvshmem_putmem_nbi");
+  if (bytes > 0) {
+    fmoe_emu::symmetric_on(static_cast<char*>(dest) + bytes - 1, pe, "nvshmem_putmem_nbi");
+  }
   fmoe_emu::chaos();
 #if FMOE_EMU_CHECKED
   fmoe_emu::MemBlock* m = fmoe_emu::cur_mem();
@@ -173,14 +176,16 @@ FMOE_EMU_RT inline void nvshmem_putmem_nbi(void* dest, const void* src, size_t b
 #endif
   fmoe_emu::deliver(remote, src, bytes, pc);
 }
-FMOE_EMU_RT inline void nvshmem_putmem_signal_nbi(void* dest, const void* src, size_t bytes, uint64_t* sig,
-                                                  uint64_t value, int op, int pe) {
+FMOE_EMU_RT
+inline void nvshmem_putmem_signal_nbi(void* dest, const void* src, size_t bytes, uint64_t* sig,
+                                      uint64_t value, int op, int pe) {
   fmoe_emu::put_signal(dest, src, bytes, sig, value, op, pe, "nvshmem_putmem_signal_nbi",
                        FMOE_EMU_PC());
 }
 /// Block-collective form: every thread of the block calls it; one thread moves the data.
-FMOE_EMU_RT inline void nvshmemx_putmem_signal_nbi_block(void* dest, const void* src, size_t bytes,
-                                                         uint64_t* sig, uint64_t value, int op, int pe,
+FMOE_EMU_RT inline void nvshmemx_putmem_signal_nbi_block(void* dest, const void* src,
+                                                         size_t bytes, uint64_t* sig,
+                                                         uint64_t value, int op, int pe,
                                                          const char* file = __builtin_FILE(),
                                                          int line = __builtin_LINE()) {
   const uintptr_t pc = FMOE_EMU_PC();

@@ -196,7 +196,8 @@ struct Context {
   void* sp = nullptr;
 };
 /// Prepare `ctx` to start entry(arg) on the stack [lo, lo + size).
-FMOE_EMU_RT inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void*), void* arg) {
+FMOE_EMU_RT
+inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void*), void* arg) {
   auto top = reinterpret_cast<uintptr_t>(lo) + size;
   top &= ~uintptr_t(15);
   auto* frame = reinterpret_cast<uint64_t*>(top - 64);
@@ -214,7 +215,8 @@ FMOE_EMU_RT inline void make_context(Context& ctx, void* lo, size_t size, void (
   frame[7] = reinterpret_cast<uint64_t>(&fmoe_emu_fiber_start);  // return address
   ctx.sp = frame;
 }
-FMOE_EMU_RT inline void switch_context(Context& from, Context& to) { fmoe_emu_switch(&from.sp, to.sp); }
+FMOE_EMU_RT
+inline void switch_context(Context& from, Context& to) { fmoe_emu_switch(&from.sp, to.sp); }
 #else
 struct Context {
   ucontext_t uc;
@@ -223,7 +225,8 @@ FMOE_EMU_RT inline void trampoline(unsigned e0, unsigned e1, unsigned p0, unsign
   auto entry = reinterpret_cast<void (*)(void*)>((uintptr_t(e1) << 32) | e0);
   entry(reinterpret_cast<void*>((uintptr_t(p1) << 32) | p0));
 }
-FMOE_EMU_RT inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void*), void* arg) {
+FMOE_EMU_RT
+inline void make_context(Context& ctx, void* lo, size_t size, void (*entry)(void*), void* arg) {
   getcontext(&ctx.uc);
   ctx.uc.uc_stack.ss_sp = lo;
   ctx.uc.uc_stack.ss_size = size;
@@ -233,7 +236,8 @@ FMOE_EMU_RT inline void make_context(Context& ctx, void* lo, size_t size, void (
   makecontext(&ctx.uc, reinterpret_cast<void (*)()>(&trampoline), 4, unsigned(e), unsigned(e >> 32),
               unsigned(p), unsigned(p >> 32));
 }
-FMOE_EMU_RT inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+FMOE_EMU_RT
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
 // ------------------------------------------------------------------ blocks and fibers
@@ -504,8 +508,10 @@ FMOE_EMU_RT inline void warp_collective(unsigned mask, WarpCompletion complete, 
   }
 }
 
-FMOE_EMU_RT inline unsigned char* lane_in() { return tls.block->warps[cur_fiber().tid / 32].in[lane_id()]; }
-FMOE_EMU_RT inline unsigned char* lane_out() { return tls.block->warps[cur_fiber().tid / 32].out[lane_id()]; }
+FMOE_EMU_RT
+inline unsigned char* lane_in() { return tls.block->warps[cur_fiber().tid / 32].in[lane_id()]; }
+FMOE_EMU_RT
+inline unsigned char* lane_out() { return tls.block->warps[cur_fiber().tid / 32].out[lane_id()]; }
 
 /// Shuffle inputs: 8 bytes of value and the source lane each lane computed.
 struct ShflIn {
@@ -580,7 +586,8 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 /// Run one block: blockDim.x fibers on this OS thread until all are done or the launch
 /// is stopped.
-FMOE_EMU_RT inline void run_block(int pe, dim3 bidx, dim3 grid, dim3 block, const std::function<void()>& body,
+FMOE_EMU_RT
+inline void run_block(int pe, dim3 bidx, dim3 grid, dim3 block, const std::function<void()>& body,
                       const std::function<void()>& on_start,
                       std::chrono::steady_clock::time_point t0) {
   const int n = int(block.x);
@@ -677,7 +684,8 @@ FMOE_EMU_RT inline void run_block(int pe, dim3 bidx, dim3 grid, dim3 block, cons
 /// all concurrent, as the blocks of a persistent grid must be co-resident. body(pe)
 /// runs as every CUDA thread; on_start(pe) once per block before its threads start.
 /// Returns false if the launch was stopped (error_text() says why).
-FMOE_EMU_RT inline bool launch(int grids, dim3 grid, dim3 block, const std::function<void(int)>& body,
+FMOE_EMU_RT
+inline bool launch(int grids, dim3 grid, dim3 block, const std::function<void(int)>& body,
                    const std::function<void(int)>& on_start = {}) {
   {
     std::lock_guard<std::mutex> lock(error_mutex());
@@ -723,14 +731,17 @@ inline uint64_t now_ns() {
 #define gridDim (::fmoe_emu::tls.gridDim)
 #define warpSize 32
 
-FMOE_EMU_RT inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+FMOE_EMU_RT
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   fmoe_emu::block_barrier(1, {file, line, "__syncthreads"});
 }
-FMOE_EMU_RT inline int __syncthreads_and(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+FMOE_EMU_RT
+inline int __syncthreads_and(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   fmoe_emu::block_barrier(p, {file, line, "__syncthreads_and"});
   return fmoe_emu::tls.block->result_and;
 }
-FMOE_EMU_RT inline int __syncthreads_or(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+FMOE_EMU_RT
+inline int __syncthreads_or(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   fmoe_emu::block_barrier(p, {file, line, "__syncthreads_or"});
   return fmoe_emu::tls.block->result_or;
 }
@@ -761,7 +772,8 @@ FMOE_EMU_RT inline void __threadfence_system() {
 }
 /// A spinning thread lets the other threads of its block run (other blocks have OS
 /// threads of their own).
-FMOE_EMU_RT inline void __nanosleep(unsigned, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+FMOE_EMU_RT
+inline void __nanosleep(unsigned, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   fmoe_emu::cur_fiber().site = {file, line, "__nanosleep"};
   fmoe_emu::on_spin();
   fmoe_emu::yield();
@@ -769,7 +781,8 @@ FMOE_EMU_RT inline void __nanosleep(unsigned, const char* file = __builtin_FILE(
 }
 
 template <class T>
-FMOE_EMU_RT inline T __shfl_sync(unsigned mask, T v, int src, int width = 32, const char* file = __builtin_FILE(),
+FMOE_EMU_RT
+inline T __shfl_sync(unsigned mask, T v, int src, int width = 32, const char* file = __builtin_FILE(),
                      int line = __builtin_LINE()) {
   const fmoe_emu::Site site{file, line, "__shfl_sync"};
   fmoe_emu::check_width(width, site);
@@ -804,7 +817,8 @@ FMOE_EMU_RT inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int widt
   const int src = (lane & (width - 1)) >= int(delta) ? lane - int(delta) : lane;
   return fmoe_emu::shfl(mask, v, src, site);
 }
-FMOE_EMU_RT inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+FMOE_EMU_RT
+inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
                               int line = __builtin_LINE()) {
   fmoe_emu::lane_in()[0] = pred != 0;
   fmoe_emu::warp_collective(mask, &fmoe_emu::complete_ballot, {file, line, "__ballot_sync"});
