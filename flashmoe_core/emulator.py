@@ -23,8 +23,9 @@ transports themselves.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -269,6 +270,7 @@ class _Launcher:
         if not isinstance(options, EmulatorOptions):
             raise TypeError(f"options must be EmulatorOptions, got {type(options).__name__}")
         self.cfg, self.options = cfg, options
+        self.on_report: Optional[Callable[[], None]] = None  # the owning layer's recovery
         self._load()
 
     def _load(self) -> None:
@@ -299,20 +301,47 @@ class _Launcher:
         n = len(pes)
         arr = lambda t, vals: (t * n)(*vals)  # noqa: E731
         caps = [self.cfg.capacity(t) for t in tokens]
-        self.lib.launch(
-            self.options, self.fn, n, arr(_P, [_addr(p.layout) for p in pes]), arr(_P, x_ptrs),
-            arr(_P, y_ptrs), arr(ctypes.c_int, tokens),
-            arr(ctypes.c_int, [-1 if c is None else c for c in caps]),
-            arr(ctypes.c_int, [int(bool(v)) for v in launched]), MODES[mode], grid,
-            arr(_P, [_addr(h) for h in heaps]) if heaps else None, heap_bytes,
-            # Buffers the memory model watches; a save slot's stand-in PE names none.
-            buffers=[b for p in pes for b in (p.spans() if hasattr(p, "spans") else ())])
+        with recovering(self.on_report):
+            self.lib.launch(
+                self.options, self.fn, n, arr(_P, [_addr(p.layout) for p in pes]),
+                arr(_P, x_ptrs), arr(_P, y_ptrs), arr(ctypes.c_int, tokens),
+                arr(ctypes.c_int, [-1 if c is None else c for c in caps]),
+                arr(ctypes.c_int, [int(bool(v)) for v in launched]), MODES[mode], grid,
+                arr(_P, [_addr(h) for h in heaps]) if heaps else None, heap_bytes,
+                # Buffers the memory model watches; a save slot's stand-in PE names none.
+                buffers=[b for p in pes for b in (p.spans() if hasattr(p, "spans") else ())])
+
+
+@contextlib.contextmanager
+def recovering(on_report: Optional[Callable[[], None]]):
+    """Run a launch; if the emulator stopped it with a report, let the layer recover
+    (the stopped launch left its counters and epoch as they were) before re-raising,
+    so that the layer's next call starts clean, as after a fault record."""
+    try:
+        yield
+    except EmulatorError:
+        if on_report is not None:
+            on_report()
+        raise
 
 
 class _Emulated:
     """What both emulated layers share: their launcher and its options."""
 
     _launcher: "_Launcher"
+
+    def _emulated_pes(self) -> list:
+        """This layer's PEs (one, or every PE of an expert-parallel layer)."""
+        raise NotImplementedError
+
+    def _recover_after_report(self) -> None:
+        """After an emulator report: recover every PE, as MoELayer.recover() on every rank."""
+        from .layer import recovery_state
+
+        pes = self._emulated_pes()
+        words, epoch = recovery_state([pe.state()["epoch"] for pe in pes])
+        for pe in pes:
+            pe.recover(words, epoch)
 
     @property
     def options(self) -> EmulatorOptions:
@@ -364,6 +393,7 @@ class EmulatedMoELayer(_Emulated, EmulatedTraining):
         self.grid = _grid(grid, 1)
         self.backend = "emulator"
         self._launcher = _Launcher(cfg, options)
+        self._launcher.on_report = self._recover_after_report
         self._pe = _PeBuffers(cfg, weights, 0, _timeout(timeout_s))
         self.plan = self._pe.plan
         self._weights = weights  # the backward uploads its own layouts when first needed
@@ -430,6 +460,9 @@ class EmulatedMoELayer(_Emulated, EmulatedTraining):
     def testing(self) -> "_LayerTesting":
         """Test and fault-injection hooks, as ``MoELayer.testing``."""
         return _LayerTesting(self)
+
+    def _emulated_pes(self) -> list:
+        return [self._pe]
 
     def close(self) -> None:
         """Nothing to free on the host (kept for MoELayer's interface)."""
@@ -529,6 +562,7 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
         self.world = cfg.world_size
         self.grid = _grid(grid, 2)
         self._launcher = _Launcher(cfg, options)
+        self._launcher.on_report = self._recover_after_report
         timeout = _timeout(timeout_s)
         hp = plan_heap(cfg)
         offsets, total = {}, 0
@@ -614,6 +648,9 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
             exc.records = records
             raise exc
         return tokens, launched
+
+    def _emulated_pes(self) -> list:
+        return list(self.pes)
 
     def close(self) -> None:
         """Nothing to free on the host (kept for MoELayer's interface)."""

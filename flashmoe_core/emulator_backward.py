@@ -76,7 +76,8 @@ class _Slot:
 class _BackwardLauncher:
     """The backward kernel's emulator library for one configuration."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, on_report=None) -> None:
+        self.on_report = on_report  # the owning layer's recovery after an emulator report
         self.lib = emulator_library(moe_backward_spec(cfg))
         abi = self.lib.function("emu_moe_backward_abi", [], ctypes.c_uint)()
         if abi != ABI_VERSION:
@@ -89,12 +90,15 @@ class _BackwardLauncher:
     def __call__(self, options, fwd, bwd, x, dy, dx, grads, tokens, launched, accumulate: bool,
                  grid: int, heaps=(), heap_bytes: int = 0) -> None:
         """One launch on len(fwd) PEs (per-PE addresses; grads: 5 per PE)."""
+        from .emulator import recovering
+
         arr = lambda t, vals: (t * len(vals))(*vals)  # noqa: E731
-        self.lib.launch(options, self.fn, len(fwd), arr(_P, fwd), arr(_P, bwd), arr(_P, x),
-                        arr(_P, dy), arr(_P, dx), arr(_P, grads), arr(ctypes.c_int, tokens),
-                        arr(ctypes.c_int, [int(bool(v)) for v in launched]), int(accumulate),
-                        grid, arr(_P, [int(h.ctypes.data) for h in heaps]) if heaps else None,
-                        heap_bytes)
+        with recovering(self.on_report):
+            self.lib.launch(options, self.fn, len(fwd), arr(_P, fwd), arr(_P, bwd), arr(_P, x),
+                            arr(_P, dy), arr(_P, dx), arr(_P, grads), arr(ctypes.c_int, tokens),
+                            arr(ctypes.c_int, [int(bool(v)) for v in launched]), int(accumulate),
+                            grid, arr(_P, [int(h.ctypes.data) for h in heaps]) if heaps else None,
+                            heap_bytes)
 
 
 class EmulatedTraining(TrainingMixin):
@@ -152,7 +156,7 @@ class EmulatedTraining(TrainingMixin):
         plan = plan_backward(self.cfg)
         buf = {n: _aligned(b, 0xA5) for n, b in plan.workspace.items()}
         buf["ring"][...] = 0
-        bw = types.SimpleNamespace(plan=plan, buf=buf, launcher=_BackwardLauncher(self.cfg),
+        bw = types.SimpleNamespace(plan=plan, buf=buf, launcher=_BackwardLauncher(self.cfg, self._recover_after_report),
                                    delay_ns=0, scratch=None, layout=None)
         self._bw = bw
         self._upload_backward_weights(self._weights)
@@ -353,7 +357,7 @@ class EmulatedExpertParallelTraining:
         if self._bw_pes is not None:
             return self._bw_pes
         cfg = self.cfg
-        launcher = _BackwardLauncher(cfg)
+        launcher = _BackwardLauncher(cfg, self._recover_after_report)
         out = []
         for pe in self.pes:
             plan = plan_backward(cfg, len(pe.local_ids))
