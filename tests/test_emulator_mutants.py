@@ -29,7 +29,9 @@ pytestmark = pytest.mark.emulator
 FUSED = "include/flashmoe/moe/fused.cuh"
 SYNC = "include/flashmoe/sync.cuh"
 GEMM = "include/flashmoe/gemm/tile_gemm.cuh"
-CFG = MoEConfig(tokens=64, hidden=128, ffn=128, experts=8, top_k=2)
+# Two up tiles per row tile: the block that completes a row tile's counter is then often
+# not the one that wrote a slice (the one whose missing release fence matters).
+CFG = MoEConfig(tokens=64, hidden=128, ffn=256, experts=8, top_k=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Mutant:
     new: str       # ... and as the bug has them
     runner: str    # fused, ring, gemm or ping
     report: str    # what the emulator's report must say (regex)
+    also: tuple = ()  # further (file, old, new) edits of the same bug
 
 
 MUTANTS = [
@@ -48,6 +51,15 @@ MUTANTS = [
            "      if (atomicAdd(&L.dep_rowtile[rt], 1u)",
            "    if (threadIdx.x == 0) {\n      if (atomicAdd(&L.dep_rowtile[rt], 1u)",
            "fused", r"data race on global memory \(read-after-write\) at 'z'"),
+    # The up task's release fence and the ring's own fence both gone: nothing orders a
+    # row tile's results before its down tasks (not even the completing block's own).
+    Mutant("no-fence-between-results-and-publication", FUSED,
+           "    if (threadIdx.x == 0) {\n      __threadfence();\n"
+           "      if (atomicAdd(&L.dep_rowtile[rt], 1u)",
+           "    if (threadIdx.x == 0) {\n      if (atomicAdd(&L.dep_rowtile[rt], 1u)",
+           "fused", r"data race on global memory \(read-after-write\) at '(z|y_expert)'",
+           also=((SYNC, "Desc desc, const WaitSite& site) const {\n    __threadfence();\n",
+                  "Desc desc, const WaitSite& site) const {\n"),)),
     Mutant("plain-load-in-acquire-spin", SYNC,
            "[&] { return load_volatile(&state[abi::kBarrier]) >= target; }",
            "[&] { return state[abi::kBarrier] >= target; }",
@@ -99,10 +111,11 @@ SPECS = {"fused": moe_spec(CFG), "ring": ring_test_spec(), "gemm": tile_gemm_spe
 def make_mutant(root: Path, m: Mutant) -> Path:
     dst = root / m.kind / "device"
     shutil.copytree(find_toolchain().device_root, dst)
-    path = dst / m.file
-    text = path.read_text()
-    assert text.count(m.old) == 1, f"the mutation site is gone from {m.file}: {m.old!r}"
-    path.write_text(text.replace(m.old, m.new))
+    for file, old, new in ((m.file, m.old, m.new),) + m.also:
+        path = dst / file
+        text = path.read_text()
+        assert text.count(old) == 1, f"the mutation site is gone from {file}: {old!r}"
+        path.write_text(text.replace(old, new))
     return dst
 
 
@@ -186,7 +199,7 @@ def test_weak_memory_alone_shows_a_missing_release_fence_in_the_results(mutant_d
     from flashmoe_core.gpu_run import TOLERANCE, compare
 
     monkeypatch.setenv("FLASHMOE_DEVICE_DIR",
-                       str(mutant_dirs["missing-release-fence-before-counter"]))
+                       str(mutant_dirs["no-fence-between-results-and-publication"]))
     w = MoEWeights.random(CFG, 0)
     layer = EmulatedMoELayer(CFG, w, grid=4, timeout_s=20, options=EmulatorOptions(weak=True))
     errors = []

@@ -24,7 +24,13 @@
  *    any word written during the launch is reported likewise.
  *  - happens-before (races): per block a clock, a data vector clock (what the block's
  *    reads may assume) and a causal frontier (what its strong reads observed). Strong
- *    operations (atomics, volatile accesses, NVSHMEM signals) carry the frontier; a
+ *    writes (atomics, volatile stores, NVSHMEM signals) carry the frontier the block
+ *    had at its last fence, strong reads join what the word carries (observations
+ *    after the last fence are passed on only by the next fence: the acquire pattern); a
+ *    strong read observes its word again after the load (the hooks run before it, and
+ *    other blocks run in parallel: a write landing between the hook and the load must
+ *    not look unordered), at the block's next model event or, for the emulated
+ *    instructions, right after the load or the read-modify-write; a
  *    fence.sc (__threadfence, __threadfence_system) synchronizes with exactly those
  *    earlier fences that causally precede it (the PTX rule that fence.sc instances
  *    synchronize in Fence-SC order, with that order chosen as late as the observed
@@ -295,6 +301,7 @@ struct MemBlock {
   unsigned x = 0;
   uint32_t clk = 1;
   Clock vcd, cf;
+  Clock rel;  // what the block's strong writes release: its frontier at its last fence
   std::mutex mu;                     // guards the fence lists (read by other blocks)
   std::vector<FenceRecord> fences;   // every fence.sc, ascending clk
   std::vector<FenceRecord> sys_fences;
@@ -310,6 +317,7 @@ struct MemBlock {
   int countdown = 0;                 // accesses until the next preemption
   bool dirty = false;                // plain global stores since the last fence
   bool exposed = false;              // ... and a strong write after them (a publication)
+  uintptr_t unsettled = 0;           // a strong read's word, observed again after the load
 };
 
 struct SyncShard {
@@ -365,7 +373,8 @@ inline void mem_begin_launch(int grids, int per_grid) {
     m->pe = i / per_grid;
     m->vcd = Clock(size_t(n));
     m->cf = Clock(size_t(n));
-    m->vcd[size_t(i)] = m->cf[size_t(i)] = m->clk;
+    m->rel = Clock(size_t(n));
+    m->vcd[size_t(i)] = m->cf[size_t(i)] = m->rel[size_t(i)] = m->clk;
     m->rng = o.seed * 0x2545f4914f6cdd1dull + uint64_t(i) * 0x9e3779b97f4a7c15ull + 1;
     m->countdown = 1;
     L.blocks.push_back(std::move(m));
@@ -440,26 +449,43 @@ FMOE_EMU_RT inline void observe(MemBlock& m, uintptr_t word) {
   if (it != s.map.end()) join(m.cf, it->second);
 }
 
-/// A strong write of `word`: it carries the block's frontier (and everything the word
-/// carried already: relaxed RMW chains keep it).
+/// After a strong read of `word` completed: observe it again, so the frontier holds
+/// every writer whose value the read could have returned (the writers publish before
+/// they write; the hook that ran before the read may have missed the latest one).
+FMOE_EMU_RT inline void settle(MemBlock& m) {
+  if (m.unsettled == 0) return;
+  const uintptr_t word = m.unsettled;
+  m.unsettled = 0;
+  observe(m, word);
+}
+
+/// A strong write of `word`: it carries what the block released at its last fence and
+/// the block's own clock (and everything the word carried already: an RMW chain on one
+/// word keeps it, as PTX's observation order does). What the block observed since its
+/// last fence is not carried: passing that on takes a fence after the observation
+/// (PTX: a strong read followed by a fence is the acquire pattern), so a block that
+/// publishes work because its counter atomic completed must fence again first.
 FMOE_EMU_RT inline void publish(MemBlock& m, uintptr_t word) {
   SyncShard& s = shard(word);
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.map.find(word);
-  if (it == s.map.end()) {
-    s.map.emplace(word, Clock(m.cf));
-  } else {
-    join(it->second, m.cf);
-  }
+  if (it == s.map.end()) it = s.map.emplace(word, Clock(m.rel)).first;
+  else join(it->second, m.rel);
+  Clock& c = it->second;
+  c[size_t(m.id)] = hi_of(c[size_t(m.id)], m.cf[size_t(m.id)]);
 }
 
-/// The latest fence of block `a` at or before clock `c` (system scope only if asked).
+/// The latest fence of block `a` before its clock interval `c` (system scope only if
+/// asked): what an observation of a strong write `a` made in interval `c` can acquire.
+/// The fence that ends interval `c` (record clk == c) came after that write in `a`'s
+/// program order, so it is not one: acquiring it too would cover `a`'s unfenced stores
+/// whenever `a` happened to fence again before the observer looked.
 FMOE_EMU_RT inline const Clock* fence_at(MemBlock& a, uint32_t c, bool sys_only) {
   const std::vector<FenceRecord>& list = sys_only ? a.sys_fences : a.fences;
   size_t lo = 0, hi = list.size();
-  while (lo < hi) {  // first record with clk > c
+  while (lo < hi) {  // first record with clk >= c
     const size_t mid = (lo + hi) / 2;
-    if (list[mid].clk <= c) lo = mid + 1; else hi = mid;
+    if (list[mid].clk < c) lo = mid + 1; else hi = mid;
   }
   return lo == 0 ? nullptr : &list[lo - 1].vcd;
 }
@@ -491,6 +517,7 @@ FMOE_EMU_RT inline void hb_fence(MemBlock& m, bool sys) {
   }
   join(m.cf, m.vcd);
   record_fence(m, sys);
+  std::memcpy(m.rel.v, m.cf.v, m.cf.n * sizeof(uint32_t));
 }
 
 // ------------------------------------------------------------------ store buffers
@@ -703,6 +730,7 @@ FMOE_EMU_RT inline void global_access(MemBlock& m, Buffer& buf, uintptr_t a, siz
       if (!err.empty()) model_fault(err);
     }
     observe(m, a & ~uintptr_t(3));
+    m.unsettled = a & ~uintptr_t(3);  // and again once the load happened
     return;
   }
   const uintptr_t end = lo_of(a + n, buf.hi);
@@ -812,6 +840,7 @@ FMOE_EMU_RT inline void on_access(const void* p, size_t n, Access kind, uintptr_
   MemBlock* m = cur_mem();
   if (m == nullptr) return;
   InModel guard;
+  settle(*m);  // the block's previous strong read has completed by now
   const auto a = reinterpret_cast<uintptr_t>(p);
   if (a - m->tls_lo < m->tls_size) {
     if (a >= m->rt_lo && a < m->rt_hi) return;  // blockIdx & co.
@@ -833,6 +862,7 @@ FMOE_EMU_RT inline void on_atomic(const void* p, size_t n, uintptr_t pc) {
   MemBlock* m = cur_mem();
   if (m == nullptr) return;
   InModel guard;
+  settle(*m);
   const auto a = reinterpret_cast<uintptr_t>(p);
   if (a - m->tls_lo < m->tls_size) {
     maybe_preempt(*m);
@@ -844,14 +874,25 @@ FMOE_EMU_RT inline void on_atomic(const void* p, size_t n, uintptr_t pc) {
   maybe_preempt(*m);
   observe(*m, a & ~uintptr_t(3));
   global_access(*m, *buf, a, n, Access::StrongWrite, pc_id(pc));
+  m->unsettled = a & ~uintptr_t(3);  // its read part: settled after the operation
+}
+
+/// Right after an emulated strong read or read-modify-write of the current thread.
+FMOE_EMU_RT inline void after_strong() {
+  MemBlock* m = cur_mem();
+  if (m == nullptr) return;
+  InModel guard;
+  settle(*m);
 }
 
 /// fence.sc of the current thread: cta (nothing beyond the block), gpu or sys scope.
 enum class Scope : uint8_t { Cta, Gpu, Sys };
 FMOE_EMU_RT inline void on_fence(Scope scope) {
   MemBlock* m = cur_mem();
-  if (m == nullptr || scope == Scope::Cta) return;
+  if (m == nullptr) return;
   InModel guard;
+  settle(*m);
+  if (scope == Scope::Cta) return;
   if (options().weak && m->exposed) {
     // The block published (an atomic or signal) after plain stores no fence covered:
     // it waits before this fence releases them, so that a block acting on the
@@ -971,6 +1012,7 @@ inline void mem_end_launch() {}
 inline void mem_block_start(Block&, int) {}
 inline void mem_block_end(Block&) {}
 inline void on_fence(Scope) {}
+inline void after_strong() {}
 inline void on_spin() {}
 inline void copy_l2(void* dst, const void* src, size_t n, uintptr_t) { std::memcpy(dst, src, n); }
 inline void register_buffers(int, const char* const*, const uint64_t*, const uint64_t*,

@@ -144,7 +144,9 @@ FMOE_EMU_RT inline uint64_t nvshmem_signal_fetch(const uint64_t* sig) {
 #if FMOE_EMU_CHECKED
   fmoe_emu::on_access(sig, sizeof(uint64_t), fmoe_emu::Access::StrongRead, FMOE_EMU_PC());
 #endif
-  return __atomic_load_n(sig, __ATOMIC_SEQ_CST);
+  const uint64_t v = __atomic_load_n(sig, __ATOMIC_SEQ_CST);
+  fmoe_emu::after_strong();
+  return v;
 }
 FMOE_EMU_RT inline uint32_t nvshmem_uint32_g(const uint32_t* src, int pe) {
   const auto* remote = reinterpret_cast<const uint32_t*>(
@@ -152,7 +154,9 @@ FMOE_EMU_RT inline uint32_t nvshmem_uint32_g(const uint32_t* src, int pe) {
 #if FMOE_EMU_CHECKED
   fmoe_emu::on_access(remote, sizeof(uint32_t), fmoe_emu::Access::StrongRead, FMOE_EMU_PC());
 #endif
-  return __atomic_load_n(remote, __ATOMIC_SEQ_CST);
+  const uint32_t v = __atomic_load_n(remote, __ATOMIC_SEQ_CST);
+  fmoe_emu::after_strong();
+  return v;
 }
 FMOE_EMU_RT inline void nvshmemx_signal_op(uint64_t* sig, uint64_t value, int op, int pe) {
   fmoe_emu::signal_update(sig, value, op, pe, "nvshmemx_signal_op", FMOE_EMU_PC());

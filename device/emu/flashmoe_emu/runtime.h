@@ -831,30 +831,42 @@ inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __buil
 // order nothing by themselves); the builtins underneath are sequentially consistent.
 #if FMOE_EMU_CHECKED
 #define FMOE_EMU_ATOMIC_HOOK(p) fmoe_emu::on_atomic(p, sizeof(*(p)), FMOE_EMU_PC())
+#define FMOE_EMU_ATOMIC_DONE() fmoe_emu::after_strong()
 #else
 #define FMOE_EMU_ATOMIC_HOOK(p) (void)0
+#define FMOE_EMU_ATOMIC_DONE() (void)0
 #endif
 #define FMOE_EMU_ATOMICS(T)                                                                     \
   FMOE_EMU_RT inline T atomicAdd(T* p, T v) {                                                   \
     fmoe_emu::chaos();                                                                          \
     FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);                                          \
+    const T old = __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);                                   \
+    FMOE_EMU_ATOMIC_DONE();                                                                     \
+    return old;                                                                                 \
   }                                                                                             \
   FMOE_EMU_RT inline T atomicSub(T* p, T v) {                                                   \
     FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
-    return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST);                                          \
+    const T old = __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST);                                   \
+    FMOE_EMU_ATOMIC_DONE();                                                                     \
+    return old;                                                                                 \
   }                                                                                             \
   FMOE_EMU_RT inline T atomicExch(T* p, T v) {                                                  \
     FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
-    return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);                                         \
+    const T old = __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);                                  \
+    FMOE_EMU_ATOMIC_DONE();                                                                     \
+    return old;                                                                                 \
   }                                                                                             \
   FMOE_EMU_RT inline T atomicOr(T* p, T v) {                                                    \
     FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
-    return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);                                           \
+    const T old = __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);                                    \
+    FMOE_EMU_ATOMIC_DONE();                                                                     \
+    return old;                                                                                 \
   }                                                                                             \
   FMOE_EMU_RT inline T atomicAnd(T* p, T v) {                                                   \
     FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
-    return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);                                          \
+    const T old = __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);                                   \
+    FMOE_EMU_ATOMIC_DONE();                                                                     \
+    return old;                                                                                 \
   }                                                                                             \
   FMOE_EMU_RT inline T atomicMax(T* p, T v) {                                                   \
     FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
@@ -862,6 +874,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __buil
     while (old < v &&                                                                           \
            !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) \
       ;                                                                                         \
+    FMOE_EMU_ATOMIC_DONE();                                                                     \
     return old;                                                                                 \
   }                                                                                             \
   FMOE_EMU_RT inline T atomicMin(T* p, T v) {                                                   \
@@ -870,6 +883,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __buil
     while (old > v &&                                                                           \
            !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) \
       ;                                                                                         \
+    FMOE_EMU_ATOMIC_DONE();                                                                     \
     return old;                                                                                 \
   }                                                                                             \
   FMOE_EMU_RT inline T atomicCAS(T* p, T expected, T desired) {                                 \
@@ -877,6 +891,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __buil
     FMOE_EMU_ATOMIC_HOOK(p);                                                                    \
     __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_SEQ_CST,                 \
                                 __ATOMIC_SEQ_CST);                                              \
+    FMOE_EMU_ATOMIC_DONE();                                                                     \
     return expected;                                                                            \
   }                                                                                             \
   FMOE_EMU_RT inline T atomicCAS_system(T* p, T expected, T desired) {                          \
@@ -899,6 +914,7 @@ FMOE_EMU_RT inline float atomicAdd(float* p, float v) {
     std::memcpy(&new_bits, &new_val, 4);
     if (__atomic_compare_exchange_n(reinterpret_cast<uint32_t*>(p), &old_bits, new_bits, false,
                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+      FMOE_EMU_ATOMIC_DONE();
       return old_val;
     }
   }

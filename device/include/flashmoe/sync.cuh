@@ -91,6 +91,7 @@ FMOE_DEVICE bool leave_launch(uint32_t* state) {
     __threadfence();
     const uint32_t out = atomicAdd(&state[abi::kExit], 1u) + 1u;
     if (out == gridDim.x) {
+      __threadfence();  // acquire: every block's barrier arrivals come before the resets
       state[abi::kBarrier] = 0u;
       state[abi::kExit] = 0u;
       __threadfence();
@@ -113,9 +114,14 @@ struct TaskRing {
   int32_t slot_phase = kPhaseRingSlot;  ///< fault phase of a slot wait (kernels differ)
   int32_t full_phase = kPhaseRingFull;  ///< fault phase of running out of slots
 
-  /// Append `count` descriptors desc(i); called by one thread after its fence.
+  /// Append `count` descriptors desc(i); called by one thread after its release fence.
+  /// The caller usually publishes because its counter atomic saw other blocks' credits:
+  /// this fence makes that read an acquire, and (being cumulative) releases what those
+  /// blocks wrote to the task's taker too. Without it only the caller's own writes are
+  /// ordered before the slot.
   template <class Desc>
   FMOE_DEVICE bool publish(int count, Desc desc, const WaitSite& site) const {
+    __threadfence();
     const uint32_t base = atomicAdd(&state[abi::kPublished], uint32_t(count));
     if (base + uint32_t(count) > uint32_t(capacity)) {
       report_fault(site, abi::kProtocol, full_phase, -1, int64_t(base) + count, capacity, -1, 0);
