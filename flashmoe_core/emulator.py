@@ -39,14 +39,15 @@ from .host.emulator import BufferSpan, EmulatorError, EmulatorOptions
 from .host.errors import FlashMoEError
 from .jit import emulator_library
 from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from .layer import (check_weights_finite, fault_exception, kernel_weights, layout_record,
-                    placement_tables, recovery_state, validate_input)
+from .layer import (check_ranks_agree, check_weights_finite, fault_exception, kernel_weights,
+                    layout_record, placement_tables, recovery_state, validate_input)
 from .numerics import check_finite, round_to, storage_dtype
 from .plan import plan_layer
 from .reference import Routing, given_routing
 from .weights import MoEWeights, check_weights
 
 __all__ = ["EmulatorOptions", "EmulatorError", "EmulatedMoELayer", "EmulatedExpertParallel",
+           "EmulatedRank",
            "tile_gemm", "ring_test", "nvshmem_ping", "DEFAULT_GRID", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_GRID = 4          # blocks per PE: each is an OS thread on a machine of few cores
@@ -297,7 +298,8 @@ class _Launcher:
 
     def __call__(self, pes: Sequence[_PeBuffers], tokens: Sequence[int], launched: Sequence[bool],
                  mode: str, grid: int, x_ptrs: Sequence[int], y_ptrs: Sequence[int],
-                 heaps: Sequence[np.ndarray] = (), heap_bytes: int = 0) -> None:
+                 heaps: Sequence[np.ndarray] = (), heap_bytes: int = 0,
+                 spans: Optional[List[BufferSpan]] = None) -> None:
         n = len(pes)
         arr = lambda t, vals: (t * n)(*vals)  # noqa: E731
         caps = [self.cfg.capacity(t) for t in tokens]
@@ -309,7 +311,8 @@ class _Launcher:
                 arr(ctypes.c_int, [int(bool(v)) for v in launched]), MODES[mode], grid,
                 arr(_P, [_addr(h) for h in heaps]) if heaps else None, heap_bytes,
                 # Buffers the memory model watches; a save slot's stand-in PE names none.
-                buffers=[b for p in pes for b in (p.spans() if hasattr(p, "spans") else ())])
+                buffers=spans if spans is not None else
+                [b for p in pes for b in (p.spans() if hasattr(p, "spans") else ())])
 
 
 @contextlib.contextmanager
@@ -564,13 +567,7 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
         self._launcher = _Launcher(cfg, options)
         self._launcher.on_report = self._recover_after_report
         timeout = _timeout(timeout_s)
-        hp = plan_heap(cfg)
-        offsets, total = {}, 0
-        # The backward's symmetric buffers are reserved too (host memory is cheap here).
-        symmetric = {**hp.symmetric, **backward_symmetric(cfg)}
-        for name, nbytes in symmetric.items():  # same order and offsets on every PE
-            offsets[name] = total
-            total += -(-nbytes // _ALIGN) * _ALIGN
+        offsets, total = _heap_layout(cfg)
         self.heap_bytes = total
         self._heaps = [_aligned(total, 0) for _ in range(self.world)]
         self.pes = [_PeBuffers(cfg, weights, r, timeout, self._heaps[r], offsets)
@@ -654,6 +651,173 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
 
     def close(self) -> None:
         """Nothing to free on the host (kept for MoELayer's interface)."""
+
+
+def _heap_layout(cfg: MoEConfig):
+    """Offsets of the symmetric buffers in a PE's heap (same order and offsets on every
+    PE) and its size; the backward's symmetric buffers are reserved too (host memory is
+    cheap here)."""
+    offsets, total = {}, 0
+    for name, nbytes in {**plan_heap(cfg).symmetric, **backward_symmetric(cfg)}.items():
+        offsets[name] = total
+        total += -(-nbytes // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+# ------------------------------------------------------------------------- one PE per process
+class EmulatedRank(_Emulated):
+    """One PE of an expert-parallel layer per MPI process, on the emulator.
+
+    ``MoELayer(cfg, w, backend="emulator", comm=comm)`` returns one when
+    ``cfg.world_size > 1``: this process launches only its own PE's grid, and the PEs'
+    symmetric heaps are POSIX shared memory that every process of the node maps, so a
+    put or a signal is a store into the peer's heap. The host side is the GPU layer's:
+    the ranks agree on the configuration first, a failed launch leaves the layer failed
+    until :meth:`recover` runs on every rank.
+
+    Checked options apply to this process's accesses only (peers run in their own
+    processes: the memory model cannot order their accesses against ours).
+
+    Parameters
+    ----------
+    cfg : MoEConfig
+        ``world_size`` = the communicator's size.
+    weights : MoEWeights
+        At least this rank's experts.
+    comm : mpi4py communicator
+        Every rank on one node.
+    grid : int
+        Blocks of this PE (at least 2: the last is the subscriber).
+    timeout_s : float, optional
+    options : EmulatorOptions
+    """
+
+    def __init__(self, cfg: MoEConfig, weights: MoEWeights, comm, grid: int = 3,
+                 timeout_s: Optional[float] = None,
+                 options: EmulatorOptions = EmulatorOptions(), check_finite: bool = False) -> None:
+        import secrets
+        from socket import gethostname
+
+        from .host.shm import SharedHeap
+
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+        if comm is None or comm.Get_size() != cfg.world_size or cfg.world_size < 2:
+            got = "no communicator" if comm is None else f"{comm.Get_size()} ranks"
+            raise ValueError(f"cfg.world_size={cfg.world_size} needs comm= with that many "
+                             f"ranks (got {got}); launch with mpirun -np {cfg.world_size}")
+        self.cfg, self.world, self.rank = cfg, cfg.world_size, int(comm.Get_rank())
+        self._comm = comm
+        problem = None
+        try:  # local problems first, then one collective verdict (no rank hangs alone)
+            if not isinstance(weights, MoEWeights) or weights.cfg != cfg:
+                raise ValueError("weights must be MoEWeights built for this same config")
+            missing = sorted(set(cfg.local_experts(self.rank)) - set(weights.expert_ids))
+            if missing:
+                raise ValueError(f"rank {self.rank} owns experts {missing} but the weights "
+                                 "lack them")
+            self.grid = _grid(grid, 2)
+            timeout = _timeout(timeout_s)
+            self.check_finite = bool(check_finite)
+            if self.check_finite:
+                check_weights_finite(weights)
+        except ValueError as exc:
+            problem = str(exc)
+        check_ranks_agree(comm, cfg, problem)
+        hosts = comm.allgather(gethostname())
+        if len(set(hosts)) > 1:
+            raise ValueError(f"the emulator's symmetric heaps are one node's shared memory, "
+                             f"but the ranks run on {sorted(set(hosts))}: run every rank on "
+                             "one node")
+        self._launcher = _Launcher(cfg, options)
+        self._launcher.on_report = self._report_failed
+        offsets, self.heap_bytes = _heap_layout(cfg)
+        job = comm.bcast(secrets.token_hex(6) if self.rank == 0 else None, root=0)
+        names = [f"flashmoe-emu-{job}-pe{r}" for r in range(self.world)]
+        mine = SharedHeap(names[self.rank], self.heap_bytes, create=True)  # zeroed
+        comm.Barrier()
+        try:
+            self._heaps = [mine if r == self.rank else SharedHeap(names[r], self.heap_bytes,
+                                                                    create=False)
+                           for r in range(self.world)]
+        finally:
+            comm.Barrier()
+            mine.unlink()  # every rank mapped every heap: no name is needed any more
+        self._pe = _PeBuffers(cfg, weights, self.rank, timeout, mine.array, offsets)
+        self._failed: Optional[str] = None
+        comm.Barrier()  # every PE's signals are zero before anyone launches
+
+    def _emulated_pes(self) -> list:
+        return [self._pe]
+
+    def _report_failed(self) -> None:
+        # The peers' launches did not end normally either: recovery is collective.
+        self._failed = "the emulator stopped the launch with a report"
+
+    def _spans(self) -> List[BufferSpan]:
+        peers = [BufferSpan("heap", h.address, h.nbytes, r, True)
+                 for r, h in enumerate(self._heaps) if r != self.rank]
+        return self._pe.spans() + peers
+
+    def _run(self, x: np.ndarray, mode: str) -> int:
+        if self._failed is not None:
+            raise FlashMoEError(f"a previous launch of this expert-parallel layer failed "
+                                f"({self._failed}); call recover() on every rank first")
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"the emulator takes NumPy arrays, got {type(x).__name__}")
+        if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
+            x = round_to(x, "tfloat32")
+        t = validate_input(self.cfg, x.shape, x.dtype)
+        if self.check_finite:
+            check_finite("x", x)
+        pe = self._pe
+        pe.view("x_stage", x.shape, x.dtype)[...] = x
+        n = self.world
+        # Every PE's grid of the launch is this process's only; the others exit at once.
+        self._launcher([pe] * n, [t] * n, [r == self.rank for r in range(n)], mode, self.grid,
+                       [pe.ptr("x_stage")] * n, [pe.ptr("y_stage")] * n,
+                       [h.array for h in self._heaps], self.heap_bytes, spans=self._spans())
+        info = pe.fault_info()
+        if info is not None:
+            exc = fault_exception(info)
+            self._failed = f"{type(exc).__name__}: {exc}"
+            raise exc
+        return t
+
+    def __call__(self, x: np.ndarray, return_routing: bool = False, routing=None,
+                 save_for_backward: bool = False):
+        """Forward pass of this rank's tokens (collective: every rank calls it)."""
+        if routing is not None or save_for_backward:
+            raise ValueError("one PE per process on the emulator runs the forward pass only: "
+                             "for given routing or training under expert parallelism use "
+                             "EmulatedExpertParallel (every PE in one process)")
+        t = self._run(x, "full")
+        y = self._pe.view("y_stage", (t, self.cfg.hidden), storage_dtype(self.cfg.dtype)).copy()
+        return (y, self.routing(t)) if return_routing else y
+
+    def routing(self, tokens: int) -> Routing:
+        """The routing of this rank's last forward pass."""
+        return self._pe.routing(tokens)
+
+    def state(self) -> dict:
+        """This PE's kernel state words (epoch, barrier, ...)."""
+        return self._pe.state()
+
+    def recover(self) -> None:
+        """After a failed launch, on every rank (collective): counters cleared, one epoch
+        past every epoch used, every peer's previous launch counted as done."""
+        words, epoch = recovery_state(self._comm.allgather(self._pe.state()["epoch"]))
+        self._pe.recover(words, epoch)
+        self._comm.Barrier()
+        self._failed = None
+
+    def close(self) -> None:
+        """Unmap the heaps (collective: every rank closes)."""
+        self._comm.Barrier()
+        self._pe = None
+        for h in self._heaps:
+            h.close()
+        self._heaps = []
 
 
 class _ExpertParallelTesting:

@@ -600,20 +600,27 @@ class LayerTesting:
 
 def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_blocks=None,
                     trace_capacity=0, emulator_options=None, check_finite=False):
-    from .emulator import DEFAULT_GRID, EmulatedMoELayer, EmulatorOptions
+    from .emulator import DEFAULT_GRID, EmulatedMoELayer, EmulatedRank, EmulatorOptions
 
-    if isinstance(cfg, MoEConfig) and cfg.world_size > 1:
-        raise ValueError("the emulator runs expert parallelism with every PE in one process: "
-                         "use flashmoe_core.emulator.EmulatedExpertParallel(cfg, weights)")
-    unused = [name for name, v in (("device", device), ("comm", comm)) if v is not None]
+    multi = isinstance(cfg, MoEConfig) and cfg.world_size > 1
+    if multi and comm is None:
+        raise ValueError("the emulator runs expert parallelism either with one PE per MPI "
+                         "process (pass comm=, launch with mpirun -np world_size) or with "
+                         "every PE in one process: flashmoe_core.emulator."
+                         "EmulatedExpertParallel(cfg, weights)")
+    unused = [name for name, v in (("device", device),) if v is not None]
+    if comm is not None and not multi:
+        unused.append("comm")
     if trace_capacity:
         unused.append("trace_capacity")
     if unused:
         raise ValueError(f"{', '.join(unused)} do not apply to backend='emulator'")
+    options = emulator_options or EmulatorOptions()
+    if multi:
+        return EmulatedRank(cfg, weights, comm, grid=3 if max_blocks is None else max_blocks,
+                            timeout_s=timeout_s, options=options, check_finite=check_finite)
     return EmulatedMoELayer(cfg, weights, grid=DEFAULT_GRID if max_blocks is None else max_blocks,
-                            timeout_s=timeout_s,
-                            options=emulator_options or EmulatorOptions(),
-                            check_finite=check_finite)
+                            timeout_s=timeout_s, options=options, check_finite=check_finite)
 
 
 def kernel_weights(w: MoEWeights) -> dict:

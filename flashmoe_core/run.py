@@ -10,8 +10,9 @@ Expert parallel, one rank per GPU (or per CPU core with the reference backend)::
 
 ``--backend auto`` uses the fused GPU kernel when a GPU is usable and the reference
 (NumPy) backend otherwise, saying so in one line. ``--backend emulator`` runs the
-fused kernel itself on the CPU emulator (slow: small layers), every PE of
-``--world-size N`` in this one process. Rank 0 prints one summary.
+fused kernel itself on the CPU emulator (slow: small layers): under ``mpirun -np N``
+one PE per process (their symmetric heaps in the node's shared memory), without it
+every PE of ``--world-size N`` in this one process. Rank 0 prints one summary.
 
 Exit status (:data:`flashmoe_core.cli.EXIT_CODES`): 0 success, 1 a check failed, 2 bad
 input, 3 the environment or toolchain (a bad variable, an unusable cache folder, a
@@ -49,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("auto", "gpu", "reference", "emulator"),
                    default="auto",
                    help="auto: the GPU kernel if a GPU is usable, else the NumPy reference; "
-                        "emulator: the fused kernel on the CPU emulator (small layers; "
-                        "--world-size N runs N PEs in this process)")
+                        "emulator: the fused kernel on the CPU emulator (small layers; one "
+                        "PE per MPI rank, or --world-size N PEs in this process)")
     r.add_argument("--seed", type=int, default=0, help="seed of weights and tokens")
     r.add_argument("--warmup", type=int, default=None,
                    help="untimed passes first (default 32 on GPU, 0 otherwise)")
@@ -187,7 +188,7 @@ def _run_reference(cfg: MoEConfig, args, comm, rank: int) -> dict:
     return result
 
 
-def _run_emulator(cfg: MoEConfig, args) -> dict:
+def _run_emulator(cfg: MoEConfig, args, comm=None, rank: int = 0) -> dict:
     from .emulator import EmulatedExpertParallel
     from .gpu_run import compare
     from .layer import MoELayer
@@ -198,7 +199,16 @@ def _run_emulator(cfg: MoEConfig, args) -> dict:
     iters = 1 if args.iters is None else args.iters
     w = MoEWeights.random(cfg, args.seed)
     xs = [random_tokens(cfg, args.seed, rank=r) for r in range(cfg.world_size)]
-    if cfg.world_size > 1:
+    if comm is not None:  # one PE per process: this rank's tokens, gathered for the check
+        layer = MoELayer(cfg, MoEWeights.random(cfg, args.seed,
+                                                expert_ids=cfg.local_experts(rank)),
+                         backend="emulator", comm=comm)
+
+        def step():
+            y, routing = layer(xs[rank], return_routing=True)
+            ys, rs = comm.gather(y, root=0), comm.gather(routing, root=0)
+            return (ys, rs) if rank == 0 else ([y], [routing])
+    elif cfg.world_size > 1:
         ep = EmulatedExpertParallel(cfg, w)
         step = lambda: ep(xs, return_routing=True)  # noqa: E731
     else:
@@ -214,9 +224,9 @@ def _run_emulator(cfg: MoEConfig, args) -> dict:
         out["y"] = np.concatenate(ys)
         out["routing"] = Routing(*(np.concatenate([getattr(r, f) for r in routings])
                                    for f in Routing._fields))
-    result = {"backend": "emulator", "times_s": _time(run, warmup, iters)}
+    result = {"backend": "emulator", "times_s": _time(run, warmup, iters, comm=comm)}
     result["dropped_assignments"] = int(out["routing"].kept.size - out["routing"].kept.sum())
-    if args.check:
+    if args.check and rank == 0:
         cmp = compare(cfg, w, np.concatenate(xs), out["y"], out["routing"])
         result["check"] = {"what": f"emulated kernel vs oracle on its routing: rel error "
                                    f"{cmp['rel_error']:.2e} (<= {cmp['tolerance']:.0e}), "
@@ -330,11 +340,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise _Fail(3, str(exc)) from None
         if args.seed < 0:
             raise _Fail(2, f"--seed {args.seed} is out of range (seed >= 0)")
-        if args.backend == "emulator" and size > 1:
-            raise _Fail(2, "the emulator runs every PE in one process: run without mpirun "
-                           "and pass --world-size N")
         cfg = config_from_args(args, world_size=size)
-        if cfg.world_size != size and args.backend != "emulator":
+        if cfg.world_size != size and not (args.backend == "emulator" and size == 1):
             raise _Fail(2, f"world_size={cfg.world_size} but {size} rank(s) are running; "
                            f"launch with mpirun -np {cfg.world_size} or drop --world-size")
         for name in ("warmup", "iters"):
@@ -347,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _choose_backend(args.backend, rank, size)
         _check_memory(cfg, backend, args.check, rank)  # before any compile or allocation
         if backend == "emulator":
-            res = _run_emulator(cfg, args)
+            res = _run_emulator(cfg, args, comm, rank)
         elif backend == "reference":
             res = _run_reference(cfg, args, comm, rank)
         else:
