@@ -38,9 +38,10 @@ from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, dec
 from .host.emulator import BufferSpan, EmulatorError, EmulatorOptions
 from .host.errors import FlashMoEError
 from .jit import emulator_library
+from .kernel_io import (check_ranks_agree, check_weights_finite, fault_exception,
+                        kernel_weights, layout_record, placement_tables, recovery_state,
+                        validate_input)
 from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from .layer import (check_ranks_agree, check_weights_finite, fault_exception, kernel_weights,
-                    layout_record, placement_tables, recovery_state, validate_input)
 from .numerics import check_finite, round_to, storage_dtype
 from .plan import plan_layer
 from .reference import Routing, given_routing
@@ -339,8 +340,6 @@ class _Emulated:
 
     def _recover_after_report(self) -> None:
         """After an emulator report: recover every PE, as MoELayer.recover() on every rank."""
-        from .layer import recovery_state
-
         pes = self._emulated_pes()
         words, epoch = recovery_state([pe.state()["epoch"] for pe in pes])
         for pe in pes:

@@ -114,7 +114,7 @@ class EmulatedTraining(TrainingMixin):
         return _Slot(self.cfg, recompute)
 
     def _slot_layout(self, slot: _Slot) -> np.ndarray:
-        from .layer import layout_record
+        from .kernel_io import layout_record
 
         pe = self._pe
         rec = layout_record(self.cfg, pe.plan,
@@ -136,7 +136,7 @@ class EmulatedTraining(TrainingMixin):
         x = as_numpy(x, "x")
         if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
             x = round_to(x, "tfloat32")
-        from .layer import validate_input
+        from .kernel_io import validate_input
 
         t = validate_input(self.cfg, x.shape, x.dtype)
         slot.view("x", x.shape, x.dtype)[...] = x
@@ -156,7 +156,8 @@ class EmulatedTraining(TrainingMixin):
         plan = plan_backward(self.cfg)
         buf = {n: _aligned(b, 0xA5) for n, b in plan.workspace.items()}
         buf["ring"][...] = 0
-        bw = types.SimpleNamespace(plan=plan, buf=buf, launcher=_BackwardLauncher(self.cfg, self._recover_after_report),
+        launcher = _BackwardLauncher(self.cfg, self._recover_after_report)
+        bw = types.SimpleNamespace(plan=plan, buf=buf, launcher=launcher,
                                    delay_ns=0, scratch=None, layout=None)
         self._bw = bw
         self._upload_backward_weights(self._weights)
@@ -284,7 +285,7 @@ class EmulatedExpertParallelTraining:
         """PE pe's layout for one slot: while saving, owners put results into the
         layer's symmetric y_expert and recv_rows receives x rows (copied into the slot
         after the launch); for the backward the slot's copies stand in for them."""
-        from .layer import layout_record
+        from .kernel_io import layout_record
 
         own = set(slot.buf) - ({"y_expert", "recv_saved"} if saving else set())
         rec = layout_record(self.cfg, pe.plan, lambda n: slot.ptr(n) if n in own else pe.ptr(n),
@@ -296,7 +297,7 @@ class EmulatedExpertParallelTraining:
         return out
 
     def _raise_faults(self) -> None:
-        from .layer import fault_exception, recovery_state
+        from .kernel_io import fault_exception, recovery_state
 
         records = [pe.fault_info() for pe in self.pes]
         if any(records):
@@ -309,7 +310,7 @@ class EmulatedExpertParallelTraining:
 
     def _forward_saving_ep(self, xs, absent=(), return_routing: bool = False):
         from .backward import SavedForBackward
-        from .layer import validate_input
+        from .kernel_io import validate_input
 
         if len(xs) != self.world:
             raise ValueError(f"xs has {len(xs)} arrays; expected one per PE ({self.world})")

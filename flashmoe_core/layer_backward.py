@@ -46,7 +46,7 @@ class _GpuSlot:
 
     def layout_ptr(self, layer) -> int:
         """The slot's MoeLayout (the layer's, with this slot's per-call buffers)."""
-        from .layer import layout_record
+        from .kernel_io import layout_record
 
         rec = layout_record(layer.cfg, layer.plan,
                             lambda n: self.ptr(n) if n in self.buf else layer._ptr(n),
@@ -371,7 +371,7 @@ class GpuTraining(TrainingMixin):
         """Replace the layer's weights (same config, stream-ordered after every launch so
         far): the forward's copies and, once a backward ran, the backward's. Saved
         forwards of the old weights can no longer run their backward."""
-        from .layer import kernel_weights
+        from .kernel_io import kernel_weights
         from .weights import MoEWeights
 
         if not isinstance(weights, MoEWeights) or weights.cfg != self.cfg:

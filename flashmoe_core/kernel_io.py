@@ -1,0 +1,187 @@
+"""What a layer hands the fused kernel and reads back, for either backend: the weights
+in the kernel's layout, the layout record, placement tables, input validation, the
+fault record as an exception, the state words after a failed launch, and the ranks'
+agreement on the layer.
+
+The GPU layer (layer.py) and the emulator (emulator.py) both import this module and
+not each other, so the backends share one definition of the kernel's side of the
+contract.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .config import MoEConfig
+from .host.abi import MOE_EP_POINTERS, MOE_LAYOUT, MOE_LAYOUT_POINTERS, PHASES, STATE, STATE_WORDS
+from .host.errors import FlashMoETimeout, KernelFault
+from .numerics import as_f32, check_finite, nonfinite_to_nan, storage_dtype
+from .plan import max_peer_tiles, slot_rows
+from .weights import MoEWeights
+
+__all__ = ["kernel_weights", "check_weights_finite", "placement_tables", "layout_record",
+           "recovery_state", "validate_input", "fault_exception", "check_ranks_agree",
+           "overlaps", "ranks_sharing"]
+
+
+def kernel_weights(w: MoEWeights) -> dict:
+    """The weight buffers the kernel reads, by plan name: every matrix transposed to
+    K-major (out x in), since the tensor cores read both operands K-major, and every
+    infinity stored as NaN (the oracle's rule 11)."""
+    kmajor = lambda a: np.ascontiguousarray(nonfinite_to_nan(a).transpose(0, 2, 1))  # noqa: E731
+    out = {"router_t": np.ascontiguousarray(nonfinite_to_nan(w.router).T)}
+    # Routing vectors go to the kernel in float32 (a bf16 bias is exact in float32).
+    for name in ("router_bias", "selection_bias"):
+        if getattr(w.cfg, name):
+            out[name] = nonfinite_to_nan(as_f32(getattr(w, name)).astype(np.float32))
+    if w.cfg.mlp == "vanilla":
+        out.update(w_up=kmajor(w.w1), b_up=nonfinite_to_nan(w.b1), w_down=kmajor(w.w2),
+                   b_down=nonfinite_to_nan(w.b2))
+    else:
+        out.update(w_up=kmajor(w.wg), w_up2=kmajor(w.wu), w_down=kmajor(w.w2))
+        if w.cfg.mlp_bias:  # the up biases side by side per expert: bg then bu
+            both = np.concatenate([w.bg, w.bu], axis=1)
+            out.update(b_up=np.ascontiguousarray(nonfinite_to_nan(both)),
+                       b_down=nonfinite_to_nan(w.b2))
+    return out
+
+
+def check_weights_finite(weights: MoEWeights) -> None:
+    """``check_finite=True``: raise ValueError naming the first weight that is not finite."""
+    for name, array in weights.arrays().items():
+        check_finite(f"weights.{name}", array)
+
+
+def placement_tables(cfg: MoEConfig) -> dict:
+    """The expert-parallel kernel's placement tables: ``expert_owner`` (rank of each
+    expert) and ``expert_local`` (its position among that rank's experts), int32 [E]."""
+    local_index = np.zeros(cfg.experts, np.int32)
+    for r in range(cfg.world_size):
+        for i, e in enumerate(cfg.local_experts(r)):
+            local_index[e] = i
+    return {"expert_owner": np.asarray(cfg.expert_owner, np.int32), "expert_local": local_index}
+
+
+def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, rank: int = 0,
+                  local_experts: Optional[int] = None, delay_ns: int = 0,
+                  trace_capacity: int = 0) -> np.ndarray:
+    """The MoeLayout a layer hands its kernel (one rank's view).
+
+    Parameters
+    ----------
+    cfg, plan : the layer's configuration and its :class:`~flashmoe_core.plan.LayerPlan`
+    ptr : callable
+        Buffer name -> address (0 for buffers the layer does not have).
+    fault : int
+        Address of the host-visible fault record.
+    """
+    rec = np.zeros((), dtype=MOE_LAYOUT)
+    for name in MOE_LAYOUT_POINTERS + MOE_EP_POINTERS:
+        rec[name] = fault if name == "fault" else ptr(name)
+    rec["timeout_ns"] = int(timeout_s * 1e9)
+    rec["max_tokens"] = cfg.tokens
+    rec["experts"] = cfg.experts
+    rec["local_experts"] = cfg.experts if local_experts is None else local_experts
+    rec["max_rowtiles"] = plan.max_rowtiles
+    rec["ring_capacity"] = plan.ring_capacity
+    rec["rank"] = rank
+    rec["world"] = cfg.world_size
+    rec["delay_ns"] = delay_ns
+    rec["trace"] = ptr("trace")
+    rec["trace_capacity"] = trace_capacity
+    rec["router_bias"] = ptr("router_bias")
+    rec["selection_bias"] = ptr("selection_bias")
+    rec["pre"] = ptr("pre")  # a save slot's pre-activations; 0: the forward keeps none
+    rec["pre_remote"] = ptr("pre_remote")
+    rec["recv_saved"] = ptr("recv_saved")
+    if cfg.world_size > 1:
+        rec["slot_rows"] = slot_rows(cfg)
+        rec["max_peer_tiles"] = max_peer_tiles(cfg)
+        rec["max_local_experts"] = cfg.max_local_experts
+    return rec
+
+
+def recovery_state(epochs) -> tuple:
+    """State words after a failed launch, given every PE's epoch: all counters zero,
+    and one epoch, past every epoch any PE used (stale tags are at most max + 1, the
+    next launch's tag is max + 2). Returns (words, epoch)."""
+    epoch = int(max(epochs)) + 1
+    words = np.zeros(STATE_WORDS, np.uint32)
+    words[STATE["epoch"]] = epoch
+    return words, epoch
+
+
+def validate_input(cfg: MoEConfig, shape, dtype, contiguous: bool = True) -> int:
+    """Check an input's shape, dtype and layout against a layer; returns its token count.
+
+    Raises
+    ------
+    ValueError
+        Naming what is wrong and what the layer takes.
+    """
+    want = storage_dtype(cfg.dtype)
+    if len(shape) != 2 or shape[1] != cfg.hidden:
+        raise ValueError(f"x has shape {tuple(shape)}; expected [tokens, hidden={cfg.hidden}]")
+    t = int(shape[0])
+    if not 1 <= t <= cfg.tokens:
+        raise ValueError(f"x carries {t} tokens; this layer takes 1..{cfg.tokens} "
+                         "(MoEConfig.tokens is the bound; build a layer with a larger one)")
+    if np.dtype(dtype) != want:
+        raise ValueError(f"x has dtype {np.dtype(dtype)}; this layer stores {want} "
+                         f"(dtype={cfg.dtype!r}); convert it first")
+    if not contiguous:
+        raise ValueError("x must be C-contiguous (rows of hidden elements)")
+    return t
+
+
+def fault_exception(info: dict) -> KernelFault:
+    """The exception for a decoded fault record: FlashMoETimeout for a wait that ran
+    out, KernelFault otherwise; the message names the phase, block, rank and peer."""
+    phase = PHASES.get(info["phase"], f"phase {info['phase']}")
+    if info["code_name"] == "timeout":
+        return FlashMoETimeout(
+            f"the fused MoE kernel gave up waiting at the {phase}: block {info['block']} "
+            f"(task {info['task']}) saw {info['counter']} of {info['expected']} after "
+            f"{info['elapsed_ns'] / 1e9:.3f} s without progress (rank {info['rank']}, peer "
+            f"{info['peer']})",
+            info)
+    return KernelFault(f"the fused MoE kernel stopped: {info['code_name']} at the {phase} "
+                       f"(block {info['block']}, value {info['counter']}, limit "
+                       f"{info['expected']})", info)
+
+
+def check_ranks_agree(comm, cfg: MoEConfig, problem: Optional[str] = None) -> None:
+    """Collective check that every rank builds the same layer and none failed to.
+
+    Every rank passes its config and its own problem (None if it has none); every rank
+    raises the same ValueError if any rank has a problem or a different config, so no
+    rank goes on to a collective the others never reach.
+    """
+    views = comm.allgather((cfg.to_json(), problem))
+    failed = [(r, p) for r, (_, p) in enumerate(views) if p]
+    if failed:
+        raise ValueError("building the expert-parallel layer failed on rank(s) " +
+                         "; ".join(f"{r}: {p}" for r, p in failed))
+    differ = [r for r, (j, _) in enumerate(views) if j != views[0][0]]
+    if differ:
+        a = MoEConfig.from_json(views[0][0]).to_dict()
+        b = MoEConfig.from_json(views[differ[0]][0]).to_dict()
+        fields = [k for k in a if a[k] != b[k]]
+        raise ValueError(f"ranks build different layers: rank(s) {differ} differ from rank 0 "
+                         f"in {', '.join(fields)} (rank 0: "
+                         f"{', '.join(f'{k}={a[k]!r}' for k in fields)}; rank {differ[0]}: "
+                         f"{', '.join(f'{k}={b[k]!r}' for k in fields)}); every rank must "
+                         "pass the same MoEConfig")
+
+
+def overlaps(a: int, a_bytes: int, b: int, b_bytes: int) -> bool:
+    """Whether byte ranges [a, a + a_bytes) and [b, b + b_bytes) share a byte."""
+    return a < b + b_bytes and b < a + a_bytes
+
+
+def ranks_sharing(keys, rank: int) -> int:
+    """How many ranks run on the same GPU as ``rank``, given every rank's (host, GPU
+    UUID) key."""
+    return sum(1 for k in keys if tuple(k) == tuple(keys[rank]))
