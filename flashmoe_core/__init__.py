@@ -6,7 +6,7 @@ Public API:
 - :class:`MoELayer` - the fused GPU kernel (one GPU, or one rank under MPI); training
   through ``layer(x, save_for_backward=True)`` and ``layer.backward`` (gradients in a
   :class:`MoEGradients`).
-- :mod:`flashmoe_core.reference` - the NumPy oracle (``moe_forward``, ``Routing``).
+- :mod:`flashmoe_core.oracle.reference` - the NumPy oracle (``moe_forward``, ``Routing``).
 - :func:`moe_forward_distributed` - the oracle over mpi4py ranks.
 - :func:`cuda_available` - whether GPU paths can run here.
 - Errors: :class:`FlashMoEError` and its subclasses.
@@ -17,9 +17,9 @@ from .config import MoEConfig
 from .host.device import cuda_available
 from .host.errors import (BootstrapError, CompileError, CudaUnavailableError, FlashMoEError,
                           FlashMoETimeout, JitDisabledError, KernelFault)
-from .backward import MoEGradients, SavedForBackward
-from .layer import MoELayer
-from .reference import Routing, moe_forward
+from .kernel.training import MoEGradients, SavedForBackward
+from .gpu.layer import MoELayer
+from .oracle.reference import Routing, moe_forward
 from .weights import MoEWeights, random_tokens
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
 def __getattr__(name):
     # mpi4py is imported only when the distributed oracle is asked for.
     if name == "moe_forward_distributed":
-        from .distributed import moe_forward_distributed
+        from .oracle.distributed import moe_forward_distributed
 
         return moe_forward_distributed
     raise AttributeError(f"module 'flashmoe_core' has no attribute {name!r}")

@@ -91,7 +91,7 @@ class MoEConfig:
         ``experts % world_size`` ranks holding one expert more.
 
     Routing rules (defaults: softmax over all experts, then top-k, as Mixtral, Qwen
-    and OLMoE; the oracle :mod:`flashmoe_core.reference` states each as a formula):
+    and OLMoE; the oracle :mod:`flashmoe_core.oracle.reference` states each as a formula):
 
     scoring : {"softmax", "sigmoid"}
         Scores from the logits: a softmax over all experts, or a per-expert sigmoid

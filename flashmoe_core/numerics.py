@@ -106,7 +106,7 @@ def check_finite(name: str, a: np.ndarray) -> None:
         raise ValueError(f"{name}[{', '.join(map(str, index))}] is {value} ({count} non-finite "
                          f"value(s) in {name}); check_finite=True refuses them before the "
                          "launch. Without it, the layer follows the oracle's non-finite policy "
-                         "(flashmoe_core.reference, rules 10-12)")
+                         "(flashmoe_core.oracle.reference, rules 10-12)")
 
 
 # ---------------------------------------------------------------------------- activations

@@ -64,7 +64,7 @@ class MoEWeights:
     E is ``len(expert_ids)``: all experts by default, or the subset one rank owns.
 
     Arrays are kept as given, NaN and infinities included; every backend multiplies an
-    infinite weight as NaN (:mod:`flashmoe_core.reference`, rule 11), and layers built
+    infinite weight as NaN (:mod:`flashmoe_core.oracle.reference`, rule 11), and layers built
     with ``check_finite=True`` refuse non-finite weights.
 
     Parameters

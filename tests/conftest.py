@@ -131,7 +131,8 @@ def _kernel_listing(request, monkeypatch):
     if not request.config.getoption("--list-kernels"):
         yield
         return
-    from flashmoe_core import jit, layer, ops
+    from flashmoe_core.kernel import jit
+    from flashmoe_core.gpu import layer, ops
     from flashmoe_core.host import bootstrap, device
 
     def record(spec, arch, toolchain, *, lineinfo=False, **_):
@@ -156,7 +157,7 @@ def pytest_sessionfinish(session):
     path = session.config.getoption("--list-kernels")
     if not path:
         return
-    from flashmoe_core.gpucheck import Request, dump_requests
+    from flashmoe_core.cli.gpucheck import Request, dump_requests
 
     reqs = [Request(spec, li, tuple(ids)) for (spec, li), ids in _listed.items()]
     Path(path).write_text(dump_requests(reqs))

@@ -18,9 +18,9 @@ from mpi4py import MPI
 
 from flashmoe_core import FlashMoETimeout, MoEConfig, MoEWeights, random_tokens
 from flashmoe_core.emulator import EmulatorOptions
-from flashmoe_core.gpu_run import TOLERANCE, compare
-from flashmoe_core.layer import MoELayer
-from flashmoe_core.reference import Routing
+from flashmoe_core.cli.gpu_run import TOLERANCE, compare
+from flashmoe_core.gpu.layer import MoELayer
+from flashmoe_core.oracle.reference import Routing
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

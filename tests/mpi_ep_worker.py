@@ -9,8 +9,8 @@ import numpy as np
 from mpi4py import MPI
 
 from flashmoe_core import MoEConfig, MoEWeights, random_tokens
-from flashmoe_core.distributed import moe_forward_distributed
-from flashmoe_core.ep import plan_recv, plan_send, simulate, task_counts
+from flashmoe_core.oracle.distributed import moe_forward_distributed
+from flashmoe_core.kernel.ep import plan_recv, plan_send, simulate, task_counts
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -10,7 +10,7 @@ import sys
 from mpi4py import MPI
 
 from flashmoe_core import MoEConfig
-from flashmoe_core.kernel_io import check_ranks_agree
+from flashmoe_core.kernel.contract import check_ranks_agree
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -7,8 +7,8 @@ import numpy as np
 from mpi4py import MPI
 
 from flashmoe_core import MoEConfig, MoEWeights, random_tokens
-from flashmoe_core.distributed import moe_forward_distributed, plan_dispatch
-from flashmoe_core.reference import moe_forward
+from flashmoe_core.oracle.distributed import moe_forward_distributed, plan_dispatch
+from flashmoe_core.oracle.reference import moe_forward
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

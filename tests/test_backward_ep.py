@@ -8,7 +8,7 @@ import pytest
 from flashmoe_core import FlashMoETimeout, MoEConfig, MoELayer, MoEWeights, random_tokens
 from flashmoe_core.emulator import EmulatedExpertParallel, EmulatorOptions
 from flashmoe_core.numerics import round_to
-from flashmoe_core.reference import Routing, moe_backward
+from flashmoe_core.oracle.reference import Routing, moe_backward
 
 pytestmark = pytest.mark.emulator
 

@@ -17,9 +17,9 @@ import pytest
 
 from conftest import per_backend
 from flashmoe_core import FlashMoETimeout, MoEConfig, MoEWeights, random_tokens
-from flashmoe_core.backward import MoEGradients, SavedForBackward, saved_bytes_per_token
+from flashmoe_core.kernel.training import MoEGradients, SavedForBackward, saved_bytes_per_token
 from flashmoe_core.numerics import round_to
-from flashmoe_core.reference import moe_backward
+from flashmoe_core.oracle.reference import moe_backward
 
 BACKWARD_TOLERANCE = {"bfloat16": 2e-2, "float16": 2.5e-3, "tfloat32": 2e-3, "float32": 3e-6}
 
@@ -27,7 +27,7 @@ _layers = {}
 
 
 def make_layer(cfg, w, backend, **kw):
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
 
     return MoELayer(cfg, w, backend=backend, **kw)
 

@@ -13,7 +13,7 @@ import pytest
 
 from flashmoe_core import MoEConfig, MoEWeights, Routing, moe_forward, random_tokens
 from flashmoe_core.numerics import round_to
-from flashmoe_core.reference import MoEGrads, _forward_fixed_routing64, moe_backward
+from flashmoe_core.oracle.reference import MoEGrads, _forward_fixed_routing64, moe_backward
 
 ULP = {"float32": 2 ** -23, "tfloat32": 2 ** -10, "bfloat16": 2 ** -7, "float16": 2 ** -10}
 # Central-difference step. The quotient's error is truncation (~EPS**2) plus the float64
@@ -329,7 +329,7 @@ TIE_MARGIN = 1e-3
 def forward_from_scratch64(cfg, w64, x64):
     """The layer in float64 with everything recomputed from x64: logits, softmax, top-k
     of the exact probabilities, the capacity rule, combine weights, experts."""
-    from flashmoe_core.reference import _softmax64, route
+    from flashmoe_core.oracle.reference import _softmax64, route
 
     probs = _softmax64(x64 @ w64["router"])
     routing = route(cfg, probs, x64.shape[0] // cfg.world_size)
@@ -339,7 +339,7 @@ def forward_from_scratch64(cfg, w64, x64):
 def away_from_ties(cfg, seed, t):
     """Weights and tokens whose top k + 1 probabilities differ by TIE_MARGIN at least
     for every token (the first seed from ``seed`` on; deterministic)."""
-    from flashmoe_core.reference import _softmax64
+    from flashmoe_core.oracle.reference import _softmax64
 
     for s in range(seed, seed + 200):
         w = MoEWeights.random(cfg, s)

@@ -9,7 +9,7 @@ import pytest
 
 from flashmoe_core import MoEConfig, MoEWeights, random_tokens
 from flashmoe_core.checkpoint import config_from_hf, read_safetensors, weights_from_checkpoint
-from flashmoe_core.reference import moe_forward
+from flashmoe_core.oracle.reference import moe_forward
 
 H, F, E, K = 64, 48, 8, 2
 HF = {

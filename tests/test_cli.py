@@ -123,7 +123,7 @@ def test_a_layer_too_large_for_the_machine_exits_3_before_allocating(backend):
 
 
 def test_exit_codes_are_documented_once():
-    from flashmoe_core import run as run_module
+    from flashmoe_core.cli import run as run_module
     from flashmoe_core.cli import EXIT_CODES
 
     readme = (REPO / "README.md").read_text()
@@ -175,10 +175,10 @@ def test_build_command_rejects_bad_arch():
 def test_build_command_fills_the_cache(tmp_path):
     env = dict(os.environ, FLASHMOE_CACHE_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "flashmoe_core.build", "--arch", "sm_80", "--kernels", "tests"]
-    from flashmoe_core import kernels
+    from flashmoe_core.kernel import specs
 
     # Only the cheap kernels: swap in a spec list without the tile GEMMs.
-    code = ("import sys, flashmoe_core.build as b, flashmoe_core.kernels as k;"
+    code = ("import sys, flashmoe_core.cli.build as b, flashmoe_core.kernel.specs as k;"
             "b.test_specs = lambda: [k.abi_check_spec()];"
             "sys.exit(b.main(sys.argv[1:]))")
     p = subprocess.run([sys.executable, "-c", code] + cmd[3:], capture_output=True, text=True,

@@ -20,7 +20,7 @@ def test_distributed_equals_single_process(ranks):
 
 @pytest.mark.mpi
 def test_world_size_must_match_ranks():
-    code = ("from flashmoe_core import *; from flashmoe_core.distributed import "
+    code = ("from flashmoe_core import *; from flashmoe_core.oracle.distributed import "
             "moe_forward_distributed as f; import numpy as np\n"
             "c = MoEConfig(tokens=4, hidden=8, ffn=8, experts=2, world_size=3)\n"
             "try:\n    f(c, MoEWeights.random(c), np.zeros((4, 8), np.float32))\n"

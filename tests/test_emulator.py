@@ -9,11 +9,11 @@ import pytest
 from flashmoe_core import (CompileError, FlashMoEError, FlashMoETimeout, MoEConfig, MoELayer,
                            MoEWeights, random_tokens)
 from flashmoe_core.emulator import EmulatedMoELayer, EmulatorError, EmulatorOptions
-from flashmoe_core.gpu_run import TOLERANCE, compare
+from flashmoe_core.cli.gpu_run import TOLERANCE, compare
 from flashmoe_core.host import emulator as host_emu
 from flashmoe_core.host.cache import KernelCache
 from flashmoe_core.host.toolchain import find_toolchain
-from flashmoe_core.kernels import ring_test_spec, tile_gemm_spec
+from flashmoe_core.kernel.specs import ring_test_spec, tile_gemm_spec
 
 pytestmark = pytest.mark.emulator
 
@@ -48,7 +48,7 @@ def test_library_is_built_once_then_cached(tmp_path):
 def test_a_library_swapped_with_its_record_is_never_loaded(tmp_path):
     # Two valid entries whose library and record were swapped pass every checksum; only
     # the identity built into each library tells them apart (this used to segfault).
-    from flashmoe_core.kernels import nvshmem_ping_spec
+    from flashmoe_core.kernel.specs import nvshmem_ping_spec
 
     tc, cc, cache = find_toolchain(), host_emu.find_compiler(), KernelCache(tmp_path)
     ring = host_emu.build_library(ring_test_spec(), tc, cc, cache=cache)
@@ -116,7 +116,7 @@ def test_key_follows_defines_compiler_and_sources(tmp_path):
 
 def test_checks_need_a_checked_library():
     # An unchecked build has no memory model: asking it for one is an error, not a pass.
-    from flashmoe_core.jit import emulator_library
+    from flashmoe_core.kernel.jit import emulator_library
 
     lib = emulator_library(ring_test_spec())
     assert not lib.checked and emulator_library(ring_test_spec(), checked=True).checked

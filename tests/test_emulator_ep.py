@@ -11,9 +11,9 @@ import pytest
 from conftest import emulator_checks
 from flashmoe_core import FlashMoETimeout, MoEConfig, MoEWeights, random_tokens
 from flashmoe_core.emulator import EmulatedExpertParallel, EmulatorOptions
-from flashmoe_core.gpu_run import TOLERANCE, compare
-from flashmoe_core.layer import MoELayer
-from flashmoe_core.reference import Routing
+from flashmoe_core.cli.gpu_run import TOLERANCE, compare
+from flashmoe_core.gpu.layer import MoELayer
+from flashmoe_core.oracle.reference import Routing
 
 pytestmark = pytest.mark.emulator
 

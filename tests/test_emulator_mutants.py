@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from flashmoe_core import MoEConfig, MoEWeights, random_tokens
-from flashmoe_core import jit
-from flashmoe_core.emulator import (EmulatedMoELayer, EmulatorError, EmulatorOptions,
-                                    nvshmem_ping, ring_test, tile_gemm)
+from flashmoe_core.kernel import jit
+from flashmoe_core.emulator import (EmulatedMoELayer, EmulatorError, EmulatorOptions, nvshmem_ping,
+                                    ring_test, tile_gemm)
 from flashmoe_core.host import emulator as host_emu
 from flashmoe_core.host.toolchain import find_toolchain
-from flashmoe_core.kernels import moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
+from flashmoe_core.kernel.specs import moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
 
 pytestmark = pytest.mark.emulator
 
@@ -196,7 +196,7 @@ def test_weak_memory_alone_shows_a_missing_release_fence_in_the_results(mutant_d
                                                                           monkeypatch):
     """The store buffers by themselves (no race detector): a consumer reads the old bytes
     of rows whose producer published without a fence, and the output is wrong."""
-    from flashmoe_core.gpu_run import TOLERANCE, compare
+    from flashmoe_core.cli.gpu_run import TOLERANCE, compare
 
     monkeypatch.setenv("FLASHMOE_DEVICE_DIR",
                        str(mutant_dirs["no-fence-between-results-and-publication"]))

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import run_mpi
 from flashmoe_core import MoEConfig, MoEWeights, random_tokens
-from flashmoe_core.ep import (max_peer_tiles, plan_heap, plan_recv, plan_send, simulate,
-                              slot_rows)
-from flashmoe_core.reference import Routing, moe_forward
+from flashmoe_core.kernel.ep import (max_peer_tiles, plan_heap, plan_recv, plan_send, simulate,
+                                     slot_rows)
+from flashmoe_core.oracle.reference import Routing, moe_forward
 
 CASES = [
     dict(world_size=2, experts=4),

@@ -16,11 +16,11 @@ import pytest
 
 from conftest import REPO
 from flashmoe_core import MoEConfig
-from flashmoe_core.gpucheck import (ARCH, BENCH_CONFIG, BENCH_ROW, Request, all_requests,
-                                    cli_args, dump_requests, ep_config, load_requests,
-                                    stage_requests)
+from flashmoe_core.cli.gpucheck import (ARCH, BENCH_CONFIG, BENCH_ROW, Request, all_requests,
+                                        cli_args, dump_requests, ep_config, load_requests,
+                                        stage_requests)
 from flashmoe_core.host.errors import KitMissError
-from flashmoe_core.kernels import moe_spec, ring_test_spec
+from flashmoe_core.kernel.specs import moe_spec, ring_test_spec
 
 TOOLS = REPO / "tools"
 
@@ -49,7 +49,7 @@ def _stub_compile(spec, arch, toolchain, lineinfo, ident):
 def _built_stub_kit(tmp_path_factory):
     """A kit of every request of the check and of the GPU tier's listing, stub-compiled
     (built once per module)."""
-    from flashmoe_core import build
+    from flashmoe_core.cli import build
     from flashmoe_core.host import compiler
 
     root = tmp_path_factory.mktemp("stubkit")
@@ -96,7 +96,7 @@ def test_stage_bounds_fit_the_budget_and_every_stage_has_a_runner():
 
 
 def test_plan_covers_what_the_issue_asks():
-    from flashmoe_core.gpucheck import FORWARD
+    from flashmoe_core.cli.gpucheck import FORWARD
 
     fwd = stage_requests()["forward"]
     assert len({dict(r.spec.defines)["FMOE_DTYPE"] for r in fwd}) == 4
@@ -169,7 +169,7 @@ def test_dry_run_finds_every_stage_request_in_the_kit(stub_kit, tmp_path):
 
 def test_kit_keys_do_not_depend_on_the_loading_machines_tools(stub_kit, tmp_path, monkeypatch):
     """The GPU machine has other NVRTC/cuda-core versions and its checkout elsewhere."""
-    from flashmoe_core import jit
+    from flashmoe_core.kernel import jit
     from flashmoe_core.host import toolchain
 
     kit, _ = stub_kit
@@ -179,7 +179,7 @@ def test_kit_keys_do_not_depend_on_the_loading_machines_tools(stub_kit, tmp_path
     monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(moved))
     monkeypatch.setattr(toolchain, "_versions", lambda: {"nvidia-cuda-nvrtc": "99.9"})
     toolchain.find_toolchain.cache_clear()
-    from flashmoe_core.gpucheck import FORWARD
+    from flashmoe_core.cli.gpucheck import FORWARD
 
     spec = moe_spec(FORWARD["bfloat16"])
     got = jit.compile_kernel(spec, ARCH)
@@ -193,7 +193,7 @@ def test_kit_keys_do_not_depend_on_the_loading_machines_tools(stub_kit, tmp_path
 
 
 def test_a_changed_device_source_makes_the_kit_stale(stub_kit, tmp_path, monkeypatch):
-    from flashmoe_core import jit
+    from flashmoe_core.kernel import jit
     from flashmoe_core.host import toolchain
 
     kit, _ = stub_kit
@@ -209,7 +209,7 @@ def test_a_changed_device_source_makes_the_kit_stale(stub_kit, tmp_path, monkeyp
 
 
 def test_a_damaged_kit_entry_is_a_miss_not_a_bad_kernel(stub_kit, monkeypatch):
-    from flashmoe_core import jit
+    from flashmoe_core.kernel import jit
 
     kit, _ = stub_kit
     key, entry = next((k, e) for k, e in kit.entries.items() if "ring" in e["label"])
@@ -229,7 +229,7 @@ def test_a_kit_entry_of_another_kernel_is_a_miss(stub_kit, monkeypatch):
     import hashlib
     import zlib
 
-    from flashmoe_core import jit
+    from flashmoe_core.kernel import jit
 
     kit, _ = stub_kit
     key, entry = next((k, e) for k, e in kit.entries.items() if "ring" in e["label"])
@@ -255,7 +255,8 @@ def test_kernel_kit_variable_is_validated(tmp_path, monkeypatch):
 @pytest.mark.compile
 def test_a_real_kit_round_trips_a_cubin(tmp_path, tmp_cache, monkeypatch):
     """NVRTC for real: what the kit stores is the compiled cubin, byte for byte."""
-    from flashmoe_core import build, jit
+    from flashmoe_core.cli import build
+    from flashmoe_core.kernel import jit
 
     kit = build.build_kit(tmp_path / "kit", [Request(ring_test_spec(), origins=("t",))],
                           [ARCH], say=lambda line: None)

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 PROBE = ("import flashmoe_core, flashmoe_core.host.compiler as c;"
-         "from flashmoe_core.jit import toolchain;"
+         "from flashmoe_core.kernel.jit import toolchain;"
          "t = toolchain(); print(t.device_root);"
          "print((t.device_root / 'include/flashmoe/abi.cuh').is_file());"
          "print(all(p.is_dir() for p in t.include_dirs))")
@@ -37,7 +37,7 @@ def test_wheel_carries_device_sources_and_host(tmp_path):
     for must in ("flashmoe_core/_device/include/flashmoe/abi.cuh",
                  "flashmoe_core/_device/include/flashmoe/gemm/tile_gemm.cuh",
                  "flashmoe_core/_device/kernels/tile_gemm.cu",
-                 "flashmoe_core/host/compiler.py", "flashmoe_core/run.py"):
+                 "flashmoe_core/host/compiler.py", "flashmoe_core/cli/run.py"):
         assert must in names, must
     assert not any(n.startswith(("tests/", "tools/", "host/", "device/")) for n in names)
     # The unpacked wheel alone (no checkout on the path) finds its device sources.

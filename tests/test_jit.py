@@ -10,8 +10,8 @@ from flashmoe_core.host.cache import KernelCache
 from flashmoe_core.host.compiler import KernelSpec, build, cache_key, normalize_arch
 from flashmoe_core.host.toolchain import find_toolchain
 from flashmoe_core import MoEConfig
-from flashmoe_core.kernels import (abi_check_spec, moe_backward_spec, moe_spec, nvshmem_ping_spec,
-                                   ring_test_spec, tile_gemm_spec)
+from flashmoe_core.kernel.specs import (abi_check_spec, moe_backward_spec, moe_spec,
+                                        nvshmem_ping_spec, ring_test_spec, tile_gemm_spec)
 
 pytestmark = pytest.mark.compile
 
@@ -132,7 +132,7 @@ def _compile_in_child(args):
     from flashmoe_core.host.cache import KernelCache
     from flashmoe_core.host.compiler import build
     from flashmoe_core.host.toolchain import find_toolchain
-    from flashmoe_core.kernels import nvshmem_ping_spec
+    from flashmoe_core.kernel.specs import nvshmem_ping_spec
 
     k = build(nvshmem_ping_spec(), arch, find_toolchain(), cache=KernelCache(root))
     return k.cached, len(k.cubin), k.key

@@ -39,7 +39,7 @@ def gemm_for(backend):
     """The tile GEMM of a backend (same arguments and results); the emulator's with all
     its checks on."""
     if backend == "gpu":
-        from flashmoe_core.ops import tile_gemm
+        from flashmoe_core.gpu.ops import tile_gemm
         return tile_gemm
     from flashmoe_core.emulator import tile_gemm
 
@@ -88,7 +88,7 @@ def test_tile_gemm_gathers_rows(backend):
 @pytest.mark.gpu
 def test_nvshmem_put_with_signal_round_trip_world_1():
     from flashmoe_core.host import bootstrap
-    from flashmoe_core.ops import nvshmem_ping, runtime
+    from flashmoe_core.gpu.ops import nvshmem_ping, runtime
 
     dev, _ = runtime()
     bootstrap.init(dev)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_mpi
 from flashmoe_core.host.abi import STATE, STATE_WORDS
-from flashmoe_core.kernel_io import overlaps, ranks_sharing, recovery_state
+from flashmoe_core.kernel.contract import overlaps, ranks_sharing, recovery_state
 
 WORKER = str(Path(__file__).with_name("mpi_layer_worker.py"))
 

@@ -11,14 +11,14 @@ import pytest
 
 from conftest import emulator_checks, per_backend
 from flashmoe_core import FlashMoETimeout, MoEConfig, MoEWeights, random_tokens
-from flashmoe_core.gpu_run import TOLERANCE, compare
-from flashmoe_core.reference import dispatch_lists, gate, route
+from flashmoe_core.cli.gpu_run import TOLERANCE, compare
+from flashmoe_core.oracle.reference import dispatch_lists, gate, route
 
 _layers = {}
 
 
 def make_layer(cfg, w, backend, **kw):
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
 
     if backend == "emulator":
         kw.setdefault("emulator_options", emulator_checks(seed=1 + len(_layers) % 5))
@@ -135,7 +135,7 @@ def test_dispatch_lists_component(cf, backend):
     experts = layer.testing.workspace("topk_expert", (t, k), np.int32)
     rows = layer.testing.workspace("token_rows", (t, k), np.int32)
     kept_gpu = rows >= 0
-    from flashmoe_core.reference import Routing, _capacity_mask
+    from flashmoe_core.oracle.reference import Routing, _capacity_mask
 
     kept = np.ones((t, k), bool) if cf is None else _capacity_mask(experts, cfg.capacity(t))
     assert np.array_equal(kept_gpu, kept)
@@ -152,7 +152,7 @@ def test_dispatch_lists_component(cf, backend):
 
 
 def test_combine_component(backend):
-    from flashmoe_core.reference import Routing, combine
+    from flashmoe_core.oracle.reference import Routing, combine
     from flashmoe_core.numerics import round_to
 
     cfg = MoEConfig(tokens=200, hidden=264, ffn=64, experts=4, top_k=3)
@@ -175,12 +175,12 @@ def test_combine_component(backend):
 
 
 def _ring_launch_gpu():
-    from flashmoe_core import ops
+    from flashmoe_core.gpu import ops
     from flashmoe_core.host import launch as L
     from flashmoe_core.host import memory
     from flashmoe_core.host.abi import FAULT_RECORD, decode_fault
-    from flashmoe_core.jit import compile_kernel, target_arch
-    from flashmoe_core.kernels import ring_test_spec
+    from flashmoe_core.kernel.jit import compile_kernel, target_arch
+    from flashmoe_core.kernel.specs import ring_test_spec
 
     dev, stream = ops.runtime()
     mod = L.Module(compile_kernel(ring_test_spec(), target_arch(dev)).cubin, "ring_test")
@@ -385,7 +385,7 @@ RULE_LAYERS = {
 
 @pytest.mark.parametrize("name", list(RULE_LAYERS))
 def test_routing_rules_match_the_oracle(name, backend):
-    from flashmoe_core.reference import route_tokens
+    from flashmoe_core.oracle.reference import route_tokens
 
     cfg = MoEConfig(tokens=per_backend(backend, 512, 48), hidden=128, ffn=128,
                     dtype="bfloat16", **RULE_LAYERS[name])
@@ -398,7 +398,7 @@ def test_routing_rules_match_the_oracle(name, backend):
 
 
 def test_routing_from_the_caller_replaces_the_router(backend):
-    from flashmoe_core.reference import moe_forward, with_capacity
+    from flashmoe_core.oracle.reference import moe_forward, with_capacity
 
     cfg = MoEConfig(tokens=per_backend(backend, 300, 70), hidden=128, ffn=128, experts=6,
                     top_k=3, capacity_factor=0.75)

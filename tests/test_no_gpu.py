@@ -25,7 +25,7 @@ def test_get_device_raises_one_clear_error():
 def test_ops_raise_the_same_error():
     import numpy as np
 
-    from flashmoe_core import ops
+    from flashmoe_core.gpu import ops
 
     ops.runtime.cache_clear()
     with pytest.raises(flashmoe_core.CudaUnavailableError):

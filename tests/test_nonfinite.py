@@ -8,9 +8,9 @@ import pytest
 
 from conftest import per_backend
 from flashmoe_core import MoEConfig, MoEWeights, random_tokens
-from flashmoe_core.gpu_run import TOLERANCE, compare
-from flashmoe_core.reference import (Routing, _capacity_mask, check_routing, gate,
-                                     marked_tokens, moe_backward, moe_forward)
+from flashmoe_core.cli.gpu_run import TOLERANCE, compare
+from flashmoe_core.oracle.reference import (Routing, _capacity_mask, check_routing, gate,
+                                            marked_tokens, moe_backward, moe_forward)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -122,7 +122,7 @@ def test_backward_of_a_marked_token():
 
 
 def test_protocol_simulation_follows_the_policy():
-    from flashmoe_core.ep import simulate
+    from flashmoe_core.kernel.ep import simulate
 
     cfg = small(world_size=2)
     w = MoEWeights.random(cfg, 0)
@@ -197,7 +197,7 @@ KERNEL_CASES = [pytest.param("gpu", d, marks=pytest.mark.gpu, id=f"gpu-{d}")
 
 @pytest.mark.parametrize("backend,dtype", KERNEL_CASES)
 def test_kernel_follows_the_policy_for_each_dtype(dtype, backend):
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
 
     cfg = MoEConfig(tokens=per_backend(backend, 512, 40), dtype=dtype, **KERNEL)
     nan_rows = {}
@@ -219,7 +219,7 @@ def test_kernel_marks_tokens_in_the_separate_topk_phase(backend):
     # More experts than one gate tile: top-k runs after the gate's grid barrier, from the
     # logits buffer. The shape of test_moe_kernel.py's e256-k8 (its kernel is built once;
     # the token count is a runtime value, and a few tokens keep the emulator quick).
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
     from test_moe_kernel import AWKWARD
 
     cfg = MoEConfig(dtype="bfloat16", **dict(AWKWARD["e256-k8"],
@@ -259,7 +259,7 @@ def test_expert_parallel_kernel_follows_the_policy():
 @pytest.mark.emulator
 def test_check_finite_refuses_before_the_launch():
     from flashmoe_core.emulator import EmulatedExpertParallel
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
 
     cfg = MoEConfig(tokens=40, dtype="bfloat16", **KERNEL)
     w = MoEWeights.random(cfg, 3)
@@ -282,7 +282,7 @@ def test_check_finite_refuses_before_the_launch():
 
 
 def test_gpu_layer_checks_weights_before_touching_a_gpu():
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
 
     cfg = small()
     w = MoEWeights.random(cfg, 0)

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from flashmoe_core import MoEConfig
-from flashmoe_core.kernels import moe_defines
-from flashmoe_core.plan import plan_layer
+from flashmoe_core.kernel.specs import moe_defines
+from flashmoe_core.kernel.plan import plan_layer
 
 
 def test_plan_sizes():
@@ -27,7 +27,7 @@ def test_plan_sizes():
 
 
 def test_ring_holds_remote_tasks_with_several_ranks():
-    from flashmoe_core.plan import max_peer_tiles
+    from flashmoe_core.kernel.plan import max_peer_tiles
 
     one = plan_layer(MoEConfig(tokens=256, hidden=256, ffn=256, experts=8))
     cfg = MoEConfig(tokens=256, hidden=256, ffn=256, experts=8, world_size=4)
@@ -64,7 +64,7 @@ def test_layer_without_gpu_raises_one_clear_error():
     if HAS_GPU:
         pytest.skip("this machine has a GPU")
     from flashmoe_core import CudaUnavailableError, MoEWeights
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
 
     cfg = MoEConfig(tokens=8, hidden=8, ffn=8, experts=2)
     with pytest.raises(CudaUnavailableError, match="needs an NVIDIA GPU"):
@@ -73,7 +73,7 @@ def test_layer_without_gpu_raises_one_clear_error():
 
 def test_layer_rejects_bad_construction_before_touching_a_gpu():
     from flashmoe_core import MoEWeights
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
 
     cfg = MoEConfig(tokens=8, hidden=8, ffn=8, experts=2)
     other = MoEConfig(tokens=8, hidden=8, ffn=8, experts=3)
@@ -92,7 +92,7 @@ def test_layer_rejects_bad_construction_before_touching_a_gpu():
 
 def test_layer_checks_the_ranks_experts_are_held():
     from flashmoe_core import MoEWeights
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.gpu.layer import MoELayer
 
     class FakeComm:  # two ranks, this is rank 1: the check must fire before any GPU use
         def Get_size(self):

@@ -163,7 +163,7 @@ def test_pytest_commands_select_tests(block):
 
 @pytest.mark.parametrize("block", _params(("parse",)))
 def test_commands_no_single_machine_runs_parse(block):
-    from flashmoe_core import run
+    from flashmoe_core.cli import run
     from flashmoe_core.cli import config_from_args
 
     for words in _commands(block["body"]):

@@ -7,7 +7,7 @@ import pytest
 
 from flashmoe_core import MoEConfig, MoEWeights, Routing, moe_forward, random_tokens
 from flashmoe_core.numerics import round_to
-from flashmoe_core.reference import gate, matmul_f32, route
+from flashmoe_core.oracle.reference import gate, matmul_f32, route
 
 ULP = {"float32": 2 ** -23, "tfloat32": 2 ** -10, "bfloat16": 2 ** -7, "float16": 2 ** -10}
 
@@ -157,7 +157,7 @@ def test_given_routing_is_used():
                      np.full((6, 2), 0.5, np.float32), np.ones((6, 2), bool))
     y, r = moe_forward(cfg, w, x, forced)
     assert r.experts.tolist() == forced.experts.tolist()
-    from flashmoe_core.reference import expert_ffn
+    from flashmoe_core.oracle.reference import expert_ffn
 
     want = 0.5 * expert_ffn(cfg, w, 3, x).astype(np.float64) + \
         0.5 * expert_ffn(cfg, w, 2, x).astype(np.float64)

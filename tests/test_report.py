@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from flashmoe_core import MoEConfig
 from flashmoe_core.host.sass import Insn, instruction_kind, mma_loops
-from flashmoe_core.report import H100, blocks_per_sm, layer_report
+from flashmoe_core.cli.report import H100, blocks_per_sm, layer_report
 
 
 def _prog(lines):

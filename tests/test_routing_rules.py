@@ -8,7 +8,7 @@ import pytest
 
 from flashmoe_core import MoEConfig, MoEWeights, random_tokens
 from flashmoe_core.numerics import as_f32, round_to
-from flashmoe_core.reference import gate, moe_forward, route, route_tokens
+from flashmoe_core.oracle.reference import gate, moe_forward, route, route_tokens
 
 BASE = dict(tokens=40, hidden=64, ffn=64, dtype="float32")
 
@@ -176,7 +176,7 @@ def _given(cfg, t, seed=0):
 
 
 def test_given_routing_is_validated():
-    from flashmoe_core.reference import given_routing
+    from flashmoe_core.oracle.reference import given_routing
 
     cfg = MoEConfig(**{**BASE, "experts": 8, "top_k": 2})
     e, w = _given(cfg, 5)
@@ -195,7 +195,7 @@ def test_given_routing_is_validated():
 
 
 def test_backward_with_given_weights_differentiates_the_weights():
-    from flashmoe_core.reference import moe_backward, with_capacity
+    from flashmoe_core.oracle.reference import moe_backward, with_capacity
 
     cfg = MoEConfig(tokens=6, hidden=16, ffn=16, experts=4, top_k=2, dtype="float32",
                     capacity_factor=1.0, scoring="sigmoid")  # rules do not matter here
@@ -219,7 +219,7 @@ def test_backward_with_given_weights_differentiates_the_weights():
 
 
 def test_gated_biases_and_the_clamped_swiglu_follow_gpt_oss():
-    from flashmoe_core.reference import expert_ffn
+    from flashmoe_core.oracle.reference import expert_ffn
 
     cfg = MoEConfig(**{**BASE, "experts": 4, "top_k": 2, "mlp": "gated",
                        "activation": "swiglu_clamped", "mlp_bias": True,
@@ -239,6 +239,6 @@ def test_gated_biases_and_the_clamped_swiglu_follow_gpt_oss():
         MoEConfig(**{**BASE, "experts": 4, "activation": "swiglu_clamped"})
     with pytest.raises(ValueError, match="mlp_bias"):
         MoEConfig(**{**BASE, "experts": 4, "mlp_bias": True})
-    from flashmoe_core.reference import moe_backward
+    from flashmoe_core.oracle.reference import moe_backward
     with pytest.raises(ValueError, match="no backward yet"):
         moe_backward(cfg, w, x, np.zeros_like(x))

@@ -1,7 +1,7 @@
 """The package's dependency rules, read from the sources' import statements:
-flashmoe_core -> host -> (device sources), never back, and the two backends of the
-fused kernel (the GPU layer and the emulator) share kernel_io rather than import
-each other."""
+flashmoe_core -> host -> (device sources), never back; the oracle depends on no
+backend; the two backends of the fused kernel (gpu/ and emulator/) share kernel/
+rather than import each other, and kernel/ imports neither."""
 
 import ast
 from pathlib import Path
@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def imports(path: Path) -> set:
     """Every module a source file imports (relative imports resolved), lazy ones too."""
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    parts = path.relative_to(REPO).with_suffix("").parts
+    package = ".".join(parts[:-1])  # a module's package; an __init__'s is its own folder
     if package == "host":
         package = "flashmoe_core.host"
     out = set()
@@ -35,20 +36,41 @@ def test_host_never_imports_the_public_package():
         assert not bad, f"host/{path.name} imports {sorted(bad)}: host/ takes plain values"
 
 
-def test_the_emulator_does_not_import_the_gpu_layer():
-    for name in ("emulator.py", "emulator_backward.py", "kernel_io.py"):
-        got = imports(REPO / "flashmoe_core" / name)
-        assert not {m for m in got if m.startswith("flashmoe_core.layer")}, \
-            f"flashmoe_core/{name} imports the GPU layer; shared helpers live in kernel_io"
+def modules(folder: str):
+    return sorted((REPO / "flashmoe_core" / folder).glob("*.py"))
 
 
-def test_kernel_io_depends_on_neither_backend():
-    got = imports(REPO / "flashmoe_core" / "kernel_io.py")
-    for backend in ("flashmoe_core.layer", "flashmoe_core.emulator", "flashmoe_core.jit"):
-        assert not {m for m in got if m.startswith(backend)}, (backend, sorted(got))
+def forbidden(paths, prefixes):
+    for path in paths:
+        bad = {m for m in imports(path) for p in prefixes if m == p or m.startswith(p + ".")}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_the_emulator_does_not_import_the_gpu_backend():
+    forbidden(modules("emulator"), ["flashmoe_core.gpu"])
+
+
+def test_the_gpu_backend_imports_the_emulator_only_to_dispatch_to_it():
+    for path in modules("gpu"):
+        got = {m for m in imports(path) if m.startswith("flashmoe_core.emulator")}
+        assert not got or path.name == "layer.py", (path.name, got)
+
+
+def test_kernel_depends_on_neither_backend_nor_the_commands():
+    forbidden(modules("kernel"), ["flashmoe_core.gpu", "flashmoe_core.emulator",
+                                  "flashmoe_core.cli"])
+
+
+def test_the_oracle_depends_on_no_backend():
+    forbidden(modules("oracle"), ["flashmoe_core.gpu", "flashmoe_core.emulator",
+                                  "flashmoe_core.kernel", "flashmoe_core.cli",
+                                  "flashmoe_core.host"])
 
 
 def test_the_import_resolver_sees_relative_imports():
-    # The checks above are only as good as this: a lazy relative import is found.
-    got = imports(REPO / "flashmoe_core" / "layer.py")
-    assert "flashmoe_core.emulator" in got and "flashmoe_core.kernel_io" in got
+    # The checks above are only as good as this: lazy relative imports are found, from
+    # a module and from a package's __init__.
+    got = imports(REPO / "flashmoe_core" / "gpu" / "layer.py")
+    assert "flashmoe_core.emulator" in got and "flashmoe_core.kernel.contract" in got
+    got = imports(REPO / "flashmoe_core" / "emulator" / "__init__.py")
+    assert "flashmoe_core.kernel.contract" in got and "flashmoe_core.emulator.training" in got

@@ -34,7 +34,7 @@ def _bench_module():
 def test_bench_skewed_routing_is_skewed_and_balanced_is_not():
     import numpy as np
 
-    from flashmoe_core.reference import moe_forward
+    from flashmoe_core.oracle.reference import moe_forward
 
     bench = _bench_module()
     cfg = bench.make_config("bfloat16", 2048, 16, hidden=128, ffn=64)

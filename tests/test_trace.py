@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flashmoe_core.host.abi import TRACE_RECORD
-from flashmoe_core.trace import busy_fraction, label, to_chrome, write_chrome
+from flashmoe_core.gpu.trace import busy_fraction, label, to_chrome, write_chrome
 
 
 def records(rows):

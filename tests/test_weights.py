@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from flashmoe_core import MoEConfig, MoEWeights, random_tokens
-from flashmoe_core.reference import moe_forward
+from flashmoe_core.oracle.reference import moe_forward
 
 
 def cfg(**kw):
@@ -99,11 +99,11 @@ def test_seeds_and_counts_take_numpy_integers_and_reject_negatives():
 
 def _entry_points():
     """Every public function and layer that takes (cfg, weights), as callables."""
-    from flashmoe_core.distributed import moe_forward_distributed
+    from flashmoe_core.oracle.distributed import moe_forward_distributed
     from flashmoe_core.emulator import EmulatedExpertParallel
-    from flashmoe_core.ep import simulate
-    from flashmoe_core.layer import MoELayer
-    from flashmoe_core.reference import expert_ffn, gate, moe_backward
+    from flashmoe_core.kernel.ep import simulate
+    from flashmoe_core.gpu.layer import MoELayer
+    from flashmoe_core.oracle.reference import expert_ffn, gate, moe_backward
 
     def x_of(c):
         return random_tokens(c, 0, tokens=4)

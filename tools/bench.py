@@ -23,7 +23,7 @@ events, median reported. Every row also times, on the same GPU in the same proce
       index_add_) in eager mode, when torch is importable (never a dependency).
 
 TFLOP/s count the router GEMM and the kept assignments' expert GEMMs only. Each row
-also records where one traced pass spent its time (flashmoe_core.trace.phase_times).
+also records where one traced pass spent its time (flashmoe_core.gpu.trace.phase_times).
 Writes bench.json (rows + metadata) and PNG plots to --out.
 
 Training rows (``--training``; default T=16K, H=F=2048, E=64, top-2, bf16, vanilla and
@@ -207,7 +207,7 @@ def dense_cublas(cfg, warmup, iters):
 
 def dense_tile(cfg, layer, stacked, warmup, iters):
     """The same GEMMs with this package's tile GEMM (dense, no gather)."""
-    from flashmoe_core.ops import tile_gemm_launch
+    from flashmoe_core.gpu.ops import tile_gemm_launch
 
     k = tile_gemm_launch(cfg.dtype)
     m, h, f = cfg.tokens * cfg.top_k, cfg.hidden, cfg.ffn
@@ -240,7 +240,7 @@ def stacked_up_weights(cfg, weights, layer):
 def unfused(cfg, layer, stacked, warmup, iters):
     """Separate launches of this package's kernels (see the module docstring), captured
     into a CUDA graph for this routing and replayed."""
-    from flashmoe_core.ops import tile_gemm_launch
+    from flashmoe_core.gpu.ops import tile_gemm_launch
 
     k = tile_gemm_launch(cfg.dtype)
     s, t = layer.stream, cfg.tokens
@@ -331,8 +331,8 @@ def torch_moe(cfg, weights, x_np, warmup, iters):
 
 def traced_pass(cfg, weights, x):
     """Where one pass spent its time: phase and task-kind spans from the kernel's trace."""
-    from flashmoe_core.layer import MoELayer
-    from flashmoe_core.trace import busy_fraction, phase_times
+    from flashmoe_core.gpu.layer import MoELayer
+    from flashmoe_core.gpu.trace import busy_fraction, phase_times
 
     layer = MoELayer(cfg, weights, trace_capacity=1 << 20)
     try:
@@ -346,8 +346,8 @@ def traced_pass(cfg, weights, x):
 
 
 def bench_row(spec, warmup, iters):
-    from flashmoe_core.gpu_run import peak_tflops
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.cli.gpu_run import peak_tflops
+    from flashmoe_core.gpu.layer import MoELayer
 
     cfg = make_config(**spec)
     weights = bench_weights(cfg, spec["routing"])
@@ -455,10 +455,10 @@ def dense_training_cublas(cfg, warmup, iters):
 
 def bench_training_row(spec, warmup, iters):
     """Forward + backward, backward only and forward only of one layer; memory kept."""
-    from flashmoe_core.backward import saved_bytes_per_token
-    from flashmoe_core.layer import MoELayer
+    from flashmoe_core.kernel.training import saved_bytes_per_token
+    from flashmoe_core.gpu.layer import MoELayer
     from flashmoe_core.numerics import round_to
-    from flashmoe_core.plan import plan_backward
+    from flashmoe_core.kernel.plan import plan_backward
 
     cfg = make_config(**spec)
     weights = bench_weights(cfg, spec["routing"])
@@ -566,7 +566,7 @@ def main(argv=None) -> int:
     if "tfloat32" in a.dtypes:
         os.environ.setdefault("CUPY_TF32", "1")  # CuPy's float32 GEMMs as TF32 (read at import)
     from flashmoe_core.host.device import get_device
-    from flashmoe_core.jit import target_arch
+    from flashmoe_core.kernel.jit import target_arch
 
     dev = get_device()
     arch = target_arch(dev)
@@ -602,7 +602,7 @@ def precompile(rows, arch, jobs):
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
-    from flashmoe_core.kernels import moe_backward_spec, moe_spec, tile_gemm_spec
+    from flashmoe_core.kernel.specs import moe_backward_spec, moe_spec, tile_gemm_spec
 
     specs = {moe_spec(make_config(**r)) for r in rows}
     specs |= {moe_backward_spec(make_config(**r)) for r in rows if r.get("pass") == "training"}
@@ -612,7 +612,7 @@ def precompile(rows, arch, jobs):
 
 
 def _compile_one(args):
-    from flashmoe_core.jit import compile_kernel
+    from flashmoe_core.kernel.jit import compile_kernel
 
     spec, arch = args
     compile_kernel(spec, arch)

@@ -83,8 +83,8 @@ def _median_ms(layer, tokens, mode, warmup, iters, comm):
 
 def bench_row(tokens, experts, args, comm, trace_path=None):
     from flashmoe_core import MoEConfig, MoEWeights, random_tokens
-    from flashmoe_core.layer import MoELayer
-    from flashmoe_core.trace import busy_fraction, write_chrome
+    from flashmoe_core.gpu.layer import MoELayer
+    from flashmoe_core.gpu.trace import busy_fraction, write_chrome
 
     rank, size = comm.Get_rank(), comm.Get_size()
     cfg = MoEConfig(tokens=tokens, hidden=args.hidden, ffn=args.ffn, experts=experts,
@@ -108,7 +108,7 @@ def bench_row(tokens, experts, args, comm, trace_path=None):
     local = MoELayer(one, MoEWeights.random(one, 0))
     try:
         t = local.testing.stage(x)
-        from flashmoe_core.gpu_run import time_layer
+        from flashmoe_core.cli.gpu_run import time_layer
 
         compute = float(statistics.median(time_layer(local, t, args.warmup, args.iters))) * 1e3
         compute = max(comm.allgather(compute))

@@ -7,7 +7,7 @@
 Stages run in order of the evidence's value, each in its own process under its own
 time bound, the whole under BUDGET_S: setup (carried wheels, the package), env (GPU,
 driver, versions, commit, device/ tree), forward (fused kernel vs the oracle on the
-configurations of ``flashmoe_core.gpucheck``), kernels (ring, tile GEMM, NVSHMEM ping
+configurations of ``flashmoe_core.cli.gpucheck``), kernels (ring, tile GEMM, NVSHMEM ping
 tests), ep (two PEs sharing the GPU vs world 1, bitwise), bench (one benchmark row
 beside its baselines), sanitize (compute-sanitizer memcheck and racecheck on one small
 layer), tier (the rest of the GPU test tier, for whatever time is left).
@@ -234,7 +234,7 @@ def stage_env(ctx: Ctx) -> dict:
     from flashmoe_core import env
     from flashmoe_core.host.device import probe
     from flashmoe_core.host.toolchain import device_root, device_tree_digest
-    from flashmoe_core.jit import kernel_kit
+    from flashmoe_core.kernel.jit import kernel_kit
 
     ok, why = probe()
     digest = device_tree_digest(device_root(env.device_dir()))
@@ -272,8 +272,8 @@ def stage_forward(ctx: Ctx) -> dict:
     import numpy as np
 
     from flashmoe_core import MoELayer, MoEWeights, random_tokens
-    from flashmoe_core.gpu_run import compare
-    from flashmoe_core.gpucheck import FORWARD
+    from flashmoe_core.cli.gpu_run import compare
+    from flashmoe_core.cli.gpucheck import FORWARD
 
     rows, ok = {}, True
     for name, cfg in FORWARD.items():
@@ -337,7 +337,7 @@ def stage_ep(ctx: Ctx) -> dict:
 
 
 def stage_bench(ctx: Ctx) -> dict:
-    from flashmoe_core.gpucheck import BENCH_ROW
+    from flashmoe_core.cli.gpucheck import BENCH_ROW
 
     row = ":".join(str(BENCH_ROW[k]) for k in ("dtype", "tokens", "experts", "mlp", "routing"))
     dest = ctx.work / "bench"
@@ -359,7 +359,7 @@ def stage_bench(ctx: Ctx) -> dict:
 
 
 def stage_sanitize(ctx: Ctx) -> dict:
-    from flashmoe_core.gpucheck import SANITIZE_CONFIG, cli_args
+    from flashmoe_core.cli.gpucheck import SANITIZE_CONFIG, cli_args
 
     tool = shutil.which("compute-sanitizer")
     if tool is None:
@@ -525,10 +525,10 @@ def run(out: Path, kit: Optional[Path], stages: List[str], budget: float,
 
 def stage_build(ctx: Ctx) -> dict:
     """Without a carried kit: list the GPU tier's kernels and build the check's kit here."""
-    from flashmoe_core.build import main as build_main
-    from flashmoe_core.gpucheck import ARCH
+    from flashmoe_core.cli.build import main as build_main
+    from flashmoe_core.cli.gpucheck import ARCH
     from flashmoe_core.host.device import get_device
-    from flashmoe_core.jit import target_arch
+    from flashmoe_core.kernel.jit import target_arch
 
     try:
         arch = target_arch(get_device())
@@ -584,9 +584,9 @@ def dry_run(kit: Path, extra: Optional[Path] = None, quiet: bool = False) -> dic
     """Replay every stage's kernel requests against the kit as the GPU machine would
     (kit mode: the kit's tool versions, these device sources, no compiling)."""
     os.environ["FLASHMOE_KERNEL_KIT"] = str(kit)
-    from flashmoe_core.gpucheck import ARCH, load_requests, stage_requests
+    from flashmoe_core.cli.gpucheck import ARCH, load_requests, stage_requests
     from flashmoe_core.host.errors import KitMissError
-    from flashmoe_core.jit import compile_kernel
+    from flashmoe_core.kernel.jit import compile_kernel
 
     plan = stage_requests()
     if extra is not None:

@@ -12,8 +12,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from .host.abi import ACT_IDS, DTYPE_IDS, abi_defines
-from .host.compiler import KernelSpec
+from ..host.abi import ACT_IDS, DTYPE_IDS, abi_defines
+from ..host.compiler import KernelSpec
 
 __all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "TileConfig", "tile_config", "tile_gemm_spec", "nvshmem_ping_spec",
            "ring_test_spec", "abi_check_spec", "test_specs", "moe_defines", "moe_spec",

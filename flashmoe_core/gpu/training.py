@@ -1,4 +1,4 @@
-"""The backward pass on the GPU: :class:`~flashmoe_core.layer.MoELayer`'s training hooks.
+"""The backward pass on the GPU: :class:`~flashmoe_core.gpu.layer.MoELayer`'s training hooks.
 
 Save slots are device buffers of their own (routing, compact rows, ``z``, ``y_expert``,
 pre-activations, a copy of ``x``), each with its own MoeLayout in device memory: a
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backward import (MoEGradients, TrainingMixin, backward_layout_record, backward_weights,
-                       check_grad_output, gradient_shapes, routing_equal)
-from .host import memory
-from .host.abi import ABI_VERSION
-from .host.errors import FlashMoEError
-from .numerics import round_to
-from .plan import SAVED_ROUTING, plan_backward, saved_buffers
-from .reference import Routing
+from ..kernel.training import (MoEGradients, TrainingMixin, backward_layout_record,
+                               backward_weights, check_grad_output, gradient_shapes, routing_equal)
+from ..host import memory
+from ..host.abi import ABI_VERSION
+from ..host.errors import FlashMoEError
+from ..numerics import round_to
+from ..kernel.plan import SAVED_ROUTING, plan_backward, saved_buffers
+from ..oracle.reference import Routing
 
 __all__ = ["GpuTraining"]
 
@@ -46,7 +46,7 @@ class _GpuSlot:
 
     def layout_ptr(self, layer) -> int:
         """The slot's MoeLayout (the layer's, with this slot's per-call buffers)."""
-        from .kernel_io import layout_record
+        from ..kernel.contract import layout_record
 
         rec = layout_record(layer.cfg, layer.plan,
                             lambda n: self.ptr(n) if n in self.buf else layer._ptr(n),
@@ -103,8 +103,8 @@ class GpuTraining(TrainingMixin):
             self._last_stream = stream
 
     def _forward_slot(self, stream, slot: _GpuSlot, x_ptr: int, y_ptr: int, tokens: int) -> None:
-        from .host import launch as _launch
-        from .host.abi import MODES
+        from ..host import launch as _launch
+        from ..host.abi import MODES
 
         layout = slot.layout_ptr(self)
         self._order_on(stream)
@@ -115,7 +115,7 @@ class GpuTraining(TrainingMixin):
                               smem=self.smem)
 
     def _tr_forward(self, x, slot: _GpuSlot, out=None, stream=None, return_routing: bool = False):
-        from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
+        from ..host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
         from .layer import _resolve_stream, overlaps
 
         self.check_fault()
@@ -176,9 +176,9 @@ class GpuTraining(TrainingMixin):
             return self._bw
         import types
 
-        from .host import launch as _launch
-        from .jit import compile_kernel
-        from .kernels import moe_backward_spec
+        from ..host import launch as _launch
+        from ..kernel.jit import compile_kernel
+        from ..kernel.specs import moe_backward_spec
 
         module = _launch.Module(compile_kernel(moe_backward_spec(self.cfg), self.arch).cubin,
                                 name="moe_backward")
@@ -194,7 +194,7 @@ class GpuTraining(TrainingMixin):
         plan = plan_backward(self.cfg, len(self.local_ids))
         from cuda.bindings import driver
 
-        from .host.driver import check
+        from ..host.driver import check
 
         free, _ = check(driver.cuMemGetInfo(), "querying GPU memory")
         grads_bytes = sum(int(np.prod(s)) * 4 for s in gradient_shapes(self.cfg).values())
@@ -237,7 +237,7 @@ class GpuTraining(TrainingMixin):
 
     def _launch_backward(self, stream, slot_layout: int, x_ptr: int, dy_ptr: int, dx_ptr: int,
                          grad_ptrs, tokens: int, accumulate: bool) -> None:
-        from .host import launch as _launch
+        from ..host import launch as _launch
 
         bw = self._bw
         self._order_on(stream)
@@ -270,7 +270,7 @@ class GpuTraining(TrainingMixin):
 
     def _tr_backward(self, dy, slot: _GpuSlot, tokens: int, grads_out, accumulate: bool,
                      stream=None):
-        from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
+        from ..host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
         from .layer import _resolve_stream
 
         self.check_fault()
@@ -371,8 +371,8 @@ class GpuTraining(TrainingMixin):
         """Replace the layer's weights (same config, stream-ordered after every launch so
         far): the forward's copies and, once a backward ran, the backward's. Saved
         forwards of the old weights can no longer run their backward."""
-        from .kernel_io import kernel_weights
-        from .weights import MoEWeights
+        from ..kernel.contract import kernel_weights
+        from ..weights import MoEWeights
 
         if not isinstance(weights, MoEWeights) or weights.cfg != self.cfg:
             raise ValueError("weights must be MoEWeights built for this same config")

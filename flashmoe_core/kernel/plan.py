@@ -10,9 +10,9 @@ import dataclasses
 import math
 from typing import Dict
 
-from .config import MoEConfig
-from .kernels import TILE, tile_config
-from .numerics import itemsize
+from ..config import MoEConfig
+from .specs import TILE, tile_config
+from ..numerics import itemsize
 
 __all__ = ["LayerPlan", "plan_layer", "TILE", "slot_rows", "max_peer_tiles", "BackwardPlan",
            "plan_backward", "SAVED_ROUTING", "saved_buffers"]

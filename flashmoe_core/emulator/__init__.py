@@ -29,23 +29,22 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import env
-from .config import MoEConfig
-from .emulator_backward import (EmulatedExpertParallelTraining, EmulatedTraining,
-                                backward_symmetric)
-from .ep import plan_heap
-from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
-from .host.emulator import BufferSpan, EmulatorError, EmulatorOptions
-from .host.errors import FlashMoEError
-from .jit import emulator_library
-from .kernel_io import (check_ranks_agree, check_weights_finite, fault_exception,
-                        kernel_weights, layout_record, placement_tables, recovery_state,
-                        validate_input)
-from .kernels import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from .numerics import check_finite, round_to, storage_dtype
-from .plan import plan_layer
-from .reference import Routing, given_routing
-from .weights import MoEWeights, check_weights
+from .. import env
+from ..config import MoEConfig
+from .training import (EmulatedExpertParallelTraining, EmulatedTraining, backward_symmetric)
+from ..kernel.ep import plan_heap
+from ..host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
+from ..host.emulator import BufferSpan, EmulatorError, EmulatorOptions
+from ..host.errors import FlashMoEError
+from ..kernel.jit import emulator_library
+from ..kernel.contract import (check_ranks_agree, check_weights_finite, fault_exception,
+                               kernel_weights, layout_record, placement_tables, recovery_state,
+                               validate_input)
+from ..kernel.specs import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
+from ..numerics import check_finite, round_to, storage_dtype
+from ..kernel.plan import plan_layer
+from ..oracle.reference import Routing, given_routing
+from ..weights import MoEWeights, check_weights
 
 __all__ = ["EmulatorOptions", "EmulatorError", "EmulatedMoELayer", "EmulatedExpertParallel",
            "EmulatedRank",
@@ -94,8 +93,8 @@ def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarra
               activation: str = "identity", gated: bool = False,
               a_index: Optional[np.ndarray] = None,
               options: EmulatorOptions = EmulatorOptions()) -> np.ndarray:
-    """:func:`flashmoe_core.ops.tile_gemm` on the emulator (same arguments and result)."""
-    from .ops import gemm_operands
+    """:func:`flashmoe_core.gpu.ops.tile_gemm` on the emulator (same arguments and result)."""
+    from ..kernel.contract import gemm_operands
 
     a, b, bias, a_index, m, n, k = gemm_operands(a, b, dtype, bias, activation, gated, a_index)
     lib = emulator_library(tile_gemm_spec(dtype), options.checked)
@@ -375,7 +374,7 @@ class EmulatedMoELayer(_Emulated, EmulatedTraining):
     options : EmulatorOptions
         Scheduling and perturbation of each launch.
     check_finite : bool
-        As for :class:`~flashmoe_core.layer.MoELayer`: refuse non-finite weights and
+        As for :class:`~flashmoe_core.gpu.layer.MoELayer`: refuse non-finite weights and
         inputs, naming the tensor and its first bad element.
     """
 
@@ -430,7 +429,7 @@ class EmulatedMoELayer(_Emulated, EmulatedTraining):
 
         ``save_for_backward=True`` also returns a SavedForBackward for
         :meth:`backward` (``y, saved[, routing]``); ``recompute=True`` keeps only x and
-        the routing (see :mod:`flashmoe_core.backward`).
+        the routing (see :mod:`flashmoe_core.kernel.training`).
         """
         if save_for_backward or recompute:
             if not save_for_backward:
@@ -527,7 +526,7 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
     kernels launched together on the emulator, NVSHMEM emulated between them.
 
     Every PE gets a symmetric heap (one host allocation, identical layout on every PE)
-    and its own local buffers, exactly as :class:`~flashmoe_core.layer.MoELayer` lays
+    and its own local buffers, exactly as :class:`~flashmoe_core.gpu.layer.MoELayer` lays
     them out on GPUs.
 
     Parameters
@@ -697,7 +696,7 @@ class EmulatedRank(_Emulated):
         import secrets
         from socket import gethostname
 
-        from .host.shm import SharedHeap
+        from ..host.shm import SharedHeap
 
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from .config import ACTIVATIONS, DTYPES, MLP_KINDS, ROUTER_LOGITS, SCORINGS, MoEConfig
+from ..config import ACTIVATIONS, DTYPES, MLP_KINDS, ROUTER_LOGITS, SCORINGS, MoEConfig
 
 __all__ = ["add_config_args", "config_from_args", "DEFAULTS", "EXIT_CODES", "exit_code",
            "error_line"]
@@ -25,9 +25,9 @@ EXIT_CODES = {
 
 def exit_code(exc: BaseException) -> Optional[int]:
     """The exit status for an exception a command line caught (None: not ours to map)."""
-    from .env import EnvVarError
-    from .host.emulator import EmulatorError
-    from .host.errors import FlashMoEError, KernelFault
+    from ..env import EnvVarError
+    from ..host.emulator import EmulatorError
+    from ..host.errors import FlashMoEError, KernelFault
 
     if isinstance(exc, (KernelFault, EmulatorError)):
         return 4
@@ -41,7 +41,7 @@ def exit_code(exc: BaseException) -> Optional[int]:
 def error_line(exc: BaseException, verbose: bool = False) -> str:
     """``error: ...`` in one line (a compiler's log, when there is one, follows it;
     ``verbose`` keeps every line of the message)."""
-    from .host.errors import CompileError
+    from ..host.errors import CompileError
 
     if isinstance(exc, MemoryError):
         return ("error: out of memory while allocating the layer; lower --tokens or the "

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import env
-from .host.cache import KernelCache
-from .host.compiler import CompiledKernel, KernelSpec, build, cache_key, normalize_arch
-from .host.errors import JitDisabledError, KitMissError
-from .host.kit import KernelKit
-from .host.toolchain import Toolchain, device_tree_digest, find_toolchain, kit_toolchain
+from .. import env
+from ..host.cache import KernelCache
+from ..host.compiler import CompiledKernel, KernelSpec, build, cache_key, normalize_arch
+from ..host.errors import JitDisabledError, KitMissError
+from ..host.kit import KernelKit
+from ..host.toolchain import Toolchain, device_tree_digest, find_toolchain, kit_toolchain
 
 __all__ = ["toolchain", "kernel_cache", "kernel_kit", "compile_kernel", "target_arch",
            "emulator_library"]
@@ -55,10 +55,10 @@ def target_arch(device=None) -> str:
     if override:
         return normalize_arch(override)
     if device is None:
-        from .host.device import get_device
+        from ..host.device import get_device
 
         device = get_device()
-    from .host.device import device_arch
+    from ..host.device import device_arch
 
     return device_arch(device)
 
@@ -101,7 +101,7 @@ def compile_kernel(spec: KernelSpec, arch: Optional[str] = None,
 def _emulator_library(spec: KernelSpec, device_dir: Optional[str],
                       cutlass_include: Optional[str], cxx: Optional[str], jit_disabled: bool,
                       checked: bool):
-    from .host import emulator
+    from ..host import emulator
 
     tc = find_toolchain(device_dir, cutlass_include)
     compiler = emulator.find_compiler(cxx)

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 
-from .host.abi import TASK_KINDS, TRACE_PHASES, TRACE_RECORD
+from ..host.abi import TASK_KINDS, TRACE_PHASES, TRACE_RECORD
 
 __all__ = ["label", "to_chrome", "busy_fraction", "phase_times", "write_chrome"]
 

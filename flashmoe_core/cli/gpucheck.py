@@ -14,9 +14,9 @@ import dataclasses
 import json
 from typing import Dict, Iterable, List, Mapping, Tuple
 
-from .config import MoEConfig
-from .host.compiler import KernelSpec
-from .kernels import moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
+from ..config import MoEConfig
+from ..host.compiler import KernelSpec
+from ..kernel.specs import moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
 
 __all__ = ["ARCH", "FORWARD", "EP_WORLDS", "BENCH_ROW", "BENCH_CONFIG", "SANITIZE_CONFIG",
            "Request", "ep_config", "cli_args", "stage_requests", "all_requests",

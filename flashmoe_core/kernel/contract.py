@@ -14,16 +14,17 @@ from typing import Optional
 
 import numpy as np
 
-from .config import MoEConfig
-from .host.abi import MOE_EP_POINTERS, MOE_LAYOUT, MOE_LAYOUT_POINTERS, PHASES, STATE, STATE_WORDS
-from .host.errors import FlashMoETimeout, KernelFault
-from .numerics import as_f32, check_finite, nonfinite_to_nan, storage_dtype
+from ..config import MoEConfig
+from ..host.abi import MOE_EP_POINTERS, MOE_LAYOUT, MOE_LAYOUT_POINTERS, PHASES, STATE, STATE_WORDS
+from ..host.errors import FlashMoETimeout, KernelFault
+from ..numerics import as_f32, check_finite, nonfinite_to_nan, round_to, storage_dtype
 from .plan import max_peer_tiles, slot_rows
-from .weights import MoEWeights
+from .specs import ACT_IDS, DTYPE_IDS
+from ..weights import MoEWeights
 
 __all__ = ["kernel_weights", "check_weights_finite", "placement_tables", "layout_record",
            "recovery_state", "validate_input", "fault_exception", "check_ranks_agree",
-           "overlaps", "ranks_sharing"]
+           "overlaps", "ranks_sharing", "gemm_operands"]
 
 
 def kernel_weights(w: MoEWeights) -> dict:
@@ -71,7 +72,7 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
 
     Parameters
     ----------
-    cfg, plan : the layer's configuration and its :class:`~flashmoe_core.plan.LayerPlan`
+    cfg, plan : the layer's configuration and its :class:`~flashmoe_core.kernel.plan.LayerPlan`
     ptr : callable
         Buffer name -> address (0 for buffers the layer does not have).
     fault : int
@@ -185,3 +186,40 @@ def ranks_sharing(keys, rank: int) -> int:
     """How many ranks run on the same GPU as ``rank``, given every rank's (host, GPU
     UUID) key."""
     return sum(1 for k in keys if tuple(k) == tuple(keys[rank]))
+
+
+def gemm_operands(a, b, dtype: str, bias=None, activation: str = "identity", gated: bool = False,
+                  a_index=None):
+    """Validate and round tile-GEMM operands (shared by the GPU and emulator paths).
+
+    Returns
+    -------
+    (a, b, bias, a_index, m, n, k): contiguous arrays in the storage type (a_index
+    int32), and the product's shape.
+    """
+    if dtype not in DTYPE_IDS:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPE_IDS)}")
+    if activation not in ACT_IDS or activation == "swiglu_clamped":
+        known = sorted(a for a in ACT_IDS if a != "swiglu_clamped")
+        raise ValueError(f"activation={activation!r}: expected one of {known} (the clamped "
+                         "SwiGLU belongs to the fused gated MLP)")
+    a = np.ascontiguousarray(round_to(a, dtype))
+    b = np.ascontiguousarray(round_to(b, dtype))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a {a.shape} and b {b.shape} must be [M, K] and [N, K]")
+    k = a.shape[1]
+    if k % 8:
+        raise ValueError(f"K={k} must be a multiple of 8 (16-byte rows)")
+    n = b.shape[0] // 2 if gated else b.shape[0]
+    if n % 8 or (gated and b.shape[0] % 2):
+        raise ValueError(f"N={n} must be a multiple of 8" + (" and b must hold 2N rows"
+                                                             if gated else ""))
+    if gated and bias is not None:
+        raise ValueError("the gated form takes no bias")
+    if a_index is not None:
+        a_index = np.ascontiguousarray(a_index, dtype=np.int32)
+        if a_index.ndim != 1 or (a_index.size and (a_index.min() < 0 or
+                                                  a_index.max() >= a.shape[0])):
+            raise ValueError(f"a_index must be 1-D with values in [0, {a.shape[0]})")
+    m = a.shape[0] if a_index is None else a_index.size
+    return a, b, bias, a_index, m, n, k

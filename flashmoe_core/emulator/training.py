@@ -14,15 +14,16 @@ from typing import Optional
 
 import numpy as np
 
-from .backward import (MoEGradients, TrainingMixin, backward_layout_record, backward_weights,
-                       check_grad_output, gradient_shapes, numpy_grads_ok, routing_equal)
-from .host.abi import ABI_VERSION
-from .host.errors import FlashMoEError
-from .jit import emulator_library
-from .kernels import moe_backward_spec
-from .numerics import round_to, storage_dtype
-from .plan import SAVED_ROUTING, plan_backward, saved_buffers
-from .reference import Routing
+from ..kernel.training import (MoEGradients, TrainingMixin, backward_layout_record,
+                               backward_weights, check_grad_output, gradient_shapes, numpy_grads_ok,
+                               routing_equal)
+from ..host.abi import ABI_VERSION
+from ..host.errors import FlashMoEError
+from ..kernel.jit import emulator_library
+from ..kernel.specs import moe_backward_spec
+from ..numerics import round_to, storage_dtype
+from ..kernel.plan import SAVED_ROUTING, plan_backward, saved_buffers
+from ..oracle.reference import Routing
 
 __all__ = ["EmulatedTraining"]
 
@@ -30,7 +31,7 @@ _P = ctypes.c_void_p
 
 
 def _aligned(nbytes: int, fill: Optional[int] = None) -> np.ndarray:
-    from .emulator import _aligned as aligned
+    from . import _aligned as aligned
 
     return aligned(nbytes, fill)
 
@@ -90,7 +91,7 @@ class _BackwardLauncher:
     def __call__(self, options, fwd, bwd, x, dy, dx, grads, tokens, launched, accumulate: bool,
                  grid: int, heaps=(), heap_bytes: int = 0) -> None:
         """One launch on len(fwd) PEs (per-PE addresses; grads: 5 per PE)."""
-        from .emulator import recovering
+        from . import recovering
 
         arr = lambda t, vals: (t * len(vals))(*vals)  # noqa: E731
         with recovering(self.on_report):
@@ -114,7 +115,7 @@ class EmulatedTraining(TrainingMixin):
         return _Slot(self.cfg, recompute)
 
     def _slot_layout(self, slot: _Slot) -> np.ndarray:
-        from .kernel_io import layout_record
+        from ..kernel.contract import layout_record
 
         pe = self._pe
         rec = layout_record(self.cfg, pe.plan,
@@ -136,7 +137,7 @@ class EmulatedTraining(TrainingMixin):
         x = as_numpy(x, "x")
         if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
             x = round_to(x, "tfloat32")
-        from .kernel_io import validate_input
+        from ..kernel.contract import validate_input
 
         t = validate_input(self.cfg, x.shape, x.dtype)
         slot.view("x", x.shape, x.dtype)[...] = x
@@ -224,7 +225,7 @@ class EmulatedTraining(TrainingMixin):
         """Replace the layer's weights (same config): both the forward's and, once a
         backward ran, the backward's copies. Saved forwards of the old weights can no
         longer run their backward."""
-        from .weights import MoEWeights
+        from ..weights import MoEWeights
 
         if not isinstance(weights, MoEWeights) or weights.cfg != self.cfg:
             raise ValueError("weights must be MoEWeights built for this same config")
@@ -273,7 +274,7 @@ class EmulatedExpertParallelTraining:
 
     @property
     def _saved_pool(self):
-        from .backward import SlotPool
+        from ..kernel.training import SlotPool
 
         pool = self.__dict__.get("_slot_pool")
         if pool is None:
@@ -285,7 +286,7 @@ class EmulatedExpertParallelTraining:
         """PE pe's layout for one slot: while saving, owners put results into the
         layer's symmetric y_expert and recv_rows receives x rows (copied into the slot
         after the launch); for the backward the slot's copies stand in for them."""
-        from .kernel_io import layout_record
+        from ..kernel.contract import layout_record
 
         own = set(slot.buf) - ({"y_expert", "recv_saved"} if saving else set())
         rec = layout_record(self.cfg, pe.plan, lambda n: slot.ptr(n) if n in own else pe.ptr(n),
@@ -297,7 +298,7 @@ class EmulatedExpertParallelTraining:
         return out
 
     def _raise_faults(self) -> None:
-        from .kernel_io import fault_exception, recovery_state
+        from ..kernel.contract import fault_exception, recovery_state
 
         records = [pe.fault_info() for pe in self.pes]
         if any(records):
@@ -309,8 +310,8 @@ class EmulatedExpertParallelTraining:
             raise exc
 
     def _forward_saving_ep(self, xs, absent=(), return_routing: bool = False):
-        from .backward import SavedForBackward
-        from .kernel_io import validate_input
+        from ..kernel.training import SavedForBackward
+        from ..kernel.contract import validate_input
 
         if len(xs) != self.world:
             raise ValueError(f"xs has {len(xs)} arrays; expected one per PE ({self.world})")
@@ -397,7 +398,7 @@ class EmulatedExpertParallelTraining:
         grads : list of MoEGradients, one per PE: its own experts, and its partial
             router gradient (over its tokens)
         """
-        from .backward import SavedForBackward
+        from ..kernel.training import SavedForBackward
 
         if not isinstance(saved, SavedForBackward) or not isinstance(saved._slot, _EpSlot):
             raise TypeError("saved must come from ep(xs, save_for_backward=True)")

@@ -13,7 +13,7 @@ to be the same). :func:`saved_bytes_per_token` says what each choice keeps.
 
 Gradients are float32 in the layouts of :class:`~flashmoe_core.weights.MoEWeights`
 (:class:`MoEGradients`); ``dx`` has the storage type of ``x``. The numerics are stated
-next to :func:`flashmoe_core.reference.moe_backward`, the float64 oracle.
+next to :func:`flashmoe_core.oracle.reference.moe_backward`, the float64 oracle.
 
 Bad use is a ``ValueError`` before anything runs: ``dy`` of the wrong shape or dtype,
 ``saved`` of another layer, a record already consumed (a second backward needs
@@ -29,11 +29,11 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import MoEConfig
-from .host.abi import MOE_BACKWARD_EP_POINTERS, MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS
-from .numerics import storage_dtype
+from ..config import MoEConfig
+from ..host.abi import MOE_BACKWARD_EP_POINTERS, MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS
+from ..numerics import storage_dtype
 from .plan import SAVED_ROUTING, BackwardPlan, saved_buffers
-from .weights import MoEWeights, expert_tensor_names
+from ..weights import MoEWeights, expert_tensor_names
 
 __all__ = ["MoEGradients", "SavedForBackward", "saved_bytes_per_token", "backward_weights",
            "backward_layout_record", "check_grad_output", "gradient_shapes"]

@@ -17,26 +17,26 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import env
-from .config import MoEConfig
-from .host import launch as _launch
-from .host import memory
-from .host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, TRACE_RECORD,
-                       decode_fault)
-from .host.device import get_device
-from .host.errors import FlashMoEError
-from .host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
-from .jit import compile_kernel, target_arch
-from .kernel_io import (check_ranks_agree, check_weights_finite, fault_exception,
-                        kernel_weights, layout_record, overlaps, placement_tables,
-                        ranks_sharing, recovery_state, validate_input)
-from .kernels import moe_spec
-from .layer_backward import GpuTraining
-from .numerics import check_finite, round_to, storage_dtype
-from .ep import plan_heap
-from .plan import plan_layer
-from .reference import Routing, given_routing
-from .weights import MoEWeights, check_weights
+from .. import env
+from ..config import MoEConfig
+from ..host import launch as _launch
+from ..host import memory
+from ..host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, TRACE_RECORD,
+                        decode_fault)
+from ..host.device import get_device
+from ..host.errors import FlashMoEError
+from ..host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
+from ..kernel.jit import compile_kernel, target_arch
+from ..kernel.contract import (check_ranks_agree, check_weights_finite, fault_exception,
+                               kernel_weights, layout_record, overlaps, placement_tables,
+                               ranks_sharing, recovery_state, validate_input)
+from ..kernel.specs import moe_spec
+from .training import GpuTraining
+from ..numerics import check_finite, round_to, storage_dtype
+from ..kernel.ep import plan_heap
+from ..kernel.plan import plan_layer
+from ..oracle.reference import Routing, given_routing
+from ..weights import MoEWeights, check_weights
 
 __all__ = ["MoELayer"]
 
@@ -64,7 +64,7 @@ class MoELayer(GpuTraining):
         of ranks sharing this GPU).
     trace_capacity : int
         Record up to this many task/phase spans per launch (``trace()`` reads them; see
-        :mod:`flashmoe_core.trace`). 0, the default, records nothing.
+        :mod:`flashmoe_core.gpu.trace`). 0, the default, records nothing.
     backend : {"gpu", "emulator"}
         ``"emulator"`` returns an :class:`~flashmoe_core.emulator.EmulatedMoELayer`: the
         same kernel compiled for the host and run on the CPU emulator (NumPy in and out;
@@ -76,7 +76,7 @@ class MoELayer(GpuTraining):
         element: the weights when the layer is built, ``x`` before every launch (a GPU
         tensor is copied to the host for that, so the call synchronises and cannot be
         captured in a graph). Off by default: then NaN and infinities follow the
-        oracle's policy (:mod:`flashmoe_core.reference`, rules 10-12).
+        oracle's policy (:mod:`flashmoe_core.oracle.reference`, rules 10-12).
     """
 
     def __new__(cls, cfg: MoEConfig = None, weights: MoEWeights = None, *args,
@@ -136,7 +136,7 @@ class MoELayer(GpuTraining):
         self.heap = plan_heap(cfg) if self.world > 1 else None
         self._comm = comm if self.world > 1 else None
         if self._comm is not None and device is None:
-            from .host.device import device_count
+            from ..host.device import device_count
 
             device = _node_rank(self._comm) % max(device_count(), 1)
         self.device = get_device(device)
@@ -158,7 +158,7 @@ class MoELayer(GpuTraining):
         spec = moe_spec(cfg)
         kernel = compile_kernel(spec, self.arch)
         if self.world > 1:
-            from .host import bootstrap
+            from ..host import bootstrap
 
             bootstrap.init(self.device, self._comm, heap_bytes=self._heap_bytes())
         self._module = _launch.Module(kernel.cubin, name="moe_fused", nvshmem=spec.nvshmem)
@@ -199,7 +199,7 @@ class MoELayer(GpuTraining):
     def _check_memory(self) -> None:
         from cuda.bindings import driver
 
-        from .host.driver import check
+        from ..host.driver import check
 
         free, total = check(driver.cuMemGetInfo(), "querying GPU memory")
         need = self.plan.total_bytes if self.heap is None else self.heap.total_bytes
@@ -232,7 +232,7 @@ class MoELayer(GpuTraining):
             self._buffers[name] = memory.alloc(self.device, nbytes, self._stream)
         self._symmetric = []
         if symmetric:
-            from .host import bootstrap
+            from ..host import bootstrap
 
             self._stream.sync()
             for name, nbytes in symmetric.items():  # collective: same order on every PE
@@ -356,7 +356,7 @@ class MoELayer(GpuTraining):
             applies. Validated before launch (ids in range, finite weights).
         save_for_backward : bool
             Run into a save slot and also return a SavedForBackward for
-            :meth:`backward` (``y, saved[, routing]``); see :mod:`flashmoe_core.backward`.
+            :meth:`backward` (``y, saved[, routing]``); see :mod:`flashmoe_core.kernel.training`.
         recompute : bool
             With ``save_for_backward``: keep only x and the routing; the backward runs
             the forward again.
@@ -490,7 +490,7 @@ class MoELayer(GpuTraining):
         return LayerTesting(self)
 
     def trace(self) -> np.ndarray:
-        """The last launch's task and phase records (synchronises); see flashmoe_core.trace."""
+        """The last launch's task and phase records (synchronises); see flashmoe_core.gpu.trace."""
         if not self.trace_capacity:
             raise ValueError("this layer records no trace; build it with trace_capacity > 0")
         n = min(self.testing.state()["traced"], self.trace_capacity)
@@ -602,7 +602,7 @@ class LayerTesting:
 
 def _emulated_layer(cfg, weights, device=None, timeout_s=None, comm=None, max_blocks=None,
                     trace_capacity=0, emulator_options=None, check_finite=False):
-    from .emulator import DEFAULT_GRID, EmulatedMoELayer, EmulatedRank, EmulatorOptions
+    from ..emulator import DEFAULT_GRID, EmulatedMoELayer, EmulatedRank, EmulatorOptions
 
     multi = isinstance(cfg, MoEConfig) and cfg.world_size > 1
     if multi and comm is None:

@@ -33,11 +33,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .config import MoEConfig
-from .numerics import itemsize, storage_dtype
+from ..config import MoEConfig
+from ..numerics import itemsize, storage_dtype
 from .plan import TILE, max_peer_tiles, plan_layer, slot_rows
-from .reference import Routing, combine, dispatch_lists, expert_ffn, route_tokens
-from .weights import check_weights
+from ..oracle.reference import Routing, combine, dispatch_lists, expert_ffn, route_tokens
+from ..weights import check_weights
 
 __all__ = ["HeapPlan", "plan_heap", "PeerTile", "SendPlan", "RecvPlan", "plan_send",
            "plan_recv", "TaskCounts", "task_counts", "simulate", "slot_rows", "max_peer_tiles"]

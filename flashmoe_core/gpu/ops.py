@@ -11,16 +11,17 @@ from typing import Optional
 
 import numpy as np
 
-from .host import launch as _launch
-from .host import memory
-from .host.abi import FAULT_RECORD, decode_fault
-from .host.device import get_device
-from .host.errors import FlashMoETimeout
-from .jit import compile_kernel, target_arch
-from .kernels import ACT_IDS, DTYPE_IDS, nvshmem_ping_spec, tile_config, tile_gemm_spec
-from .numerics import round_to, storage_dtype
+from ..host import launch as _launch
+from ..host import memory
+from ..host.abi import FAULT_RECORD, decode_fault
+from ..host.device import get_device
+from ..host.errors import FlashMoETimeout
+from ..kernel.contract import gemm_operands
+from ..kernel.jit import compile_kernel, target_arch
+from ..kernel.specs import ACT_IDS, nvshmem_ping_spec, tile_config, tile_gemm_spec
+from ..numerics import round_to, storage_dtype
 
-__all__ = ["tile_gemm", "tile_gemm_launch", "gemm_operands", "nvshmem_ping", "runtime"]
+__all__ = ["tile_gemm", "tile_gemm_launch", "nvshmem_ping", "runtime"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,43 +71,6 @@ def tile_gemm_launch(dtype: str) -> TileGemmKernel:
     return TileGemmKernel(dtype)
 
 
-def gemm_operands(a, b, dtype: str, bias=None, activation: str = "identity", gated: bool = False,
-                  a_index=None):
-    """Validate and round tile-GEMM operands (shared by the GPU and emulator paths).
-
-    Returns
-    -------
-    (a, b, bias, a_index, m, n, k): contiguous arrays in the storage type (a_index
-    int32), and the product's shape.
-    """
-    if dtype not in DTYPE_IDS:
-        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPE_IDS)}")
-    if activation not in ACT_IDS or activation == "swiglu_clamped":
-        known = sorted(a for a in ACT_IDS if a != "swiglu_clamped")
-        raise ValueError(f"activation={activation!r}: expected one of {known} (the clamped "
-                         "SwiGLU belongs to the fused gated MLP)")
-    a = np.ascontiguousarray(round_to(a, dtype))
-    b = np.ascontiguousarray(round_to(b, dtype))
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"a {a.shape} and b {b.shape} must be [M, K] and [N, K]")
-    k = a.shape[1]
-    if k % 8:
-        raise ValueError(f"K={k} must be a multiple of 8 (16-byte rows)")
-    n = b.shape[0] // 2 if gated else b.shape[0]
-    if n % 8 or (gated and b.shape[0] % 2):
-        raise ValueError(f"N={n} must be a multiple of 8" + (" and b must hold 2N rows"
-                                                             if gated else ""))
-    if gated and bias is not None:
-        raise ValueError("the gated form takes no bias")
-    if a_index is not None:
-        a_index = np.ascontiguousarray(a_index, dtype=np.int32)
-        if a_index.ndim != 1 or (a_index.size and (a_index.min() < 0 or
-                                                  a_index.max() >= a.shape[0])):
-            raise ValueError(f"a_index must be 1-D with values in [0, {a.shape[0]})")
-    m = a.shape[0] if a_index is None else a_index.size
-    return a, b, bias, a_index, m, n, k
-
-
 def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarray] = None,
               activation: str = "identity", gated: bool = False,
               a_index: Optional[np.ndarray] = None) -> np.ndarray:
@@ -150,7 +114,7 @@ def nvshmem_ping(count: int = 64, epoch: int = 1, timeout_s: float = 5.0) -> np.
     FlashMoETimeout
         When the signal does not arrive within ``timeout_s``.
     """
-    from .host import bootstrap
+    from ..host import bootstrap
 
     world = bootstrap.current()
     if world is None:

@@ -3,7 +3,7 @@
 Each rank owns its tokens and its experts (``cfg.expert_owner``). Dispatch and
 combine are two ``Alltoallv`` exchanges; each rank gates its own tokens and applies
 the capacity rule as a source rank. Because it calls the same functions as
-:func:`flashmoe_core.reference.moe_forward`, whose matrix products give a row the same
+:func:`flashmoe_core.oracle.reference.moe_forward`, whose matrix products give a row the same
 bits whatever else shares the call, its output equals the single-process oracle's bit
 for bit on the same global inputs, for any world size and placement.
 """
@@ -14,11 +14,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .config import MoEConfig
-from .reference import (Routing, check_routing, combine, dispatch_lists, expert_ffn,
-                        route_tokens)
-from .numerics import storage_dtype
-from .weights import MoEWeights, check_weights
+from ..config import MoEConfig
+from .reference import (Routing, check_routing, combine, dispatch_lists, expert_ffn, route_tokens)
+from ..numerics import storage_dtype
+from ..weights import MoEWeights, check_weights
 
 __all__ = ["moe_forward_distributed", "DispatchPlan", "plan_dispatch"]
 

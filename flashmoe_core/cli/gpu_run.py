@@ -11,9 +11,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .config import MoEConfig
-from .reference import Routing, gate, moe_forward
-from .weights import MoEWeights, random_tokens
+from ..config import MoEConfig
+from ..oracle.reference import Routing, gate, moe_forward
+from ..weights import MoEWeights, random_tokens
 
 __all__ = ["PEAK_TFLOPS", "peak_tflops", "time_layer", "compare", "run_benchmark", "TOLERANCE"]
 
@@ -95,7 +95,7 @@ def run_benchmark(cfg: MoEConfig, seed: int = 0, warmup: int = 32, iters: int = 
     check it against the oracle. Under MPI every rank runs one PE; rank 0 reports."""
     import sys
 
-    from .layer import MoELayer
+    from ..gpu.layer import MoELayer
 
     rank = 0 if comm is None else comm.Get_rank()
     multi = comm is not None and comm.Get_size() > 1

@@ -75,10 +75,10 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from .config import MoEConfig
-from .numerics import (activation, activation_grad, as_f32, erfc, gated, nonfinite_to_nan,
-                       round_to, storage_dtype)
-from .weights import MoEWeights, check_weights, expert_tensor_names
+from ..config import MoEConfig
+from ..numerics import (activation, activation_grad, as_f32, erfc, gated, nonfinite_to_nan,
+                        round_to, storage_dtype)
+from ..weights import MoEWeights, check_weights, expert_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "route_tokens", "expert_ffn", "combine",
            "matmul_f32", "given_routing", "with_capacity", "check_tokens", "marked_tokens",

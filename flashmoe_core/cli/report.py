@@ -17,10 +17,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .config import MoEConfig
-from .host import sass
-from .kernels import TILE, moe_spec, tile_config
-from .numerics import itemsize
+from ..config import MoEConfig
+from ..host import sass
+from ..kernel.specs import TILE, moe_spec, tile_config
+from ..numerics import itemsize
 
 __all__ = ["H100", "kernel_report", "layer_report", "report", "format_report"]
 
@@ -130,7 +130,7 @@ def layer_report(cfg: MoEConfig, counts: Optional[np.ndarray] = None,
 def report(cfg: MoEConfig, arch: str = "sm_90a") -> dict:
     """The whole report: the fused kernel of ``cfg`` for ``arch`` (compiled or cached)
     and the configuration's numbers."""
-    from .jit import compile_kernel
+    from ..kernel.jit import compile_kernel
 
     cubin = compile_kernel(moe_spec(cfg), arch).cubin
     return {"config": cfg.to_dict(), "arch": arch, "kernel": kernel_report(cubin),
