@@ -3,9 +3,10 @@ in the kernel's layout, the layout record, placement tables, input validation, t
 fault record as an exception, the state words after a failed launch, and the ranks'
 agreement on the layer.
 
-The GPU layer (layer.py) and the emulator (emulator.py) both import this module and
-not each other, so the backends share one definition of the kernel's side of the
-contract.
+The GPU layer (gpu/layer.py) and the emulator (emulator/) both import this module, so
+the backends share one definition of the kernel's side of the contract, and the
+emulator never imports the GPU layer (which imports the emulator only to dispatch
+``backend="emulator"`` to it).
 """
 
 from __future__ import annotations
