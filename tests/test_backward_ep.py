@@ -131,3 +131,30 @@ def test_misuse():
         ep.backward([upstream(cfg, TOKENS, 0), upstream(cfg, TOKENS - 1, 1)], saved)
     with pytest.raises(ValueError, match="save_for_backward=True runs every PE"):
         ep(xs, absent=[1], save_for_backward=True)
+
+
+def test_recompute_under_expert_parallelism_equals_the_saved_backward():
+    """recompute=True keeps each PE's x and routing only; the backward runs the forward
+    again on every PE along the same routes, and the gradients are the saved ones bit
+    for bit."""
+    cfg = config(2)
+    w = MoEWeights.random(cfg, 1)
+    ep = EmulatedExpertParallel(cfg, w, timeout_s=30)
+    xs = [random_tokens(cfg, 5, rank=r) for r in range(2)]
+    dys = [upstream(cfg, TOKENS, r) for r in range(2)]
+    ys, full = ep(xs, save_for_backward=True)
+    ys_light, light = ep(xs, save_for_backward=True, recompute=True)
+    assert light.recompute and light.nbytes < full.nbytes / 2
+    for a, b in zip(ys, ys_light):
+        assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+    dxs, grads = ep.backward(dys, full)
+    for _ in range(2):  # the scratch slot is reused
+        dxs_l, grads_l = ep.backward(dys, light)
+        for a, b in zip(dxs, dxs_l):
+            assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+        for g, gl in zip(grads, grads_l):
+            for name in g.names:
+                assert np.array_equal(getattr(g, name), getattr(gl, name)), name
+        _, light = ep(xs, save_for_backward=True, recompute=True)
+    with pytest.raises(ValueError, match="recompute=True is an option"):
+        ep(xs, recompute=True)

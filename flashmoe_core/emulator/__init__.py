@@ -577,7 +577,8 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
         return _ExpertParallelTesting(self)
 
     def __call__(self, xs: Sequence[np.ndarray], absent: Sequence[int] = (),
-                 return_routing: bool = False, save_for_backward: bool = False):
+                 return_routing: bool = False, save_for_backward: bool = False,
+                 recompute: bool = False):
         """One forward pass on every PE at once.
 
         Parameters
@@ -587,6 +588,8 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
         return_routing : also return each PE's Routing.
         save_for_backward : also return a SavedForBackward for :meth:`backward`
             (``ys, saved[, routings]``).
+        recompute : with ``save_for_backward``, keep only each PE's x and routing; the
+            backward runs the forward again first (on every PE, along the same routes).
 
         Returns
         -------
@@ -599,8 +602,10 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
             PE's decoded record (None where there was none). Every PE then recovers
             as after ``MoELayer.recover()`` on every rank.
         """
+        if recompute and not save_for_backward:
+            raise ValueError("recompute=True is an option of save_for_backward=True")
         if save_for_backward:
-            return self._forward_saving_ep(xs, absent, return_routing)
+            return self._forward_saving_ep(xs, absent, return_routing, recompute)
         tokens, launched = self._run(xs, absent, "full")
         dt = storage_dtype(self.cfg.dtype)
         ys: List[Optional[np.ndarray]] = [

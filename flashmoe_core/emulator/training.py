@@ -253,12 +253,13 @@ def backward_symmetric(cfg) -> dict:
 
 
 class _EpSlot:
-    """A save slot of every PE at once (one per PE, same index on each)."""
+    """A save slot of every PE at once (one per PE, same index on each); a light one
+    (recompute) keeps each PE's x and routing only."""
 
-    def __init__(self, cfg, world: int) -> None:
-        self.kind = "full"
+    def __init__(self, cfg, world: int, recompute: bool = False) -> None:
+        self.kind = "light" if recompute else "full"
         self.owner = None
-        self.pes = [_Slot(cfg, recompute=False) for _ in range(world)]
+        self.pes = [_Slot(cfg, recompute=recompute) for _ in range(world)]
         self.tokens = [0] * world
 
 
@@ -270,6 +271,7 @@ class EmulatedExpertParallelTraining:
     partials over PEs, as for any data-parallel weight)."""
 
     _bw_pes = None
+    _ep_scratch = None  # the full slot a recomputing backward runs the forward into
     _weights_version = 0
 
     @property
@@ -279,7 +281,7 @@ class EmulatedExpertParallelTraining:
         pool = self.__dict__.get("_slot_pool")
         if pool is None:
             pool = self.__dict__["_slot_pool"] = SlotPool(
-                lambda recompute: _EpSlot(self.cfg, self.world))
+                lambda recompute: _EpSlot(self.cfg, self.world, recompute))
         return pool
 
     def _ep_slot_layout(self, pe, slot: _Slot, saving: bool) -> np.ndarray:
@@ -309,42 +311,48 @@ class EmulatedExpertParallelTraining:
             exc.records = records
             raise exc
 
-    def _forward_saving_ep(self, xs, absent=(), return_routing: bool = False):
-        from ..kernel.training import SavedForBackward
+    def _saving_launch(self, slot: _EpSlot, x_ptrs, tokens) -> None:
+        """The forward on every PE, writing what the backward needs into ``slot``."""
+        layouts = [self._ep_slot_layout(pe, s, saving=True) for pe, s in zip(self.pes,
+                                                                           slot.pes)]
+        self._launcher([types.SimpleNamespace(layout=lay) for lay in layouts], tokens,
+                       [True] * self.world, "full", self.grid, x_ptrs,
+                       [pe.ptr("y_stage") for pe in self.pes], self._heaps, self.heap_bytes)
+        self._raise_faults()
+        for pe, s in zip(self.pes, slot.pes):  # the symmetric results the backward reads
+            for name, src in (("y_expert", "y_expert"), ("recv_saved", "recv_rows")):
+                if name in s.buf:
+                    s.buf[name][...] = pe.buf[src][:s.buf[name].size]
+        slot.tokens = list(tokens)
+
+    def _forward_saving_ep(self, xs, absent=(), return_routing: bool = False,
+                           recompute: bool = False):
         from ..kernel.contract import validate_input
+        from ..kernel.training import SavedForBackward
 
         if len(xs) != self.world:
             raise ValueError(f"xs has {len(xs)} arrays; expected one per PE ({self.world})")
         if absent:
             raise ValueError("save_for_backward=True runs every PE (absent= is for fault tests "
                              "of the plain forward)")
-        slot = self._saved_pool.take(False)
+        slot = self._saved_pool.take(recompute)
         try:
             tokens = []
-            for r, (pe, x, s) in enumerate(zip(self.pes, xs, slot.pes)):
+            for r, (x, s) in enumerate(zip(xs, slot.pes)):
                 x = as_numpy(x, f"xs[{r}]")
                 if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
                     x = round_to(x, "tfloat32")
                 t = validate_input(self.cfg, x.shape, x.dtype)
                 s.view("x", x.shape, x.dtype)[...] = x
                 tokens.append(t)
-            layouts = [self._ep_slot_layout(pe, s, saving=True) for pe, s in zip(self.pes,
-                                                                               slot.pes)]
-            self._launcher([types.SimpleNamespace(layout=lay) for lay in layouts], tokens,
-                           [True] * self.world, "full", self.grid, [s.ptr("x") for s in slot.pes],
-                           [pe.ptr("y_stage") for pe in self.pes], self._heaps, self.heap_bytes)
-            self._raise_faults()
+            self._saving_launch(slot, [s.ptr("x") for s in slot.pes], tokens)
         except BaseException:
             self._saved_pool.give(slot)
             raise
-        for pe, s in zip(self.pes, slot.pes):  # the symmetric results the backward reads
-            s.buf["y_expert"][...] = pe.buf["y_expert"][:s.buf["y_expert"].size]
-            s.buf["recv_saved"][...] = pe.buf["recv_rows"][:s.buf["recv_saved"].size]
-        slot.tokens = tokens
         dt = storage_dtype(self.cfg.dtype)
         ys = [pe.view("y_stage", (t, self.cfg.hidden), dt).copy()
               for pe, t in zip(self.pes, tokens)]
-        saved = SavedForBackward(self, slot, max(tokens), False, self._weights_version,
+        saved = SavedForBackward(self, slot, max(tokens), recompute, self._weights_version,
                                  sum(sum(b.nbytes for b in s.buf.values()) for s in slot.pes))
         if return_routing:
             routings = []
@@ -354,6 +362,20 @@ class EmulatedExpertParallelTraining:
                                         r["token_rows"] >= 0))
             return ys, saved, routings
         return ys, saved
+
+    def _recomputed(self, slot: _EpSlot) -> _EpSlot:
+        """A light slot's forward again, into the layer's full scratch slot; its routing
+        must be the saved one (the forward is deterministic)."""
+        if self._ep_scratch is None:
+            self._ep_scratch = _EpSlot(self.cfg, self.world)
+        full = self._ep_scratch
+        self._saving_launch(full, [s.ptr("x") for s in slot.pes], slot.tokens)
+        for r, (a, b, t) in enumerate(zip(full.pes, slot.pes, slot.tokens)):
+            if not routing_equal(a.routing(self.cfg, t), b.routing(self.cfg, t)):
+                raise FlashMoEError(f"the recomputed forward routed PE {r}'s tokens differently "
+                                    "from the saved one: the forward kernel is not "
+                                    "deterministic here (a bug)")
+        return full
 
     def _ensure_backward_ep(self):
         if self._bw_pes is not None:
@@ -417,11 +439,12 @@ class EmulatedExpertParallelTraining:
         for dy, t in zip(dys, slot.tokens):
             check_grad_output(cfg, dy.shape, dy.dtype, t, dy.flags.c_contiguous)
         st = self._ensure_backward_ep()
+        fwd_slot = self._recomputed(slot) if slot.kind == "light" else slot
         dt = storage_dtype(cfg.dtype)
         order = ("router", "w1", "b1", "w2", "b2") if cfg.mlp == "vanilla" else \
             ("router", "wg", "wu", "w2", None)
         grads, ptrs, fwd = [], [], []
-        for bw, s, dy in zip(st.pes, slot.pes, dys):
+        for bw, s, dy in zip(st.pes, fwd_slot.pes, dys):
             bw.buf["dy_stage"].view(dt)[:dy.size].reshape(dy.shape)[...] = dy
             g = MoEGradients(cfg.mlp, bw.pe.local_ids, **{
                 n: _aligned(int(np.prod(sh)) * 4).view(np.float32).reshape(sh)
