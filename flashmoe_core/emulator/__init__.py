@@ -31,17 +31,17 @@ import numpy as np
 
 from .. import env
 from ..config import MoEConfig
-from .training import (EmulatedExpertParallelTraining, EmulatedTraining, backward_symmetric)
+from .training import (EmulatedExpertParallelTraining, EmulatedTraining, backward_symmetric,
+                       staged_input)
 from ..kernel.ep import plan_heap
 from ..host.abi import (ABI_VERSION, FAULT_RECORD, MODES, STATE, STATE_WORDS, decode_fault)
 from ..host.emulator import BufferSpan, EmulatorError, EmulatorOptions
 from ..host.errors import FlashMoEError
 from ..kernel.jit import emulator_library
 from ..kernel.contract import (check_ranks_agree, check_weights_finite, fault_exception,
-                               kernel_weights, layout_record, placement_tables, recovery_state,
-                               validate_input)
+                               kernel_weights, layout_record, placement_tables, recovery_state)
 from ..kernel.specs import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
-from ..numerics import check_finite, round_to, storage_dtype
+from ..numerics import round_to, storage_dtype
 from ..kernel.plan import plan_layer
 from ..oracle.reference import Routing, given_routing
 from ..weights import MoEWeights, check_weights
@@ -414,11 +414,7 @@ class EmulatedMoELayer(_Emulated, EmulatedTraining):
     def _stage(self, x: np.ndarray) -> int:
         if not isinstance(x, np.ndarray):
             raise TypeError(f"the emulator takes NumPy arrays, got {type(x).__name__}")
-        if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
-            x = round_to(x, "tfloat32")
-        t = validate_input(self.cfg, x.shape, x.dtype)
-        if self.check_finite:
-            check_finite("x", x)
+        x, t = staged_input(self.cfg, x, "x", self.check_finite)
         self._pe.view("x_stage", x.shape, x.dtype)[...] = x
         return t
 
@@ -626,11 +622,7 @@ class EmulatedExpertParallel(_Emulated, EmulatedExpertParallelTraining):
         for r, (pe, x) in enumerate(zip(self.pes, xs)):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"xs[{r}] must be a NumPy array, got {type(x).__name__}")
-            if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
-                x = round_to(x, "tfloat32")
-            t = validate_input(self.cfg, x.shape, x.dtype)
-            if self.check_finite:
-                check_finite(f"xs[{r}]", x)
+            x, t = staged_input(self.cfg, x, f"xs[{r}]", self.check_finite)
             pe.view("x_stage", x.shape, x.dtype)[...] = x
             tokens.append(t)
         launched = [r not in absent for r in range(self.world)]
@@ -768,11 +760,7 @@ class EmulatedRank(_Emulated):
                                 f"({self._failed}); call recover() on every rank first")
         if not isinstance(x, np.ndarray):
             raise TypeError(f"the emulator takes NumPy arrays, got {type(x).__name__}")
-        if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
-            x = round_to(x, "tfloat32")
-        t = validate_input(self.cfg, x.shape, x.dtype)
-        if self.check_finite:
-            check_finite("x", x)
+        x, t = staged_input(self.cfg, x, "x", self.check_finite)
         pe = self._pe
         pe.view("x_stage", x.shape, x.dtype)[...] = x
         n = self.world

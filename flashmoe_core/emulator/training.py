@@ -21,7 +21,8 @@ from ..host.abi import ABI_VERSION
 from ..host.errors import FlashMoEError
 from ..kernel.jit import emulator_library
 from ..kernel.specs import moe_backward_spec
-from ..numerics import round_to, storage_dtype
+from ..kernel.contract import validate_input
+from ..numerics import check_finite, round_to, storage_dtype
 from ..kernel.plan import SAVED_ROUTING, plan_backward, saved_buffers
 from ..oracle.reference import Routing
 
@@ -48,6 +49,17 @@ def as_numpy(a, name: str) -> np.ndarray:
                             f"np.from_dlpack refused this {type(a).__name__} ({exc})") from None
     raise TypeError(f"{name}: the emulator takes NumPy arrays or CPU DLPack tensors, got "
                     f"{type(a).__name__}")
+
+
+def staged_input(cfg, x: np.ndarray, name: str, check: bool = False):
+    """``x`` as the kernel reads it (float32 rounded to tf32 for a tfloat32 layer) and its
+    token count, validated against the layer; ``check`` refuses non-finite values."""
+    if cfg.dtype == "tfloat32" and x.dtype == np.float32:
+        x = round_to(x, "tfloat32")
+    t = validate_input(cfg, x.shape, x.dtype)
+    if check:
+        check_finite(name, x)
+    return x, t
 
 
 class _Slot:
@@ -134,12 +146,7 @@ class EmulatedTraining(TrainingMixin):
         self.check_fault()
 
     def _tr_forward(self, x, slot: _Slot, return_routing: bool = False):
-        x = as_numpy(x, "x")
-        if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
-            x = round_to(x, "tfloat32")
-        from ..kernel.contract import validate_input
-
-        t = validate_input(self.cfg, x.shape, x.dtype)
+        x, t = staged_input(self.cfg, as_numpy(x, "x"), "x")
         slot.view("x", x.shape, x.dtype)[...] = x
         self._forward_into(slot, slot.ptr("x"), t)
         y = self._pe.view("y_stage", (t, self.cfg.hidden), storage_dtype(self.cfg.dtype)).copy()
@@ -327,7 +334,6 @@ class EmulatedExpertParallelTraining:
 
     def _forward_saving_ep(self, xs, absent=(), return_routing: bool = False,
                            recompute: bool = False):
-        from ..kernel.contract import validate_input
         from ..kernel.training import SavedForBackward
 
         if len(xs) != self.world:
@@ -339,10 +345,7 @@ class EmulatedExpertParallelTraining:
         try:
             tokens = []
             for r, (x, s) in enumerate(zip(xs, slot.pes)):
-                x = as_numpy(x, f"xs[{r}]")
-                if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
-                    x = round_to(x, "tfloat32")
-                t = validate_input(self.cfg, x.shape, x.dtype)
+                x, t = staged_input(self.cfg, as_numpy(x, f"xs[{r}]"), f"xs[{r}]")
                 s.view("x", x.shape, x.dtype)[...] = x
                 tokens.append(t)
             self._saving_launch(slot, [s.ptr("x") for s in slot.pes], tokens)
