@@ -293,11 +293,12 @@ class EmulatedExpertParallelTraining:
 
     def _ep_slot_layout(self, pe, slot: _Slot, saving: bool) -> np.ndarray:
         """PE pe's layout for one slot: while saving, owners put results into the
-        layer's symmetric y_expert and recv_rows receives x rows (copied into the slot
-        after the launch); for the backward the slot's copies stand in for them."""
+        layer's symmetric y_expert (copied into the slot after the launch) and the kernel
+        keeps the x rows it received in the slot's recv_saved; for the backward the
+        slot's copies stand in for the symmetric buffers."""
         from ..kernel.contract import layout_record
 
-        own = set(slot.buf) - ({"y_expert", "recv_saved"} if saving else set())
+        own = set(slot.buf) - ({"y_expert"} if saving else set())
         rec = layout_record(self.cfg, pe.plan, lambda n: slot.ptr(n) if n in own else pe.ptr(n),
                             fault=int(pe.fault.ctypes.data), timeout_s=pe.timeout_s,
                             rank=pe.rank, local_experts=len(pe.local_ids),
@@ -327,9 +328,8 @@ class EmulatedExpertParallelTraining:
                        [pe.ptr("y_stage") for pe in self.pes], self._heaps, self.heap_bytes)
         self._raise_faults()
         for pe, s in zip(self.pes, slot.pes):  # the symmetric results the backward reads
-            for name, src in (("y_expert", "y_expert"), ("recv_saved", "recv_rows")):
-                if name in s.buf:
-                    s.buf[name][...] = pe.buf[src][:s.buf[name].size]
+            if "y_expert" in s.buf:
+                s.buf["y_expert"][...] = pe.buf["y_expert"][:s.buf["y_expert"].size]
         slot.tokens = list(tokens)
 
     def _forward_saving_ep(self, xs, absent=(), return_routing: bool = False,

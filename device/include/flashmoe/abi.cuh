@@ -222,7 +222,8 @@ struct MoeLayout {
   /// [W, SR, F or 2F] (null: not saving).
   void* pre_remote;
   /// Expert parallelism, a save slot's copy of the rows it received [W, SR, H] (the
-  /// backward's x rows of remote assignments; recv_rows then carries dye rows).
+  /// backward's x rows of remote assignments; recv_rows then carries dye rows). A
+  /// saving forward fills it itself (null: not saving).
   void* recv_saved;
 };
 

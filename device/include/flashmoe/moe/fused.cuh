@@ -886,6 +886,16 @@ struct Kernel {
                                      : static_cast<S*>(L.pre_remote) + row0 * kPreCols;
     up_compute(tile, col, [&](int r) { return a + int64_t(r) * C::H; },
                static_cast<S*>(L.z_remote) + row0 * C::F, pre);
+    if (col == 0 && L.recv_saved != nullptr) {
+      // Saving: keep the received x rows for the backward. Done here, inside the launch,
+      // because a peer may put its next launch's rows into recv_rows as soon as this
+      // launch announces it is done, before any copy after the kernel could run.
+      constexpr int kPerVec = 16 / int(sizeof(S));
+      constexpr int kRowVecs = C::H / kPerVec;
+      const uint4* src = reinterpret_cast<const uint4*>(a);
+      uint4* dst = reinterpret_cast<uint4*>(static_cast<S*>(L.recv_saved) + row0 * C::H);
+      for (int v = threadIdx.x; v < pt.rows * kRowVecs; v += C::kThreads) dst[v] = src[v];
+    }
     bool ok = true;
     if (threadIdx.x == 0) {
       __threadfence();
