@@ -31,3 +31,9 @@ def test_absent_rank_makes_the_others_time_out():
     p, results = _run(2, "absent")
     assert p.returncode == 0, p.stdout + p.stderr
     assert any("timeout" in l and "peer=1" in l for l in results), results
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_expert_parallel_backward_equals_world_1(ranks):
+    p, results = _run(ranks, "backward")
+    assert p.returncode == 0 and len(results) == ranks, p.stdout + p.stderr

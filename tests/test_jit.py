@@ -43,6 +43,8 @@ MATRIX = [
     # Expert parallelism: the NVSHMEM build, linked with libnvshmem_device.a.
     ("sm_90a", moe_spec(MoEConfig(tokens=8192, hidden=2048, ffn=2048, experts=64, top_k=2,
                                   world_size=8))),
+    ("sm_90a", moe_backward_spec(MoEConfig(tokens=8192, hidden=2048, ffn=2048, experts=64,
+                                           top_k=2, world_size=8))),
 ]
 SYMBOLS = {"kernels/tile_gemm.cu": b"flashmoe_tile_gemm",
            "kernels/nvshmem_ping.cu": b"flashmoe_nvshmem_ping",

@@ -8,8 +8,8 @@ Stages run in order of the evidence's value, each in its own process under its o
 time bound, the whole under BUDGET_S: setup (carried wheels, the package), env (GPU,
 driver, versions, commit, device/ tree), forward (fused kernel vs the oracle on the
 configurations of ``flashmoe_core.cli.gpucheck``), kernels (ring, tile GEMM, NVSHMEM ping
-tests), ep (two PEs sharing the GPU vs world 1, bitwise), bench (one benchmark row
-beside its baselines), sanitize (compute-sanitizer memcheck and racecheck on one small
+tests), ep (two PEs sharing the GPU vs world 1, bitwise: forward, then backward), bench
+(one benchmark row beside its baselines), sanitize (compute-sanitizer memcheck and racecheck on one small
 layer), tier (the rest of the GPU test tier, for whatever time is left).
 
 Kernels come from a prebuilt kit (``tools/gpu_kit.sh`` builds ``.kit``); a kernel the
@@ -58,10 +58,11 @@ STAGES = [
     Stage("forward", 60, "fused forward vs the oracle: each dtype, gated, capacity, partial "
                          "tiles, one token, E=256/k=8"),
     Stage("kernels", 40, "ring, tile GEMM (every dtype) and NVSHMEM ping tests"),
-    Stage("ep", 60, "expert parallelism on 2 PEs sharing the GPU vs world 1, bitwise"),
+    Stage("ep", 80, "expert parallelism on 2 PEs sharing the GPU vs world 1, bitwise: "
+                    "the forward, then the backward"),
     Stage("bench", 75, "T=16K H=F=2048 E=64 top-2 bf16 beside dense, unfused and torch"),
     Stage("sanitize", 90, "compute-sanitizer memcheck and racecheck on one small layer"),
-    Stage("tier", 30, "the rest of the GPU test tier, for whatever time is left"),
+    Stage("tier", 10, "the rest of the GPU test tier, for whatever time is left"),
 ]
 """Bounds sum to BUDGET_S; the tier also gets whatever the others leave unused."""
 
@@ -327,13 +328,23 @@ def stage_kernels(ctx: Ctx) -> dict:
 
 
 def stage_ep(ctx: Ctx) -> dict:
+    """The forward on two PEs vs world 1 (the stage's status), then, in the time left,
+    the backward likewise (reported beside it)."""
     worker = str(REPO / "tests" / "mpi_gpu_ep_worker.py")
-    r = ctx.run(_mpirun(2) + [sys.executable, worker, "check"], timeout=ctx.bound_s - 2)
-    lines = [l for l in r["output"].splitlines() if l.startswith("RESULT")]
-    ok = r["rc"] == 0 and len(lines) == 2 and all(" ok" in l for l in lines)
-    status = "pass" if ok else "timeout" if r["rc"] == "timeout" else "fail"
-    return {"status": status, "rc": r["rc"], "ranks": lines,
-            **({} if ok else {"tail": _tail(r["output"], 3000)})}
+    start = time.monotonic()
+    runs = {}
+    for mode in ("check", "backward"):
+        left = ctx.bound_s - (time.monotonic() - start) - 2
+        if left < 20:
+            runs[mode] = {"status": "skip", "reason": "no time left in the stage"}
+            continue
+        r = ctx.run(_mpirun(2) + [sys.executable, worker, mode], timeout=left)
+        lines = [l for l in r["output"].splitlines() if l.startswith("RESULT")]
+        ok = r["rc"] == 0 and len(lines) == 2 and all(" ok" in l for l in lines)
+        runs[mode] = {"status": "pass" if ok else "timeout" if r["rc"] == "timeout" else "fail",
+                      "rc": r["rc"], "ranks": lines,
+                      **({} if ok else {"tail": _tail(r["output"], 3000)})}
+    return dict(runs["check"], backward=runs["backward"])
 
 
 def stage_bench(ctx: Ctx) -> dict:

@@ -16,7 +16,8 @@ from typing import Dict, Iterable, List, Mapping, Tuple
 
 from ..config import MoEConfig
 from ..host.compiler import KernelSpec
-from ..kernel.specs import moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
+from ..kernel.specs import (moe_backward_spec, moe_spec, nvshmem_ping_spec, ring_test_spec,
+                            tile_gemm_spec)
 
 __all__ = ["ARCH", "FORWARD", "EP_WORLDS", "BENCH_ROW", "BENCH_CONFIG", "SANITIZE_CONFIG",
            "Request", "ep_config", "cli_args", "stage_requests", "all_requests",
@@ -102,10 +103,13 @@ def stage_requests() -> Dict[str, List[Request]]:
     ep = []
     for world in EP_WORLDS:
         cfg = ep_config(world)
+        one = cfg.replace(world_size=1, tokens=cfg.tokens * world)
         ep.append(_layer(cfg, f"ep:{world} PEs"))
         # The worker's world-1 layer over all PEs' tokens (bitwise comparison).
-        ep.append(_layer(cfg.replace(world_size=1, tokens=cfg.tokens * world),
-                         f"ep:world 1 of {world}"))
+        ep.append(_layer(one, f"ep:world 1 of {world}"))
+        # Its backward mode: the expert-parallel backward against world 1's.
+        ep += [Request(moe_backward_spec(c), origins=(f"ep:backward {what}",))
+               for c, what in ((cfg, f"{world} PEs"), (one, f"world 1 of {world}"))]
     return {
         "forward": [_layer(cfg, f"forward:{name}") for name, cfg in FORWARD.items()],
         "kernels": [Request(ring_test_spec(), origins=("kernels:ring",)),

@@ -148,6 +148,7 @@ class MoELayer(GpuTraining):
 
             keys = self._comm.allgather((gethostname(), str(self.device.uuid)))
             sharing = ranks_sharing(keys, self.rank)
+        self._sharing = sharing
         self.arch = target_arch(self.device)
         self._stream = self.device.create_stream()
         self._dtype = storage_dtype(cfg.dtype)
@@ -191,8 +192,13 @@ class MoELayer(GpuTraining):
 
     # ------------------------------------------------------------------ setup
     def _heap_bytes(self) -> int:
-        # Room for every symmetric buffer plus NVSHMEM's own bookkeeping and alignment.
-        need = int(self.heap.symmetric_bytes * 1.05) + 256 * 2**20
+        # Room for every symmetric buffer, the backward's included (allocated at the first
+        # backward; the heap's size is set once, when NVSHMEM starts), plus NVSHMEM's own
+        # bookkeeping and alignment.
+        from ..kernel.plan import plan_backward
+
+        backward = sum(plan_backward(self.cfg, self.cfg.max_local_experts).symmetric.values())
+        need = int((self.heap.symmetric_bytes + backward) * 1.05) + 256 * 2**20
         user = env.nvshmem_symmetric_size()
         return max(need, user or 0)
 

@@ -6,6 +6,17 @@ saving forward launches the same forward kernel with the slot's layout, so nothi
 copied afterwards. The backward kernel, its weights (the user layouts, a second copy
 of the weights) and its workspace are built at the first backward.
 
+Expert parallelism: the owners put results into the layer's symmetric ``y_expert``,
+so a saving forward's layout keeps that one and a stream-ordered device copy moves it
+into the slot after the launch (peers write it again only after this rank's next
+dispatch, which that copy precedes); the rows the rank received as an owner go into
+the slot inside the launch (a peer may send its next rows as soon as the launch is
+done). The backward's symmetric buffers (``dxe``, ``dxe_remote``) are allocated
+collectively at the first backward, in room the heap reserved for them; every rank
+must then run its backward (each one's gradients hold its own experts and its partial
+router gradient over its own tokens: sum those over ranks, as for any replicated
+weight).
+
 NumPy in, NumPy out (copies, synchronising), or DLPack GPU tensors in and tensors of
 the same kind out, stream-ordered like the forward: with ``stream=`` nothing
 synchronises the host; without it the call returns once the kernel is done.
@@ -36,32 +47,38 @@ class _GpuSlot:
     def __init__(self, layer, recompute: bool) -> None:
         self.kind = "light" if recompute else "full"
         self.owner = None
+        self.nbytes = saved_buffers(layer.cfg, recompute)
         self.buf = {n: memory.alloc(layer.device, b, layer._stream)
-                    for n, b in saved_buffers(layer.cfg, recompute).items()}
-        self.layout = None
-        self._record = None
+                    for n, b in self.nbytes.items()}
+        self._layouts = {}  # "save" / "use" -> [record bytes, device buffer]
 
     def ptr(self, name: str) -> int:
         return int(self.buf[name].handle)
 
-    def layout_ptr(self, layer) -> int:
-        """The slot's MoeLayout (the layer's, with this slot's per-call buffers)."""
+    def layout_ptr(self, layer, saving: bool = False) -> int:
+        """The slot's MoeLayout (the layer's, with this slot's per-call buffers). With
+        expert parallelism a saving forward's keeps the layer's symmetric y_expert,
+        which peers put into (copied into the slot after the launch)."""
         from ..kernel.contract import layout_record
 
+        keep = {"y_expert"} if saving and layer.world > 1 else set()
+        key = "save" if keep else "use"
         rec = layout_record(layer.cfg, layer.plan,
-                            lambda n: self.ptr(n) if n in self.buf else layer._ptr(n),
+                            lambda n: self.ptr(n) if n in self.buf and n not in keep
+                            else layer._ptr(n),
                             fault=layer._fault.ptr, timeout_s=layer._timeout_s, rank=layer.rank,
                             local_experts=len(layer.local_ids), delay_ns=layer._delay_ns,
                             trace_capacity=layer.trace_capacity).tobytes()
-        if rec != self._record:  # first use, or the layer's layout changed (delays)
+        entry = self._layouts.setdefault(key, [None, None])
+        if rec != entry[0]:  # first use, or the layer's layout changed (delays)
             data = np.frombuffer(rec, np.uint8)
-            if self.layout is None:
-                self.layout = memory.upload(layer.device, data, layer._stream)
+            if entry[1] is None:
+                entry[1] = memory.upload(layer.device, data, layer._stream)
             else:
                 layer._sync_streams()
-                memory.copy_in(self.layout, data, layer._stream)
-            self._record = rec
-        return int(self.layout.handle)
+                memory.copy_in(entry[1], data, layer._stream)
+            entry[0] = rec
+        return int(entry[1].handle)
 
     def routing(self, layer, tokens: int) -> dict:
         k, s = layer.cfg.top_k, layer._stream
@@ -74,24 +91,23 @@ class _GpuSlot:
     def close(self) -> None:
         for b in self.buf.values():
             b.close()
-        if self.layout is not None:
-            self.layout.close()
-        self.buf = {}
+        for _, layout in self._layouts.values():
+            if layout is not None:
+                layout.close()
+        self.buf, self._layouts = {}, {}
 
 
 class GpuTraining(TrainingMixin):
-    """Training hooks of MoELayer (one GPU; the expert-parallel backward is not built)."""
+    """Training hooks of MoELayer (one GPU, or one rank of an expert-parallel layer)."""
 
     _bw = None  # the backward's kernel, buffers and layout, once a backward ran
+    _backward_delay_ns = 0  # injected (fault tests)
 
     # ------------------------------------------------------------------ hooks
     def _expert_ids(self):
         return tuple(self.local_ids)
 
     def _tr_make_slot(self, recompute: bool) -> _GpuSlot:
-        if self.world > 1:
-            raise FlashMoEError("save_for_backward: the backward of an expert-parallel layer is "
-                                "not implemented yet (world_size must be 1)")
         return _GpuSlot(self, recompute)
 
     def _order_on(self, stream) -> None:
@@ -106,13 +122,16 @@ class GpuTraining(TrainingMixin):
         from ..host import launch as _launch
         from ..host.abi import MODES
 
-        layout = slot.layout_ptr(self)
+        layout = slot.layout_ptr(self, saving=True)
         self._order_on(stream)
         cap = self.cfg.capacity(tokens)
         args = (np.uint64(layout), np.uint64(x_ptr), np.uint64(y_ptr), np.int32(tokens),
                 np.int32(-1 if cap is None else cap), np.int32(MODES["full"]))
         _launch.launch_kernel(stream, self._kernel, (self.grid, 1, 1), (128, 1, 1), args,
                               smem=self.smem)
+        if self.world > 1 and "y_expert" in slot.buf:  # the owners' results, into the slot
+            memory.copy_device(slot.ptr("y_expert"), self._ptr("y_expert"),
+                               slot.nbytes["y_expert"], stream)
 
     def _tr_forward(self, x, slot: _GpuSlot, out=None, stream=None, return_routing: bool = False):
         from ..host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
@@ -180,38 +199,74 @@ class GpuTraining(TrainingMixin):
         from ..kernel.jit import compile_kernel
         from ..kernel.specs import moe_backward_spec
 
-        module = _launch.Module(compile_kernel(moe_backward_spec(self.cfg), self.arch).cubin,
-                                name="moe_backward")
-        abi = int(module.read_global("flashmoe_moe_backward_abi", np.uint32)[0])
-        if abi != ABI_VERSION:
-            raise FlashMoEError(f"backward kernel ABI {abi} differs from host ABI {ABI_VERSION}; "
-                                "clear the kernel cache (FLASHMOE_CACHE_DIR)")
-        kernel = module.kernel("flashmoe_moe_backward")
-        smem = int(module.read_global("flashmoe_moe_backward_smem", np.int32)[0])
-        module.ensure_smem(kernel, smem, self.device)
-        resident, _ = _launch.resident_grid(kernel, self.device, 128, smem)
-        grid = max(2, resident if self._max_blocks is None else min(resident, self._max_blocks))
+        ep = self.world > 1
         plan = plan_backward(self.cfg, len(self.local_ids))
+        module, problem = None, None
+        try:
+            module = _launch.Module(compile_kernel(moe_backward_spec(self.cfg), self.arch).cubin,
+                                    name="moe_backward", nvshmem=ep)
+            abi = int(module.read_global("flashmoe_moe_backward_abi", np.uint32)[0])
+            if abi != ABI_VERSION:
+                raise FlashMoEError(f"backward kernel ABI {abi} differs from host ABI "
+                                    f"{ABI_VERSION}; clear the kernel cache (FLASHMOE_CACHE_DIR)")
+            kernel = module.kernel("flashmoe_moe_backward")
+            # Expert parallelism adds the forward's two prefix tables over peers.
+            smem = int(module.read_global("flashmoe_moe_backward_smem", np.int32)[0]) + \
+                (2 * (self.world + 1) * 4 if ep else 0)
+            module.ensure_smem(kernel, smem, self.device)
+            resident, _ = _launch.resident_grid(kernel, self.device, 128, smem)
+            # Ranks sharing a GPU run side by side, as in the forward.
+            grid = max(2, resident // max(self._sharing, 1))
+            if self._max_blocks is not None:
+                grid = min(grid, self._max_blocks)
+            self._check_backward_memory(plan)
+        except Exception as exc:  # noqa: BLE001 (with peers: report, never leave them waiting)
+            if not ep:
+                raise
+            problem = f"{type(exc).__name__}: {exc}"
+        if ep:  # collective: no rank goes on to allocate symmetric memory alone
+            failed = [(r, p) for r, p in enumerate(self._comm.allgather(problem)) if p]
+            if failed:
+                if module is not None:
+                    module.close()
+                raise FlashMoEError("building the expert-parallel backward failed on rank(s) " +
+                                    "; ".join(f"{r}: {p}" for r, p in failed))
+        buf = {n: memory.alloc(self.device, b, self._stream) for n, b in plan.workspace.items()}
+        buf.update({f"g_{n}": memory.alloc(self.device, int(np.prod(s)) * 4, self._stream)
+                    for n, s in gradient_shapes(self.cfg, len(self.local_ids)).items()})
+        memory.zero(buf["ring"], self._stream)
+        symmetric = []
+        if ep:
+            from ..host import bootstrap
+
+            self._stream.sync()
+            for name, nbytes in plan.symmetric.items():  # collective: same order everywhere
+                buf[name] = b = bootstrap.symmetric_alloc(nbytes)
+                symmetric.append(b)
+                memory.zero(b, self._stream)
+            self._stream.sync()
+            self._comm.Barrier()
+        self._bw = types.SimpleNamespace(plan=plan, buf=buf, module=module, kernel=kernel,
+                                         smem=smem, grid=grid, delay_ns=self._backward_delay_ns,
+                                         scratch=None, layout=None, symmetric=symmetric)
+        self._upload_backward_weights(self._weights)
+        return self._bw
+
+    def _check_backward_memory(self, plan) -> None:
         from cuda.bindings import driver
 
         from ..host.driver import check
 
         free, _ = check(driver.cuMemGetInfo(), "querying GPU memory")
-        grads_bytes = sum(int(np.prod(s)) * 4 for s in gradient_shapes(self.cfg).values())
-        need = plan.total_bytes + grads_bytes + self.saved_bytes()
+        grads_bytes = sum(int(np.prod(s)) * 4
+                          for s in gradient_shapes(self.cfg, len(self.local_ids)).values())
+        # The symmetric part lives in the heap the layer reserved at its start.
+        need = plan.total_bytes - sum(plan.symmetric.values()) + grads_bytes + \
+            self.saved_bytes()
         if need > 0.95 * free:
             raise FlashMoEError(f"the backward needs {need / 2**30:.2f} GiB of GPU memory "
                                 f"(workspace, a second copy of the weights, one save slot), "
                                 f"{free / 2**30:.2f} GiB is free; lower MoEConfig.tokens")
-        buf = {n: memory.alloc(self.device, b, self._stream) for n, b in plan.workspace.items()}
-        buf.update({f"g_{n}": memory.alloc(self.device, int(np.prod(s)) * 4, self._stream)
-                    for n, s in gradient_shapes(self.cfg).items()})
-        memory.zero(buf["ring"], self._stream)
-        self._bw = types.SimpleNamespace(plan=plan, buf=buf, module=module, kernel=kernel,
-                                         smem=smem, grid=grid, delay_ns=0, scratch=None,
-                                         layout=None)
-        self._upload_backward_weights(self._weights)
-        return self._bw
 
     def _upload_backward_weights(self, w) -> None:
         bw = self._bw
@@ -391,9 +446,10 @@ class GpuTraining(TrainingMixin):
     def _inject_backward_delay(self, seconds: float) -> None:
         if not 0 <= seconds <= 60:
             raise ValueError(f"delay {seconds} s must be in [0, 60]")
-        bw = self._ensure_backward()
-        bw.delay_ns = int(seconds * 1e9)
-        self._make_backward_layout()
+        self._backward_delay_ns = int(seconds * 1e9)
+        if self._bw is not None:  # else the first backward builds with it (building is
+            self._bw.delay_ns = self._backward_delay_ns  # collective: one rank may not)
+            self._make_backward_layout()
 
     def _close_training(self) -> None:
         """Free the save slots and the backward's buffers (MoELayer.close)."""
@@ -408,8 +464,16 @@ class GpuTraining(TrainingMixin):
         if bw is not None:
             if bw.scratch is not None:
                 bw.scratch.close()
+            sym = {id(b) for b in bw.symmetric}
             for b in bw.buf.values():
-                b.close()
+                if id(b) not in sym:
+                    b.close()
+            if bw.symmetric:  # collective, as the layer's own symmetric buffers
+                import nvshmem.core as shmem
+
+                self._comm.Barrier()
+                for b in bw.symmetric:
+                    shmem.free(b)
             if bw.layout is not None:
                 bw.layout.close()
             bw.module.close()
