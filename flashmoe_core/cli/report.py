@@ -64,6 +64,10 @@ def kernel_report(cubin: bytes, kernel: str = "flashmoe_moe_forward",
     if smem_symbol:
         dynamic = int(np.frombuffer(sass.read_symbol(cubin, smem_symbol), np.int32)[0])
     spills = {op: sum(1 for i in insns if i.opcode.split(".")[0] == op) for op in ("LDL", "STL")}
+    # Global atomics, exchanges apart: each returns a value the thread waits for.
+    atomic = [i.opcode for i in insns if i.opcode.split(".")[0] in ("ATOM", "ATOMG", "RED")]
+    atomics = {"exchange": sum(1 for op in atomic if ".EXCH" in op),
+               "other": sum(1 for op in atomic if ".EXCH" not in op)}
     loops = []
     for loop in sass.mma_loops(insns):
         loops.append({"address": f"0x{loop.start:x}-0x{loop.end:x}",
@@ -73,7 +77,7 @@ def kernel_report(cubin: bytes, kernel: str = "flashmoe_moe_forward",
                                       if sass.instruction_kind(op) == "mma"}})
     return {"kernel": kernel, "registers": res.registers, "stack_bytes": res.stack,
             "local_bytes": res.local, "static_smem": res.shared, "dynamic_smem": dynamic,
-            "spill_instructions": spills, "instructions": len(insns),
+            "spill_instructions": spills, "atomics": atomics, "instructions": len(insns),
             "blocks_per_sm_h100": blocks_per_sm(res.registers, res.shared + dynamic),
             "mainloops": loops}
 
@@ -145,7 +149,8 @@ def format_report(rep: dict) -> str:
         f"{k['kernel']} for {rep['arch']}: {k['registers']} registers, stack "
         f"{k['stack_bytes']} B, spills {k['spill_instructions']['LDL']} LDL / "
         f"{k['spill_instructions']['STL']} STL, shared {k['static_smem']} B static + "
-        f"{k['dynamic_smem']} B dynamic, {k['instructions']} instructions",
+        f"{k['dynamic_smem']} B dynamic, {k['instructions']} instructions, atomics "
+        f"{k['atomics']['exchange']} exchange / {k['atomics']['other']} other",
         f"blocks per SM on an H100: {occ['blocks']} (registers {occ['registers']}, shared "
         f"memory {occ['shared_memory']}, warps {occ['warps']})",
     ]

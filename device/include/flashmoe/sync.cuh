@@ -28,6 +28,12 @@ FMOE_DEVICE uint64_t load_volatile(const uint64_t* p) {
   return *reinterpret_cast<const volatile uint64_t*>(p);
 }
 
+/// A strong (volatile) 64-bit store: single-copy atomic when aligned, and unlike an
+/// atomic exchange it returns nothing, so a run of them issues without waiting.
+FMOE_DEVICE void store_volatile(uint64_t* p, uint64_t v) {
+  *reinterpret_cast<volatile uint64_t*>(p) = v;
+}
+
 /// Bounded wait until a 64-bit signal word (written by a peer) equals `value`.
 FMOE_DEVICE bool wait_signal(const WaitSite& site, int32_t phase, int32_t task, int32_t peer,
                              const uint64_t* sig, uint64_t value) {
@@ -127,10 +133,10 @@ struct TaskRing {
       report_fault(site, abi::kProtocol, full_phase, -1, int64_t(base) + count, capacity, -1, 0);
       return false;
     }
+    // The fence above releases everything before it to each slot's strong store; the
+    // stores need no order among themselves (each taker waits for its own slot).
     for (int i = 0; i < count; ++i) {
-      const uint64_t word = (uint64_t(tag) << 32) | uint64_t(desc(i));
-      atomicExch(reinterpret_cast<unsigned long long*>(&slots[base + i]),
-                 static_cast<unsigned long long>(word));
+      store_volatile(&slots[base + i], (uint64_t(tag) << 32) | uint64_t(desc(i)));
     }
     return true;
   }
