@@ -190,11 +190,12 @@ def _mutant(tmp_path, monkeypatch, file: str, old: str, new: str) -> None:
 FUSED = "include/flashmoe/moe/fused.cuh"
 
 
-def test_mutant_lost_combine_task_is_caught_by_the_kernels_own_timeout(tmp_path, monkeypatch):
-    # A token tile's combine is never published: the task loop waits for a ring slot
+def test_mutant_lost_down_tasks_are_caught_by_the_kernels_own_timeout(tmp_path, monkeypatch):
+    # Row tile 0's down tasks are never published: the task loop waits for ring slots
     # nobody fills, and the bounded wait turns that into an exception.
-    _mutant(tmp_path, monkeypatch, FUSED, "if (done == target) {",
-            "if (done == target && tt != 0) {")
+    _mutant(tmp_path, monkeypatch, FUSED,
+            "if (atomicAdd(&L.dep_rowtile[rt], 1u) + 1u == uint32_t(C::kUpTiles)) {",
+            "if (atomicAdd(&L.dep_rowtile[rt], 1u) + 1u == uint32_t(C::kUpTiles) && rt != 0) {")
     cfg = MoEConfig(tokens=64, hidden=128, ffn=128, experts=8, top_k=2)
     layer = MoELayer(cfg, MoEWeights.random(cfg, 0), backend="emulator", timeout_s=2.0,
                      max_blocks=3)

@@ -91,6 +91,11 @@ MUTANTS = [
     Mutant("missing-acquire-fence-after-observing", SYNC,
            "    if (!ok) return -1;\n    __threadfence();", "    if (!ok) return -1;",
            "fused", r"data race on global memory \(read-after-write\) at '(z|y_expert)'"),
+    # The block that completes a token tile's column combines it at once: without the
+    # acquire fence its reads of the other blocks' result rows are unordered.
+    Mutant("missing-acquire-before-inline-combine", FUSED,
+           "          __threadfence();  // acquire: the other blocks' rows of this tile\n", "",
+           "fused", r"data race on global memory \(read-after-write\) at 'y_expert'"),
     Mutant("missing-barrier-before-pipeline-refill", GEMM,
            "          cp_async_wait<kStages - 2>();\n          __syncthreads();\n        }",
            "          cp_async_wait<kStages - 2>();\n        }",

@@ -15,7 +15,7 @@ def test_plan_sizes():
     assert p.token_tiles == 8 and p.logits_stride == 16
     assert p.max_rowtiles == math.ceil(3000 / 128) + 10
     assert p.up_tiles == 4 and p.down_tiles == 2
-    assert p.ring_capacity == p.max_rowtiles * 2 + 8 * 2
+    assert p.ring_capacity == p.max_rowtiles * 2  # down tasks (combines run inline)
     ws = p.workspace
     assert ws["z"] == 3000 * 512 * 2 and ws["y_expert"] == 3000 * 256 * 2
     assert ws["logits"] == 1000 * 16 * 4 and ws["ring"] == p.ring_capacity * 8
@@ -32,7 +32,8 @@ def test_ring_holds_remote_tasks_with_several_ranks():
     one = plan_layer(MoEConfig(tokens=256, hidden=256, ffn=256, experts=8))
     cfg = MoEConfig(tokens=256, hidden=256, ffn=256, experts=8, world_size=4)
     four = plan_layer(cfg)
-    assert four.ring_capacity == one.ring_capacity + 4 * max_peer_tiles(cfg) * (2 + 2)
+    # Combine tasks (2 token tiles x 2 columns) and every tile peers may send.
+    assert four.ring_capacity == one.ring_capacity + 2 * 2 + 4 * max_peer_tiles(cfg) * (2 + 2)
 
 
 def test_gated_plan_has_two_up_matrices_and_half_width_tiles():

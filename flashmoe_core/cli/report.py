@@ -122,8 +122,11 @@ def layer_report(cfg: MoEConfig, counts: Optional[np.ndarray] = None,
         "row_tiles": row_tiles, "row_tiles_if_unpadded": math.ceil(rows / TILE),
         "padded_rows": row_tiles * TILE - rows,
         "padding_percent": 100.0 * (row_tiles * TILE - rows) / max(rows, 1),
+        # One GPU combines in the down epilogue (no combine tasks); with peers the
+        # subscriber publishes a combine task per (token tile, column).
         "tasks": {"gate": tt * math.ceil(cfg.experts / tile.bn), "up": row_tiles * up_tiles,
-                  "down": row_tiles * down_tiles, "combine": tt * down_tiles},
+                  "down": row_tiles * down_tiles,
+                  "combine": tt * down_tiles if cfg.world_size > 1 else 0},
         "flops": flops, "bytes": moved,
         "roofline_us": 1e6 * max(compute_s, memory_s),
         "bound": "compute" if compute_s >= memory_s else "memory",

@@ -45,8 +45,8 @@ class LayerPlan:
         Column tiles of the up (F) and down (H) projections.
     ring_capacity : int
         Task-ring slots: every published task of the worst case (local down tasks,
-        combine tasks, and with several ranks the up and down tasks of every tile
-        that can arrive from peers).
+        and with several ranks the combine tasks and the up and down tasks of every
+        tile that can arrive from peers).
     workspace : dict
         Buffer name -> bytes (device memory).
     weights : dict
@@ -87,9 +87,9 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
     up_tiles = math.ceil(f / tile.up_cols(cfg.mlp == "gated"))
     down_tiles = math.ceil(h / tile.bn)
     max_rowtiles = math.ceil(t * k / TILE) + e
-    ring = max_rowtiles * down_tiles + tt * down_tiles
-    if cfg.world_size > 1:
-        ring += cfg.world_size * max_peer_tiles(cfg) * (up_tiles + down_tiles)
+    ring = max_rowtiles * down_tiles
+    if cfg.world_size > 1:  # (one GPU combines in the down epilogue: no combine tasks)
+        ring += tt * down_tiles + cfg.world_size * max_peer_tiles(cfg) * (up_tiles + down_tiles)
     workspace = {
         "logits": t * ep * 4,
         "topk_expert": t * k * 4,

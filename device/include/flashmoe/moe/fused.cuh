@@ -116,6 +116,10 @@ struct Kernel {
   using S = typename C::S;
   using Elem = typename C::Elem;
   static constexpr int kTile = C::kTile;
+  /// One PE: the block completing a (token tile, column) combines it in its down
+  /// epilogue. With peers, results that peers return complete tiles in the subscriber,
+  /// which publishes combine tasks instead (a fixed task count needs one rule).
+  static constexpr bool kInlineCombine = !C::kEP;
 
   const abi::MoeLayout& L;
   const S* x;
@@ -503,9 +507,13 @@ struct Kernel {
     atomicAdd(&s_kept, kept_here);
     __syncthreads();
     bool ok = true;
-    if (threadIdx.x == 0) {
-      L.tile_kept[tt] = s_kept;
-      if (s_kept == 0) {  // nothing will complete this tile's combines: publish them now
+    if (threadIdx.x == 0) L.tile_kept[tt] = s_kept;
+    if (s_kept == 0) {  // nothing will complete this tile's combines: do them now
+      if constexpr (kInlineCombine) {
+        // Zeros (NaN for marked tokens) from this block's own token_rows, ordered by
+        // the barrier above.
+        for (int c = 0; c < C::kDownTiles; ++c) combine_task(tt * C::kDownTiles + c);
+      } else if (threadIdx.x == 0) {
         __threadfence();
         ok = ring.publish(C::kDownTiles, [&](int i) {
           return desc(uint32_t(tt * C::kDownTiles + i), kCombine);
@@ -635,16 +643,23 @@ struct Kernel {
     __syncthreads();
   }
 
-  /// Credit `len` finished rows of token tile tt in columns [col_lo, col_hi); the
-  /// credit that completes a (tile, column) publishes its combine task. Called by one
-  /// thread after its release fence.
-  FMOE_DEVICE bool credit_run(int tt, int len, int col_lo, int col_hi) {
+  /// Credit `len` finished rows of token tile tt in column c; whether this credit
+  /// completed the (tile, column). Called by one thread after its release fence.
+  FMOE_DEVICE bool credit(int tt, int len, int c) {
     const uint32_t target = uint32_t(load_cg(&L.tile_kept[tt]));
+    return atomicAdd(&L.dep_combine[tt * C::kDownTiles + c], uint32_t(len)) + uint32_t(len) ==
+           target;
+  }
+
+  /// Credit `len` finished rows of token tile tt in columns [col_lo, col_hi); the
+  /// credit that completes a (tile, column) publishes its combine task (expert
+  /// parallelism: results returned by peers). Called by one thread after its release
+  /// fence.
+  FMOE_DEVICE bool credit_run(int tt, int len, int col_lo, int col_hi) {
     bool ok = true;
     for (int c = col_lo; c < col_hi; ++c) {
-      const uint32_t done = atomicAdd(&L.dep_combine[tt * C::kDownTiles + c], uint32_t(len)) +
-                            uint32_t(len);
-      if (done == target) {
+      const bool done = credit(tt, len, c);
+      if (done) {
         ok &= ring.publish(1, [&](int) {
           return desc(uint32_t(tt * C::kDownTiles + c), kCombine);
         }, site);
@@ -675,19 +690,40 @@ struct Kernel {
   /**
    * credit_rows for the whole block after a row tile's down slice (every thread
    * calls it; the result is per thread, for __syncthreads_and): one thread per row
-   * finds the token tiles, the first thread of each run credits it.
+   * finds the token tiles, the first thread of each run credits it. One PE: the
+   * block then combines every (token tile, column) its credits completed, in the
+   * down epilogue while the rows are fresh in L2 (no combine task, no ring slot);
+   * the result is the same whichever block completes it.
    */
   FMOE_DEVICE bool credit_rows_block(int row0, int rows, int col) {
     static_assert(C::kThreads == kTile, "one thread per row of a row tile");
     __shared__ int32_t s_tt[kTile];
+    __shared__ int32_t s_ready[kTile];  // token tiles whose column this block completed
+    __shared__ int s_nready;
     const int r = threadIdx.x;
+    if (r == 0) s_nready = 0;
     if (r < rows) s_tt[r] = load_cg(&L.row_token[row0 + r]) / kTile;
     __syncthreads();
-    if (r >= rows || (r > 0 && s_tt[r - 1] == s_tt[r])) return true;
-    int len = 1;
-    while (r + len < rows && s_tt[r + len] == s_tt[r]) ++len;  // bounded: <= rows
-    __threadfence();  // release (after the block barrier): the rows before the credit
-    return credit_run(s_tt[r], len, col, col + 1);
+    bool ok = true;
+    if (r < rows && (r == 0 || s_tt[r - 1] != s_tt[r])) {
+      int len = 1;
+      while (r + len < rows && s_tt[r + len] == s_tt[r]) ++len;  // bounded: <= rows
+      __threadfence();  // release (after the block barrier): the rows before the credit
+      if constexpr (kInlineCombine) {
+        if (credit(s_tt[r], len, col)) {
+          __threadfence();  // acquire: the other blocks' rows of this tile
+          s_ready[atomicAdd(&s_nready, 1)] = s_tt[r];
+        }
+      } else {
+        ok = credit_run(s_tt[r], len, col, col + 1);
+      }
+    }
+    if constexpr (kInlineCombine) {
+      __syncthreads();
+      const int ready = s_nready;
+      for (int i = 0; i < ready; ++i) combine_task(s_ready[i] * C::kDownTiles + col);
+    }
+    return ok;
   }
 
   // ---------------------------------------------------------------- local tasks
@@ -1169,9 +1205,10 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   }
   if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierLists)) return;
 
+  // One PE combines in the down epilogue (Kernel::kInlineCombine): no combine tasks.
   typename Kernel<C>::Counts n{0, uint32_t(local_rowtiles * C::kUpTiles),
                                uint32_t(local_rowtiles * C::kDownTiles), 0, 0,
-                               uint32_t(k.TT * C::kDownTiles)};
+                               Kernel<C>::kInlineCombine ? 0u : uint32_t(k.TT * C::kDownTiles)};
 #if FLASHMOE_NVSHMEM
   if constexpr (C::kEP) {
     t0 = k.tracing() ? global_timer_ns() : 0u;
