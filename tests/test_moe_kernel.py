@@ -423,6 +423,33 @@ def test_routing_rules_match_the_oracle(name, backend):
     np.testing.assert_allclose(routing.weights[same], ref.weights[same], rtol=1e-5, atol=1e-7)
 
 
+# The rules above on every other storage type: the router's math is float32 whatever
+# the storage type, but its inputs (x, logits rounded to storage) are not.
+RULES_PER_DTYPE = {
+    "sigmoid": dict(experts=16, top_k=4, scoring="sigmoid", selection_bias=True, n_group=4,
+                    topk_group=2, routed_scaling=2.0, router_bias=True),
+    "topk-then-softmax": dict(experts=8, top_k=3, softmax_after_topk=True, router_bias=True,
+                              router_logits="storage", mlp="gated", activation="gelu"),
+}
+
+
+@pytest.mark.parametrize("dtype,rule", [("float32", "sigmoid"), ("tfloat32", "sigmoid"),
+                                        ("float16", "sigmoid"),
+                                        ("float16", "topk-then-softmax"),
+                                        ("tfloat32", "topk-then-softmax")])
+def test_routing_rules_on_every_dtype(dtype, rule, backend):
+    from flashmoe_core.oracle.reference import route_tokens
+
+    cfg = MoEConfig(tokens=per_backend(backend, 256, 40), hidden=64, ffn=128, dtype=dtype,
+                    **RULES_PER_DTYPE[rule])
+    y, routing, res = check_whole(cfg, backend)
+    layer, w = layer_for(cfg, backend)
+    ref = route_tokens(cfg, w, random_tokens(cfg, 1))
+    same = routing.experts == ref.experts
+    assert same.mean() >= 0.97, same.mean()  # a near-tie may flip one token
+    np.testing.assert_allclose(routing.weights[same], ref.weights[same], rtol=1e-5, atol=1e-7)
+
+
 def test_routing_from_the_caller_replaces_the_router(backend):
     from flashmoe_core.oracle.reference import moe_forward, with_capacity
 
