@@ -269,6 +269,12 @@ def test_check_finite_refuses_before_the_launch():
     x[9, 33] = NAN
     with pytest.raises(ValueError, match=r"x\[9, 33\] is nan"):
         layer(x)
+    # The saving forwards check alike (and keep no slot of a refused call).
+    for recompute in (False, True):
+        with pytest.raises(ValueError, match=r"x\[9, 33\] is nan"):
+            layer(x, save_for_backward=True, recompute=recompute)
+    pool = layer._saved_pool
+    assert sum(len(free) for free in pool._free.values()) == pool.slots  # none held
     assert layer.testing.state()["epoch"] == epoch  # nothing was launched
     w.b2[1, 2] = INF
     with pytest.raises(ValueError, match=r"weights.b2\[1, 2\] is inf"):
@@ -279,6 +285,8 @@ def test_check_finite_refuses_before_the_launch():
     xs[1][0, 0] = -INF
     with pytest.raises(ValueError, match=r"xs\[1\]\[0, 0\] is -inf"):
         ep(xs)
+    with pytest.raises(ValueError, match=r"xs\[1\]\[0, 0\] is -inf"):
+        ep(xs, save_for_backward=True)
 
 
 def test_gpu_layer_checks_weights_before_touching_a_gpu():

@@ -146,7 +146,7 @@ class EmulatedTraining(TrainingMixin):
         self.check_fault()
 
     def _tr_forward(self, x, slot: _Slot, return_routing: bool = False):
-        x, t = staged_input(self.cfg, as_numpy(x, "x"), "x")
+        x, t = staged_input(self.cfg, as_numpy(x, "x"), "x", self.check_finite)
         slot.view("x", x.shape, x.dtype)[...] = x
         self._forward_into(slot, slot.ptr("x"), t)
         y = self._pe.view("y_stage", (t, self.cfg.hidden), storage_dtype(self.cfg.dtype)).copy()
@@ -345,7 +345,8 @@ class EmulatedExpertParallelTraining:
         try:
             tokens = []
             for r, (x, s) in enumerate(zip(xs, slot.pes)):
-                x, t = staged_input(self.cfg, as_numpy(x, f"xs[{r}]"), f"xs[{r}]")
+                x, t = staged_input(self.cfg, as_numpy(x, f"xs[{r}]"), f"xs[{r}]",
+                                    self.check_finite)
                 s.view("x", x.shape, x.dtype)[...] = x
                 tokens.append(t)
             self._saving_launch(slot, [s.ptr("x") for s in slot.pes], tokens)

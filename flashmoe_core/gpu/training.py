@@ -32,7 +32,7 @@ from ..kernel.training import (MoEGradients, TrainingMixin, backward_layout_reco
 from ..host import memory
 from ..host.abi import ABI_VERSION
 from ..host.errors import FlashMoEError
-from ..numerics import round_to
+from ..numerics import check_finite, round_to
 from ..kernel.plan import SAVED_ROUTING, plan_backward, saved_buffers
 from ..oracle.reference import Routing
 
@@ -146,6 +146,8 @@ class GpuTraining(TrainingMixin):
             if self.cfg.dtype == "tfloat32" and x.dtype == np.float32:
                 x = round_to(x, "tfloat32")
             t = self._validate(x.shape, x.dtype)
+            if self.check_finite:
+                check_finite("x", x)
             memory.copy_in(slot.buf["x"], np.ascontiguousarray(x), self._stream)
             self._forward_slot(self._stream, slot, slot.ptr("x"), self._ptr("y_stage"), t)
             y = memory.download(self._buffers["y_stage"], (t, h), self._dtype, self._stream)
@@ -161,6 +163,12 @@ class GpuTraining(TrainingMixin):
             xv = view_tensor(x, stream_ptr)
             t = self._validate(xv.shape, xv.dtype, xv.is_c_contiguous)
             self._check_device(xv, "x")
+            if self.check_finite:
+                if capturing:
+                    raise ValueError("check_finite=True copies x to the host to check it, "
+                                     "which a CUDA graph capture cannot do; build the layer "
+                                     "without it")
+                check_finite("x", memory.download_from(xv.ptr, xv.shape, xv.dtype, s))
             if out is not None:
                 ov = view_tensor(out, stream_ptr)
                 if tuple(ov.shape) != (t, h) or ov.dtype != self._dtype or \
