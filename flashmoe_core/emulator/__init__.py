@@ -109,6 +109,36 @@ def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarra
     return out
 
 
+def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B",
+              options: EmulatorOptions = EmulatorOptions()):
+    """``kernels/gmma_test.cu`` (Hopper's wgmma, descriptors and mbarriers) on the
+    emulator: ``c = a b^T`` in float32 for a [64, K] and b [N, K] of one 16-bit storage
+    type (K a multiple of 64, N 64, 128 or 256), and the kernel's mbarrier probe words."""
+    from ..kernel.specs import gmma_test_spec
+
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != 64 or a.shape[1] != b.shape[1] or \
+            a.shape[1] % 64 or a.dtype != b.dtype:
+        raise ValueError(f"a must be [64, K] and b [N, K] of one dtype, K a multiple of 64; got "
+                         f"{a.shape} {a.dtype} and {b.shape} {b.dtype}")
+    dtype = {np.dtype(storage_dtype("bfloat16")): "bfloat16",
+             np.dtype(np.float16): "float16"}.get(a.dtype)
+    if dtype is None:
+        raise ValueError(f"a and b must be bfloat16 or float16, not {a.dtype}")
+    lib = emulator_library(gmma_test_spec(dtype, b.shape[0], swizzle), options.checked)
+    mismatches = lib.function("emu_gmma_layout_mismatches", [], ctypes.c_int)()
+    if mismatches:
+        raise FlashMoEError(f"the emulator's wgmma descriptor or accumulator layout disagrees "
+                            f"with CuTe's SM90 GMMA layouts in {mismatches} places")
+    fn = lib.function("emu_gmma_test", [_P, _P, _P, ctypes.c_int, _P])
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    c = np.empty((64, b.shape[0]), np.float32)
+    probe = np.zeros(9, np.uint32)
+    spans = _span("A", a) + _span("B", b) + _span("C", c) + _span("probe", probe)
+    lib.launch(options, fn, _addr(a), _addr(b), _addr(c), a.shape[1], _addr(probe),
+               buffers=spans)
+    return c, probe
+
+
 def ring_test(state: np.ndarray, ring: np.ndarray, seen: np.ndarray, seeds: int, fanout: int,
               grid: int = 8, timeout_s: float = 10.0,
               options: EmulatorOptions = EmulatorOptions()) -> dict:

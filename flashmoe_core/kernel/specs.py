@@ -15,7 +15,8 @@ import numpy as np
 from ..host.abi import ACT_IDS, DTYPE_IDS, abi_defines
 from ..host.compiler import KernelSpec
 
-__all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "TileConfig", "tile_config", "tile_gemm_spec", "nvshmem_ping_spec",
+__all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "TileConfig", "tile_config", "tile_gemm_spec",
+           "GMMA_SWIZZLES", "gmma_test_spec", "nvshmem_ping_spec",
            "ring_test_spec", "abi_check_spec", "test_specs", "moe_defines", "moe_spec",
            "moe_backward_spec", "moe_specs"]
 
@@ -60,6 +61,25 @@ def tile_gemm_spec(dtype: str) -> KernelSpec:
     defines = {"FMOE_DTYPE": DTYPE_IDS[dtype], **tile_config(dtype).defines()}
     return KernelSpec.make("kernels/tile_gemm.cu", defines, label=f"the {dtype} tile GEMM",
                            family="tile_gemm", context={"dtype": dtype})
+
+
+GMMA_SWIZZLES = {"interleave": 0, "32B": 1, "64B": 2, "128B": 3}
+"""Shared-memory layouts of the wgmma operand tiles (CuTe's GMMA layout atoms)."""
+
+
+def gmma_test_spec(dtype: str = "bfloat16", n: int = 64, swizzle: str = "128B") -> KernelSpec:
+    """The sm_90a building blocks on their own: a 64 x n wgmma tile product handed over
+    with an mbarrier (kernel-level test; Hopper only)."""
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"the wgmma test takes bfloat16 or float16, not {dtype!r}")
+    if n not in (64, 128, 256):
+        raise ValueError(f"the wgmma test's N is 64, 128 or 256, not {n}")
+    if swizzle not in GMMA_SWIZZLES:
+        raise ValueError(f"swizzle must be one of {sorted(GMMA_SWIZZLES)}, not {swizzle!r}")
+    defines = {"FMOE_DTYPE": DTYPE_IDS[dtype], "FMOE_N": n, "FMOE_SWIZZLE": GMMA_SWIZZLES[swizzle]}
+    return KernelSpec.make("kernels/gmma_test.cu", defines,
+                           label=f"the {dtype} wgmma test kernel (N={n}, {swizzle})",
+                           family="gmma_test", context={"dtype": dtype})
 
 
 def nvshmem_ping_spec() -> KernelSpec:

@@ -89,6 +89,16 @@
 #define FMOE_EMU_RT
 #endif
 
+#if FMOE_EMU_SM90
+// Hopper builds (sm90.h): CuTe takes shared addresses for wgmma descriptors through
+// cvta, which maps a pointer into the block's registered dynamic shared memory.
+namespace fmoe_emu {
+inline uint32_t shared_address(const void* p);
+}
+#define CUTE_CVTA_GENERIC_TO_SHARED_ACTIVATED 1
+inline size_t __cvta_generic_to_shared(const void* p) { return fmoe_emu::shared_address(p); }
+#endif
+
 namespace fmoe_emu {
 
 // ------------------------------------------------------------------ options and errors
@@ -563,11 +573,15 @@ struct FiberStart {
   const std::function<void()>* body;
 };
 
+/// Called as each emulated thread exits (set per block: sm90.h checks in-flight ops).
+inline thread_local void (*thread_exit_hook)() = nullptr;
+
 FMOE_EMU_RT inline void fiber_main(void* arg) {
   auto* s = static_cast<FiberStart*>(arg);
   (*s->body)();
   Block& b = *s->block;
   Fiber& f = b.fibers[size_t(s->index)];
+  if (thread_exit_hook != nullptr) thread_exit_hook();
   cp_async_complete(f, 0);
   f.done = true;
   --b.live;

@@ -1,0 +1,420 @@
+/**
+ * @file sm90.h
+ * @brief Hopper's asynchronous instructions, emulated: mbarrier, wgmma.mma_async with
+ *        shared-memory matrix descriptors, wgmma fence/commit/wait, elect.sync and
+ *        setmaxnreg (device/include/flashmoe/gemm/sm90.cuh calls these under the
+ *        emulator).
+ *
+ * The semantics follow the PTX ISA, written out here rather than taken from CuTe, so
+ * that a disagreement between the project's use of CuTe and the hardware shows:
+ * gmma_layout_mismatches() compares the descriptor decoding and the accumulator
+ * layout below with CuTe's SM90 GMMA layouts at start-up.
+ *
+ * Asynchrony is real where a kernel could get it wrong:
+ *  - wgmma.mma_async reads its shared-memory operands and writes its accumulators
+ *    when the thread's wgmma.wait_group retires the op, not at issue; at issue the
+ *    accumulator registers are overwritten with NaN, so a read before the wait shows
+ *    in the results, and the operands are fingerprinted, so shared memory written
+ *    while an op is in flight is reported;
+ *  - an op issued without a wgmma.fence since the thread's last wait is reported (the
+ *    fence orders register and shared-memory accesses before the async proxy's);
+ *  - an mbarrier phase completes only when its pending arrivals and its transaction
+ *    count both reach zero; try_wait yields the fiber while the phase is open.
+ * Not modelled: the async proxy's view of generic-proxy stores (fence.proxy.async is
+ * accepted and does nothing), clusters, multicast.
+ */
+#pragma once
+
+#include <limits>
+#include <unordered_map>
+
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+
+#include "atoms.h"
+#include "runtime.h"
+
+namespace fmoe_emu {
+
+// ------------------------------------------------------------------ shared addresses
+/// The block's dynamic shared memory, as the emulated kernel registered it: shared
+/// addresses (what descriptors and cvta hold) are offsets into it.
+struct SharedWindow {
+  const char* base = nullptr;
+  size_t bytes = 0;
+};
+inline thread_local SharedWindow shared_window;
+
+/// Register a block's dynamic shared memory (call from the launch's on_start); it must
+/// be 1024-byte aligned, as 128-byte swizzled operands need on the GPU.
+FMOE_EMU_RT inline void set_shared_window(const void* base, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(base) % 1024) {
+    fatal("emulator: the dynamic shared memory window must be 1024-byte aligned");
+  }
+  shared_window = SharedWindow{static_cast<const char*>(base), bytes};
+}
+
+FMOE_EMU_RT inline uint32_t shared_address(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  const SharedWindow& w = shared_window;
+  if (w.base == nullptr || c < w.base || c >= w.base + w.bytes) {
+    fatal("a shared address was taken of memory outside the block's dynamic shared memory "
+          "(descriptors and cvta need the registered window: set_shared_window)");
+  }
+  return uint32_t(c - w.base);
+}
+
+FMOE_EMU_RT inline const char* shared_pointer(uint32_t addr, size_t bytes, const char* what) {
+  const SharedWindow& w = shared_window;
+  if (w.base == nullptr || size_t(addr) + bytes > w.bytes) {
+    fatal(std::string(what) + " reads shared address " + std::to_string(addr) +
+          " past the block's dynamic shared memory (" + std::to_string(w.bytes) + " B)");
+  }
+  return w.base + addr;
+}
+
+// ------------------------------------------------------------------ mbarrier
+struct Mbarrier {
+  uint32_t expected = 0;  ///< arrivals per phase (init count)
+  uint32_t pending = 0;   ///< arrivals still missing in the current phase
+  int64_t tx = 0;         ///< transaction bytes expected minus completed
+  uint32_t phase = 0;     ///< phases completed so far (parity = phase & 1)
+};
+inline thread_local std::unordered_map<const void*, Mbarrier> mbarriers;
+
+FMOE_EMU_RT inline Mbarrier& mbarrier_state(const void* bar, const char* op) {
+  if (reinterpret_cast<uintptr_t>(bar) % 8) fatal(std::string(op) + " on an unaligned mbarrier");
+  auto it = mbarriers.find(bar);
+  if (it == mbarriers.end()) fatal(std::string(op) + " on an mbarrier nobody initialised");
+  return it->second;
+}
+
+FMOE_EMU_RT inline void mbarrier_maybe_complete(Mbarrier& m) {
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.phase;
+    m.pending = m.expected;
+  }
+}
+
+FMOE_EMU_RT inline void mbarrier_init(void* bar, uint32_t count) {
+  if (reinterpret_cast<uintptr_t>(bar) % 8) fatal("mbarrier.init on an unaligned address");
+  if (count == 0 || count >= (1u << 20)) fatal("mbarrier.init count must be in [1, 2^20)");
+  mbarriers[bar] = Mbarrier{count, count, 0, 0};
+}
+
+/// arrive (with expect_tx bytes first, as arrive.expect_tx does); returns the phase
+/// the arrival belonged to (the PTX state token).
+FMOE_EMU_RT inline uint64_t mbarrier_arrive(void* bar, uint32_t expect_tx = 0) {
+  Mbarrier& m = mbarrier_state(bar, "mbarrier.arrive");
+  const uint64_t token = m.phase;
+  m.tx += expect_tx;
+  if (m.pending == 0) fatal("mbarrier.arrive on a phase that has every arrival already");
+  --m.pending;
+  mbarrier_maybe_complete(m);
+  return token;
+}
+
+FMOE_EMU_RT inline void mbarrier_expect_tx(void* bar, uint32_t bytes) {
+  mbarrier_state(bar, "mbarrier.expect_tx").tx += bytes;
+}
+
+FMOE_EMU_RT inline void mbarrier_complete_tx(void* bar, uint32_t bytes) {
+  Mbarrier& m = mbarrier_state(bar, "mbarrier.complete_tx");
+  m.tx -= bytes;
+  if (m.tx < 0) fatal("mbarrier.complete_tx completed more bytes than the phase expects");
+  mbarrier_maybe_complete(m);
+}
+
+/// try_wait.parity: whether the phase with this parity has completed (the barrier's
+/// current phase has the other parity). A false answer yields the fiber first, so a
+/// spinning thread lets the arriving ones run.
+FMOE_EMU_RT inline bool mbarrier_try_wait_parity(void* bar, uint32_t parity) {
+  const bool done = (mbarrier_state(bar, "mbarrier.try_wait").phase & 1u) != (parity & 1u);
+  if (!done) {
+    yield();
+    chaos();
+  }
+  return done;
+}
+
+// ------------------------------------------------------------------ descriptors
+/// Operand element types of wgmma (the storage bits the tensor core reads).
+enum class GmmaType : int { BF16 = 0, F16 = 1, TF32 = 2 };
+
+FMOE_EMU_RT inline int gmma_type_bytes(GmmaType t) { return t == GmmaType::TF32 ? 4 : 2; }
+
+FMOE_EMU_RT inline float gmma_operand(GmmaType t, const char* p) {
+  if (t == GmmaType::TF32) {
+    uint32_t u;
+    std::memcpy(&u, p, 4);
+    return tf32_operand(u);
+  }
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return t == GmmaType::BF16 ? bf16_bits_to_float(h) : half_bits_to_float(h);
+}
+
+/// Shared address of element (row, k) of a K-major operand described by a wgmma
+/// matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address, leading and
+/// stride byte offsets in 16-byte units, layout type in bits 62-63 (0 interleaved, 1
+/// 128-byte, 2 64-byte, 3 32-byte swizzle). K-major canonical layouts, in 16-byte units
+/// (a "chunk" holds 16 / bytes elements of one row):
+///   interleaved:  row r, chunk j at (r % 8) + (r / 8) * SBO + j * LBO
+///   W-byte swizzle (W = 32, 64, 128): (r % 8) * W / 16 + (r / 8) * SBO + j, then bits
+///   [4, 4 + log2(W / 16)) of the byte address XORed with the bits 3 above them.
+FMOE_EMU_RT inline uint32_t gmma_element_address(uint64_t desc, int row, int k, int bytes) {
+  const uint32_t start = uint32_t(desc & 0x3fffu) << 4;
+  const uint32_t lbo = uint32_t((desc >> 16) & 0x3fffu) << 4;
+  const uint32_t sbo = uint32_t((desc >> 32) & 0x3fffu) << 4;
+  const uint32_t base_offset = uint32_t((desc >> 49) & 0x7u);
+  const int type = int((desc >> 62) & 0x3u);
+  if (base_offset != 0) fatal("wgmma descriptor with a nonzero base offset (not emulated)");
+  const int per_chunk = 16 / bytes;
+  const int j = k / per_chunk, e = k % per_chunk;
+  static const int kSwizzleBits[4] = {0, 3, 2, 1};  // by layout type
+  const int b = kSwizzleBits[type];
+  uint32_t addr;
+  if (type == 0) {
+    addr = start + uint32_t(row % 8) * 16u + uint32_t(row / 8) * sbo + uint32_t(j) * lbo;
+  } else {
+    addr = start + uint32_t(row % 8) * (16u << b) + uint32_t(row / 8) * sbo + uint32_t(j) * 16u;
+    addr ^= ((addr >> 7) & ((1u << b) - 1u)) << 4;
+  }
+  return addr + uint32_t(e * bytes);
+}
+
+/// Accumulator element i of warpgroup thread t for an m64nN f32 accumulator (PTX ISA
+/// "wgmma .m64nNk* D fragment"): row 16 * warp + lane / 4 + 8 * ((i / 2) % 2), column
+/// 8 * (i / 4) + 2 * (lane % 4) + i % 2.
+FMOE_EMU_RT inline void gmma_acc_coord(int t, int i, int& m, int& n) {
+  const int warp = t / 32, lane = t % 32;
+  m = 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+  n = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+}
+
+// ------------------------------------------------------------------ wgmma
+struct WgmmaOp {
+  uint64_t desc_a, desc_b;
+  float* d;
+  int n;
+  GmmaType type;
+  int group;
+  std::vector<float> c;  ///< the accumulators at issue (the C input when scale_d) ...
+  bool chained;          ///< ... unless an earlier op in flight writes them: its result
+  bool scale_d;
+  uint64_t fingerprint;  ///< of the operand bytes at issue
+  Site site;
+};
+
+struct WgmmaThread {
+  std::vector<WgmmaOp> ops;
+  int group = 0;      ///< groups committed so far
+  bool fenced = false;
+};
+
+/// Per-thread wgmma state, by thread index (reset at block start by the emulated kernel).
+inline thread_local std::vector<WgmmaThread> wgmma_threads;
+
+FMOE_EMU_RT inline WgmmaThread& wgmma_thread() {
+  const unsigned tid = cur_fiber().tid;
+  if (wgmma_threads.size() <= tid) wgmma_threads.resize(tid + 1);
+  return wgmma_threads[tid];
+}
+
+FMOE_EMU_RT inline int gmma_k(GmmaType t) { return t == GmmaType::TF32 ? 8 : 16; }
+
+FMOE_EMU_RT inline uint64_t gmma_fingerprint(uint64_t desc_a, uint64_t desc_b, int n, GmmaType t) {
+  const int bytes = gmma_type_bytes(t), kk = gmma_k(t);
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint64_t desc, int rows) {
+    for (int r = 0; r < rows; ++r) {
+      for (int k = 0; k < kk; ++k) {
+        const char* p = shared_pointer(gmma_element_address(desc, r, k, bytes), size_t(bytes),
+                                       "wgmma.mma_async");
+        uint32_t v = 0;
+        std::memcpy(&v, p, size_t(bytes));
+        h = (h ^ v) * 1099511628211ull;
+      }
+    }
+  };
+  mix(desc_a, 64);
+  mix(desc_b, n);
+  return h;
+}
+
+FMOE_EMU_RT inline void wgmma_fence() { wgmma_thread().fenced = true; }
+
+/// wgmma.mma_async.sync.aligned.m64nNk{16,8}.f32 with both operands K-major in shared
+/// memory; d holds this thread's n / 2 accumulators.
+FMOE_EMU_RT inline void wgmma_issue(float* d, int n, GmmaType type, uint64_t desc_a,
+                                    uint64_t desc_b, bool scale_d, const Site& site) {
+  if (n < 8 || n > 256 || n % 8) fatal("wgmma N must be a multiple of 8 in [8, 256]");
+  if (blockDim.x % 128) fatal("wgmma needs whole warpgroups (blockDim a multiple of 128)");
+  WgmmaThread& w = wgmma_thread();
+  if (!w.fenced) {
+    fatal("wgmma.mma_async at " + describe(site) + " without a wgmma.fence since the thread's "
+          "last wait_group: the accumulators and operands it reads are unordered with the "
+          "thread's earlier accesses");
+  }
+  // Ops on the same accumulators run in issue order, each on its predecessor's result.
+  bool chained = false;
+  for (const WgmmaOp& prev : w.ops) chained |= prev.d == d;
+  WgmmaOp op{desc_a, desc_b, d, n, type, w.group,
+             chained ? std::vector<float>() : std::vector<float>(d, d + n / 2), chained, scale_d,
+             gmma_fingerprint(desc_a, desc_b, n, type), site};
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int i = 0; i < n / 2; ++i) d[i] = nan;  // not readable before the wait
+  w.ops.push_back(std::move(op));
+}
+
+FMOE_EMU_RT inline void wgmma_execute(const WgmmaOp& op, int t) {
+  if (gmma_fingerprint(op.desc_a, op.desc_b, op.n, op.type) != op.fingerprint) {
+    fatal("shared memory read by the wgmma.mma_async issued at " + describe(op.site) +
+          " was written before the wait_group that retires it");
+  }
+  const int bytes = gmma_type_bytes(op.type), kk = gmma_k(op.type);
+  for (int i = 0; i < op.n / 2; ++i) {
+    int m, n;
+    gmma_acc_coord(t % 128, i, m, n);
+    float acc = !op.scale_d ? 0.0f : op.chained ? op.d[i] : op.c[size_t(i)];
+    for (int k = 0; k < kk; ++k) {
+      const uint32_t pa = gmma_element_address(op.desc_a, m, k, bytes);
+      const uint32_t pb = gmma_element_address(op.desc_b, n, k, bytes);
+      const float a = gmma_operand(op.type, shared_pointer(pa, size_t(bytes), "wgmma.mma_async"));
+      const float b = gmma_operand(op.type, shared_pointer(pb, size_t(bytes), "wgmma.mma_async"));
+      acc = std::fma(a, b, acc);
+    }
+    op.d[i] = acc;
+  }
+}
+
+FMOE_EMU_RT inline void wgmma_commit() {
+  WgmmaThread& w = wgmma_thread();
+  ++w.group;
+}
+
+/// wgmma.wait_group N: retire every op but those of the newest N committed groups.
+FMOE_EMU_RT inline void wgmma_wait(int keep) {
+  if (!wgmma_thread().ops.empty()) {
+    yield();  // the ops run while other threads go on: what they do meanwhile must not
+    chaos();  // touch the operands (checked when the ops retire, below)
+  }
+  WgmmaThread& w = wgmma_thread();
+  const int limit = w.group - keep;
+  const int t = int(cur_fiber().tid);
+  auto it = w.ops.begin();
+  while (it != w.ops.end()) {
+    if (it->group < limit) {
+      wgmma_execute(*it, t);
+      it = w.ops.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  w.fenced = false;
+}
+
+/// At a thread's exit: an op still in flight is a bug (its registers never land).
+FMOE_EMU_RT inline void wgmma_check_exit() {
+  if (wgmma_threads.size() <= cur_fiber().tid) return;
+  const WgmmaThread& w = wgmma_threads[cur_fiber().tid];
+  if (!w.ops.empty()) {
+    fatal("thread " + std::to_string(cur_fiber().tid) + " exits with the wgmma.mma_async of " +
+          describe(w.ops.front().site) + " in flight (no wait_group retired it)");
+  }
+}
+
+// ------------------------------------------------------------------ elect, setmaxnreg
+/// elect.sync with a full mask: lane 0 of the warp is elected.
+FMOE_EMU_RT inline bool elect_one() { return lane_id() == 0; }
+
+/// setmaxnreg: no registers to move here, but the count must be the same for every
+/// thread of the warpgroup (checked per warpgroup, per call in program order).
+inline thread_local std::map<std::pair<int, int>, std::pair<int, int>> setmaxnreg_calls;
+inline thread_local std::vector<int> setmaxnreg_seq;
+
+FMOE_EMU_RT inline void setmaxnreg(int regs, const Site& site) {
+  if (regs < 24 || regs > 256 || regs % 8) {
+    fatal("setmaxnreg count must be a multiple of 8 in [24, 256]");
+  }
+  const int tid = int(cur_fiber().tid), wg = tid / 128;
+  if (int(setmaxnreg_seq.size()) <= tid) setmaxnreg_seq.resize(size_t(tid) + 1, 0);
+  const int seq = setmaxnreg_seq[size_t(tid)]++;
+  auto& entry = setmaxnreg_calls[{wg, seq}];
+  if (entry.second == 0) {
+    entry.first = regs;
+  } else if (entry.first != regs) {
+    fatal("setmaxnreg at " + describe(site) + ": warpgroup " + std::to_string(wg) +
+          " asks for " + std::to_string(entry.first) + " and " + std::to_string(regs) +
+          " registers (the count must be warpgroup-uniform)");
+  }
+  ++entry.second;
+}
+
+/// Forget the per-block state of the instructions above and check in-flight ops at
+/// every thread's exit (call at block start, with the block's shared memory).
+FMOE_EMU_RT inline void sm90_block_start(const void* smem, size_t smem_bytes) {
+  set_shared_window(smem, smem_bytes);
+  mbarriers.clear();
+  wgmma_threads.clear();
+  setmaxnreg_calls.clear();
+  setmaxnreg_seq.clear();
+  thread_exit_hook = &wgmma_check_exit;
+}
+
+// ------------------------------------------------------------------ cross-check
+/// Elements where decoding CuTe's descriptor of a K-major operand tile disagrees with
+/// CuTe's own layout of it: 64 x 64 tiles of T in each GMMA layout atom (interleaved,
+/// 32-, 64-, 128-byte swizzle), one descriptor per k-step as a mainloop takes them.
+template <class T, class Atom>
+FMOE_EMU_RT inline int gmma_desc_mismatches(GmmaType type) {
+  using namespace cute;
+  constexpr int kK = 64, kStep = 256 / int(8 * sizeof(T));  // k per wgmma: 32 bytes
+  alignas(1024) static char buf[64 * kK * sizeof(T)];
+  const SharedWindow saved = shared_window;
+  shared_window = SharedWindow{buf, sizeof buf};
+  auto layout = tile_to_shape(Atom{}, Shape<_64, Int<kK>>{});
+  Tensor t = make_tensor(make_smem_ptr(reinterpret_cast<T*>(buf)), layout);
+  int bad = 0;
+  for (int kb = 0; kb < kK / kStep; ++kb) {
+    Tensor sub = local_tile(t, Shape<_64, Int<kStep>>{}, make_coord(0, kb));
+    const uint64_t desc = uint64_t(GMMA::make_gmma_desc<GMMA::Major::K>(sub));
+    for (int m = 0; m < 64; ++m) {
+      for (int k = 0; k < kStep; ++k) {
+        const uint32_t want = uint32_t(reinterpret_cast<const char*>(&sub(m, k)) - buf);
+        bad += gmma_element_address(desc, m, k, gmma_type_bytes(type)) != want;
+      }
+    }
+  }
+  shared_window = saved;
+  return bad;
+}
+
+/// Disagreements between the emulation above and CuTe's SM90 GMMA layouts (0 expected):
+/// descriptors of every layout atom for 16- and 32-bit operands, and the m64nN
+/// accumulator layout (CLayout_64xN) for N = 64 and 256.
+FMOE_EMU_RT inline int gmma_layout_mismatches() {
+  using namespace cute;
+  using B16 = cutlass::bfloat16_t;
+  using F32 = cutlass::tfloat32_t;
+  int bad = gmma_desc_mismatches<B16, GMMA::Layout_K_INTER_Atom<B16>>(GmmaType::BF16) +
+            gmma_desc_mismatches<B16, GMMA::Layout_K_SW32_Atom<B16>>(GmmaType::BF16) +
+            gmma_desc_mismatches<B16, GMMA::Layout_K_SW64_Atom<B16>>(GmmaType::BF16) +
+            gmma_desc_mismatches<B16, GMMA::Layout_K_SW128_Atom<B16>>(GmmaType::BF16) +
+            gmma_desc_mismatches<F32, GMMA::Layout_K_SW128_Atom<F32>>(GmmaType::TF32) +
+            gmma_desc_mismatches<F32, GMMA::Layout_K_INTER_Atom<F32>>(GmmaType::TF32);
+  auto check_c = [&](auto layout, int n_cols) {
+    for (int t = 0; t < 128; ++t) {
+      for (int i = 0; i < n_cols / 2; ++i) {
+        const int idx = layout(t, i);
+        int m, n;
+        gmma_acc_coord(t, i, m, n);
+        bad += (idx % 64 != m) || (idx / 64 != n);
+      }
+    }
+  };
+  check_c(GMMA::CLayout_64xN<64>{}, 64);
+  check_c(GMMA::CLayout_64xN<256>{}, 256);
+  return bad;
+}
+
+}  // namespace fmoe_emu
