@@ -1,7 +1,8 @@
 """Hopper's asynchronous instructions on the CPU emulator (kernels/gmma_test.cu): wgmma
-on shared-memory descriptors in every layout atom against NumPy, mbarrier phases, the
-emulation's agreement with CuTe's SM90 GMMA layouts, and the bugs its asynchrony is
-there to catch. The sm_90a compile of the same kernel is checked for HGMMA."""
+on shared-memory descriptors in every layout atom against NumPy, TMA tile loads into
+the swizzled layouts, mbarrier phases, the emulation's agreement with CuTe's SM90 GMMA
+layouts, and the bugs its asynchrony is there to catch. The sm_90a compile of the same
+kernel is checked for HGMMA and UTMALDG."""
 
 import shutil
 
@@ -39,11 +40,35 @@ CASES = [("bfloat16", 64, "128B"), ("float16", 128, "interleave"), ("bfloat16", 
 @pytest.mark.parametrize("dtype,n,swizzle", CASES, ids=[f"{d}-{n}-{s}" for d, n, s in CASES])
 def test_wgmma_tile_product_matches_numpy(dtype, n, swizzle):
     a, b = operands(dtype, n, 192)
-    c, probe = gmma_test(a, b, swizzle, options=EmulatorOptions(seed=3))
     ref = reference(a, b)
-    # float32 accumulation of 192 products of 16-bit operands (exact in float32).
-    assert np.abs(c - ref).max() <= 1e-5 * np.abs(ref).max()
-    assert probe.tolist() == PROBE
+    # Tiles stored by the threads, then (swizzled layouts) loaded by TMA instead.
+    for tma in (False, True) if swizzle != "interleave" else (False,):
+        c, probe = gmma_test(a, b, swizzle, tma=tma, options=EmulatorOptions(seed=3))
+        # float32 accumulation of 192 products of 16-bit operands.
+        assert np.abs(c - ref).max() <= 1e-5 * np.abs(ref).max(), tma
+        assert probe.tolist() == PROBE
+
+
+def test_tma_box_outside_the_tensor_reads_zeros():
+    # K = 192 in tiles of 64, but the maps say the tensors end at K = 160: the last
+    # tile's boxes are zero past it, as TMA fills out-of-bounds elements.
+    from flashmoe_core.host import tma
+
+    full = operands("bfloat16", 64, 192)  # nonzero past K = 160: must not be read
+    c, _ = gmma_test(full[0], full[1], "128B", tma=True, map_k=160)
+    a, b = full[0].copy(), full[1].copy()
+    a[:, 160:] = 0
+    b[:, 160:] = 0
+    want = reference(a, b)
+    assert np.abs(c - want).max() <= 1e-5 * np.abs(want).max()
+    with pytest.raises(ValueError, match="at most 128 B per row"):
+        tma.check_tiled(0, 2, (192, 64), (384,), (128, 64), "128B")
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        tma.check_tiled(8, 2, (192, 64), (384,), (64, 64), "128B")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tma.check_tiled(0, 2, (190, 64), (380,), (64, 64), "128B")
+    with pytest.raises(ValueError, match="1..256"):
+        tma.check_tiled(0, 2, (192, 512), (384,), (64, 512), "128B")
 
 
 def _mutant(tmp_path, monkeypatch, file, *edits):
@@ -111,8 +136,8 @@ def test_operands_overwritten_while_in_flight_are_reported(tmp_path, monkeypatch
 def test_a_stale_phase_parity_lets_threads_past_an_open_phase(tmp_path, monkeypatch):
     # Waiting on parity 0 every k-tile: from the second one on the wait passes at once
     # (phase 0 completed long ago), before the other threads stored their share.
-    _mutant(tmp_path, monkeypatch, KERNEL, "mbarrier_try_wait_parity(&bar, uint32_t(kt & 1))",
-            "mbarrier_try_wait_parity(&bar, 0u)")
+    _mutant(tmp_path, monkeypatch, KERNEL, "mbarrier_try_wait_parity(ready, uint32_t(kt & 1))",
+            "mbarrier_try_wait_parity(ready, 0u)")
     a, b = operands("bfloat16", 64, 256)
     caught = False
     for seed in (1, 2, 3):
@@ -128,7 +153,7 @@ def test_a_stale_phase_parity_lets_threads_past_an_open_phase(tmp_path, monkeypa
 
 
 @pytest.mark.compile
-def test_the_sm90a_build_issues_hgmma_and_mbarrier_instructions(tmp_path):
+def test_the_sm90a_build_issues_hgmma_tma_and_mbarrier_instructions(tmp_path):
     from flashmoe_core.host import sass
     from flashmoe_core.host.cache import KernelCache
     from flashmoe_core.host.compiler import build
@@ -139,4 +164,29 @@ def test_the_sm90a_build_issues_hgmma_and_mbarrier_instructions(tmp_path):
     ops = [i.opcode.split(".")[0] for i in sass.disassemble(k.cubin)["flashmoe_gmma_test"]]
     assert ops.count("HGMMA") == 4  # one per k16 step of a 64-wide k-tile
     assert "SYNCS" in ops and "ELECT" in ops  # mbarrier operations, elect.sync
+    assert ops.count("UTMALDG") == 2  # the TMA mode's two loads (one box each at 128B)
     assert sass.instruction_kind("HGMMA") == "mma"
+    assert sass.instruction_kind("UTMALDG") == "gmem->smem"
+
+
+def test_a_wait_on_a_completed_parity_reads_the_tma_tile_in_flight(tmp_path, monkeypatch):
+    # The consumers wait for the wrong phase (the one before, long complete): they
+    # compute on boxes that have not landed (NaN), or the boxes land under their
+    # in-flight wgmmas.
+    _mutant(tmp_path, monkeypatch, KERNEL, "mbarrier_try_wait_parity(ready, uint32_t(kt & 1))",
+            "mbarrier_try_wait_parity(ready, uint32_t((kt & 1) ^ 1))")
+    try:
+        c, _ = gmma_test(*operands("bfloat16", 64, 128), "128B", tma=True)
+    except EmulatorError as exc:
+        assert "was written before the wait_group" in str(exc), exc
+    else:
+        assert np.isnan(c).any()
+
+
+def test_tma_bytes_beyond_the_expected_transactions_are_reported(tmp_path, monkeypatch):
+    # The producer declares only A's bytes: B's loads complete more than the phase expects.
+    _mutant(tmp_path, monkeypatch, KERNEL,
+            "mbarrier_arrive_expect_tx(&full, uint32_t((64 + kN) * kBK * sizeof(T)))",
+            "mbarrier_arrive_expect_tx(&full, uint32_t(64 * kBK * sizeof(T)))")
+    with pytest.raises(EmulatorError, match="more bytes than the phase expects"):
+        gmma_test(*operands("bfloat16", 64, 128), "128B", tma=True)

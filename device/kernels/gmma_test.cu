@@ -9,7 +9,10 @@
  * fences the async proxy and arrives on the barrier (thread 0 with a transaction
  * count it then completes, so the phase needs both); all wait on the phase's parity,
  * fence, issue four k16 wgmmas as one group, wait for it and meet before the tiles are
- * overwritten. `probe` (9 words) records mbarrier answers of a fixed sequence, run by
+ * overwritten. With use_tma, thread 0 instead loads both tiles with TMA (tma_a: A as a
+ * [64, K] map, tma_b: B as [N, K], boxes of one swizzle span by the tile's rows, in the
+ * layout's swizzle) onto a barrier of one arrival and the tiles' bytes.
+ * `probe` (9 words) records mbarrier answers of a fixed sequence, run by
  * thread 0 on a second barrier first (see tests/test_sm90.py for the expected ones),
  * and word 8 a k-tile barrier that never completed.
  *
@@ -43,14 +46,22 @@ constexpr int kSmemA = int(cosize(LayoutA{})) * int(sizeof(T));
 constexpr int kSmemB = int(cosize(LayoutB{})) * int(sizeof(T));
 }  // namespace
 
+// TMA mode: one box row per swizzle span, boxes side by side along K as the layout atoms
+// tile a k-tile (interleaved tiles have no TMA mode here).
+constexpr int kSpan = FMOE_SWIZZLE == 0 ? 128 : (16 << FMOE_SWIZZLE);
+constexpr int kBoxK = kSpan / int(sizeof(T));
+constexpr int kBoxes = kBK / kBoxK;
+
 extern "C" __device__ const int flashmoe_gmma_test_smem = kSmemA + kSmemB;
 
 extern "C" __global__ void __launch_bounds__(128)
 flashmoe_gmma_test(const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ C,
-                   int K, uint32_t* __restrict__ probe) {
+                   int K, uint32_t* __restrict__ probe,
+                   const __grid_constant__ flashmoe::sm90::TensorMap tma_a,
+                   const __grid_constant__ flashmoe::sm90::TensorMap tma_b, int use_tma) {
   namespace sm90 = flashmoe::sm90;
   extern __shared__ __align__(1024) char smem[];
-  __shared__ __align__(8) uint64_t bar, probe_bar;
+  __shared__ __align__(8) uint64_t bar, full, probe_bar;
   Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)), LayoutA{});
   Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)), LayoutB{});
   const int tid = int(threadIdx.x);
@@ -72,6 +83,7 @@ flashmoe_gmma_test(const T* __restrict__ A, const T* __restrict__ B, float* __re
     probe[6] = sm90::mbarrier_try_wait_parity(&probe_bar, 1);  // phase 1 done
     probe[7] = sm90::elect_one();
     sm90::mbarrier_init(&bar, 128);
+    sm90::mbarrier_init(&full, 1);  // TMA mode: the producer's arrival plus the bytes
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -81,22 +93,35 @@ flashmoe_gmma_test(const T* __restrict__ A, const T* __restrict__ B, float* __re
   for (int i = 0; i < kN / 2; ++i) d[i] = 0.0f;
   for (int kt = 0; kt < K / kBK; ++kt) {
     const int k0 = kt * kBK;
-    for (int i = tid; i < 64 * kBK; i += 128) {
-      sA(i / kBK, i % kBK) = A[(i / kBK) * K + k0 + i % kBK];
-    }
-    for (int i = tid; i < kN * kBK; i += 128) {
-      sB(i / kBK, i % kBK) = B[(i / kBK) * K + k0 + i % kBK];
-    }
-    sm90::fence_proxy_async();
-    if (tid == 0) {
-      sm90::mbarrier_arrive_expect_tx(&bar, 16);
-      sm90::mbarrier_complete_tx(&bar, 16);
+    uint64_t* ready = use_tma ? &full : &bar;
+    if (use_tma) {
+      if (tid == 0) {  // the producer: both tiles' bytes on one phase
+        sm90::mbarrier_arrive_expect_tx(&full, uint32_t((64 + kN) * kBK * sizeof(T)));
+        for (int j = 0; j < kBoxes; ++j) {
+          sm90::tma_load_2d(smem + j * 64 * kSpan, &tma_a, &full, k0 + j * kBoxK, 0);
+          sm90::tma_load_2d(smem + kSmemA + j * kN * kSpan, &tma_b, &full, k0 + j * kBoxK, 0);
+        }
+      }
     } else {
-      sm90::mbarrier_arrive(&bar);
+      for (int i = tid; i < 64 * kBK; i += 128) {
+        sA(i / kBK, i % kBK) = A[(i / kBK) * K + k0 + i % kBK];
+      }
+      for (int i = tid; i < kN * kBK; i += 128) {
+        sB(i / kBK, i % kBK) = B[(i / kBK) * K + k0 + i % kBK];
+      }
+      sm90::fence_proxy_async();
+      if (tid == 0) {
+        sm90::mbarrier_arrive_expect_tx(&bar, 16);
+        sm90::mbarrier_complete_tx(&bar, 16);
+      } else {
+        sm90::mbarrier_arrive(&bar);
+      }
     }
-    // Bounded: a phase that never completes leaves probe[8] set, not a hung GPU.
-    for (int spin = 0; !sm90::mbarrier_try_wait_parity(&bar, uint32_t(kt & 1)); ++spin) {
-      if (spin == (1 << 24)) {
+    // Bounded (half a second): a phase that never completes leaves probe[8] set, not a
+    // hung GPU.
+    const uint64_t deadline = flashmoe::global_timer_ns() + 500000000ull;
+    while (!sm90::mbarrier_try_wait_parity(ready, uint32_t(kt & 1))) {
+      if (flashmoe::global_timer_ns() > deadline) {
         probe[8] = 1u;
         break;
       }

@@ -109,12 +109,19 @@ def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarra
     return out
 
 
-def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B",
-              options: EmulatorOptions = EmulatorOptions()):
-    """``kernels/gmma_test.cu`` (Hopper's wgmma, descriptors and mbarriers) on the
+def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B", tma: bool = False,
+              map_k: Optional[int] = None, options: EmulatorOptions = EmulatorOptions()):
+    """``kernels/gmma_test.cu`` (Hopper's wgmma, descriptors, mbarriers and TMA) on the
     emulator: ``c = a b^T`` in float32 for a [64, K] and b [N, K] of one 16-bit storage
-    type (K a multiple of 64, N 64, 128 or 256), and the kernel's mbarrier probe words."""
+    type (K a multiple of 64, N 64, 128 or 256), and the kernel's mbarrier probe words.
+    ``tma``: the operand tiles arrive by TMA loads (a swizzled layout) instead of stores;
+    ``map_k``: the tensor maps' K (default K), past which the loads read zeros."""
+    from ..host.tma import encode_emulated
     from ..kernel.specs import gmma_test_spec
+
+    if tma and swizzle == "interleave":
+        raise ValueError("the TMA mode loads swizzled tiles: pass swizzle='32B', '64B' or "
+                         "'128B'")
 
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != 64 or a.shape[1] != b.shape[1] or \
             a.shape[1] % 64 or a.dtype != b.dtype:
@@ -129,13 +136,19 @@ def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B",
     if mismatches:
         raise FlashMoEError(f"the emulator's wgmma descriptor or accumulator layout disagrees "
                             f"with CuTe's SM90 GMMA layouts in {mismatches} places")
-    fn = lib.function("emu_gmma_test", [_P, _P, _P, ctypes.c_int, _P])
+    fn = lib.function("emu_gmma_test", [_P, _P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int])
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     c = np.empty((64, b.shape[0]), np.float32)
     probe = np.zeros(9, np.uint32)
+    k, eb = a.shape[1], a.itemsize
+    tma_swizzle = "none" if swizzle == "interleave" else swizzle
+    box_k = 128 // eb if tma_swizzle == "none" else (16 << ("32B", "64B", "128B").index(
+        tma_swizzle) + 1) // eb
+    maps = [encode_emulated(_addr(t), eb, (map_k or k, t.shape[0]), (k * eb,),
+                            (box_k, t.shape[0]), tma_swizzle) for t in (a, b)]
     spans = _span("A", a) + _span("B", b) + _span("C", c) + _span("probe", probe)
-    lib.launch(options, fn, _addr(a), _addr(b), _addr(c), a.shape[1], _addr(probe),
-               buffers=spans)
+    lib.launch(options, fn, _addr(a), _addr(b), _addr(c), k, _addr(probe), _addr(maps[0]),
+               _addr(maps[1]), int(tma), buffers=spans)
     return c, probe
 
 

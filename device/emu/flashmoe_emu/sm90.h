@@ -127,13 +127,122 @@ FMOE_EMU_RT inline void mbarrier_complete_tx(void* bar, uint32_t bytes) {
 /// try_wait.parity: whether the phase with this parity has completed (the barrier's
 /// current phase has the other parity). A false answer yields the fiber first, so a
 /// spinning thread lets the arriving ones run.
+FMOE_EMU_RT inline void tma_land_for(const void* bar);
+
 FMOE_EMU_RT inline bool mbarrier_try_wait_parity(void* bar, uint32_t parity) {
+  tma_land_for(bar);  // loads land at the latest moment a correct kernel allows
   const bool done = (mbarrier_state(bar, "mbarrier.try_wait").phase & 1u) != (parity & 1u);
   if (!done) {
     yield();
     chaos();
   }
   return done;
+}
+
+// ------------------------------------------------------------------ TMA
+/// The emulator's tensor map: what cuTensorMapEncodeTiled would encode, in the 128
+/// bytes of a CUtensorMap (host/tma.py writes it; the layout is this emulator's own).
+struct EmuTensorMap {
+  uint32_t magic;         ///< kTensorMapMagic
+  uint32_t elem_bytes;    ///< 1, 2, 4 or 8
+  uint32_t rank;          ///< 1..3
+  uint32_t swizzle;       ///< 0 none, 1 32-byte, 2 64-byte, 3 128-byte
+  uint64_t address;       ///< global address of element (0, 0, 0)
+  uint64_t dims[3];       ///< elements per dimension, innermost first
+  uint64_t strides[2];    ///< bytes between steps of dimensions 1 and 2
+  uint32_t box[3];        ///< elements per dimension of one load
+  uint32_t pad[13];
+};
+static_assert(sizeof(EmuTensorMap) == 128, "a tensor map is 128 bytes");
+constexpr uint32_t kTensorMapMagic = 0x4d544d46u;  // "FMTM"
+
+struct PendingTma {
+  char* dst;
+  EmuTensorMap map;
+  int coord[3];
+  void* bar;
+  uint32_t bytes;
+  Site site;
+};
+inline thread_local std::vector<PendingTma> pending_tma;
+
+FMOE_EMU_RT inline uint32_t tma_swizzle_span(uint32_t swizzle) {
+  return swizzle == 0 ? 0u : 16u << swizzle;
+}
+
+/// The load lands: the box is read from global memory (zeros outside the tensor),
+/// written row by row into shared memory in the map's swizzle, and its bytes complete
+/// the barrier's transactions.
+FMOE_EMU_RT inline void tma_land(const PendingTma& t) {
+  const EmuTensorMap& m = t.map;
+  const uint32_t eb = m.elem_bytes;
+  const uint32_t base = shared_address(t.dst);
+  const int bits = int(m.swizzle);  // XOR width in 16-byte units: 0, 1, 2 or 3 bits
+  uint32_t n = 0;
+  for (uint32_t i2 = 0; i2 < (m.rank > 2 ? m.box[2] : 1u); ++i2) {
+    for (uint32_t i1 = 0; i1 < (m.rank > 1 ? m.box[1] : 1u); ++i1) {
+      for (uint32_t i0 = 0; i0 < m.box[0]; ++i0, ++n) {
+        uint32_t addr = base + n * eb;
+        if (bits) addr ^= ((addr >> 7) & ((1u << bits) - 1u)) << 4;
+        char* out = const_cast<char*>(shared_pointer(addr, eb, "cp.async.bulk.tensor"));
+        const int64_t g0 = int64_t(t.coord[0]) + i0, g1 = int64_t(t.coord[1]) + i1,
+                      g2 = int64_t(t.coord[2]) + i2;
+        const bool inside = g0 >= 0 && uint64_t(g0) < m.dims[0] &&
+                            (m.rank < 2 || (g1 >= 0 && uint64_t(g1) < m.dims[1])) &&
+                            (m.rank < 3 || (g2 >= 0 && uint64_t(g2) < m.dims[2]));
+        if (!inside) {
+          std::memset(out, 0, eb);
+          continue;
+        }
+        const uint64_t off = uint64_t(g0) * eb + (m.rank > 1 ? uint64_t(g1) * m.strides[0] : 0) +
+                             (m.rank > 2 ? uint64_t(g2) * m.strides[1] : 0);
+        copy_l2(out, reinterpret_cast<const void*>(m.address + off), eb, 0);
+      }
+    }
+  }
+  mbarrier_complete_tx(t.bar, t.bytes);
+}
+
+/// Land the loads that complete transactions on `bar` (before a wait on it looks).
+FMOE_EMU_RT inline void tma_land_for(const void* bar) {
+  auto it = pending_tma.begin();
+  while (it != pending_tma.end()) {
+    if (it->bar == bar) {
+      const PendingTma t = *it;
+      it = pending_tma.erase(it);
+      tma_land(t);
+    } else {
+      ++it;
+    }
+  }
+}
+
+/// cp.async.bulk.tensor.{1,2,3}d.shared.global.mbarrier::complete_tx::bytes: the box at
+/// `coord` goes to `dst` and completes its bytes on `bar`, asynchronously: the box reads
+/// as 0xFF bytes (NaN) until a wait on the barrier lands it.
+FMOE_EMU_RT inline void tma_load(void* dst, const void* map, void* bar, int rank, const int* coord,
+                                 const Site& site) {
+  EmuTensorMap m;
+  std::memcpy(&m, map, sizeof m);
+  if (m.magic != kTensorMapMagic) fatal("cp.async.bulk.tensor with a tensor map not encoded "
+                                        "for the emulator (host/tma.py)");
+  if (int(m.rank) != rank) {
+    fatal("cp.async.bulk.tensor." + std::to_string(rank) + "d with a rank-" +
+          std::to_string(m.rank) + " tensor map");
+  }
+  const uint32_t span = tma_swizzle_span(m.swizzle);
+  const uintptr_t align = span ? span * 8u : 128u;  // where the swizzle pattern repeats
+  if (shared_address(dst) % align) {
+    fatal("cp.async.bulk.tensor destination not " + std::to_string(align) + "-byte aligned");
+  }
+  uint32_t bytes = m.elem_bytes;
+  for (int d = 0; d < rank; ++d) bytes *= m.box[d];
+  mbarrier_state(bar, "cp.async.bulk.tensor");  // an initialised barrier
+  std::memset(dst, 0xff, bytes);  // in flight: unreadable until the barrier releases it
+  (void)shared_pointer(shared_address(dst), bytes, "cp.async.bulk.tensor");
+  PendingTma t{static_cast<char*>(dst), m, {coord[0], rank > 1 ? coord[1] : 0,
+                                           rank > 2 ? coord[2] : 0}, bar, bytes, site};
+  pending_tma.push_back(t);
 }
 
 // ------------------------------------------------------------------ descriptors
@@ -313,8 +422,13 @@ FMOE_EMU_RT inline void wgmma_wait(int keep) {
   w.fenced = false;
 }
 
-/// At a thread's exit: an op still in flight is a bug (its registers never land).
+/// At a thread's exit: an op still in flight is a bug (its registers never land), as
+/// is a TMA load nobody waited for when the block's last thread leaves.
 FMOE_EMU_RT inline void wgmma_check_exit() {
+  if (tls.block != nullptr && tls.block->live == 1 && !pending_tma.empty()) {
+    fatal("the block ends with the cp.async.bulk.tensor of " +
+          describe(pending_tma.front().site) + " never waited for (no wait on its barrier)");
+  }
   if (wgmma_threads.size() <= cur_fiber().tid) return;
   const WgmmaThread& w = wgmma_threads[cur_fiber().tid];
   if (!w.ops.empty()) {
@@ -355,6 +469,7 @@ FMOE_EMU_RT inline void setmaxnreg(int regs, const Site& site) {
 FMOE_EMU_RT inline void sm90_block_start(const void* smem, size_t smem_bytes) {
   set_shared_window(smem, smem_bytes);
   mbarriers.clear();
+  pending_tma.clear();
   wgmma_threads.clear();
   setmaxnreg_calls.clear();
   setmaxnreg_seq.clear();

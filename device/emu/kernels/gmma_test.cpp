@@ -17,9 +17,12 @@ FMOE_EMU_EXPORT int emu_gmma_test_smem() { return flashmoe_gmma_test_smem; }
 FMOE_EMU_EXPORT int emu_gmma_layout_mismatches() { return fmoe_emu::gmma_layout_mismatches(); }
 
 /// Launch contract of kernels/gmma_test.cu: one block of one warpgroup.
-FMOE_EMU_EXPORT int emu_gmma_test(const T* A, const T* B, float* C, int K, uint32_t* probe) {
+FMOE_EMU_EXPORT int emu_gmma_test(const T* A, const T* B, float* C, int K, uint32_t* probe,
+                                  const flashmoe::sm90::TensorMap* tma_a,
+                                  const flashmoe::sm90::TensorMap* tma_b, int use_tma) {
   const bool ok = fmoe_emu::launch(
-      1, dim3(1), dim3(128), [&](int) { flashmoe_gmma_test(A, B, C, K, probe); },
+      1, dim3(1), dim3(128),
+      [&](int) { flashmoe_gmma_test(A, B, C, K, probe, *tma_a, *tma_b, use_tma); },
       [](int) {
         emu_poison(smem, sizeof smem);
         fmoe_emu::sm90_block_start(smem, sizeof smem);

@@ -1,8 +1,8 @@
 /**
  * @file sm90.cuh
  * @brief Hopper's asynchronous building blocks for the sm_90a mainloop: mbarriers,
- *        wgmma.mma_async on shared-memory descriptors, the wgmma fence/commit/wait,
- *        proxy fences, elect.sync and setmaxnreg.
+ *        TMA tile loads, wgmma.mma_async on shared-memory descriptors, the wgmma
+ *        fence/commit/wait, proxy fences, elect.sync and setmaxnreg.
  *
  * On the GPU these are PTX (sm_90a only; CuTe's SM90 GMMA atoms for the MMA itself);
  * under the CPU emulator the same calls run flashmoe_emu/sm90.h, which models their
@@ -109,6 +109,43 @@ FMOE_DEVICE bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
 FMOE_DEVICE void fence_proxy_async() {
 #if !FMOE_HOST_EMU
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// ------------------------------------------------------------------ TMA
+/// A tensor map, as cuTensorMapEncodeTiled writes it (128 bytes; pass it to a kernel as
+/// a `const __grid_constant__` parameter). The emulator reads its own encoding of the
+/// same fields (host/tma.py).
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+
+/// Load the box at (c0, c1) of a 2-D tensor map into shared memory at dst; its bytes
+/// complete transactions on bar (declare them first with mbarrier_arrive_expect_tx).
+FMOE_DEVICE void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1) {
+#if FMOE_HOST_EMU
+  const int coord[2] = {c0, c1};
+  fmoe_emu::tma_load(dst, map, bar, 2, coord, {__FILE__, __LINE__, "cp.async.bulk.tensor.2d"});
+#else
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n"
+      ::"r"(smem_u32(dst)), "l"(map), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
+#endif
+}
+
+FMOE_DEVICE void tma_load_3d(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1,
+                             int c2) {
+#if FMOE_HOST_EMU
+  const int coord[3] = {c0, c1, c2};
+  fmoe_emu::tma_load(dst, map, bar, 3, coord, {__FILE__, __LINE__, "cp.async.bulk.tensor.3d"});
+#else
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n"
+      ::"r"(smem_u32(dst)), "l"(map), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
 #endif
 }
 
