@@ -117,10 +117,9 @@ flashmoe_gmma_test(const T* __restrict__ A, const T* __restrict__ B, float* __re
         sm90::mbarrier_arrive(&bar);
       }
     }
-    // Bounded (half a second): a phase that never completes leaves probe[8] set, not a
-    // hung GPU.
+    // A phase that never completes leaves probe[8] set, not a hung GPU.
     const uint64_t deadline = flashmoe::global_timer_ns() + 500000000ull;
-    while (!sm90::mbarrier_try_wait_parity(ready, uint32_t(kt & 1))) {
+    while (!sm90::mbarrier_try_wait_parity(ready, uint32_t(kt & 1))) {  // bounded: 0.5 s
       if (flashmoe::global_timer_ns() > deadline) {
         probe[8] = 1u;
         break;
