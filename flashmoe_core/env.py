@@ -16,6 +16,8 @@ FLASHMOE_LINEINFO          1: keep source lines in kernels (profilers)         0
 FLASHMOE_QUIET             1: no progress messages                             0
 FLASHMOE_TIMEOUT_S         bound of every device-side wait, seconds            5
 FLASHMOE_CXX               host C++ compiler of the CPU emulator backend       g++
+FLASHMOE_EMULATOR_MAINLOOP GEMM mainloop the emulator runs: sm80 (mma.sync)    sm80
+                           or sm90 (wgmma, as sm_90a builds run)
 NVSHMEM_SYMMETRIC_SIZE     read as a floor: the layer raises it to what its     (sized)
                            symmetric buffers need before NVSHMEM starts
 =========================  ==================================================  ==========
@@ -25,7 +27,8 @@ The cache defaults to ``$XDG_CACHE_HOME/flashmoe_core`` or ``~/.cache/flashmoe_c
 Which backends each variable applies to: all but FLASHMOE_CXX apply to the GPU
 backend; the CPU emulator honours FLASHMOE_CACHE_DIR, FLASHMOE_DISABLE_JIT,
 FLASHMOE_DEVICE_DIR, FLASHMOE_CUTLASS_INCLUDE, FLASHMOE_QUIET, FLASHMOE_TIMEOUT_S
-(its default is longer, see ``flashmoe_core.emulator``) and FLASHMOE_CXX, while
+(its default is longer, see ``flashmoe_core.emulator``), FLASHMOE_CXX and
+FLASHMOE_EMULATOR_MAINLOOP (which only it reads: a GPU build's arch decides), while
 FLASHMOE_KERNEL_KIT, FLASHMOE_ARCH, FLASHMOE_LINEINFO and NVSHMEM_SYMMETRIC_SIZE do
 not apply to it (it builds host libraries, not cubins). The NumPy reference reads none.
 
@@ -170,6 +173,16 @@ def cxx() -> Optional[str]:
     return raw
 
 
+def emulator_mainloop() -> str:
+    """FLASHMOE_EMULATOR_MAINLOOP: "sm80" (default) or "sm90"."""
+    raw = _text("FLASHMOE_EMULATOR_MAINLOOP")
+    if raw is None:
+        return "sm80"
+    if raw not in ("sm80", "sm90"):
+        raise _bad("FLASHMOE_EMULATOR_MAINLOOP", "must be sm80 (mma.sync) or sm90 (wgmma)")
+    return raw
+
+
 def nvshmem_symmetric_size():
     """NVSHMEM_SYMMETRIC_SIZE as set by the user, in bytes (None if unset).
 
@@ -237,5 +250,6 @@ _READERS = {
     "FLASHMOE_QUIET": quiet,
     "FLASHMOE_TIMEOUT_S": timeout_s,
     "FLASHMOE_CXX": cxx,
+    "FLASHMOE_EMULATOR_MAINLOOP": emulator_mainloop,
     "NVSHMEM_SYMMETRIC_SIZE": nvshmem_symmetric_size,
 }

@@ -172,7 +172,7 @@ def test_every_variable_is_validated_and_named(monkeypatch, tmp_path):
            "FLASHMOE_CACHE_DIR": str(afile), "FLASHMOE_CXX": "no-such-c++",
            "FLASHMOE_CUTLASS_INCLUDE": str(tmp_path), "NVSHMEM_SYMMETRIC_SIZE": "-1",
            "FLASHMOE_LINEINFO": "2", "FLASHMOE_DISABLE_JIT": "yes please",
-           "FLASHMOE_KERNEL_KIT": str(tmp_path)}
+           "FLASHMOE_KERNEL_KIT": str(tmp_path), "FLASHMOE_EMULATOR_MAINLOOP": "sm100"}
     assert set(bad) == set(env._READERS)
     for name, value in bad.items():
         monkeypatch.setenv(name, value)

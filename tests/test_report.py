@@ -98,9 +98,22 @@ def test_report_of_a_real_sm90a_build(tmp_cache):
     assert 0 < k["registers"] <= 255 and k["dynamic_smem"] > 64 * 1024
     assert k["mainloops"], "no tensor-core loop found in the fused kernel"
     for loop in k["mainloops"]:
-        # bf16 128x128x64 tile, 4 warps of m16n8k16: 128 MMAs per warp per k-tile.
-        assert sum(loop["mma_opcodes"].values()) == 128
-        # Every instruction of the loop is counted once, spills included (none in the
-        # mainloop is a goal the report tracks, not a property this test can promise).
+        # Hopper: the wgmma mainloop. A bf16 128x128x64 k-tile is 4 k16 steps of two
+        # m64n128 halves, from one warpgroup.
+        assert loop["mma_opcodes"] == {"HGMMA": 8}, loop
+        assert loop["kinds"]["spill"] == 0, loop  # no local memory in the mainloop
         assert sum(loop["kinds"].values()) == loop["instructions_per_k_tile"]
     assert rep["layer"]["tasks"]["combine"] == 0  # folded into the down epilogue
+
+
+@pytest.mark.compile
+def test_the_sm80_build_keeps_mma_sync(tmp_cache):
+    p = subprocess.run([sys.executable, "-m", "flashmoe_core.build", "--arch", "sm_80",
+                        "--report", "--json", "--tokens", "256", "--hidden", "128", "--ffn",
+                        "256", "--experts", "8"], capture_output=True, text=True, cwd=REPO,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr
+    (rep,) = json.loads(p.stdout)
+    loops = rep["kernel"]["mainloops"]
+    # 4 warps of m16n8k16 over a 128x128x64 k-tile: 128 HMMA per warp per k-tile.
+    assert loops and all(loop["mma_opcodes"] == {"HMMA": 128} for loop in loops), loops

@@ -190,3 +190,57 @@ def test_tma_bytes_beyond_the_expected_transactions_are_reported(tmp_path, monke
             "mbarrier_arrive_expect_tx(&full, uint32_t(64 * kBK * sizeof(T)))")
     with pytest.raises(EmulatorError, match="more bytes than the phase expects"):
         gmma_test(*operands("bfloat16", 64, 128), "128B", tma=True)
+
+
+# ---------------------------------------------------------------- the wgmma mainloop
+# What sm_90a builds run (gemm/tile_gemm.cuh, kWgmma), forced on the emulator: the fused
+# forward, its backward and the tile GEMM against the oracle, every check on.
+SM90_LAYERS = {
+    "bf16-partial": dict(tokens=150, hidden=256, ffn=384, experts=8, top_k=2),
+    "f16-gated-capacity": dict(tokens=96, hidden=128, ffn=256, experts=6, top_k=3,
+                               mlp="gated", activation="silu", dtype="float16",
+                               capacity_factor=0.75),
+}
+
+
+@pytest.mark.parametrize("name", list(SM90_LAYERS))
+def test_fused_layer_on_the_wgmma_mainloop_matches_the_oracle(name, monkeypatch):
+    from conftest import emulator_checks
+    from flashmoe_core import MoEConfig, MoEWeights, random_tokens
+    from flashmoe_core.cli.gpu_run import TOLERANCE, compare
+    from flashmoe_core.gpu.layer import MoELayer
+
+    monkeypatch.setenv("FLASHMOE_EMULATOR_MAINLOOP", "sm90")
+    cfg = MoEConfig(**{"dtype": "bfloat16", **SM90_LAYERS[name]})
+    w = MoEWeights.random(cfg, 0)
+    layer = MoELayer(cfg, w, backend="emulator", emulator_options=emulator_checks(2))
+    x = random_tokens(cfg, 1)
+    y, routing = layer(x, return_routing=True)
+    res = compare(cfg, w, x, y, routing)
+    assert res["rel_error"] <= TOLERANCE[cfg.dtype] and res["routing_agreement"] >= 0.999, res
+
+
+def test_backward_and_tile_gemm_on_the_wgmma_mainloop(monkeypatch):
+    from flashmoe_core import MoEConfig, MoEWeights, random_tokens
+    from flashmoe_core.emulator import tile_gemm
+    from flashmoe_core.gpu.layer import MoELayer
+    from flashmoe_core.oracle.reference import moe_backward
+
+    monkeypatch.setenv("FLASHMOE_EMULATOR_MAINLOOP", "sm90")
+    cfg = MoEConfig(tokens=40, hidden=128, ffn=256, experts=4, top_k=2)
+    w = MoEWeights.random(cfg, 0)
+    layer = MoELayer(cfg, w, backend="emulator")
+    x = random_tokens(cfg, 1)
+    dy = round_to(np.random.default_rng(5).standard_normal(x.shape, dtype=np.float32),
+                  cfg.dtype)
+    _, saved, routing = layer(x, save_for_backward=True, return_routing=True)
+    dx, grads = layer.backward(dy, saved)
+    ref_dx, ref = moe_backward(cfg, w, x, dy, routing)
+    err = lambda got, want: float(np.abs(np.asarray(got, np.float64) - want).max()  # noqa
+                                  / np.abs(want).max())
+    assert err(dx, ref_dx) <= 2e-2 and err(grads.w1, ref.w1) <= 2e-2
+    assert err(grads.w2, ref.w2) <= 2e-2 and err(grads.router, ref.router) <= 2e-2
+    a, b = operands("float16", 72, 200)
+    c = tile_gemm(a, b, "float16")
+    assert np.abs(c.astype(np.float64) - reference(a, b)).max() <= 2e-3 * np.abs(
+        reference(a, b)).max()

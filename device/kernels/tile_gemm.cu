@@ -31,7 +31,7 @@ flashmoe_tile_gemm(const S* __restrict__ A, const int* __restrict__ a_index,
                    const S* __restrict__ B, const S* __restrict__ bias, S* __restrict__ C,
                    int M, int N, int K, int act, int gated) {
   using namespace cute;
-  extern __shared__ __align__(128) char smem[];
+  extern __shared__ __align__(1024) char smem[];  // wgmma's swizzled tiles
   const int tile_n = gated ? G::BN / 2 : G::BN;
   const int m0 = blockIdx.x * G::BM;
   const int n0 = blockIdx.y * tile_n;

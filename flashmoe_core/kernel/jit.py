@@ -8,6 +8,8 @@ the kit's ``misses.jsonl``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import sys
 from pathlib import Path
@@ -110,10 +112,22 @@ def _emulator_library(spec: KernelSpec, device_dir: Optional[str],
     return emulator.load_library(path, emulator.library_identity(spec, tc, compiler, checked))
 
 
+def with_mainloop(spec: KernelSpec, mainloop: str) -> KernelSpec:
+    """The spec with its GEMM mainloop forced (an emulator build has no arch to pick
+    it): "sm80" (mma.sync) or "sm90" (wgmma; 16-bit operands, else mma.sync)."""
+    if mainloop not in ("sm80", "sm90"):
+        raise ValueError(f"mainloop must be 'sm80' or 'sm90', got {mainloop!r}")
+    defines = dict(spec.defines, FMOE_MAINLOOP="90" if mainloop == "sm90" else "80")
+    return dataclasses.replace(spec, defines=tuple(sorted(defines.items())))
+
+
 def emulator_library(spec: KernelSpec, checked: bool = False):
     """The CPU-emulator build of a kernel, compiled (or cached) and loaded once per
-    process (see :mod:`flashmoe_core.host.emulator`); honours FLASHMOE_DISABLE_JIT;
-    ``checked`` builds carry the memory model (weak memory, race detection, preemption)."""
+    process (see :mod:`flashmoe_core.host.emulator`); honours FLASHMOE_DISABLE_JIT and
+    FLASHMOE_EMULATOR_MAINLOOP; ``checked`` builds carry the memory model (weak memory,
+    race detection, preemption)."""
     env.validate()  # every variable, whether or not the emulator reads it
+    if "FMOE_MAINLOOP" not in dict(spec.defines):
+        spec = with_mainloop(spec, env.emulator_mainloop())
     return _emulator_library(spec, env.device_dir(), env.cutlass_include(), env.cxx(),
                              env.jit_disabled(), bool(checked))

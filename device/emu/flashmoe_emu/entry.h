@@ -56,3 +56,12 @@ FMOE_EMU_EXPORT int emu_mma_layout_mismatches() { return fmoe_emu::mma_layout_mi
 inline void emu_poison(void* smem, size_t bytes) {
   if (fmoe_emu::options().poison_smem) std::memset(smem, 0xff, bytes);
 }
+
+/// A block's start for a kernel on the tile GEMM: poisoned shared memory and, with the
+/// wgmma mainloop, the shared window its descriptors address (1024-byte aligned).
+inline void emu_block_start(void* smem, size_t bytes) {
+  emu_poison(smem, bytes);
+#if FMOE_SM90_MAINLOOP
+  fmoe_emu::sm90_block_start(smem, bytes);
+#endif
+}

@@ -89,7 +89,7 @@
 #define FMOE_EMU_RT
 #endif
 
-#if FMOE_EMU_SM90
+#if FMOE_EMU_SM90 || (defined(FMOE_MAINLOOP) && FMOE_MAINLOOP == 90)
 // Hopper builds (sm90.h): CuTe takes shared addresses for wgmma descriptors through
 // cvta, which maps a pointer into the block's registered dynamic shared memory.
 namespace fmoe_emu {

@@ -35,6 +35,15 @@
 
 namespace fmoe_emu {
 
+// Checked builds instrument std:: templates: the state below (vectors, maps) is touched
+// under the memory model's guard, so that it is not taken for the kernel's memory. The
+// guard never spans a yield (other threads' accesses must stay checked).
+#if FMOE_EMU_CHECKED
+#define FMOE_SM90_GUARD const InModel fmoe_sm90_guard_
+#else
+#define FMOE_SM90_GUARD static_cast<void>(0)
+#endif
+
 // ------------------------------------------------------------------ shared addresses
 /// The block's dynamic shared memory, as the emulated kernel registered it: shared
 /// addresses (what descriptors and cvta hold) are offsets into it.
@@ -82,6 +91,7 @@ struct Mbarrier {
 inline thread_local std::unordered_map<const void*, Mbarrier> mbarriers;
 
 FMOE_EMU_RT inline Mbarrier& mbarrier_state(const void* bar, const char* op) {
+  FMOE_SM90_GUARD;
   if (reinterpret_cast<uintptr_t>(bar) % 8) fatal(std::string(op) + " on an unaligned mbarrier");
   auto it = mbarriers.find(bar);
   if (it == mbarriers.end()) fatal(std::string(op) + " on an mbarrier nobody initialised");
@@ -98,6 +108,7 @@ FMOE_EMU_RT inline void mbarrier_maybe_complete(Mbarrier& m) {
 FMOE_EMU_RT inline void mbarrier_init(void* bar, uint32_t count) {
   if (reinterpret_cast<uintptr_t>(bar) % 8) fatal("mbarrier.init on an unaligned address");
   if (count == 0 || count >= (1u << 20)) fatal("mbarrier.init count must be in [1, 2^20)");
+  FMOE_SM90_GUARD;
   mbarriers[bar] = Mbarrier{count, count, 0, 0};
 }
 
@@ -205,6 +216,7 @@ FMOE_EMU_RT inline void tma_land(const PendingTma& t) {
 
 /// Land the loads that complete transactions on `bar` (before a wait on it looks).
 FMOE_EMU_RT inline void tma_land_for(const void* bar) {
+  FMOE_SM90_GUARD;
   auto it = pending_tma.begin();
   while (it != pending_tma.end()) {
     if (it->bar == bar) {
@@ -238,6 +250,7 @@ FMOE_EMU_RT inline void tma_load(void* dst, const void* map, void* bar, int rank
   uint32_t bytes = m.elem_bytes;
   for (int d = 0; d < rank; ++d) bytes *= m.box[d];
   mbarrier_state(bar, "cp.async.bulk.tensor");  // an initialised barrier
+  FMOE_SM90_GUARD;  // the async proxy writes: not a thread's store to the race detector
   std::memset(dst, 0xff, bytes);  // in flight: unreadable until the barrier releases it
   (void)shared_pointer(shared_address(dst), bytes, "cp.async.bulk.tensor");
   PendingTma t{static_cast<char*>(dst), m, {coord[0], rank > 1 ? coord[1] : 0,
@@ -324,6 +337,7 @@ struct WgmmaThread {
 inline thread_local std::vector<WgmmaThread> wgmma_threads;
 
 FMOE_EMU_RT inline WgmmaThread& wgmma_thread() {
+  FMOE_SM90_GUARD;
   const unsigned tid = cur_fiber().tid;
   if (wgmma_threads.size() <= tid) wgmma_threads.resize(tid + 1);
   return wgmma_threads[tid];
@@ -358,6 +372,7 @@ FMOE_EMU_RT inline void wgmma_issue(float* d, int n, GmmaType type, uint64_t des
                                     uint64_t desc_b, bool scale_d, const Site& site) {
   if (n < 8 || n > 256 || n % 8) fatal("wgmma N must be a multiple of 8 in [8, 256]");
   if (blockDim.x % 128) fatal("wgmma needs whole warpgroups (blockDim a multiple of 128)");
+  FMOE_SM90_GUARD;
   WgmmaThread& w = wgmma_thread();
   if (!w.fenced) {
     fatal("wgmma.mma_async at " + describe(site) + " without a wgmma.fence since the thread's "
@@ -376,6 +391,7 @@ FMOE_EMU_RT inline void wgmma_issue(float* d, int n, GmmaType type, uint64_t des
 }
 
 FMOE_EMU_RT inline void wgmma_execute(const WgmmaOp& op, int t) {
+  FMOE_SM90_GUARD;
   if (gmma_fingerprint(op.desc_a, op.desc_b, op.n, op.type) != op.fingerprint) {
     fatal("shared memory read by the wgmma.mma_async issued at " + describe(op.site) +
           " was written before the wait_group that retires it");
@@ -397,6 +413,7 @@ FMOE_EMU_RT inline void wgmma_execute(const WgmmaOp& op, int t) {
 }
 
 FMOE_EMU_RT inline void wgmma_commit() {
+  FMOE_SM90_GUARD;
   WgmmaThread& w = wgmma_thread();
   ++w.group;
 }
@@ -407,6 +424,7 @@ FMOE_EMU_RT inline void wgmma_wait(int keep) {
     yield();  // the ops run while other threads go on: what they do meanwhile must not
     chaos();  // touch the operands (checked when the ops retire, below)
   }
+  FMOE_SM90_GUARD;
   WgmmaThread& w = wgmma_thread();
   const int limit = w.group - keep;
   const int t = int(cur_fiber().tid);
@@ -425,6 +443,7 @@ FMOE_EMU_RT inline void wgmma_wait(int keep) {
 /// At a thread's exit: an op still in flight is a bug (its registers never land), as
 /// is a TMA load nobody waited for when the block's last thread leaves.
 FMOE_EMU_RT inline void wgmma_check_exit() {
+  FMOE_SM90_GUARD;
   if (tls.block != nullptr && tls.block->live == 1 && !pending_tma.empty()) {
     fatal("the block ends with the cp.async.bulk.tensor of " +
           describe(pending_tma.front().site) + " never waited for (no wait on its barrier)");
@@ -451,6 +470,7 @@ FMOE_EMU_RT inline void setmaxnreg(int regs, const Site& site) {
     fatal("setmaxnreg count must be a multiple of 8 in [24, 256]");
   }
   const int tid = int(cur_fiber().tid), wg = tid / 128;
+  FMOE_SM90_GUARD;
   if (int(setmaxnreg_seq.size()) <= tid) setmaxnreg_seq.resize(size_t(tid) + 1, 0);
   const int seq = setmaxnreg_seq[size_t(tid)]++;
   auto& entry = setmaxnreg_calls[{wg, seq}];
@@ -468,6 +488,7 @@ FMOE_EMU_RT inline void setmaxnreg(int regs, const Site& site) {
 /// every thread's exit (call at block start, with the block's shared memory).
 FMOE_EMU_RT inline void sm90_block_start(const void* smem, size_t smem_bytes) {
   set_shared_window(smem, smem_bytes);
+  FMOE_SM90_GUARD;
   mbarriers.clear();
   pending_tma.clear();
   wgmma_threads.clear();

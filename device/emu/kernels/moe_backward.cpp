@@ -12,7 +12,7 @@ constexpr int kEmuMaxWorld = 64;
 // tables expert parallelism adds (2 * (world + 1) ints).
 namespace flashmoe {
 namespace moe {
-alignas(128) thread_local char smem[Backward<BwdCfg>::kSmemBytes + 2 * (kEmuMaxWorld + 1) * 4];
+alignas(1024) thread_local char smem[Backward<BwdCfg>::kSmemBytes + 2 * (kEmuMaxWorld + 1) * 4];
 }  // namespace moe
 }  // namespace flashmoe
 
@@ -53,6 +53,6 @@ FMOE_EMU_EXPORT int emu_moe_backward(int pes, const flashmoe::abi::MoeLayout* co
         flashmoe_moe_backward(fwd[pe], bwd[pe], x[pe], dy[pe], dx[pe], g[0], g[1], g[2], g[3],
                               g[4], tokens[pe], flags);
       },
-      [](int) { emu_poison(flashmoe::moe::smem, sizeof flashmoe::moe::smem); });
+      [](int) { emu_block_start(flashmoe::moe::smem, sizeof flashmoe::moe::smem); });
   return ok ? 0 : 1;
 }

@@ -14,7 +14,7 @@ constexpr int kEmuMaxWorld = 64;
 namespace flashmoe {
 namespace moe {
 constexpr int kEmuSmemBytes = Cfg::kSmemBytes + 2 * (kEmuMaxWorld + 1) * 4;
-alignas(128) thread_local char smem[kEmuSmemBytes];
+alignas(1024) thread_local char smem[kEmuSmemBytes];
 }  // namespace moe
 }  // namespace flashmoe
 
@@ -51,6 +51,6 @@ FMOE_EMU_EXPORT int emu_moe_forward(int pes, const flashmoe::abi::MoeLayout* con
       [&](int pe) {
         if (launched[pe]) flashmoe_moe_forward(layouts[pe], x[pe], y[pe], tokens[pe], capacity[pe], mode);
       },
-      [](int) { emu_poison(flashmoe::moe::smem, sizeof flashmoe::moe::smem); });
+      [](int) { emu_block_start(flashmoe::moe::smem, sizeof flashmoe::moe::smem); });
   return ok ? 0 : 1;
 }

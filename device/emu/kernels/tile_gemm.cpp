@@ -6,7 +6,7 @@
 #include <flashmoe_emu/entry.h>
 
 // The kernel's `extern __shared__ char smem[]`: one copy per block.
-alignas(128) thread_local char smem[G::kSmemBytes];
+alignas(1024) thread_local char smem[G::kSmemBytes];
 
 FMOE_EMU_EXPORT int emu_tile_gemm_smem() { return flashmoe_tile_gemm_smem; }
 
@@ -18,6 +18,6 @@ FMOE_EMU_EXPORT int emu_tile_gemm(const S* A, const int* a_index, const S* B, co
   const bool ok = fmoe_emu::launch(
       1, grid, dim3(128),
       [&](int) { flashmoe_tile_gemm(A, a_index, B, bias, C, M, N, K, act, gated); },
-      [](int) { emu_poison(smem, sizeof smem); });
+      [](int) { emu_block_start(smem, sizeof smem); });
   return ok ? 0 : 1;
 }

@@ -21,6 +21,19 @@
 
 #include "element.cuh"
 
+// The mainloop: Hopper's wgmma where it can run (sm_90a builds), else mma.sync.
+// FMOE_MAINLOOP (80 or 90) forces one: the CPU emulator has no arch and runs either.
+#if defined(FMOE_MAINLOOP)
+#define FMOE_SM90_MAINLOOP (FMOE_MAINLOOP == 90)
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FMOE_SM90_MAINLOOP 1
+#else
+#define FMOE_SM90_MAINLOOP 0
+#endif
+#if FMOE_SM90_MAINLOOP
+#include "sm90.cuh"
+#endif
+
 namespace flashmoe {
 namespace gemm {
 
@@ -64,6 +77,11 @@ struct TileGemm {
   static_assert(BK % kAtomK == 0, "BK must be whole 128-byte shared-memory rows");
   static_assert(BM % 32 == 0 && BN % 32 == 0, "BM and BN must be multiples of 32");
   static_assert(kStages >= 2, "the pipeline needs at least two stages");
+  /// The wgmma mainloop (16-bit operands, two m64 halves of a 128-row tile): the same
+  /// cp.async pipeline fills the same 128-byte swizzled stages (CuTe's GMMA K-major
+  /// SW128 atom is this layout), one warpgroup reads them through descriptors.
+  static constexpr bool kWgmma = FMOE_SM90_MAINLOOP && kBytes == 2 && BM == 128 &&
+                                 (BN == 64 || BN == 128 || BN == 256) && BK % 16 == 0;
 
   // 128-byte swizzle: 8 rows of 128 B, 16-byte chunks XOR-permuted by row, so that
   // cp.async writes and ldmatrix reads are free of bank conflicts.
@@ -232,6 +250,82 @@ struct TileGemm {
     __syncthreads();
   }
 
+#if FMOE_SM90_MAINLOOP
+  /// This thread's accumulators of the wgmma mainloop: [m64 half][BN / 2].
+  using AccSm90 = float[BM / 64][BN / 2];
+
+  /**
+   * acc += A_tile * B_tile^T over K with wgmma (kWgmma builds): per k-tile, once its
+   * stage landed and the block met, the next stage's loads go out and one group of
+   * BK / 16 x 2 wgmmas reads the stage; the thread retires its group before the next
+   * k-tile's barrier, so every read of a stage is done before it is refilled.
+   */
+  FMOE_DEVICE static void mainloop_sm90(AccSm90& acc, char* smem, int K) {
+    using namespace cute;
+    using Atom = GMMA::Layout_K_SW128_Atom<T>;
+    Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
+                           tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
+    Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
+                           tile_to_shape(Atom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) {
+      CUTE_UNROLL
+      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.0f;
+    }
+    const int num_k = (K + BK - 1) / BK;
+    CUTE_UNROLL
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < num_k) load_stage(smem, s, s, K);
+      cp_async_commit();
+    }
+    CUTE_NO_UNROLL
+    for (int kt = 0; kt < num_k; ++kt) {
+      const int stage = kt % kStages;
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // the stage landed for every thread; last k-tile's reads retired
+      const int next = kt + kStages - 1;
+      if (next < num_k) load_stage(smem, next, next % kStages, K);
+      cp_async_commit();
+      sm90::fence_proxy_async();  // the stage's generic-proxy writes before wgmma reads
+      sm90::wgmma_fence();
+      CUTE_UNROLL
+      for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+      CUTE_UNROLL
+      for (int kb = 0; kb < BK / 16; ++kb) {
+        const uint64_t db = sm90::descriptor(
+            local_tile(gB(_, _, stage), Shape<Int<BN>, _16>{}, make_coord(0, kb)));
+        CUTE_UNROLL
+        for (int h = 0; h < BM / 64; ++h) {
+          const uint64_t da = sm90::descriptor(
+              local_tile(gA(_, _, stage), Shape<_64, _16>{}, make_coord(h, kb)));
+          sm90::wgmma<kDtype, BN>(acc[h], da, db, true);
+        }
+      }
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      CUTE_UNROLL
+      for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  /// The wgmma accumulators as a row-major BM x BN float tile in shared memory.
+  FMOE_DEVICE static float* stage_acc_sm90(const AccSm90& acc, char* smem) {
+    float* staged = reinterpret_cast<float*>(smem);
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) {
+      CUTE_UNROLL
+      for (int i = 0; i < BN / 2; ++i) {
+        int m, n;
+        sm90::acc_coord(int(threadIdx.x), i, m, n);
+        staged[(64 * h + m) * kStageLd + n] = acc[h][i];
+      }
+    }
+    return staged;
+  }
+#endif
+
   /**
    * The whole tile: fill the row tables from a_row(r) / b_row(r) (null: a zero row),
    * run the mainloop over K, stage the float32 result in shared memory and return it
@@ -244,10 +338,20 @@ struct TileGemm {
     for (int r = threadIdx.x; r < BM; r += kThreads) ra[r] = a_row(r);
     for (int r = threadIdx.x; r < BN; r += kThreads) rb[r] = b_row(r);
     __syncthreads();
-    Acc acc;
-    cute::clear(acc);
-    mainloop(acc, smem, K);
-    const float* staged = stage_acc(acc, smem);
+    const float* staged;
+#if FMOE_SM90_MAINLOOP
+    if constexpr (kWgmma) {
+      AccSm90 acc;
+      mainloop_sm90(acc, smem, K);
+      staged = stage_acc_sm90(acc, smem);
+    } else
+#endif
+    {
+      Acc acc;
+      cute::clear(acc);
+      mainloop(acc, smem, K);
+      staged = stage_acc(acc, smem);
+    }
     __syncthreads();
     return staged;
   }

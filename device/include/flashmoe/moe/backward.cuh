@@ -1039,7 +1039,7 @@ template <class C>
 FMOE_DEVICE void backward(const abi::MoeLayout* fwd, const abi::MoeBackwardLayout* bwd,
                           const typename C::S* x, const typename C::S* dy, typename C::S* dx,
                           GradOut grads, int tokens, int flags) {
-  extern __shared__ __align__(128) char smem[];
+  extern __shared__ __align__(1024) char smem[];  // wgmma's swizzled tiles
   __shared__ uint32_t s_epoch;
   const abi::MoeLayout& L = *fwd;
   if (threadIdx.x == 0) s_epoch = read_epoch(L.state);

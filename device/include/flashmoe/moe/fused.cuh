@@ -1120,7 +1120,7 @@ struct Kernel {
 template <class C>
 FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, typename C::S* y,
                          int tokens, int capacity, int mode) {
-  extern __shared__ __align__(128) char smem[];
+  extern __shared__ __align__(1024) char smem[];  // wgmma's swizzled tiles
   __shared__ uint32_t s_epoch;
   const abi::MoeLayout& L = *layout;
   if (threadIdx.x == 0) s_epoch = read_epoch(L.state);
