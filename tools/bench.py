@@ -22,6 +22,10 @@ events, median reported. Every row also times, on the same GPU in the same proce
   (c) torch eager: PyTorch's MoE path (matmul, softmax, topk, index_select,
       index_add_) in eager mode, when torch is importable (never a dependency).
 
+On Hopper (sm_90a) each forward row also times the same layer built for plain sm_90,
+which has no wgmma and so runs the mma.sync mainloop of sm_80 builds
+(``fused_mma_sync_ms``, ``wgmma_speedup``): the two mainloops side by side, in one run.
+
 TFLOP/s count the router GEMM and the kept assignments' expert GEMMs only. Each row
 also records where one traced pass spent its time (flashmoe_core.gpu.trace.phase_times).
 Writes bench.json (rows + metadata) and PNG plots to --out.
@@ -345,7 +349,35 @@ def traced_pass(cfg, weights, x):
         layer.close()
 
 
-def bench_row(spec, warmup, iters):
+MMA_SYNC_ARCH = "sm_90"
+"""Hopper without the 'a' features: no wgmma, so the mma.sync mainloop (as sm_80)."""
+
+
+def fused_time(cfg, weights, x, warmup, iters, arch=None):
+    """Median fused-pass time of a layer built for ``arch`` (None: the GPU's own)."""
+    from flashmoe_core.gpu.layer import MoELayer
+
+    saved = os.environ.get("FLASHMOE_ARCH")
+    if arch is not None:
+        os.environ["FLASHMOE_ARCH"] = arch
+    try:
+        layer = MoELayer(cfg, weights)
+    finally:
+        if arch is not None:
+            if saved is None:
+                os.environ.pop("FLASHMOE_ARCH", None)
+            else:
+                os.environ["FLASHMOE_ARCH"] = saved
+    try:
+        t = layer.testing.stage(x)
+        ms = time_events(layer.stream, lambda: layer.testing.launch(t), warmup, iters)
+        layer.check_fault()
+        return ms
+    finally:
+        layer.close()
+
+
+def bench_row(spec, warmup, iters, arch=None):
     from flashmoe_core.cli.gpu_run import peak_tflops
     from flashmoe_core.gpu.layer import MoELayer
 
@@ -377,6 +409,13 @@ def bench_row(spec, warmup, iters):
             buf.close()
         layer.close()
     row["trace"] = traced_pass(cfg, weights, x)
+    if arch == "sm_90a" and cfg.dtype in ("bfloat16", "float16"):
+        try:  # a kit may hold the sm_90a kernels only: the row stands without this
+            row["fused_mma_sync_ms"] = fused_time(cfg, weights, x, warmup, iters,
+                                                  MMA_SYNC_ARCH)
+            row["wgmma_speedup"] = row["fused_mma_sync_ms"] / fused
+        except Exception as exc:  # noqa: BLE001
+            row["fused_mma_sync_error"] = f"{type(exc).__name__}: {exc}"
     cub, lib = dense_cublas(cfg, warmup, iters)
     if cub is not None:
         row["dense_cublas_ms"], row["dense_library"] = cub, lib
@@ -575,12 +614,16 @@ def main(argv=None) -> int:
 
     if env.kernel_kit() is None:  # a kit holds them already; nothing compiles then
         precompile(rows, arch, a.jobs)
+        if arch == "sm_90a":  # the mma.sync side of each forward row
+            precompile([r for r in rows if r.get("pass") != "training"], MMA_SYNC_ARCH, a.jobs)
     results = []
     t0 = time.time()
     for spec in rows:
         try:
-            run = bench_training_row if spec.get("pass") == "training" else bench_row
-            r = run(spec, a.warmup, a.iters)
+            if spec.get("pass") == "training":
+                r = bench_training_row(spec, a.warmup, a.iters)
+            else:
+                r = bench_row(spec, a.warmup, a.iters, arch)
         except Exception as exc:  # keep the sweep going; record what failed
             r = dict(spec, error=f"{type(exc).__name__}: {exc}")
         results.append(r)
