@@ -345,22 +345,35 @@ FMOE_EMU_RT inline WgmmaThread& wgmma_thread() {
 
 FMOE_EMU_RT inline int gmma_k(GmmaType t) { return t == GmmaType::TF32 ? 8 : 16; }
 
-FMOE_EMU_RT inline uint64_t gmma_fingerprint(uint64_t desc_a, uint64_t desc_b, int n, GmmaType t) {
-  const int bytes = gmma_type_bytes(t), kk = gmma_k(t);
+/// The k elements of operand row `row` as floats, read 16-byte chunk by chunk (a chunk's
+/// elements are contiguous in every layout); folds the raw bytes into `hash`.
+FMOE_EMU_RT inline void gmma_load_row(uint64_t desc, int row, GmmaType t, float* out,
+                                      uint64_t& hash) {
+  const int bytes = gmma_type_bytes(t), kk = gmma_k(t), per_chunk = 16 / bytes;
+  for (int j = 0; j < kk / per_chunk; ++j) {
+    const uint32_t addr = gmma_element_address(desc, row, j * per_chunk, bytes);
+    const char* p = shared_pointer(addr, 16, "wgmma.mma_async");
+    uint64_t w[2];
+    std::memcpy(w, p, 16);
+    hash = (hash ^ w[0]) * 1099511628211ull;
+    hash = (hash ^ w[1]) * 1099511628211ull;
+    for (int e = 0; e < per_chunk; ++e) out[j * per_chunk + e] = gmma_operand(t, p + e * bytes);
+  }
+}
+
+/// The operand rows warpgroup thread t reads (its two A rows, its N / 4 B rows), as
+/// floats [2 + n / 4][k], and their fingerprint: every row is some thread's, so the
+/// threads' fingerprints together cover both operands.
+FMOE_EMU_RT inline uint64_t gmma_thread_rows(uint64_t desc_a, uint64_t desc_b, int n, GmmaType t,
+                                             int tid, float (*rows)[16]) {
+  const int warp = (tid % 128) / 32, lane = tid % 32;
   uint64_t h = 1469598103934665603ull;
-  auto mix = [&](uint64_t desc, int rows) {
-    for (int r = 0; r < rows; ++r) {
-      for (int k = 0; k < kk; ++k) {
-        const char* p = shared_pointer(gmma_element_address(desc, r, k, bytes), size_t(bytes),
-                                       "wgmma.mma_async");
-        uint32_t v = 0;
-        std::memcpy(&v, p, size_t(bytes));
-        h = (h ^ v) * 1099511628211ull;
-      }
+  for (int r = 0; r < 2; ++r) gmma_load_row(desc_a, 16 * warp + lane / 4 + 8 * r, t, rows[r], h);
+  for (int j = 0; j < n / 8; ++j) {
+    for (int c = 0; c < 2; ++c) {
+      gmma_load_row(desc_b, 8 * j + 2 * (lane % 4) + c, t, rows[2 + 2 * j + c], h);
     }
-  };
-  mix(desc_a, 64);
-  mix(desc_b, n);
+  }
   return h;
 }
 
@@ -382,9 +395,11 @@ FMOE_EMU_RT inline void wgmma_issue(float* d, int n, GmmaType type, uint64_t des
   // Ops on the same accumulators run in issue order, each on its predecessor's result.
   bool chained = false;
   for (const WgmmaOp& prev : w.ops) chained |= prev.d == d;
+  float rows[2 + 256 / 4][16];
+  const uint64_t print = gmma_thread_rows(desc_a, desc_b, n, type, int(cur_fiber().tid), rows);
   WgmmaOp op{desc_a, desc_b, d, n, type, w.group,
              chained ? std::vector<float>() : std::vector<float>(d, d + n / 2), chained, scale_d,
-             gmma_fingerprint(desc_a, desc_b, n, type), site};
+             print, site};
   const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int i = 0; i < n / 2; ++i) d[i] = nan;  // not readable before the wait
   w.ops.push_back(std::move(op));
@@ -392,22 +407,19 @@ FMOE_EMU_RT inline void wgmma_issue(float* d, int n, GmmaType type, uint64_t des
 
 FMOE_EMU_RT inline void wgmma_execute(const WgmmaOp& op, int t) {
   FMOE_SM90_GUARD;
-  if (gmma_fingerprint(op.desc_a, op.desc_b, op.n, op.type) != op.fingerprint) {
+  float rows[2 + 256 / 4][16];
+  if (gmma_thread_rows(op.desc_a, op.desc_b, op.n, op.type, t, rows) != op.fingerprint) {
     fatal("shared memory read by the wgmma.mma_async issued at " + describe(op.site) +
           " was written before the wait_group that retires it");
   }
-  const int bytes = gmma_type_bytes(op.type), kk = gmma_k(op.type);
+  // Accumulator i = 4 j + 2 r + c: row r of the thread's two, B row 2 j + c of its own.
+  const int kk = gmma_k(op.type);
   for (int i = 0; i < op.n / 2; ++i) {
-    int m, n;
-    gmma_acc_coord(t % 128, i, m, n);
+    const int j = i / 4, r = (i / 2) % 2, c = i % 2;
     float acc = !op.scale_d ? 0.0f : op.chained ? op.d[i] : op.c[size_t(i)];
-    for (int k = 0; k < kk; ++k) {
-      const uint32_t pa = gmma_element_address(op.desc_a, m, k, bytes);
-      const uint32_t pb = gmma_element_address(op.desc_b, n, k, bytes);
-      const float a = gmma_operand(op.type, shared_pointer(pa, size_t(bytes), "wgmma.mma_async"));
-      const float b = gmma_operand(op.type, shared_pointer(pb, size_t(bytes), "wgmma.mma_async"));
-      acc = std::fma(a, b, acc);
-    }
+    const float* a = rows[r];
+    const float* b = rows[2 + 2 * j + c];
+    for (int k = 0; k < kk; ++k) acc = std::fma(a[k], b[k], acc);
     op.d[i] = acc;
   }
 }
