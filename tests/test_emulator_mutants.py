@@ -71,8 +71,8 @@ MUTANTS = [
            # races far enough ahead, the block meets at two barriers (a GPU hang).
            "ring", r"shared-memory race .* on __shared__ .*s_task|meet at different barriers"),
     Mutant("missing-barrier-between-staging-and-epilogue", GEMM,
-           "    const float* staged = stage_acc(acc, smem);\n    __syncthreads();",
-           "    const float* staged = stage_acc(acc, smem);",
+           "      staged = stage_acc(acc, smem);\n    }\n    __syncthreads();\n    return staged;",
+           "      staged = stage_acc(acc, smem);\n    }\n    return staged;",
            "gemm", r"shared-memory race \(read-after-write\) on __shared__ smem"),
     Mutant("non-atomic-shared-counter", FUSED,
            "atomicAdd(&s_kept, kept_here);", "s_kept += kept_here;",
