@@ -86,14 +86,20 @@ def test_balanced_routing_of_the_benchmark_pads_about_an_eighth():
     assert rep["assignments"] == 32768 and 10 < rep["padding_percent"] < 16
 
 
-@pytest.mark.compile
-def test_report_of_a_real_sm90a_build(tmp_cache):
-    p = subprocess.run([sys.executable, "-m", "flashmoe_core.build", "--arch", "sm_90a",
+def _small_report(arch):
+    """The command line's JSON report of a small layer's fused kernel for ``arch``."""
+    p = subprocess.run([sys.executable, "-m", "flashmoe_core.build", "--arch", arch,
                         "--report", "--json", "--tokens", "256", "--hidden", "128", "--ffn",
                         "256", "--experts", "8"], capture_output=True, text=True, cwd=REPO,
                        timeout=900)
     assert p.returncode == 0, p.stderr
     (rep,) = json.loads(p.stdout)
+    return rep
+
+
+@pytest.mark.compile
+def test_report_of_a_real_sm90a_build(tmp_cache):
+    rep = _small_report("sm_90a")
     k = rep["kernel"]
     assert 0 < k["registers"] <= 255 and k["dynamic_smem"] > 64 * 1024
     assert k["mainloops"], "no tensor-core loop found in the fused kernel"
@@ -108,12 +114,7 @@ def test_report_of_a_real_sm90a_build(tmp_cache):
 
 @pytest.mark.compile
 def test_the_sm80_build_keeps_mma_sync(tmp_cache):
-    p = subprocess.run([sys.executable, "-m", "flashmoe_core.build", "--arch", "sm_80",
-                        "--report", "--json", "--tokens", "256", "--hidden", "128", "--ffn",
-                        "256", "--experts", "8"], capture_output=True, text=True, cwd=REPO,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr
-    (rep,) = json.loads(p.stdout)
+    rep = _small_report("sm_80")
     loops = rep["kernel"]["mainloops"]
     # 4 warps of m16n8k16 over a 128x128x64 k-tile: 128 HMMA per warp per k-tile.
     assert loops and all(loop["mma_opcodes"] == {"HMMA": 128} for loop in loops), loops

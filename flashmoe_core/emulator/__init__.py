@@ -116,7 +116,7 @@ def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B", tma: bool = F
     type (K a multiple of 64, N 64, 128 or 256), and the kernel's mbarrier probe words.
     ``tma``: the operand tiles arrive by TMA loads (a swizzled layout) instead of stores;
     ``map_k``: the tensor maps' K (default K), past which the loads read zeros."""
-    from ..host.tma import encode_emulated
+    from ..host.tma import SWIZZLES, encode_emulated
     from ..kernel.specs import gmma_test_spec
 
     if tma and swizzle == "interleave":
@@ -142,8 +142,7 @@ def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B", tma: bool = F
     probe = np.zeros(9, np.uint32)
     k, eb = a.shape[1], a.itemsize
     tma_swizzle = "none" if swizzle == "interleave" else swizzle
-    box_k = 128 // eb if tma_swizzle == "none" else (16 << ("32B", "64B", "128B").index(
-        tma_swizzle) + 1) // eb
+    box_k = (16 << SWIZZLES[tma_swizzle] if SWIZZLES[tma_swizzle] else 128) // eb  # a span
     maps = [encode_emulated(_addr(t), eb, (map_k or k, t.shape[0]), (k * eb,),
                             (box_k, t.shape[0]), tma_swizzle) for t in (a, b)]
     spans = _span("A", a) + _span("B", b) + _span("C", c) + _span("probe", probe)
