@@ -152,12 +152,14 @@ def instruction_kind(opcode: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Loop:
     """One loop of a kernel's SASS: [start, end] addresses, what one iteration issues
-    (by opcode and by kind)."""
+    (by opcode and by kind), and its waits for wgmma groups (``WARPGROUP.DEPBAR``): one
+    per k-tile when the wgmmas run as a group, one per wgmma when ptxas serialised them."""
 
     start: int
     end: int
     opcodes: Dict[str, int]
     kinds: Dict[str, int]
+    wgmma_waits: int = 0
 
     @property
     def instructions(self) -> int:
@@ -259,7 +261,9 @@ def mma_loops(insns: List[Insn]) -> List[Loop]:
         counts = Counter(op.split(".")[0] for op in ops)
         kinds = Counter(instruction_kind(op) for op in ops)
         addrs = [insns[i].addr for n in body for i in blocks[n]]
-        out.append(Loop(min(addrs), max(addrs), dict(counts), {k: kinds.get(k, 0) for k in KINDS}))
+        waits = sum(1 for op in ops if op.startswith("WARPGROUP.DEPBAR"))
+        out.append(Loop(min(addrs), max(addrs), dict(counts), {k: kinds.get(k, 0) for k in KINDS},
+                        waits))
     return out
 
 

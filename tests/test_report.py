@@ -11,6 +11,7 @@ from conftest import REPO
 from flashmoe_core import MoEConfig
 from flashmoe_core.host.sass import Insn, instruction_kind, mma_loops
 from flashmoe_core.cli.report import H100, blocks_per_sm, layer_report
+from flashmoe_core.kernel.specs import computed_rows
 
 
 def _prog(lines):
@@ -75,15 +76,24 @@ def test_layer_report_counts_tiles_padding_and_tasks():
     rep = layer_report(cfg, counts=np.array([128, 129, 1, 1742]))
     assert rep["assignments"] == 2000
     assert rep["row_tiles"] == 1 + 2 + 1 + 14 and rep["row_tiles_if_unpadded"] == 16
-    assert rep["padded_rows"] == 18 * 128 - 2000
+    # Tails of 1 and 1742 - 13 * 128 = 78 rows: the 1-row tails are half tiles, 78 not.
+    assert rep["padded_rows_whole_tiles"] == 18 * 128 - 2000
+    assert rep["padded_rows"] == 18 * 128 - 2 * 64 - 2000
     # One GPU: the combine runs in the down epilogue, as no task of its own.
     assert rep["tasks"] == {"gate": 8, "up": 18 * 4, "down": 18 * 2, "combine": 0}
     assert rep["flops"] == cfg.flops(1000, kept=2000) and rep["bound"] in ("compute", "memory")
 
 
-def test_balanced_routing_of_the_benchmark_pads_about_an_eighth():
+def test_half_tail_tiles_halve_the_benchmark_routings_padding():
     rep = layer_report(MoEConfig(tokens=16384, hidden=2048, ffn=2048, experts=64, top_k=2))
-    assert rep["assignments"] == 32768 and 10 < rep["padding_percent"] < 16
+    assert rep["assignments"] == 32768 and 10 < rep["padding_percent_whole_tiles"] < 16
+    assert rep["padding_percent"] < 0.6 * rep["padding_percent_whole_tiles"]
+
+
+def test_computed_rows_of_an_expert():
+    assert [computed_rows(n) for n in (0, 1, 64, 65, 128, 129, 192, 193)] == \
+        [0, 64, 64, 128, 128, 192, 192, 256]
+    assert [computed_rows(n, half=False) for n in (1, 64, 129)] == [128, 128, 256]
 
 
 def _small_report(arch):
@@ -105,10 +115,14 @@ def test_report_of_a_real_sm90a_build(tmp_cache):
     assert k["mainloops"], "no tensor-core loop found in the fused kernel"
     for loop in k["mainloops"]:
         # Hopper: the wgmma mainloop. A bf16 128x128x64 k-tile is 4 k16 steps of two
-        # m64n128 halves, from one warpgroup.
-        assert loop["mma_opcodes"] == {"HGMMA": 8}, loop
+        # m64n128 halves, from one warpgroup; a half tile's loop has the first halves.
+        assert loop["mma_opcodes"] in ({"HGMMA": 8}, {"HGMMA": 4}), loop
         assert loop["kinds"]["spill"] == 0, loop  # no local memory in the mainloop
+        # One wait per k-tile: ptxas did not serialise the wgmmas (it waits after each
+        # when, say, one sits under a branch inside the loop).
+        assert loop["wgmma_waits"] == 1, loop
         assert sum(loop["kinds"].values()) == loop["instructions_per_k_tile"]
+    assert {loop["mma_opcodes"]["HGMMA"] for loop in k["mainloops"]} == {4, 8}
     assert rep["layer"]["tasks"]["combine"] == 0  # folded into the down epilogue
 
 
@@ -116,5 +130,9 @@ def test_report_of_a_real_sm90a_build(tmp_cache):
 def test_the_sm80_build_keeps_mma_sync(tmp_cache):
     rep = _small_report("sm_80")
     loops = rep["kernel"]["mainloops"]
-    # 4 warps of m16n8k16 over a 128x128x64 k-tile: 128 HMMA per warp per k-tile.
-    assert loops and all(loop["mma_opcodes"] == {"HMMA": 128} for loop in loops), loops
+    # 4 warps of m16n8k16 over a 128x128x64 k-tile: 128 HMMA per warp per k-tile; a
+    # half tile's loop, 64.
+    assert loops and all(loop["mma_opcodes"] in ({"HMMA": 128}, {"HMMA": 64})
+                         for loop in loops), loops
+    assert {loop["mma_opcodes"]["HMMA"] for loop in loops} == {64, 128}
+    assert all(loop["kinds"]["spill"] == 0 for loop in loops), loops

@@ -195,12 +195,13 @@ def test_tma_bytes_beyond_the_expected_transactions_are_reported(tmp_path, monke
 # ---------------------------------------------------------------- the wgmma mainloop
 # What sm_90a builds run (gemm/tile_gemm.cuh, kWgmma), forced on the emulator: the fused
 # forward, its backward and the tile GEMM against the oracle, every check on.
-# One layer crossing several axes (partial row and token tiles, gated, drops); the
-# emulator's forward tier passes whole with FLASHMOE_EMULATOR_MAINLOOP=sm90 too.
+# One layer crossing several axes (gated, drops; whole row tiles and half tail tiles of
+# at most 64 rows, token tiles of 128, 128 and 44); the emulator's forward tier passes
+# whole with FLASHMOE_EMULATOR_MAINLOOP=sm90 too.
 SM90_LAYERS = {
-    "f16-gated-capacity-partial": dict(tokens=150, hidden=128, ffn=256, experts=6, top_k=3,
-                                       mlp="gated", activation="silu", dtype="float16",
-                                       capacity_factor=0.75),
+    "f16-gated-capacity-half-tiles": dict(tokens=300, hidden=128, ffn=256, experts=6,
+                                          top_k=3, mlp="gated", activation="silu",
+                                          dtype="float16", capacity_factor=1.0),
 }
 
 
@@ -241,7 +242,10 @@ def test_backward_and_tile_gemm_on_the_wgmma_mainloop(monkeypatch):
                                   / np.abs(want).max())
     assert err(dx, ref_dx) <= 2e-2 and err(grads.w1, ref.w1) <= 2e-2
     assert err(grads.w2, ref.w2) <= 2e-2 and err(grads.router, ref.router) <= 2e-2
+    # 64 rows: a half tile; 136: a whole tile and a half tile of 8 rows.
     a, b = operands("float16", 72, 200)
-    c = tile_gemm(a, b, "float16")
-    assert np.abs(c.astype(np.float64) - reference(a, b)).max() <= 2e-3 * np.abs(
-        reference(a, b)).max()
+    a = np.concatenate([a, operands("float16", 8, 200, seed=1)[0], a[:8]])
+    for rows in (64, 136):
+        c = tile_gemm(a[:rows], b, "float16")
+        want = reference(a[:rows], b)
+        assert np.abs(c.astype(np.float64) - want).max() <= 2e-3 * np.abs(want).max(), rows

@@ -46,7 +46,7 @@ flashmoe_tile_gemm(const S* __restrict__ A, const int* __restrict__ a_index,
         const int half = r / tile_n;  // gated: 0 = Bg rows, 1 = Bu rows
         const int n = n0 + r % tile_n;
         return n < N ? B + (int64_t(half) * N + n) * K : nullptr;
-      });
+      }, min(G::BM, M - m0));
 
   // Epilogue: bias, activation (and gate), rounding and 16-byte stores, row by row.
   G::for_each_row_chunk(staged, tile_n, [&](int r, int c, float (&v)[8]) {

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import MoEConfig
 from ..host import sass
-from ..kernel.specs import TILE, moe_spec, tile_config
+from ..kernel.specs import TILE, computed_rows, moe_spec, tile_config
 from ..numerics import itemsize
 
 __all__ = ["H100", "kernel_report", "layer_report", "report", "format_report"]
@@ -72,7 +72,7 @@ def kernel_report(cubin: bytes, kernel: str = "flashmoe_moe_forward",
     for loop in sass.mma_loops(insns):
         loops.append({"address": f"0x{loop.start:x}-0x{loop.end:x}",
                       "instructions_per_k_tile": loop.instructions,
-                      "kinds": loop.kinds,
+                      "kinds": loop.kinds, "wgmma_waits": loop.wgmma_waits,
                       "mma_opcodes": {op: n for op, n in loop.opcodes.items()
                                       if sass.instruction_kind(op) == "mma"}})
     return {"kernel": kernel, "registers": res.registers, "stack_bytes": res.stack,
@@ -106,6 +106,7 @@ def layer_report(cfg: MoEConfig, counts: Optional[np.ndarray] = None,
     down_tiles = math.ceil(cfg.hidden / tile.bn)
     row_tiles = int(sum(math.ceil(int(n) / TILE) for n in counts))
     rows = int(counts.sum())
+    computed = int(sum(computed_rows(n) for n in counts))
     tt = math.ceil(t / TILE)
     b = itemsize(cfg.dtype)
     flops = cfg.flops(t, kept=rows)
@@ -120,8 +121,12 @@ def layer_report(cfg: MoEConfig, counts: Optional[np.ndarray] = None,
         "tokens": t, "assignments": rows, "expert_rows_min_max": [int(counts.min()),
                                                                   int(counts.max())],
         "row_tiles": row_tiles, "row_tiles_if_unpadded": math.ceil(rows / TILE),
-        "padded_rows": row_tiles * TILE - rows,
-        "padding_percent": 100.0 * (row_tiles * TILE - rows) / max(rows, 1),
+        # Rows multiplied but not routed (tails of at most TILE / 2 rows are half
+        # tiles); beside it, the padding if every tile were whole.
+        "padded_rows": computed - rows,
+        "padding_percent": 100.0 * (computed - rows) / max(rows, 1),
+        "padded_rows_whole_tiles": row_tiles * TILE - rows,
+        "padding_percent_whole_tiles": 100.0 * (row_tiles * TILE - rows) / max(rows, 1),
         # One GPU combines in the down epilogue (no combine tasks); with peers the
         # subscriber publishes a combine task per (token tile, column).
         "tasks": {"gate": tt * math.ceil(cfg.experts / tile.bn), "up": row_tiles * up_tiles,
@@ -160,14 +165,16 @@ def format_report(rep: dict) -> str:
     for i, loop in enumerate(k["mainloops"]):
         kinds = ", ".join(f"{n} {kind}" for kind, n in loop["kinds"].items() if n)
         mma = ", ".join(f"{n} {op}" for op, n in loop["mma_opcodes"].items())
+        waits = f", {loop['wgmma_waits']} wgmma waits" if "HGMMA" in loop["mma_opcodes"] else ""
         lines.append(f"mainloop {i} [{loop['address']}]: {loop['instructions_per_k_tile']} "
-                     f"instructions per k-tile ({mma}): {kinds}")
+                     f"instructions per k-tile ({mma}{waits}): {kinds}")
     tasks = ", ".join(f"{n} {kind}" for kind, n in lay["tasks"].items())
     lines += [
         f"layer at {lay['tokens']} tokens: {lay['assignments']} assignments (experts "
         f"{lay['expert_rows_min_max'][0]}..{lay['expert_rows_min_max'][1]} rows), "
         f"{lay['row_tiles']} row tiles ({lay['row_tiles_if_unpadded']} unpadded, "
-        f"{lay['padding_percent']:.1f}% padded rows); tasks: {tasks}",
+        f"{lay['padding_percent']:.1f}% padded rows with half tail tiles, "
+        f"{lay['padding_percent_whole_tiles']:.1f}% with whole ones); tasks: {tasks}",
         f"{lay['flops'] / 1e9:.1f} GFLOP, {lay['bytes'] / 2**20:.0f} MiB moved: roofline "
         f"{lay['roofline_us']:.0f} us on an {lay['gpu']} ({lay['bound']}-bound)",
     ]

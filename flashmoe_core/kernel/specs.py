@@ -15,7 +15,7 @@ import numpy as np
 from ..host.abi import ACT_IDS, DTYPE_IDS, abi_defines
 from ..host.compiler import KernelSpec
 
-__all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "TileConfig", "tile_config", "tile_gemm_spec",
+__all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "HALF_TILE", "computed_rows", "TileConfig", "tile_config", "tile_gemm_spec",
            "GMMA_SWIZZLES", "gmma_test_spec", "nvshmem_ping_spec",
            "ring_test_spec", "abi_check_spec", "test_specs", "moe_defines", "moe_spec",
            "moe_backward_spec", "moe_specs"]
@@ -25,6 +25,22 @@ __all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "TileConfig", "tile_config", "tile_ge
 TILE = 128
 """Rows of a row tile, tokens of a token tile and output columns of a column tile: the
 tile GEMM's BM = BN, which every kernel, plan and launch derives its tiling from."""
+
+HALF_TILE = TILE // 2
+"""A tile with at most this many valid rows (an expert's tail, the last token tile) is a
+half tile: the GEMM loads and multiplies only its first HALF_TILE rows
+(gemm/tile_gemm.cuh, both mainloops)."""
+
+
+def computed_rows(rows: int, half: bool = True) -> int:
+    """Rows the tile GEMM multiplies for ``rows`` rows of one expert (or tokens): whole
+    tiles, the tail as a half tile when it fits in one (and ``half``: False counts
+    whole tiles only)."""
+    full, tail = divmod(int(rows), TILE)
+    if tail == 0:
+        return full * TILE
+    return full * TILE + (HALF_TILE if half and tail <= HALF_TILE else TILE)
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,10 @@
  *
  * Shape rules: K is a multiple of 8 (whole 16-byte vectors), BM and BN multiples of
  * 32, BK whole 128-byte shared-memory rows. Any M, N: tails read as zeros.
+ *
+ * Half tiles: a tile whose valid rows fit in its first BM / 2 (an expert's tail tile,
+ * the last token tile) loads and multiplies only those, so routed rows cost compute in
+ * 64-row steps, not 128. Each mainloop is a template on it (no branch in the loop).
  */
 #pragma once
 
@@ -101,6 +105,9 @@ struct TileGemm {
   using S2RAtom = cute::Copy_Atom<FMOE_ARCH_ATOM(SM75_U32x4_LDSM_N), T>;
   static_assert(cute::size(Mma{}) == kThreads, "the tiled MMA must use 128 threads");
 
+  /// Rows of a half tile (a tile with at most this many valid rows).
+  static constexpr int kHalfRows = BM / 2;
+
   static constexpr int kSmemA = BM * BK * kStages * kBytes;
   static constexpr int kSmemB = BN * BK * kStages * kBytes;
   static constexpr int kSmemPipe = kSmemA + kSmemB;
@@ -124,27 +131,41 @@ struct TileGemm {
     return thr.partition_C(cute::make_identity_tensor(cute::Shape<cute::Int<BM>, cute::Int<BN>>{}));
   }
 
-  FMOE_DEVICE static void load_stage(char* smem, int k_tile, int stage, int K) {
+  /// One k-tile of both operands into stage `stage`; a half tile (full false) loads
+  /// only the first kHalfRows A rows.
+  FMOE_DEVICE static void load_stage(char* smem, int k_tile, int stage, int K, bool full) {
     using namespace cute;
     Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)), LayoutA{});
     Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)), LayoutB{});
-    load_rows<BM>(sA, rows_a(smem), k_tile, stage, K);
-    load_rows<BN>(sB, rows_b(smem), k_tile, stage, K);
+    load_rows<BM>(sA, rows_a(smem), k_tile, stage, K, full);
+    load_rows<BN>(sB, rows_b(smem), k_tile, stage, K, true);
   }
 
-  /// One k-tile of kRows table rows into stage `stage` of a swizzled operand buffer.
+  /// One k-tile of kRows table rows (all = false: the first half only, the rest keep
+  /// what they held) into stage `stage` of a swizzled operand buffer.
   template <int kRows, class SmemTensor>
   FMOE_DEVICE static void load_rows(SmemTensor& s, const Storage* const* rows, int k_tile,
-                                    int stage, int K) {
-    const int k0 = k_tile * BK;
+                                    int stage, int K, bool all) {
     constexpr int kVecsPerRow = BK / kVec;
+    constexpr int kIters = kRows * kVecsPerRow / kThreads;
+    constexpr int kRowStep = kThreads / kVecsPerRow;  // rows between a thread's vectors
+    // Iteration i covers whole rows, in order: the first half of them, the first rows.
+    // Rows kRowStep apart are whole 8-row swizzle atoms apart (the atoms tile M first):
+    // the same swizzle, kRowStep * kAtomK elements further on.
+    static_assert(kThreads % kVecsPerRow == 0 && kIters % 2 == 0 && kRowStep % 8 == 0,
+                  "half tiles by iteration; a thread's rows in one swizzle phase");
+    // A thread's vectors: rows r0 + i kRowStep at column c, in every k-tile; the address
+    // math is done once, and each vector adds constants.
+    const int r0 = int(threadIdx.x) / kVecsPerRow;
+    const int kc = k_tile * BK + (int(threadIdx.x) % kVecsPerRow) * kVec;
+    const bool in_k = kc < K;
+    T* dst = cute::raw_pointer_cast(&s(r0, kc - k_tile * BK, stage));
     CUTE_UNROLL
-    for (int i = 0; i < kRows * kVecsPerRow / kThreads; ++i) {
-      const int v = threadIdx.x + i * kThreads;
-      const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
-      const Storage* row = rows[r];
-      const bool p = row != nullptr && k0 + c < K;
-      cp_async_16(cute::raw_pointer_cast(&s(r, c, stage)), p ? row + k0 + c : nullptr, p);
+    for (int i = 0; i < kIters; ++i) {
+      if (i >= kIters / 2 && !all) break;  // block-uniform
+      const Storage* row = rows[r0 + i * kRowStep];
+      const bool p = in_k && row != nullptr;
+      cp_async_16(dst + i * kRowStep * kAtomK, p ? row + kc : nullptr, p);
     }
   }
 
@@ -170,11 +191,43 @@ struct TileGemm {
     }
   }
 
+  /// The first half of mode 1 of a (V, M) or (V, M, N) fragment or partition: its
+  /// m-blocks of 32 rows below BM / 2.
+  template <class Tensor>
+  FMOE_DEVICE static auto first_half(Tensor&& t) {
+    using namespace cute;
+    constexpr int kM = decltype(size<1>(t))::value;
+    static_assert(kM * 32 == BM, "m-blocks of 32 rows: the first half is rows < BM / 2");
+    if constexpr (decltype(rank(t))::value == 2) {
+      return local_tile(t, Shape<Int<decltype(size<0>(t))::value>, Int<kM / 2>>{},
+                        make_coord(0, 0));
+    } else {
+      return local_tile(t, Shape<Int<decltype(size<0>(t))::value>, Int<kM / 2>,
+                                 Int<decltype(size<2>(t))::value>>{},
+                        make_coord(0, 0, 0));
+    }
+  }
+
+  /// acc += a b, over the first half's m-blocks only in a half tile (kFull false; its
+  /// other accumulators stay as they were).
+  template <bool kFull, class FragA, class FragB>
+  FMOE_DEVICE static void mma_rows(FragA&& a, FragB&& b, Acc& acc) {
+    Mma mma;
+    if constexpr (kFull) {
+      cute::gemm(mma, a, b, acc);
+    } else {
+      auto acc_half = first_half(acc);
+      cute::gemm(mma, first_half(a), b, acc_half);
+    }
+  }
+
   /**
    * acc += A_tile * B_tile^T over K. The caller filled rows_a/rows_b (null rows are
-   * zeros) and synchronised the block. Leaves the pipeline drained and the block
+   * zeros) and synchronised the block; kFull false: a half tile (A rows from kHalfRows
+   * on are neither loaded nor multiplied). Leaves the pipeline drained and the block
    * synchronised, so shared memory may be reused at once.
    */
+  template <bool kFull>
   FMOE_DEVICE static void mainloop(Acc& acc, char* smem, int K) {
     using namespace cute;
     Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)), LayoutA{});
@@ -193,11 +246,20 @@ struct TileGemm {
     Tensor tXsB = thr_b.partition_S(sB);
     Tensor tXrB = thr_b.retile_D(tCrB);
     constexpr int kBlocks = decltype(size<2>(tCrA))::value;  // MMA k-steps per BK
+    // A's fragments of k-step kb from stage st (a half tile's first half only).
+    auto copy_a = [&](int kb, int st) {
+      if constexpr (kFull) {
+        copy(s2r_a, tXsA(_, _, kb, st), tXrA(_, _, kb));
+      } else {
+        auto dst = first_half(tXrA(_, _, kb));
+        copy(s2r_a, first_half(tXsA(_, _, kb, st)), dst);
+      }
+    };
 
     const int num_k = (K + BK - 1) / BK;
     CUTE_UNROLL
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < num_k) load_stage(smem, s, s, K);
+      if (s < num_k) load_stage(smem, s, s, K, kFull);
       cp_async_commit();
     }
     int next_k = kStages - 1;
@@ -207,7 +269,7 @@ struct TileGemm {
 
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    copy(s2r_a, tXsA(_, _, 0, cur_stage), tXrA(_, _, 0));
+    copy_a(0, cur_stage);
     copy(s2r_b, tXsB(_, _, 0, cur_stage), tXrB(_, _, 0));
 
     [[maybe_unused]] auto tCrA_lo = make_fragment_like(tCrA);
@@ -225,10 +287,10 @@ struct TileGemm {
           __syncthreads();
         }
         const int kb_next = (kb + 1) % kBlocks;
-        copy(s2r_a, tXsA(_, _, kb_next, cur_stage), tXrA(_, _, kb_next));
+        copy_a(kb_next, cur_stage);
         copy(s2r_b, tXsB(_, _, kb_next, cur_stage), tXrB(_, _, kb_next));
         if (kb == 0) {
-          if (next_k < num_k) load_stage(smem, next_k, write_stage, K);
+          if (next_k < num_k) load_stage(smem, next_k, write_stage, K, kFull);
           cp_async_commit();
           ++next_k;
           write_stage = read_stage;
@@ -237,13 +299,13 @@ struct TileGemm {
         if constexpr (kDtype == kFloat32) {
           split_tf32_frag(tCrA(_, _, kb), tCrA_lo(_, _, kb));
           split_tf32_frag(tCrB(_, _, kb), tCrB_lo(_, _, kb));
-          cute::gemm(mma, tCrA_lo(_, _, kb), tCrB(_, _, kb), acc);
-          cute::gemm(mma, tCrA(_, _, kb), tCrB_lo(_, _, kb), acc);
+          mma_rows<kFull>(tCrA_lo(_, _, kb), tCrB(_, _, kb), acc);
+          mma_rows<kFull>(tCrA(_, _, kb), tCrB_lo(_, _, kb), acc);
         } else if constexpr (kDtype == kTFloat32) {
           round_tf32_frag(tCrA(_, _, kb));
           round_tf32_frag(tCrB(_, _, kb));
         }
-        cute::gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+        mma_rows<kFull>(tCrA(_, _, kb), tCrB(_, _, kb), acc);
       }
     }
     cp_async_wait<0>();
@@ -258,9 +320,13 @@ struct TileGemm {
    * acc += A_tile * B_tile^T over K with wgmma (kWgmma builds): per k-tile, once its
    * stage landed and the block met, the next stage's loads go out and one group of
    * BK / 16 x 2 wgmmas reads the stage; the thread retires its group before the next
-   * k-tile's barrier, so every read of a stage is done before it is refilled.
+   * k-tile's barrier, so every read of a stage is done before it is refilled. A half
+   * tile (kFull false) loads and multiplies only the first m64 half. A template, not a
+   * flag: a wgmma under a branch inside the loop makes ptxas serialise every wgmma.
    */
+  template <bool kFull>
   FMOE_DEVICE static void mainloop_sm90(AccSm90& acc, char* smem, int K) {
+    constexpr int kHalves = kFull ? BM / 64 : BM / 128;  // m64 halves multiplied
     using namespace cute;
     using Atom = GMMA::Layout_K_SW128_Atom<T>;
     Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
@@ -275,7 +341,7 @@ struct TileGemm {
     const int num_k = (K + BK - 1) / BK;
     CUTE_UNROLL
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < num_k) load_stage(smem, s, s, K);
+      if (s < num_k) load_stage(smem, s, s, K, kFull);
       cp_async_commit();
     }
     CUTE_NO_UNROLL
@@ -284,7 +350,7 @@ struct TileGemm {
       cp_async_wait<kStages - 2>();
       __syncthreads();  // the stage landed for every thread; last k-tile's reads retired
       const int next = kt + kStages - 1;
-      if (next < num_k) load_stage(smem, next, next % kStages, K);
+      if (next < num_k) load_stage(smem, next, next % kStages, K, kFull);
       cp_async_commit();
       sm90::fence_proxy_async();  // the stage's generic-proxy writes before wgmma reads
       sm90::wgmma_fence();
@@ -295,7 +361,7 @@ struct TileGemm {
         const uint64_t db = sm90::descriptor(
             local_tile(gB(_, _, stage), Shape<Int<BN>, _16>{}, make_coord(0, kb)));
         CUTE_UNROLL
-        for (int h = 0; h < BM / 64; ++h) {
+        for (int h = 0; h < kHalves; ++h) {
           const uint64_t da = sm90::descriptor(
               local_tile(gA(_, _, stage), Shape<_64, _16>{}, make_coord(h, kb)));
           sm90::wgmma<kDtype, BN>(acc[h], da, db, true);
@@ -329,10 +395,13 @@ struct TileGemm {
   /**
    * The whole tile: fill the row tables from a_row(r) / b_row(r) (null: a zero row),
    * run the mainloop over K, stage the float32 result in shared memory and return it
-   * (row stride kStageLd), with the block synchronised.
+   * (row stride kStageLd), with the block synchronised. `rows` (block-uniform): the
+   * A rows the caller reads back (the others may hold anything); at most kHalfRows
+   * makes a half tile where the mainloop has them.
    */
   template <class ARow, class BRow>
-  FMOE_DEVICE static const float* compute_tile(char* smem, int K, ARow a_row, BRow b_row) {
+  FMOE_DEVICE static const float* compute_tile(char* smem, int K, ARow a_row, BRow b_row,
+                                               int rows = BM) {
     const Storage** ra = rows_a(smem);
     const Storage** rb = rows_b(smem);
     for (int r = threadIdx.x; r < BM; r += kThreads) ra[r] = a_row(r);
@@ -342,14 +411,22 @@ struct TileGemm {
 #if FMOE_SM90_MAINLOOP
     if constexpr (kWgmma) {
       AccSm90 acc;
-      mainloop_sm90(acc, smem, K);
+      if (rows > kHalfRows) {
+        mainloop_sm90<true>(acc, smem, K);
+      } else {
+        mainloop_sm90<false>(acc, smem, K);
+      }
       staged = stage_acc_sm90(acc, smem);
     } else
 #endif
     {
       Acc acc;
       cute::clear(acc);
-      mainloop(acc, smem, K);
+      if (rows > kHalfRows) {
+        mainloop<true>(acc, smem, K);
+      } else {
+        mainloop<false>(acc, smem, K);
+      }
       staged = stage_acc(acc, smem);
     }
     __syncthreads();

@@ -224,7 +224,8 @@ struct Backward {
     const float* staged = G::compute_tile(
         smem, H,
         [&](int r) -> const S* { return t0 + r < T ? x + int64_t(t0 + r) * H : nullptr; },
-        [&](int r) -> const S* { return e0 + r < E ? router + int64_t(e0 + r) * H : nullptr; });
+        [&](int r) -> const S* { return e0 + r < E ? router + int64_t(e0 + r) * H : nullptr; },
+        min(kTile, T - t0));
     if constexpr (C::kFusedTopk) {
       const int warp = int(threadIdx.x >> 5);
       for (int r = warp; r < kTile && t0 + r < T; r += C::kWarps) {
@@ -555,7 +556,8 @@ struct Backward {
     const S* w2 = static_cast<const S*>(B.w_down_b) + int64_t(le) * F * H;
     const float* staged = G::compute_tile(
         smem, H, [&](int r) -> const S* { return r < rows ? a + int64_t(r) * H : nullptr; },
-        [&](int r) -> const S* { return f0 + r < F ? w2 + int64_t(f0 + r) * H : nullptr; });
+        [&](int r) -> const S* { return f0 + r < F ? w2 + int64_t(f0 + r) * H : nullptr; },
+        rows);
     G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
       const int n = f0 + c;
       if (r >= rows || n >= F) return;
@@ -644,7 +646,8 @@ struct Backward {
     const S* w1 = static_cast<const S*>(B.w_up_b) + int64_t(le) * H * kPF;
     const float* staged = G::compute_tile(
         smem, kPF, [&](int r) -> const S* { return r < rows ? da + int64_t(r) * kPF : nullptr; },
-        [&](int r) -> const S* { return h0 + r < H ? w1 + int64_t(h0 + r) * kPF : nullptr; });
+        [&](int r) -> const S* { return h0 + r < H ? w1 + int64_t(h0 + r) * kPF : nullptr; },
+        rows);
     G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
       if (r >= rows || h0 + c >= H) return;
       float4* d = reinterpret_cast<float4*>(out + int64_t(r) * H + h0 + c);
@@ -681,7 +684,8 @@ struct Backward {
     const float* staged = G::compute_tile(
         smem, kEp,
         [&](int r) -> const S* { return t0 + r < T ? dz + int64_t(t0 + r) * kEp : nullptr; },
-        [&](int r) -> const S* { return h0 + r < H ? rb + int64_t(h0 + r) * kEp : nullptr; });
+        [&](int r) -> const S* { return h0 + r < H ? rb + int64_t(h0 + r) * kEp : nullptr; },
+        min(kTile, T - t0));
     G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
       const int t = t0 + r, n = h0 + c;
       if (t >= T || n >= H) return;

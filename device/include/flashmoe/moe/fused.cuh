@@ -216,7 +216,7 @@ struct Kernel {
         [&](int r) -> const S* { return t0 + r < T ? x + int64_t(t0 + r) * C::H : nullptr; },
         [&](int r) -> const S* {
           return e0 + r < C::E ? router + int64_t(e0 + r) * C::H : nullptr;
-        });
+        }, min(kTile, T - t0));
     if constexpr (C::kFusedTopk) {
       // compute_tile synchronised the block after zeroing the counts and staging.
       const int warp = int(threadIdx.x >> 5);
@@ -575,7 +575,7 @@ struct Kernel {
         [&](int r) -> const S* {
           const int half = r / C::kUpCols, n = n0 + r % C::kUpCols;
           return n < C::F ? (half ? w_up2 : w_up) + int64_t(n) * C::H : nullptr;
-        });
+        }, tile.rows);
     // Vanilla: b1 [El, F]; gated with biases: bg then bu, [El, 2F].
     const S* b_up = (C::kGated && !C::M::kBias) ? nullptr
         : static_cast<const S*>(L.b_up) + int64_t(tile.le) * C::F * (C::kGated ? 2 : 1);
@@ -625,7 +625,7 @@ struct Kernel {
         [&](int r) -> const S* { return r < tile.rows ? z + int64_t(r) * C::F : nullptr; },
         [&](int r) -> const S* {
           return n0 + r < C::H ? w_down + int64_t(n0 + r) * C::F : nullptr;
-        });
+        }, tile.rows);
     constexpr bool kDownBias = !C::kGated || C::M::kBias;
     const S* b_down =
         kDownBias ? static_cast<const S*>(L.b_down) + int64_t(tile.le) * C::H : nullptr;
