@@ -24,15 +24,21 @@ qwen2_moe   L.mlp.experts.j.up_proj.weight [F, H]           wu[j] = T
             L.mlp.experts.j.down_proj.weight [H, F]         w2[j] = T
 deepseek_v3 the qwen names, and                             router, wg, wu, w2 as above
             L.mlp.gate.e_score_correction_bias [E]          selection_bias
+            L.mlp.shared_experts.gate_proj.weight [S, H]    shared_wg = T
+            L.mlp.shared_experts.up_proj.weight [S, H]      shared_wu = T
+            L.mlp.shared_experts.down_proj.weight [H, S]    shared_w2 = T
+qwen2_moe   also L.mlp.shared_expert.{gate,up,down}_proj    shared_wg, shared_wu, shared_w2
+            L.mlp.shared_expert_gate.weight [1, H]          shared_gate = [0]
 gpt_oss     L.mlp.router.weight [E, H], .bias [E]           router = T, router_bias
             L.mlp.experts.gate_up_proj [E, H, 2F]           wg = [..., 0::2], wu = [..., 1::2]
             L.mlp.experts.gate_up_proj_bias [E, 2F]         bg = [:, 0::2], bu = [:, 1::2]
             L.mlp.experts.down_proj [E, F, H], _bias [E, H] w2, b2 (as stored)
 ==========  ==============================================  ============================
 
-Shared experts (qwen2_moe's ``shared_expert``, deepseek_v3's ``shared_experts``) are not
-expressible by the layer yet: a checkpoint that has them is refused with the tensor
-named, never silently dropped.
+``S`` is the shared MLP's width, ``n_shared * shared_ffn`` (DeepSeek-V3 stores its shared
+experts as one MLP of that width already). A checkpoint's shared-expert tensors must
+match the config: ones the config has no room for are refused with the tensor named,
+never silently dropped.
 """
 
 from __future__ import annotations
@@ -117,10 +123,14 @@ def _names(naming: str, layer: int, experts: int) -> Dict[str, list]:
     else:
         ex = [(f"{p}experts.{j}.gate_proj.weight", f"{p}experts.{j}.up_proj.weight",
                f"{p}experts.{j}.down_proj.weight") for j in range(experts)]
+    shared = f"{p}shared_experts." if naming == "deepseek_v3" else f"{p}shared_expert."
     return {"router": [f"{p}gate.weight"], "experts": ex,
             "selection_bias": [f"{p}gate.e_score_correction_bias"],
-            "unsupported": [f"{p}shared_expert.", f"{p}shared_experts.",
-                            f"{p}shared_expert_gate."]}
+            "shared": [f"{shared}gate_proj.weight", f"{shared}up_proj.weight",
+                       f"{shared}down_proj.weight"],
+            "shared_gate": [f"{p}shared_expert_gate.weight"],
+            "any_shared": [f"{p}shared_expert.", f"{p}shared_experts.",
+                           f"{p}shared_expert_gate."]}
 
 
 def _take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple) -> np.ndarray:
@@ -161,11 +171,15 @@ def weights_from_checkpoint(cfg: MoEConfig, tensors: Mapping[str, np.ndarray], l
     if cfg.mlp != "gated":
         raise ValueError(f"{naming} experts are gated MLPs; build the config with mlp='gated'")
     names = _names(naming, int(layer), cfg.experts)
-    for start in names["unsupported"]:
-        extra = sorted(k for k in tensors if k.startswith(start))
+    wanted = set(names["shared"]) if cfg.n_shared else set()
+    if cfg.shared_gate:
+        wanted |= set(names["shared_gate"])
+    for start in names["any_shared"]:
+        extra = sorted(k for k in tensors if k.startswith(start) and k not in wanted)
         if extra:
-            raise ValueError(f"checkpoint tensor {extra[0]} belongs to a shared expert, which "
-                             "this layer does not compute yet; refusing to drop it silently")
+            raise ValueError(f"checkpoint tensor {extra[0]} belongs to a shared expert this "
+                             f"config has no room for (n_shared={cfg.n_shared}, shared_gate="
+                             f"{cfg.shared_gate}); refusing to drop it silently")
     h, f, e = cfg.hidden, cfg.ffn, cfg.experts
     want = storage_dtype(cfg.dtype)
     cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(np.float32).astype(want))  # noqa
@@ -178,6 +192,14 @@ def weights_from_checkpoint(cfg: MoEConfig, tensors: Mapping[str, np.ndarray], l
         wu.append(_take(tensors, u, (f, h)).T)
         w2.append(_take(tensors, d, (h, f)).T)
     arrays.update(wg=cast(np.stack(wg)), wu=cast(np.stack(wu)), w2=cast(np.stack(w2)))
+    if cfg.n_shared:
+        s = cfg.shared_width
+        g, u, d = names["shared"]
+        arrays.update(shared_wg=cast(_take(tensors, g, (s, h)).T),
+                      shared_wu=cast(_take(tensors, u, (s, h)).T),
+                      shared_w2=cast(_take(tensors, d, (h, s)).T))
+    if cfg.shared_gate:
+        arrays["shared_gate"] = cast(_take(tensors, names["shared_gate"][0], (1, h))[0])
     bias_name = names["selection_bias"][0]
     if cfg.selection_bias:
         arrays["selection_bias"] = np.asarray(_take(tensors, bias_name, (e,)), np.float32)
@@ -246,6 +268,10 @@ def config_from_hf(hf: Mapping, tokens: int, dtype: Optional[str] = None,
         d = dict(common, ffn=int(ffn), experts=int(hf["num_experts"]),
                  renormalize=bool(hf.get("norm_topk_prob", kind != "olmoe")),
                  router_logits="storage")
+        if kind == "qwen2_moe" and int(hf.get("shared_expert_intermediate_size", 0)):
+            # One shared expert of its own width behind a sigmoid gate.
+            d.update(n_shared=1, shared_ffn=int(hf["shared_expert_intermediate_size"]),
+                     shared_gate=True)
     else:  # deepseek_v3
         if hf.get("scoring_func", "sigmoid") != "sigmoid":
             raise ValueError(f"scoring_func={hf.get('scoring_func')!r}: deepseek_v3 scores "
@@ -255,6 +281,9 @@ def config_from_hf(hf: Mapping, tokens: int, dtype: Optional[str] = None,
                  selection_bias=hf.get("topk_method", "noaux_tc") == "noaux_tc",
                  n_group=int(hf.get("n_group", 1)), topk_group=int(hf.get("topk_group", 1)),
                  routed_scaling=float(hf.get("routed_scaling_factor", 1.0)),
-                 renormalize=bool(hf.get("norm_topk_prob", True)))
+                 renormalize=bool(hf.get("norm_topk_prob", True)),
+                 n_shared=int(hf.get("n_shared_experts") or 0))
+        if d["n_shared"]:
+            d["shared_ffn"] = d["ffn"]
     d.update(overrides)
     return MoEConfig(**d)

@@ -30,6 +30,7 @@ ROW_ALIGN = 8
 MAX_WORLD_SIZE = 1024
 SCORINGS = ("softmax", "sigmoid")
 ROUTER_LOGITS = ("float32", "storage")
+MAX_SHARED = 64
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
@@ -118,6 +119,19 @@ class MoEConfig:
         ``bu`` [E, ffn] and ``b2`` [E, hidden]. The vanilla MLP always has its biases.
     swiglu_alpha, swiglu_limit : float
         The constants of ``activation="swiglu_clamped"`` (GPT-OSS: 1.702 and 7.0).
+
+    Shared experts (always on, every token; DeepSeek-V3, Qwen2-MoE):
+
+    n_shared : int
+        Number of shared experts (0: none). They have the routed experts' MLP kind,
+        activation and biases, and run as one MLP of width ``n_shared * shared_ffn`` (their
+        intermediates side by side, one down projection), as the models implement them;
+        the output adds to the routed experts' combine.
+    shared_ffn : int or None
+        Intermediate width of each shared expert (a multiple of 8); ``None``: ``ffn``.
+    shared_gate : bool
+        Scale the shared output per token by ``sigmoid(x . w)`` (Qwen2-MoE's
+        ``shared_expert_gate``): ``MoEWeights.shared_gate`` [hidden].
     """
 
     tokens: int
@@ -143,6 +157,9 @@ class MoEConfig:
     mlp_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    n_shared: int = 0
+    shared_ffn: Optional[int] = None
+    shared_gate: bool = False
 
     def __post_init__(self) -> None:
         # Integer fields are stored as Python ints whatever integer type came in, so
@@ -195,6 +212,29 @@ class MoEConfig:
                                 f"owner ranks in [0, {self.world_size}); expert {e} has {owner!r}")
             self._set("placement", tuple(int(owner) for owner in placement))
         self._check_routing_rules()
+        self._check_shared()
+
+    def _check_shared(self) -> None:
+        self._set("n_shared", _check_int("n_shared", self.n_shared, 0, MAX_SHARED))
+        if not _is_bool(self.shared_gate):
+            raise _fail("shared_gate", self.shared_gate, "True or False")
+        self._set("shared_gate", bool(self.shared_gate))
+        if self.n_shared == 0:
+            if self.shared_ffn is not None:
+                raise _fail("shared_ffn", self.shared_ffn, "None without shared experts "
+                            "(n_shared=0)")
+            if self.shared_gate:
+                raise _fail("shared_gate", True, "False without shared experts (n_shared=0)")
+            return
+        sf = self.ffn if self.shared_ffn is None else self.shared_ffn
+        sf = _check_int("shared_ffn", sf, ROW_ALIGN, 1 << 16, f" and a multiple of {ROW_ALIGN}")
+        if sf % ROW_ALIGN:
+            raise _fail("shared_ffn", sf, f"a multiple of {ROW_ALIGN} (rows move as 16-byte "
+                        f"vectors); pad it to {math.ceil(sf / ROW_ALIGN) * ROW_ALIGN}")
+        if self.n_shared * sf > 1 << 16:
+            raise _fail("shared_ffn", sf, f"n_shared * shared_ffn at most {1 << 16} (the "
+                        f"shared MLP's width), got {self.n_shared} * {sf}")
+        self._set("shared_ffn", sf)
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -311,18 +351,26 @@ class MoEConfig:
         return math.ceil(self.capacity_factor * t * self.top_k / self.experts)
 
     @property
+    def shared_width(self) -> int:
+        """Intermediate width of the shared MLP: ``n_shared * shared_ffn`` (0: none)."""
+        return self.n_shared * (self.shared_ffn or 0)
+
+    @property
     def storage_dtype(self) -> str:
         """NumPy-side storage type: tfloat32 values live in float32 arrays."""
         return "float32" if self.dtype == "tfloat32" else self.dtype
 
     def flops(self, tokens: Optional[int] = None, kept: Optional[int] = None) -> int:
-        """Useful FLOPs of one forward pass on one rank: the router GEMM, and the expert
+        """Useful FLOPs of one forward pass on one rank: the router GEMM, the expert
         GEMMs of the ``kept`` assignments (default: all ``tokens * top_k``; dropped
-        assignments do no useful work)."""
+        assignments do no useful work) and the shared experts' over every token."""
         t = self.tokens if tokens is None else tokens
         k = t * self.top_k if kept is None else int(kept)
         gemms = 3 if self.mlp == "gated" else 2
-        return 2 * t * self.hidden * self.experts + gemms * 2 * k * self.hidden * self.ffn
+        shared = gemms * 2 * t * self.hidden * self.shared_width + \
+            (2 * t * self.hidden if self.shared_gate else 0)
+        return 2 * t * self.hidden * self.experts + gemms * 2 * k * self.hidden * self.ffn + \
+            shared
 
     def replace(self, **changes: Any) -> "MoEConfig":
         """A copy with some fields changed (validated again)."""

@@ -10,17 +10,20 @@ import numpy as np
 from .config import MoEConfig
 from .numerics import round_to, storage_dtype
 
-__all__ = ["MoEWeights", "check_weights", "WEIGHT_FIELDS"]
+__all__ = ["MoEWeights", "check_weights", "WEIGHT_FIELDS", "shared_tensor_names"]
 
 # The MoEConfig fields that fix what the weights are: their shapes and element type.
 # Weights built for one config serve any config that agrees on these (the token bound,
 # top_k, capacity, activation and placement do not change a weight).
 WEIGHT_FIELDS = ("hidden", "ffn", "experts", "mlp", "dtype", "router_bias", "selection_bias",
-                 "mlp_bias")
+                 "mlp_bias", "n_shared", "shared_ffn", "shared_gate")
 
 # Draw order of the random generator; never reorder (it would change every seed).
 _TENSOR_IDS = {"router": 0, "w1": 1, "b1": 2, "w2": 3, "b2": 4, "wg": 5, "wu": 6,
-               "router_bias": 7, "selection_bias": 8, "bg": 9, "bu": 10}
+               "router_bias": 7, "selection_bias": 8, "bg": 9, "bu": 10,
+               "shared_w1": 11, "shared_b1": 12, "shared_w2": 13, "shared_b2": 14,
+               "shared_wg": 15, "shared_wu": 16, "shared_bg": 17, "shared_bu": 18,
+               "shared_gate": 19}
 # Kept in float32 whatever the storage type (a selection bias only ranks experts).
 _FLOAT32 = ("selection_bias",)
 
@@ -47,6 +50,15 @@ def expert_tensor_names(mlp: str, bias: bool = False) -> Tuple[str, ...]:
     return ("wg", "wu", "w2") + (("bg", "bu", "b2") if bias else ())
 
 
+def shared_tensor_names(cfg: MoEConfig) -> Tuple[str, ...]:
+    """The shared MLP's tensors (the routed experts' names prefixed ``shared_``) and its
+    gate's; none without shared experts."""
+    if cfg.n_shared == 0:
+        return ()
+    return tuple("shared_" + n for n in expert_tensor_names(cfg.mlp, cfg.mlp_bias)) + \
+        (("shared_gate",) if cfg.shared_gate else ())
+
+
 class MoEWeights:
     """Router and expert weights of one layer.
 
@@ -60,6 +72,13 @@ class MoEWeights:
       ``cfg.mlp_bias`` also ``bg``, ``bu`` [E, ffn] and ``b2`` [E, hidden]
     - with ``cfg.router_bias``: ``router_bias`` [experts]; with ``cfg.selection_bias``:
       ``selection_bias`` [experts], float32 whatever the storage type
+    - with shared experts (``cfg.n_shared``), the shared MLP of width ``S =
+      cfg.shared_width``, held whole on every rank: ``shared_w1`` [hidden, S],
+      ``shared_b1`` [S], ``shared_w2`` [S, hidden], ``shared_b2`` [hidden] (vanilla), or
+      ``shared_wg``, ``shared_wu`` [hidden, S], ``shared_w2`` [S, hidden] (gated; with
+      ``cfg.mlp_bias`` also ``shared_bg``, ``shared_bu`` [S], ``shared_b2`` [hidden]);
+      with ``cfg.shared_gate``: ``shared_gate`` [hidden]. Several shared experts are
+      side by side along S.
 
     E is ``len(expert_ids)``: all experts by default, or the subset one rank owns.
 
@@ -129,12 +148,17 @@ class MoEWeights:
             shapes.update(wg=(e, h, f), wu=(e, h, f), w2=(e, f, h))
             if cfg.mlp_bias:
                 shapes.update(bg=(e, f), bu=(e, f), b2=(e, h))
+        s = cfg.shared_width
+        per = {"w1": (h, s), "b1": (s,), "w2": (s, h), "b2": (h,), "wg": (h, s),
+               "wu": (h, s), "bg": (s,), "bu": (s,), "gate": (h,)}
+        for name in shared_tensor_names(cfg):
+            shapes[name] = per[name[len("shared_"):]]
         return shapes
 
     @property
     def names(self) -> Tuple[str, ...]:
-        return router_tensor_names(self.cfg) + expert_tensor_names(self.cfg.mlp,
-                                                                   self.cfg.mlp_bias)
+        return router_tensor_names(self.cfg) + expert_tensor_names(
+            self.cfg.mlp, self.cfg.mlp_bias) + shared_tensor_names(self.cfg)
 
     def arrays(self) -> Dict[str, np.ndarray]:
         """Name -> array, router first."""
@@ -154,7 +178,8 @@ class MoEWeights:
         """The same weights restricted to some experts (router kept whole)."""
         ids = tuple(sorted(set(int(e) for e in expert_ids)))
         rows = [self.local_index(e) for e in ids]
-        arrays = {n: getattr(self, n) for n in router_tensor_names(self.cfg)}
+        arrays = {n: getattr(self, n)
+                  for n in router_tensor_names(self.cfg) + shared_tensor_names(self.cfg)}
         for n in expert_tensor_names(self.cfg.mlp, self.cfg.mlp_bias):
             arrays[n] = getattr(self, n)[rows]
         return MoEWeights(self.cfg, expert_ids=ids, **arrays)
@@ -201,6 +226,15 @@ class MoEWeights:
             shape, scale = per_expert[name]
             arrays[name] = np.stack([draw(name, shape, scale, e) for e in ids]) if ids else \
                 np.zeros((0,) + shape, dtype=storage_dtype(cfg.dtype))
+        s = cfg.shared_width
+        shared = {"w1": ((h, s), 1.0 / np.sqrt(h)), "b1": ((s,), 0.1),
+                  "w2": ((s, h), np.sqrt((2.0 if cfg.mlp == "gated" else 1.0) * gain / max(s, 1))),
+                  "b2": ((h,), 0.1), "wg": ((h, s), 1.0 / np.sqrt(h)),
+                  "wu": ((h, s), 1.0 / np.sqrt(h)), "bg": ((s,), 0.1), "bu": ((s,), 0.1),
+                  "gate": ((h,), 1.0 / np.sqrt(h))}
+        for name in shared_tensor_names(cfg):
+            shape, scale = shared[name[len("shared_"):]]
+            arrays[name] = draw(name, shape, scale)
         return cls(cfg, expert_ids=ids, **arrays)
 
     def __repr__(self) -> str:

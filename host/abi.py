@@ -18,7 +18,7 @@ __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "MOE_BACKWARD_LAYOUT",
            "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED",
            "abi_defines", "decode_fault"]
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 
 def _struct(fields, size: int) -> np.dtype:
@@ -50,6 +50,9 @@ MOE_EP_POINTERS = (
     "recv_rows", "send_rows", "headers", "headers_out", "header_sig", "dispatch_sig",
     "return_sig", "done_sig", "z_remote", "y_remote", "dep_remote", "expert_owner",
     "expert_local")
+MOE_SHARED_POINTERS = (
+    "ws_up", "ws_up2", "bs_up", "ws_down", "bs_down", "ws_gate", "shared_scale", "zs", "ys",
+    "dep_shared")
 MOE_LAYOUT = _struct(
     [(name, _PTR, 8 * i) for i, name in enumerate(MOE_LAYOUT_POINTERS)]
     + [("timeout_ns", "<u8", 176), ("max_tokens", "<i4", 184), ("experts", "<i4", 188),
@@ -60,7 +63,8 @@ MOE_LAYOUT = _struct(
     + [("delay_ns", "<u8", 320), ("slot_rows", "<i4", 328), ("max_peer_tiles", "<i4", 332),
        ("max_local_experts", "<i4", 336), ("trace_capacity", "<i4", 340),
        ("trace", _PTR, 344), ("router_bias", _PTR, 352), ("selection_bias", _PTR, 360),
-       ("pre", _PTR, 368), ("pre_remote", _PTR, 376), ("recv_saved", _PTR, 384)], 392)
+       ("pre", _PTR, 368), ("pre_remote", _PTR, 376), ("recv_saved", _PTR, 384)]
+    + [(name, _PTR, 392 + 8 * i) for i, name in enumerate(MOE_SHARED_POINTERS)], 472)
 
 # The backward kernel's layout: pointers first, then its sizes.
 MOE_BACKWARD_POINTERS = (
@@ -88,7 +92,7 @@ ENUMS: Dict[str, Dict[str, int]] = {
     "TraceKind": {"kTraceGate": 8, "kTraceTopk": 9, "kTraceScan": 10, "kTraceLists": 11,
                   "kTraceHeaders": 12, "kTraceSubscriber": 13, "kTraceWait": 14},
     "TaskKind": {"kUp": 0, "kDown": 1, "kCombine": 2, "kSend": 3, "kUpRemote": 4,
-                 "kDownRemote": 5},
+                 "kDownRemote": 5, "kSharedUp": 6, "kSharedDown": 7},
     "Phase": {"kPhaseBarrierGate": 1, "kPhaseBarrierTopk": 2, "kPhaseBarrierScan": 3,
               "kPhaseBarrierLists": 4, "kPhaseRingSlot": 5, "kPhaseRingFull": 6,
               "kPhasePeerDone": 7, "kPhaseHeaders": 8, "kPhaseDispatchWait": 9,
@@ -122,7 +126,8 @@ FAULT_CODES = {v: k for k, v in _view("FaultCode", {
 # What a trace record's `what` names: task kinds (low 3 bits of a descriptor) and phases.
 TASK_KINDS = {v: k for k, v in _view("TaskKind", {
     "up": "kUp", "down": "kDown", "combine": "kCombine", "send": "kSend",
-    "up (remote)": "kUpRemote", "down (remote)": "kDownRemote"}).items()}
+    "up (remote)": "kUpRemote", "down (remote)": "kDownRemote",
+    "up (shared)": "kSharedUp", "down (shared)": "kSharedDown"}).items()}
 TRACE_PHASES = {v: k for k, v in _view("TraceKind", {
     "gate": "kTraceGate", "top-k": "kTraceTopk", "scan": "kTraceScan", "lists": "kTraceLists",
     "headers": "kTraceHeaders", "subscriber": "kTraceSubscriber",

@@ -12,6 +12,7 @@ from flashmoe_core.checkpoint import config_from_hf, read_safetensors, weights_f
 from flashmoe_core.oracle.reference import moe_forward
 
 H, F, E, K = 64, 48, 8, 2
+S = 40  # qwen2_moe's shared expert width (deepseek_v3: one shared expert of width F)
 HF = {
     "mixtral": {"model_type": "mixtral", "hidden_size": H, "intermediate_size": F,
                 "num_local_experts": E, "num_experts_per_tok": K, "torch_dtype": "bfloat16"},
@@ -19,10 +20,14 @@ HF = {
                   "num_experts": E, "num_experts_per_tok": K, "norm_topk_prob": True},
     "olmoe": {"model_type": "olmoe", "hidden_size": H, "intermediate_size": F,
               "num_experts": E, "num_experts_per_tok": K},
+    "qwen2_moe": {"model_type": "qwen2_moe", "hidden_size": H, "moe_intermediate_size": F,
+                  "shared_expert_intermediate_size": S, "num_experts": E,
+                  "num_experts_per_tok": K, "norm_topk_prob": False},
     "deepseek_v3": {"model_type": "deepseek_v3", "hidden_size": H,
                     "moe_intermediate_size": F, "n_routed_experts": E,
                     "num_experts_per_tok": K, "n_group": 4, "topk_group": 2,
-                    "routed_scaling_factor": 2.5, "norm_topk_prob": True},
+                    "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                    "n_shared_experts": 1},
 }
 
 
@@ -55,6 +60,14 @@ def checkpoint(naming, layer, seed=0):
     if naming == "deepseek_v3":
         t[p + "gate.e_score_correction_bias"] = (rng.standard_normal(E) * 0.05).astype(
             np.float32)
+    if naming in ("deepseek_v3", "qwen2_moe"):
+        sp, width = (p + "shared_experts.", F) if naming == "deepseek_v3" else \
+            (p + "shared_expert.", S)
+        t[sp + "gate_proj.weight"] = bf(width, H)
+        t[sp + "up_proj.weight"] = bf(width, H)
+        t[sp + "down_proj.weight"] = bf(H, width)
+        if naming == "qwen2_moe":
+            t[p + "shared_expert_gate.weight"] = bf(1, H)
     # Another layer's tensors in the same file must be left alone.
     t[f"model.layers.{layer + 1}.mlp.gate.weight"] = bf(E, H)
     return t, p, parts
@@ -86,6 +99,15 @@ def test_loaded_layer_is_the_checkpoints_layer(naming, tmp_path):
             u = xf[tok] @ t[f"{p}experts.{e}.{parts[1]}.weight"].astype(np.float32).T
             h = (g / (1 + np.exp(-g))) * u
             acc += wt * (h @ t[f"{p}experts.{e}.{parts[2]}.weight"].astype(np.float32).T)
+        if cfg.n_shared:  # the shared expert, gated by a sigmoid in qwen2_moe
+            sp = p + ("shared_experts." if naming == "deepseek_v3" else "shared_expert.")
+            g = xf[tok] @ t[sp + "gate_proj.weight"].astype(np.float32).T
+            u = xf[tok] @ t[sp + "up_proj.weight"].astype(np.float32).T
+            sh = ((g / (1 + np.exp(-g))) * u) @ t[sp + "down_proj.weight"].astype(np.float32).T
+            if cfg.shared_gate:
+                sh *= 1 / (1 + np.exp(-(xf[tok] @ t[p + "shared_expert_gate.weight"][0]
+                                        .astype(np.float32))))
+            acc += sh
         np.testing.assert_allclose(y[tok].astype(np.float32), acc, rtol=0.05, atol=0.05)
 
 
@@ -95,6 +117,10 @@ def test_configs_follow_the_families():
     ds = config_from_hf(HF["deepseek_v3"], 8)
     assert (ds.scoring, ds.selection_bias, ds.n_group, ds.topk_group, ds.routed_scaling) == \
         ("sigmoid", True, 4, 2, 2.5)
+    assert (ds.n_shared, ds.shared_ffn, ds.shared_gate) == (1, F, False)
+    qw = config_from_hf(HF["qwen2_moe"], 8)
+    assert (qw.n_shared, qw.shared_ffn, qw.shared_gate, qw.renormalize) == (1, S, True, False)
+    assert config_from_hf(HF["qwen3_moe"], 8).n_shared == 0
     with pytest.raises(ValueError, match="model_type='llama'"):
         config_from_hf({"model_type": "llama"}, 8)
 
@@ -109,8 +135,14 @@ def test_wrong_names_shapes_and_shared_experts_are_refused(tmp_path):
     with pytest.raises(ValueError, match="experts.2.up_proj.weight has shape"):
         weights_from_checkpoint(cfg, bad, layer=0, naming="qwen3_moe")
     shared = dict(t, **{p + "shared_expert.up_proj.weight": t[p + "gate.weight"]})
-    with pytest.raises(ValueError, match="shared expert"):
+    with pytest.raises(ValueError, match="shared_expert.up_proj.weight belongs to a shared "
+                                         "expert this config has no room for"):
         weights_from_checkpoint(cfg, shared, layer=0, naming="qwen2_moe")
+    q2 = config_from_hf(HF["qwen2_moe"], tokens=8)
+    t2, p2, _ = checkpoint("qwen2_moe", layer=0)
+    t2[p2 + "shared_expert.down_proj.weight"] = t2[p2 + "shared_expert.down_proj.weight"][:, :8]
+    with pytest.raises(ValueError, match="shared_expert.down_proj.weight has shape"):
+        weights_from_checkpoint(q2, t2, layer=0, naming="qwen2_moe")
     with pytest.raises(ValueError, match="naming="):
         weights_from_checkpoint(cfg, t, layer=0, naming="llama")
     (tmp_path / "x.safetensors").write_bytes(b"\xff" * 16)

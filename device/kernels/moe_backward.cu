@@ -31,6 +31,9 @@
 #define FMOE_EP 0
 #endif
 
+#if defined(FMOE_SHARED_F) && FMOE_SHARED_F != 0
+#error "the backward of shared experts is not implemented (flashmoe_core refuses to save for it)"
+#endif
 using BwdCfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K,
                                      FMOE_GATED != 0, FMOE_ACT, FMOE_RENORM != 0, FMOE_BM,
                                      FMOE_BN, FMOE_BK, FMOE_STAGES, FMOE_EP != 0>;

@@ -12,7 +12,8 @@
  * FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, FMOE_BM, FMOE_BN, FMOE_BK, FMOE_STAGES, FMOE_EP
  * (the tile: flashmoe_core.kernels.TileConfig), and the routing rules FMOE_SIGMOID,
  * FMOE_SOFTMAX_AFTER_TOPK, FMOE_ROUTER_BIAS, FMOE_SELECTION_BIAS, FMOE_GROUPS,
- * FMOE_TOPK_GROUPS, FMOE_SCALE_BITS (float32 bits) and FMOE_ROUND_LOGITS.
+ * FMOE_TOPK_GROUPS, FMOE_SCALE_BITS (float32 bits) and FMOE_ROUND_LOGITS; the shared
+ * experts FMOE_SHARED_F (their MLP's width, 0: none) and FMOE_SHARED_GATE.
  * FMOE_EP=1 (expert parallelism) needs FLASHMOE_NVSHMEM=1, symmetric buffers in the
  * layout, NVSHMEM initialised on every PE, the module registered with NVSHMEM, and
  * 2 * (world + 1) * 4 more bytes of dynamic shared memory (peer tables).
@@ -69,9 +70,17 @@ using Route = flashmoe::moe::Route<FMOE_SIGMOID != 0, FMOE_SOFTMAX_AFTER_TOPK !=
 #endif
 using Mlp = flashmoe::moe::Mlp<FMOE_MLP_BIAS != 0, FMOE_SWIGLU_ALPHA_BITS,
                                FMOE_SWIGLU_LIMIT_BITS>;
+// Shared experts (flashmoe_core.config: n_shared * shared_ffn, shared_gate).
+#ifndef FMOE_SHARED_F
+#define FMOE_SHARED_F 0
+#endif
+#ifndef FMOE_SHARED_GATE
+#define FMOE_SHARED_GATE 0
+#endif
+using Shared = flashmoe::moe::Shared<FMOE_SHARED_F, FMOE_SHARED_GATE != 0>;
 using Cfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED != 0,
                                   FMOE_ACT, FMOE_RENORM != 0, FMOE_BM, FMOE_BN, FMOE_BK,
-                                  FMOE_STAGES, FMOE_EP != 0, Route, Mlp>;
+                                  FMOE_STAGES, FMOE_EP != 0, Route, Mlp, Shared>;
 using S = Cfg::S;
 
 /// Dynamic shared memory per block without the peer tables, read by the host.

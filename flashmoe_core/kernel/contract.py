@@ -16,7 +16,8 @@ from typing import Optional
 import numpy as np
 
 from ..config import MoEConfig
-from ..host.abi import MOE_EP_POINTERS, MOE_LAYOUT, MOE_LAYOUT_POINTERS, PHASES, STATE, STATE_WORDS
+from ..host.abi import (MOE_EP_POINTERS, MOE_LAYOUT, MOE_LAYOUT_POINTERS, MOE_SHARED_POINTERS,
+                        PHASES, STATE, STATE_WORDS)
 from ..host.errors import FlashMoETimeout, KernelFault
 from ..numerics import as_f32, check_finite, nonfinite_to_nan, round_to, storage_dtype
 from .plan import max_peer_tiles, slot_rows
@@ -47,6 +48,19 @@ def kernel_weights(w: MoEWeights) -> dict:
             both = np.concatenate([w.bg, w.bu], axis=1)
             out.update(b_up=np.ascontiguousarray(nonfinite_to_nan(both)),
                        b_down=nonfinite_to_nan(w.b2))
+    if w.cfg.n_shared:  # one MLP, the same layouts without the expert axis
+        one = lambda n: kmajor(getattr(w, "shared_" + n)[None])[0]  # noqa: E731
+        if w.cfg.mlp == "vanilla":
+            out.update(ws_up=one("w1"), bs_up=nonfinite_to_nan(w.shared_b1),
+                       ws_down=one("w2"), bs_down=nonfinite_to_nan(w.shared_b2))
+        else:
+            out.update(ws_up=one("wg"), ws_up2=one("wu"), ws_down=one("w2"))
+            if w.cfg.mlp_bias:
+                both = np.concatenate([w.shared_bg, w.shared_bu])
+                out.update(bs_up=np.ascontiguousarray(nonfinite_to_nan(both)),
+                           bs_down=nonfinite_to_nan(w.shared_b2))
+        if w.cfg.shared_gate:
+            out["ws_gate"] = nonfinite_to_nan(w.shared_gate)
     return out
 
 
@@ -80,7 +94,7 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
         Address of the host-visible fault record.
     """
     rec = np.zeros((), dtype=MOE_LAYOUT)
-    for name in MOE_LAYOUT_POINTERS + MOE_EP_POINTERS:
+    for name in MOE_LAYOUT_POINTERS + MOE_EP_POINTERS + MOE_SHARED_POINTERS:
         rec[name] = fault if name == "fault" else ptr(name)
     rec["timeout_ns"] = int(timeout_s * 1e9)
     rec["max_tokens"] = cfg.tokens

@@ -36,7 +36,8 @@ import numpy as np
 from ..config import MoEConfig
 from ..numerics import itemsize, storage_dtype
 from .plan import TILE, max_peer_tiles, plan_layer, slot_rows
-from ..oracle.reference import Routing, combine, dispatch_lists, expert_ffn, route_tokens
+from ..oracle.reference import (Routing, combine, dispatch_lists, expert_ffn, route_tokens,
+                                shared_experts)
 from ..weights import check_weights
 
 __all__ = ["HeapPlan", "plan_heap", "PeerTile", "SendPlan", "RecvPlan", "plan_send",
@@ -275,6 +276,6 @@ def simulate(cfg: MoEConfig, weights, xs: Sequence[np.ndarray]) -> Tuple[list, l
         for tok, slot in lists:
             out[tok, slot] = y_expert[r][row:row + tok.size]
             row += tok.size
-        ys.append(combine(cfg, routings[r], out))
+        ys.append(combine(cfg, routings[r], out, shared_experts(cfg, weights, xs[r])))
     counts = [task_counts(cfg, sends[r], recvs[r], t) for r in range(w)]
     return ys, routings, counts

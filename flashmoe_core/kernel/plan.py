@@ -82,7 +82,7 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
     t, k, e, h, f = cfg.tokens, cfg.top_k, cfg.experts, cfg.hidden, cfg.ffn
     b = itemsize(cfg.dtype)
     tt = math.ceil(t / TILE)
-    ep = math.ceil(e / 8) * 8
+    ep = math.ceil((e + int(cfg.shared_gate)) / 8) * 8  # gate columns: + the shared gate's
     tile = tile_config(cfg.dtype)
     up_tiles = math.ceil(f / tile.up_cols(cfg.mlp == "gated"))
     down_tiles = math.ceil(h / tile.bn)
@@ -90,6 +90,8 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
     ring = max_rowtiles * down_tiles
     if cfg.world_size > 1:  # (one GPU combines in the down epilogue: no combine tasks)
         ring += tt * down_tiles + cfg.world_size * max_peer_tiles(cfg) * (up_tiles + down_tiles)
+    if cfg.n_shared:  # the shared MLP's down tasks, published per token tile
+        ring += tt * down_tiles
     workspace = {
         "logits": t * ep * 4,
         "topk_expert": t * k * 4,
@@ -109,6 +111,11 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
         "x_stage": t * h * b,
         "y_stage": t * h * b,
     }
+    s = cfg.shared_width
+    if s:  # the shared MLP over every token
+        workspace.update(zs=t * s * b, ys=t * h * b, dep_shared=tt * 4)
+        if cfg.shared_gate:
+            workspace["shared_scale"] = t * 4
     weights = {"router_t": e * h * b}
     for name in ("router_bias", "selection_bias"):
         if getattr(cfg, name):
@@ -120,6 +127,15 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
         weights.update(w_up=el * f * h * b, w_up2=el * f * h * b, w_down=el * h * f * b)
         if cfg.mlp_bias:
             weights.update(b_up=el * 2 * f * b, b_down=el * h * b)
+    if s:  # replicated on every rank
+        gated = cfg.mlp == "gated"
+        weights.update(ws_up=s * h * b, ws_down=h * s * b)
+        if gated:
+            weights["ws_up2"] = s * h * b
+        if not gated or cfg.mlp_bias:
+            weights.update(bs_up=(2 * s if gated else s) * b, bs_down=h * b)
+        if cfg.shared_gate:
+            weights["ws_gate"] = h * b
     return LayerPlan(token_tiles=tt, logits_stride=ep, max_rowtiles=max_rowtiles,
                      up_tiles=up_tiles, down_tiles=down_tiles, ring_capacity=ring,
                      workspace=workspace, weights=weights)

@@ -145,6 +145,8 @@ def moe_defines(cfg) -> Dict[str, int]:
         "FMOE_MLP_BIAS": int(cfg.mlp_bias),
         "FMOE_SWIGLU_ALPHA_BITS": _float_bits(cfg.swiglu_alpha),
         "FMOE_SWIGLU_LIMIT_BITS": _float_bits(cfg.swiglu_limit),
+        "FMOE_SHARED_F": cfg.shared_width,
+        "FMOE_SHARED_GATE": int(cfg.shared_gate),
     }
 
 

@@ -253,10 +253,12 @@ class TrainingMixin:
 
     def _forward_saving(self, x, recompute: bool, **kw):
         cfg = self.cfg
-        if not cfg.default_routing or cfg.mlp_bias or cfg.activation == "swiglu_clamped":
+        if not cfg.default_routing or cfg.mlp_bias or cfg.activation == "swiglu_clamped" \
+                or cfg.n_shared:
             raise ValueError("the backward kernel covers the softmax-then-top-k routing and "
-                             "the plain MLPs (relu, gelu, silu; gated without biases); this "
-                             "config's routing rules or experts have no backward yet")
+                             "the plain MLPs (relu, gelu, silu; gated without biases) without "
+                             "shared experts; this config's routing rules or experts have no "
+                             "backward yet")
         slot = self._saved_pool.take(recompute)
         try:
             y, tokens, extra = self._tr_forward(x, slot, **kw)

@@ -15,7 +15,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..config import MoEConfig
-from .reference import (Routing, check_routing, combine, dispatch_lists, expert_ffn, route_tokens)
+from .reference import (Routing, check_routing, combine, dispatch_lists, expert_ffn, route_tokens,
+                        shared_experts)
 from ..numerics import storage_dtype
 from ..weights import MoEWeights, check_weights
 
@@ -143,4 +144,4 @@ def moe_forward_distributed(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, 
     back = back.view(dt).reshape(-1, cfg.hidden)
     out = np.zeros((t, cfg.top_k, cfg.hidden), dtype=dt)
     out[plan.order_tok, plan.order_slot] = back
-    return combine(cfg, routing, out), routing
+    return combine(cfg, routing, out, shared_experts(cfg, weights, x)), routing

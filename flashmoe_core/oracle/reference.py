@@ -55,6 +55,18 @@ on the CPU emulator:
     an intermediate is rounded) give infinities by each backend's own rounding: the
     backends agree except at that boundary.
 
+Shared experts:
+
+13. With ``n_shared > 0``: one MLP of width ``S = n_shared * shared_ffn`` (the
+    shared experts' intermediates side by side) applied to every token with rule 7's
+    numerics, its output row rounded to ``cfg.dtype`` (``ys``). With ``shared_gate``,
+    ``g = sigmoid(x . w_gate)`` per token (the dot product with a float32 accumulator,
+    the sigmoid in float64 from it, rounded to float32); else ``g = 1``. The combine
+    then adds ``g * ys`` after the slots: ``y = sum_j weight_j * y_j + g * ys`` in one
+    float32 sum, rounded to ``cfg.dtype``. Shared experts take no capacity and are not
+    scaled by ``routed_scaling``; a marked token's row stays NaN, and a NaN shared weight
+    reaches every token as rule 11 says (its column for ``w2``, ``b2``).
+
 Layers built with ``check_finite=True`` refuse non-finite input before the launch
 instead, naming the tensor and its first non-finite element.
 
@@ -81,6 +93,7 @@ from ..numerics import (activation, activation_grad, as_f32, erfc, gated, nonfin
 from ..weights import MoEWeights, check_weights, expert_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "route_tokens", "expert_ffn", "combine",
+           "shared_experts",
            "matmul_f32", "given_routing", "with_capacity", "check_tokens", "marked_tokens",
            "moe_forward_exact", "MoEGrads", "moe_backward"]
 
@@ -276,9 +289,34 @@ def expert_ffn(cfg: MoEConfig, weights: MoEWeights, expert: int, rows: np.ndarra
     """One expert applied to token rows; returns rows of the storage type."""
     check_weights(cfg, weights)
     i = weights.local_index(expert)
-    xr = round_to(rows, cfg.dtype)
     w = {n: _weight64(getattr(weights, n)[i])
          for n in expert_tensor_names(cfg.mlp, cfg.mlp_bias)}
+    return _mlp(cfg, w, rows)
+
+
+def shared_experts(cfg: MoEConfig, weights: MoEWeights,
+                   x: np.ndarray) -> Optional[Tuple[Optional[np.ndarray], np.ndarray]]:
+    """The shared experts on token rows (rule 13): ``(g, ys)`` with ``g`` the gate,
+    float32 [T] (``None`` without ``shared_gate``), and ``ys`` [T, hidden] of the
+    storage type; ``None`` when the config has no shared experts."""
+    check_weights(cfg, weights)
+    if cfg.n_shared == 0:
+        return None
+    w = {n: _weight64(getattr(weights, "shared_" + n))
+         for n in expert_tensor_names(cfg.mlp, cfg.mlp_bias)}
+    ys = _mlp(cfg, w, x)
+    g = None
+    if cfg.shared_gate:
+        logit = matmul_f32(round_to(x, cfg.dtype), _weight64(weights.shared_gate)[:, None])[:, 0]
+        with np.errstate(over="ignore"):
+            g = (1.0 / (1.0 + np.exp(-logit.astype(np.float64)))).astype(np.float32)
+    return g, ys
+
+
+def _mlp(cfg: MoEConfig, w: Mapping[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Rule 7 on token rows with float64 weights ``w`` (an expert's, or the shared
+    MLP's); rows of the storage type."""
+    xr = round_to(rows, cfg.dtype)
     if cfg.mlp == "vanilla":
         a = matmul_f32(xr, w["w1"], w["b1"])
         h = round_to(activation(cfg.activation, a), cfg.dtype)
@@ -292,13 +330,19 @@ def expert_ffn(cfg: MoEConfig, weights: MoEWeights, expert: int, rows: np.ndarra
     return round_to(y, cfg.dtype)
 
 
-def combine(cfg: MoEConfig, routing: Routing, expert_out: np.ndarray) -> np.ndarray:
-    """Weighted sum of each token's kept expert outputs ([T, k, hidden] -> [T, hidden]);
-    NaN rows for marked tokens (rule 10)."""
+def combine(cfg: MoEConfig, routing: Routing, expert_out: np.ndarray,
+            shared: Optional[Tuple[Optional[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+    """Weighted sum of each token's kept expert outputs ([T, k, hidden] -> [T, hidden]),
+    plus the shared experts' ``(g, ys)`` (:func:`shared_experts`) after the slots; NaN
+    rows for marked tokens (rule 10)."""
     w = np.where(routing.kept, routing.weights, 0.0).astype(np.float64)
     acc = np.zeros((expert_out.shape[0], expert_out.shape[2]), dtype=np.float64)
     for j in range(expert_out.shape[1]):  # slot order; each product is exact in float64
         acc += w[:, j, None] * as_f32(expert_out[:, j]).astype(np.float64)
+    if shared is not None:
+        g, ys = shared
+        ys64 = as_f32(ys).astype(np.float64)
+        acc += ys64 if g is None else g.astype(np.float64)[:, None] * ys64
     acc[marked_tokens(routing)] = np.nan
     return round_to(acc.astype(np.float32), cfg.dtype)
 
@@ -408,7 +452,7 @@ def moe_forward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
     for expert, (tok, slot) in enumerate(dispatch_lists(cfg, routing)):
         if tok.size:
             out[tok, slot] = expert_ffn(cfg, weights, expert, x[tok])
-    return combine(cfg, routing, out), routing
+    return combine(cfg, routing, out, shared_experts(cfg, weights, x)), routing
 
 
 # ============================================================================ backward
@@ -643,6 +687,9 @@ def moe_forward_exact(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
     -------
     y : float64 ndarray [world_size * t, hidden]
     """
+    if cfg.n_shared:
+        raise ValueError(f"moe_forward_exact does not cover shared experts yet (n_shared="
+                         f"{cfg.n_shared}); moe_forward does")
     check_weights(cfg, weights)
     check_tokens(cfg, x)
     x64 = round_to(np.asarray(x), cfg.dtype).astype(np.float64)
@@ -749,6 +796,9 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
         raise ValueError("moe_backward differentiates the softmax-then-top-k routing only; "
                          "this config's routing rules (scoring, biases, groups, scaling, "
                          "rounded logits) have no backward yet")
+    if cfg.n_shared:
+        raise ValueError(f"moe_backward does not cover shared experts yet (n_shared="
+                         f"{cfg.n_shared}); moe_forward does")
     check_weights(cfg, weights)
     t = check_tokens(cfg, x)
     x = np.asarray(x)

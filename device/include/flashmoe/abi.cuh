@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 6;
+constexpr cuda::std::uint32_t kAbiVersion = 7;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -85,6 +85,7 @@ enum TraceKind : cuda::std::uint32_t {
 /// the ring: their indices come first in the claim order.
 enum TaskKind : cuda::std::uint32_t {
   kUp = 0, kDown = 1, kCombine = 2, kSend = 3, kUpRemote = 4, kDownRemote = 5,
+  kSharedUp = 6, kSharedDown = 7,  ///< the shared experts' tiles (shared up: claim order)
 };
 
 /// Which wait a fault record's phase names (FaultRecord::phase of the fused kernel).
@@ -171,7 +172,8 @@ struct MoeLayout {
   cuda::std::int32_t* tile_counts;   ///< [TT, E] per-tile counts, then per-tile bases
   cuda::std::int32_t* expert_total;  ///< [E] assignments before capacity
   cuda::std::int32_t* expert_kept;   ///< [E] rows kept
-  cuda::std::int32_t* tile_kept;     ///< [TT] kept assignments per token tile
+  cuda::std::int32_t* tile_kept;     ///< [TT] kept assignments per token tile (plus its
+                                     ///< tokens with shared experts: rows to combine)
   void* z;                     ///< [T * k, F] expert intermediate
   void* y_expert;              ///< [T * k, H] expert outputs
   cuda::std::uint32_t* dep_rowtile;  ///< [max_rowtiles] up tiles done per row tile
@@ -225,6 +227,18 @@ struct MoeLayout {
   /// backward's x rows of remote assignments; recv_rows then carries dye rows). A
   /// saving forward fills it itself (null: not saving).
   void* recv_saved;
+  // Shared experts (null without): one MLP of width FS over every token, replicated on
+  // every rank. PF = FS (vanilla) or 2 FS (gated).
+  const void* ws_up;                  ///< [FS, H] vanilla W1^T, gated Wg^T
+  const void* ws_up2;                 ///< [FS, H] gated Wu^T
+  const void* bs_up;                  ///< vanilla b1 [FS]; gated with biases bg, bu [2FS]
+  const void* ws_down;                ///< [H, FS]
+  const void* bs_down;                ///< [H] (vanilla, or gated with biases)
+  const void* ws_gate;                ///< [H] the gate's weights (null: no gate)
+  float* shared_scale;                ///< [T] the gate per token
+  void* zs;                           ///< [T, FS] shared intermediate
+  void* ys;                           ///< [T, H] shared output
+  cuda::std::uint32_t* dep_shared;    ///< [TT] shared up tiles done per token tile
 };
 
 /**
@@ -334,6 +348,16 @@ struct MoeBackwardLayout {
   X(MoeLayout, pre)          \
   X(MoeLayout, pre_remote)   \
   X(MoeLayout, recv_saved)   \
+  X(MoeLayout, ws_up)        \
+  X(MoeLayout, ws_up2)       \
+  X(MoeLayout, bs_up)        \
+  X(MoeLayout, ws_down)      \
+  X(MoeLayout, bs_down)      \
+  X(MoeLayout, ws_gate)      \
+  X(MoeLayout, shared_scale) \
+  X(MoeLayout, zs)           \
+  X(MoeLayout, ys)           \
+  X(MoeLayout, dep_shared)   \
   X(MoeBackwardLayout, router_b)   \
   X(MoeBackwardLayout, w_up_b)     \
   X(MoeBackwardLayout, w_down_b)   \
@@ -378,7 +402,8 @@ struct MoeBackwardLayout {
   X(TraceKind, kTraceLists) X(TraceKind, kTraceHeaders) X(TraceKind, kTraceSubscriber)      \
   X(TraceKind, kTraceWait)                                                                  \
   X(TaskKind, kUp) X(TaskKind, kDown) X(TaskKind, kCombine) X(TaskKind, kSend)              \
-  X(TaskKind, kUpRemote) X(TaskKind, kDownRemote)                                           \
+  X(TaskKind, kUpRemote) X(TaskKind, kDownRemote) X(TaskKind, kSharedUp)                   \
+  X(TaskKind, kSharedDown)                                                                  \
   X(Phase, kPhaseBarrierGate) X(Phase, kPhaseBarrierTopk) X(Phase, kPhaseBarrierScan)       \
   X(Phase, kPhaseBarrierLists) X(Phase, kPhaseRingSlot) X(Phase, kPhaseRingFull)            \
   X(Phase, kPhasePeerDone) X(Phase, kPhaseHeaders) X(Phase, kPhaseDispatchWait)             \

@@ -45,16 +45,27 @@ struct Mlp {
   static constexpr float kLimit = cuda::std::bit_cast<float>(kLimitBits_);
 };
 
+/// Shared experts: one MLP of width F_ over every token (0: none), its output scaled
+/// per token by sigmoid(x . w_gate) when kGate_.
+template <int F_ = 0, bool kGate_ = false>
+struct Shared {
+  static constexpr int F = F_;
+  static constexpr bool kGate = kGate_;
+  static_assert(F % 8 == 0 && (F > 0 || !kGate), "shared width a multiple of 8; a gate needs it");
+};
+
 /// Compile-time shape and numerics of one layer (the JIT's constants).
 template <int kDtype_, int H_, int F_, int E_, int K_, bool kGated_, int kAct_, bool kRenorm_,
           int BM_, int BN_, int BK_, int kStages_, bool kEP_, class Route_ = Route<>,
-          class Mlp_ = Mlp<>>
+          class Mlp_ = Mlp<>, class Shared_ = Shared<>>
 struct Config {
   static constexpr int kDtype = kDtype_, H = H_, F = F_, E = E_, K = K_;
   static constexpr bool kGated = kGated_, kRenorm = kRenorm_, kEP = kEP_;
   static constexpr int kAct = kAct_;
   using R = Route_;
   using M = Mlp_;
+  using SH = Shared_;
+  static constexpr bool kShared = SH::F > 0;
   static_assert(kGated || (!M::kBias && kAct != gemm::kSwigluClamped),
                 "MLP biases flags and the clamped SwiGLU are for the gated MLP");
   static_assert(E % R::kGroups == 0 && (R::kGroups == 1 || E / R::kGroups >= 2),
@@ -70,11 +81,14 @@ struct Config {
   static constexpr int kUpCols = kGated ? G::BN / 2 : G::BN;  // output columns of an up task
   static constexpr int kUpTiles = (F + kUpCols - 1) / kUpCols;
   static constexpr int kDownTiles = (H + G::BN - 1) / G::BN;
-  static constexpr int kGateTiles = (E + G::BN - 1) / G::BN;
+  static constexpr int kSharedUpTiles = (SH::F + kUpCols - 1) / kUpCols;
+  /// Gate columns: the experts, then the shared experts' gate (its logit, column E).
+  static constexpr int kGateCols = E + (SH::kGate ? 1 : 0);
+  static constexpr int kGateTiles = (kGateCols + G::BN - 1) / G::BN;
   /// Every expert fits one gate tile: top-k runs in the gate's epilogue from shared
   /// memory, without writing logits or a grid barrier in between.
   static constexpr bool kFusedTopk = kGateTiles == 1;
-  static constexpr int kEp = (E + 7) / 8 * 8;        // logits row stride
+  static constexpr int kEp = (kGateCols + 7) / 8 * 8;  // logits row stride
   static constexpr int kPerLane = (E + 31) / 32;     // logits per lane in top-k
   static_assert(H % 8 == 0 && F % 8 == 0, "hidden and ffn must be multiples of 8");
   static_assert(E >= 1 && E <= 1024, "1..1024 experts");
@@ -95,6 +109,8 @@ using abi::kCombine;
 using abi::kDown;
 using abi::kDownRemote;
 using abi::kSend;
+using abi::kSharedDown;
+using abi::kSharedUp;
 using abi::kUp;
 using abi::kUpRemote;
 
@@ -195,6 +211,9 @@ struct Kernel {
     }
     for (int i = gtid; i < L.max_rowtiles; i += gsize) L.dep_rowtile[i] = 0u;
     for (int i = gtid; i < TT * C::kDownTiles; i += gsize) L.dep_combine[i] = 0u;
+    if constexpr (C::kShared) {
+      for (int i = gtid; i < TT; i += gsize) L.dep_shared[i] = 0u;
+    }
     if constexpr (C::kEP) {
       const int remote_tiles = L.world * L.max_peer_tiles;
       for (int i = gtid; i < 2 * remote_tiles; i += gsize) L.dep_remote[i] = 0u;
@@ -202,26 +221,36 @@ struct Kernel {
     }
   }
 
-  /// Router logits of kTile tokens x BN experts; then either top-k for the tile's
-  /// tokens straight from shared memory (kFusedTopk) or the logits to [T, Ep] float32.
-  FMOE_DEVICE void gate_tile(int tile) {
+  /// Router logits of kTile tokens x BN gate columns (experts, then the shared gate);
+  /// then either top-k for the tile's tokens straight from shared memory (kFusedTopk)
+  /// or the logits to [T, Ep] float32. `routed`: the caller chose the experts, only the
+  /// shared gate is wanted.
+  FMOE_DEVICE void gate_tile(int tile, bool routed = false) {
     const int tt = tile / C::kGateTiles, et = tile % C::kGateTiles;
     const int t0 = tt * kTile, e0 = et * G::BN;
     if constexpr (C::kFusedTopk) {
-      for (int e = threadIdx.x; e < C::E; e += C::kThreads) L.tile_counts[tt * C::E + e] = 0;
+      if (!routed) {
+        for (int e = threadIdx.x; e < C::E; e += C::kThreads) L.tile_counts[tt * C::E + e] = 0;
+      }
     }
     const S* router = static_cast<const S*>(L.router_t);
     const float* staged = G::compute_tile(
         smem, C::H,
         [&](int r) -> const S* { return t0 + r < T ? x + int64_t(t0 + r) * C::H : nullptr; },
         [&](int r) -> const S* {
-          return e0 + r < C::E ? router + int64_t(e0 + r) * C::H : nullptr;
+          if (e0 + r < C::E) return router + int64_t(e0 + r) * C::H;
+          return C::SH::kGate && e0 + r == C::E ? static_cast<const S*>(L.ws_gate) : nullptr;
         }, min(kTile, T - t0));
     if constexpr (C::kFusedTopk) {
       // compute_tile synchronised the block after zeroing the counts and staging.
       const int warp = int(threadIdx.x >> 5);
       for (int r = warp; r < kTile && t0 + r < T; r += C::kWarps) {
-        topk_token(t0 + r, [&](int e) { return staged[r * G::kStageLd + e]; });
+        const auto logit = [&](int e) { return staged[r * G::kStageLd + e]; };
+        if (routed) {
+          if ((threadIdx.x & 31) == 0) shared_gate(t0 + r, logit);
+        } else {
+          topk_token(t0 + r, logit);
+        }
       }
     } else {
       G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
@@ -239,6 +268,12 @@ struct Kernel {
   FMOE_DEVICE void topk_token(int t) {
     const float* row = L.logits + int64_t(t) * C::kEp;
     topk_token(t, [&](int e) { return load_cg(row + e); });
+  }
+
+  /// The shared experts' gate of token t from its gate column: sigmoid(x . w_gate).
+  template <class Logit>
+  FMOE_DEVICE void shared_gate(int t, Logit logit) const {
+    if constexpr (C::SH::kGate) L.shared_scale[t] = 1.0f / (1.0f + expf(-logit(C::E)));
   }
 
   /// The group-limited rule: every key outside the kTopkGroups best groups of kGroups
@@ -301,6 +336,7 @@ struct Kernel {
     float c[C::kPerLane];  // selection keys (what the top-k ranks)
     float m = kNegInf;
     uint32_t bad = 0u;
+    if (lane == 0) shared_gate(t, logit);
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
       const int e = lane + 32 * i;
@@ -507,8 +543,10 @@ struct Kernel {
     atomicAdd(&s_kept, kept_here);
     __syncthreads();
     bool ok = true;
-    if (threadIdx.x == 0) L.tile_kept[tt] = s_kept;
-    if (s_kept == 0) {  // nothing will complete this tile's combines: do them now
+    // The shared experts' down tasks credit every token of the tile too.
+    const int target = s_kept + (C::kShared ? min(kTile, T - t0) : 0);
+    if (threadIdx.x == 0) L.tile_kept[tt] = target;
+    if (target == 0) {  // nothing will complete this tile's combines: do them now
       if constexpr (kInlineCombine) {
         // Zeros (NaN for marked tokens) from this block's own token_rows, ordered by
         // the barrier above.
@@ -555,39 +593,65 @@ struct Kernel {
     return RowTile{le, min(kTile, kept - r * kTile), row0, row0};
   }
 
+  /// One MLP's weights as the up and down tasks read them: an expert's, or the shared
+  /// experts' (kF: its intermediate width).
+  struct MlpWeights {
+    const S* w_up;    // [kF, H] vanilla W1^T, gated Wg^T
+    const S* w_up2;   // [kF, H] gated Wu^T (vanilla: w_up)
+    const S* b_up;    // vanilla b1 [kF]; gated with biases bg then bu [2 kF]; else null
+    const S* w_down;  // [H, kF]
+    const S* b_down;  // [H] (vanilla, or gated with biases); else null
+  };
+
+  /// Local expert le's weights.
+  FMOE_DEVICE MlpWeights expert_weights(int le) const {
+    constexpr int64_t kW = int64_t(C::F) * C::H;
+    const S* w_up = static_cast<const S*>(L.w_up) + le * kW;
+    const bool up_bias = !C::kGated || C::M::kBias;
+    return MlpWeights{
+        w_up, C::kGated ? static_cast<const S*>(L.w_up2) + le * kW : w_up,
+        up_bias ? static_cast<const S*>(L.b_up) + int64_t(le) * C::F * (C::kGated ? 2 : 1)
+                : nullptr,
+        static_cast<const S*>(L.w_down) + le * kW,
+        up_bias ? static_cast<const S*>(L.b_down) + int64_t(le) * C::H : nullptr};
+  }
+
+  /// The shared experts' weights (one MLP of width C::SH::F).
+  FMOE_DEVICE MlpWeights shared_weights() const {
+    const S* w_up = static_cast<const S*>(L.ws_up);
+    return MlpWeights{w_up, C::kGated ? static_cast<const S*>(L.ws_up2) : w_up,
+                      static_cast<const S*>(L.bs_up), static_cast<const S*>(L.ws_down),
+                      static_cast<const S*>(L.bs_down)};
+  }
+
   /**
-   * Up projection of one kUpCols-column slice: out = act(A W1^T + b1) or act(A Wg^T) *
-   * (A Wu^T), A rows a_row(r), output rows out + r * F. A non-null `pre` (saving for the
-   * backward) also gets the pre-activations: rows pre + r * F (vanilla, A W1^T + b1) or
-   * pre + r * 2F (gated, A Wg^T then A Wu^T).
+   * Up projection of one kUpCols-column slice of an MLP of width kF: out = act(A W1^T +
+   * b1) or act(A Wg^T) * (A Wu^T), A rows a_row(r), output rows out + r * kF. A non-null
+   * `pre` (saving for the backward) also gets the pre-activations: rows pre + r * kF
+   * (vanilla, A W1^T + b1) or pre + r * 2kF (gated, A Wg^T then A Wu^T).
    */
-  template <class ARow>
+  template <int kF, class ARow>
   FMOE_DEVICE void up_compute(const RowTile& tile, int col, ARow a_row, S* out,
-                              S* pre = nullptr) {
+                              const MlpWeights& w, S* pre = nullptr) {
     if (!compute) return;
     const int n0 = col * C::kUpCols;
     // Gated: B rows [0, kUpCols) are Wg rows, [kUpCols, BN) the matching Wu rows.
-    const S* w_up = static_cast<const S*>(L.w_up) + int64_t(tile.le) * C::F * C::H;
-    const S* w_up2 = C::kGated ? static_cast<const S*>(L.w_up2) + int64_t(tile.le) * C::F * C::H
-                               : w_up;
     const float* staged = G::compute_tile(
         smem, C::H, [&](int r) -> const S* { return r < tile.rows ? a_row(r) : nullptr; },
         [&](int r) -> const S* {
           const int half = r / C::kUpCols, n = n0 + r % C::kUpCols;
-          return n < C::F ? (half ? w_up2 : w_up) + int64_t(n) * C::H : nullptr;
+          return n < kF ? (half ? w.w_up2 : w.w_up) + int64_t(n) * C::H : nullptr;
         }, tile.rows);
-    // Vanilla: b1 [El, F]; gated with biases: bg then bu, [El, 2F].
-    const S* b_up = (C::kGated && !C::M::kBias) ? nullptr
-        : static_cast<const S*>(L.b_up) + int64_t(tile.le) * C::F * (C::kGated ? 2 : 1);
+    const S* b_up = w.b_up;
     G::for_each_row_chunk(staged, C::kUpCols, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
-      if (r >= tile.rows || n >= C::F) return;
+      if (r >= tile.rows || n >= kF) return;
       if constexpr (C::kGated) {
         const float* u = staged + r * G::kStageLd + c + C::kUpCols;
         float bg[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bu[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if constexpr (C::M::kBias) {
           gemm::load8<Elem>(b_up + n, bg);
-          gemm::load8<Elem>(b_up + C::F + n, bu);
+          gemm::load8<Elem>(b_up + kF + n, bu);
         }
         if (pre != nullptr) {  // uniform: saving for the backward or not
           float gg[8], uu[8];
@@ -596,8 +660,8 @@ struct Kernel {
             gg[j] = v[j] + bg[j];
             uu[j] = u[j] + bu[j];
           }
-          gemm::store8<Elem>(pre + int64_t(r) * 2 * C::F + n, gg);
-          gemm::store8<Elem>(pre + int64_t(r) * 2 * C::F + C::F + n, uu);
+          gemm::store8<Elem>(pre + int64_t(r) * 2 * kF + n, gg);
+          gemm::store8<Elem>(pre + int64_t(r) * 2 * kF + kF + n, uu);
         }
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = gated_act(v[j] + bg[j], u[j] + bu[j]);
@@ -606,29 +670,31 @@ struct Kernel {
         gemm::load8<Elem>(b_up + n, b);
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] += b[j];
-        if (pre != nullptr) gemm::store8<Elem>(pre + int64_t(r) * C::F + n, v);
+        if (pre != nullptr) gemm::store8<Elem>(pre + int64_t(r) * kF + n, v);
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = gemm::activate<C::kAct>(v[j]);
       }
-      gemm::store8<Elem>(out + int64_t(r) * C::F + n, v);
+      gemm::store8<Elem>(out + int64_t(r) * kF + n, v);
     });
     __syncthreads();
   }
 
-  /// Down projection of one BN-column slice: out = Z W2^T + b2 (rows z + r * F).
-  FMOE_DEVICE void down_compute(const RowTile& tile, int col, const S* z, S* out) {
+  /// Down projection of one BN-column slice of an MLP of width kF: out = Z W2^T + b2
+  /// (rows z + r * kF).
+  template <int kF>
+  FMOE_DEVICE void down_compute(const RowTile& tile, int col, const S* z, S* out,
+                                const MlpWeights& w) {
     if (!compute) return;
     const int n0 = col * G::BN;
-    const S* w_down = static_cast<const S*>(L.w_down) + int64_t(tile.le) * C::H * C::F;
+    const S* w_down = w.w_down;
     const float* staged = G::compute_tile(
-        smem, C::F,
-        [&](int r) -> const S* { return r < tile.rows ? z + int64_t(r) * C::F : nullptr; },
+        smem, kF,
+        [&](int r) -> const S* { return r < tile.rows ? z + int64_t(r) * kF : nullptr; },
         [&](int r) -> const S* {
-          return n0 + r < C::H ? w_down + int64_t(n0 + r) * C::F : nullptr;
+          return n0 + r < C::H ? w_down + int64_t(n0 + r) * kF : nullptr;
         }, tile.rows);
     constexpr bool kDownBias = !C::kGated || C::M::kBias;
-    const S* b_down =
-        kDownBias ? static_cast<const S*>(L.b_down) + int64_t(tile.le) * C::H : nullptr;
+    const S* b_down = w.b_down;
     G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
       if (r >= tile.rows || n >= C::H) return;
@@ -733,9 +799,9 @@ struct Kernel {
     constexpr int kPreCols = C::kGated ? 2 * C::F : C::F;
     S* pre = L.pre == nullptr ? nullptr
                               : static_cast<S*>(L.pre) + int64_t(tile.out_row0) * kPreCols;
-    up_compute(tile, col, [&](int r) {
+    up_compute<C::F>(tile, col, [&](int r) {
       return x + int64_t(load_cg(&L.row_token[tile.a_row0 + r])) * C::H;
-    }, static_cast<S*>(L.z) + int64_t(tile.out_row0) * C::F, pre);
+    }, static_cast<S*>(L.z) + int64_t(tile.out_row0) * C::F, expert_weights(tile.le), pre);
     bool ok = true;
     if (threadIdx.x == 0) {
       __threadfence();
@@ -751,9 +817,64 @@ struct Kernel {
   FMOE_DEVICE bool down_task(int index) {
     const int rt = index / C::kDownTiles, col = index % C::kDownTiles;
     const RowTile tile = local_tile(rt);
-    down_compute(tile, col, static_cast<const S*>(L.z) + int64_t(tile.a_row0) * C::F,
-                 static_cast<S*>(L.y_expert) + int64_t(tile.out_row0) * C::H);
+    down_compute<C::F>(tile, col, static_cast<const S*>(L.z) + int64_t(tile.a_row0) * C::F,
+                       static_cast<S*>(L.y_expert) + int64_t(tile.out_row0) * C::H,
+                       expert_weights(tile.le));
     return credit_rows_block(tile.out_row0, tile.rows, col);
+  }
+
+  // ---------------------------------------------------------------- shared experts
+  /// Token tile tt as a row tile of the shared MLP (every token, in order).
+  FMOE_DEVICE RowTile shared_tile(int tt) const {
+    return RowTile{-1, min(kTile, T - tt * kTile), tt * kTile, tt * kTile};
+  }
+
+  /// Up slice of the shared MLP for one token tile; the tile's last slice publishes
+  /// its down tasks.
+  FMOE_DEVICE bool shared_up_task(int index) {
+    const int tt = index / C::kSharedUpTiles, col = index % C::kSharedUpTiles;
+    const RowTile tile = shared_tile(tt);
+    up_compute<C::SH::F>(tile, col, [&](int r) { return x + int64_t(tile.a_row0 + r) * C::H; },
+                         static_cast<S*>(L.zs) + int64_t(tile.out_row0) * C::SH::F,
+                         shared_weights());
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      if (atomicAdd(&L.dep_shared[tt], 1u) + 1u == uint32_t(C::kSharedUpTiles)) {
+        ok = ring.publish(C::kDownTiles, [&](int i) {
+          return desc(uint32_t(tt * C::kDownTiles + i), kSharedDown);
+        }, site);
+      }
+    }
+    return ok;
+  }
+
+  /// Down slice of the shared MLP for one token tile: its rows credit the tile's
+  /// combine like routed rows (one PE: the completing block combines it at once).
+  FMOE_DEVICE bool shared_down_task(int index) {
+    __shared__ int s_done;
+    const int tt = index / C::kDownTiles, col = index % C::kDownTiles;
+    const RowTile tile = shared_tile(tt);
+    down_compute<C::SH::F>(tile, col,
+                           static_cast<const S*>(L.zs) + int64_t(tile.a_row0) * C::SH::F,
+                           static_cast<S*>(L.ys) + int64_t(tile.out_row0) * C::H,
+                           shared_weights());
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      __threadfence();  // release, after down_compute's barrier: the shared rows
+      s_done = 0;
+      if constexpr (kInlineCombine) {
+        if (credit(tt, tile.rows, col)) {
+          __threadfence();  // acquire: the tile's rows from other blocks
+          s_done = 1;
+        }
+      } else {
+        ok = credit_run(tt, tile.rows, col, col + 1);
+      }
+    }
+    __syncthreads();
+    if (kInlineCombine && s_done) combine_task(tt * C::kDownTiles + col);
+    return ok;
   }
 
   /// y[t, cols] = sum_j w[t, j] * Y[token_rows[t, j], cols], kept slots in slot order;
@@ -780,6 +901,13 @@ struct Kernel {
         gemm::load8<Elem, true>(ye + int64_t(row) * C::H + n, val);
 #pragma unroll
         for (int q = 0; q < 8; ++q) acc[q] = fmaf(w, val[q], acc[q]);
+      }
+      if constexpr (C::kShared) {  // after the slots: + g * ys (g = 1 without a gate)
+        const float g = C::SH::kGate ? load_cg(&L.shared_scale[t]) : 1.0f;
+        float val[8];
+        gemm::load8<Elem, true>(static_cast<const S*>(L.ys) + int64_t(t) * C::H + n, val);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[q] = fmaf(g, val[q], acc[q]);
       }
       if (marked) {
 #pragma unroll
@@ -920,8 +1048,8 @@ struct Kernel {
     constexpr int kPreCols = C::kGated ? 2 * C::F : C::F;
     S* pre = L.pre_remote == nullptr ? nullptr
                                      : static_cast<S*>(L.pre_remote) + row0 * kPreCols;
-    up_compute(tile, col, [&](int r) { return a + int64_t(r) * C::H; },
-               static_cast<S*>(L.z_remote) + row0 * C::F, pre);
+    up_compute<C::F>(tile, col, [&](int r) { return a + int64_t(r) * C::H; },
+                     static_cast<S*>(L.z_remote) + row0 * C::F, expert_weights(tile.le), pre);
     if (col == 0 && L.recv_saved != nullptr) {
       // Saving: keep the received x rows for the backward. Done here, inside the launch,
       // because a peer may put its next launch's rows into recv_rows as soon as this
@@ -953,7 +1081,8 @@ struct Kernel {
     const int64_t row0 = slot_row(pt);
     const RowTile tile{pt.le, pt.rows, 0, 0};
     S* out = static_cast<S*>(L.y_remote) + row0 * C::H;
-    down_compute(tile, col, static_cast<const S*>(L.z_remote) + row0 * C::F, out);
+    down_compute<C::F>(tile, col, static_cast<const S*>(L.z_remote) + row0 * C::F, out,
+                       expert_weights(tile.le));
     if (threadIdx.x == 0) {
       __threadfence();
       s_last = atomicAdd(&L.dep_remote[2 * g + 1], 1u) + 1u == uint32_t(C::kDownTiles);
@@ -1060,8 +1189,10 @@ struct Kernel {
 
   // ---------------------------------------------------------------- the task loop
   struct Counts {
-    uint32_t send, up, down, up_remote, down_remote, combine;
-    FMOE_DEVICE uint32_t total() const { return send + up + down + up_remote + down_remote + combine; }
+    uint32_t send, up, down, up_remote, down_remote, combine, shared_up = 0u, shared_down = 0u;
+    FMOE_DEVICE uint32_t total() const {
+      return send + up + down + up_remote + down_remote + combine + shared_up + shared_down;
+    }
   };
 
   /// Claim tasks until none are left; false if a wait failed.
@@ -1081,8 +1212,10 @@ struct Kernel {
           s_task = desc(idx, kSend);
         } else if (idx < n.send + n.up) {
           s_task = desc(idx - n.send, kUp);
+        } else if (idx < n.send + n.up + n.shared_up) {
+          s_task = desc(idx - n.send - n.up, kSharedUp);
         } else {
-          s_task = ring.take(idx - n.send - n.up, site);
+          s_task = ring.take(idx - n.send - n.up - n.shared_up, site);
           if (tracing()) trace(claimed, abi::kTraceWait);
         }
         s_start = tracing() ? global_timer_ns() : 0u;
@@ -1099,6 +1232,12 @@ struct Kernel {
         case kUp: ok = up_task(index); break;
         case kDown: ok = down_task(index); break;
         case kCombine: combine_task(index); break;
+        case kSharedUp:
+          if constexpr (C::kShared) ok = shared_up_task(index); else ok = false;
+          break;
+        case kSharedDown:
+          if constexpr (C::kShared) ok = shared_down_task(index); else ok = false;
+          break;
 #if FLASHMOE_NVSHMEM
         case kSend: send_task(index); break;
         case kUpRemote: ok = up_remote_task(index); break;
@@ -1159,12 +1298,22 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
       const int gtid = blockIdx.x * C::kThreads + threadIdx.x;
       for (int i = gtid; i < k.TT * C::E; i += gridDim.x * C::kThreads) L.tile_counts[i] = 0;
     }
+    // The shared experts' gate still comes from its gate column (the same GEMM).
+    if constexpr (C::SH::kGate) {
+      for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) {
+        k.gate_tile(tile, true);
+      }
+    }
     if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierGate)) return;
     const int lane = threadIdx.x & 31;
     for (int t = gwarp; t < tokens; t += warps) {
       if (lane < C::K) {
         const int e = load_cg(&L.topk_expert[t * C::K + lane]);
         atomicAdd(&L.tile_counts[(t / C::kTile) * C::E + e], 1);
+      }
+      if constexpr (C::SH::kGate && !C::kFusedTopk) {
+        const float* row = L.logits + int64_t(t) * C::kEp;
+        if (lane == 0) k.shared_gate(t, [&](int e) { return load_cg(row + e); });
       }
     }
   } else {
@@ -1208,7 +1357,9 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   // One PE combines in the down epilogue (Kernel::kInlineCombine): no combine tasks.
   typename Kernel<C>::Counts n{0, uint32_t(local_rowtiles * C::kUpTiles),
                                uint32_t(local_rowtiles * C::kDownTiles), 0, 0,
-                               Kernel<C>::kInlineCombine ? 0u : uint32_t(k.TT * C::kDownTiles)};
+                               Kernel<C>::kInlineCombine ? 0u : uint32_t(k.TT * C::kDownTiles),
+                               uint32_t(k.TT * C::kSharedUpTiles),
+                               C::kShared ? uint32_t(k.TT * C::kDownTiles) : 0u};
 #if FLASHMOE_NVSHMEM
   if constexpr (C::kEP) {
     t0 = k.tracing() ? global_timer_ns() : 0u;
