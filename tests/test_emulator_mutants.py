@@ -167,14 +167,16 @@ def test_seeded_memory_ordering_bug_is_reported(mutant, mutant_dirs, monkeypatch
     monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(mutant_dirs[mutant.kind]))
     # A missing fence shows only when another block reads in the window it opens; the
     # emulator widens that window, and more seeds make a miss unlikely.
+    # (About half the seeds show the up task's missing release fence: this layer's row
+    # tiles are half tiles, whose short up tasks leave a short window.)
     caught = None
-    for seed in (1, 2, 3):
+    for seed in range(1, 9):
         try:
             run(mutant.runner, seed)
         except EmulatorError as exc:
             caught = str(exc)
             break
-    assert caught is not None, f"{mutant.kind}: not reported under seeds 1-3"
+    assert caught is not None, f"{mutant.kind}: not reported under seeds 1-8"
     assert re.search(mutant.report, caught, re.S), caught
     # Both sides of the report are source lines of the device code.
     assert len(re.findall(r"\w+\.(?:cuh|cu):\d+", caught)) >= 2, caught
