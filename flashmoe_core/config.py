@@ -30,6 +30,7 @@ ROW_ALIGN = 8
 MAX_WORLD_SIZE = 1024
 SCORINGS = ("softmax", "sigmoid")
 ROUTER_LOGITS = ("float32", "storage")
+CAPACITY_ORDERS = ("token", "slot")
 MAX_SHARED = 64
 
 
@@ -83,6 +84,14 @@ class MoEConfig:
     capacity_factor : float or None
         ``None`` is dropless. Otherwise each (expert, source rank) pair accepts at
         most ``ceil(capacity_factor * tokens * top_k / experts)`` assignments.
+    capacity_order : {"token", "slot"}
+        Which assignments an expert keeps when it is over capacity: the first in token
+        order, then slot order (``"token"``), or slot-major: every token's first choice
+        before any second choice, tokens in order within a slot (``"slot"``, NLLB-MoE).
+    renormalize_after_drop : bool
+        Scale each token's kept weights to sum to ``routed_scaling`` after the capacity
+        drop (NLLB-MoE normalises after dropping): a token that lost a slot puts its
+        whole weight on the others.
     renormalize : bool
         Scale each token's top-k weights to sum to 1.
     world_size : int
@@ -160,6 +169,8 @@ class MoEConfig:
     n_shared: int = 0
     shared_ffn: Optional[int] = None
     shared_gate: bool = False
+    capacity_order: str = "token"
+    renormalize_after_drop: bool = False
 
     def __post_init__(self) -> None:
         # Integer fields are stored as Python ints whatever integer type came in, so
@@ -213,6 +224,11 @@ class MoEConfig:
             self._set("placement", tuple(int(owner) for owner in placement))
         self._check_routing_rules()
         self._check_shared()
+        if self.capacity_order not in CAPACITY_ORDERS:
+            raise _fail("capacity_order", self.capacity_order, f"one of {CAPACITY_ORDERS}")
+        if not _is_bool(self.renormalize_after_drop):
+            raise _fail("renormalize_after_drop", self.renormalize_after_drop, "True or False")
+        self._set("renormalize_after_drop", bool(self.renormalize_after_drop))
 
     def _check_shared(self) -> None:
         self._set("n_shared", _check_int("n_shared", self.n_shared, 0, MAX_SHARED))
@@ -306,10 +322,12 @@ class MoEConfig:
 
     @property
     def default_routing(self) -> bool:
-        """True when the routing is the plain softmax-then-top-k family."""
+        """True when the routing is the plain softmax-then-top-k family (capacity drops
+        in token order, no renormalisation after them)."""
         return (self.scoring == "softmax" and not self.softmax_after_topk
                 and not self.router_bias and not self.selection_bias and self.n_group == 1
-                and self.routed_scaling == 1.0 and self.router_logits == "float32")
+                and self.routed_scaling == 1.0 and self.router_logits == "float32"
+                and self.capacity_order == "token" and not self.renormalize_after_drop)
 
     # ----------------------------------------------------------------- derived values
     @property

@@ -12,7 +12,8 @@
  * FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, FMOE_BM, FMOE_BN, FMOE_BK, FMOE_STAGES, FMOE_EP
  * (the tile: flashmoe_core.kernels.TileConfig), and the routing rules FMOE_SIGMOID,
  * FMOE_SOFTMAX_AFTER_TOPK, FMOE_ROUTER_BIAS, FMOE_SELECTION_BIAS, FMOE_GROUPS,
- * FMOE_TOPK_GROUPS, FMOE_SCALE_BITS (float32 bits) and FMOE_ROUND_LOGITS; the shared
+ * FMOE_TOPK_GROUPS, FMOE_SCALE_BITS (float32 bits), FMOE_ROUND_LOGITS, the capacity
+ * rules FMOE_SLOT_MAJOR and FMOE_DROP_RENORM; the shared
  * experts FMOE_SHARED_F (their MLP's width, 0: none) and FMOE_SHARED_GATE.
  * FMOE_EP=1 (expert parallelism) needs FLASHMOE_NVSHMEM=1, symmetric buffers in the
  * layout, NVSHMEM initialised on every PE, the module registered with NVSHMEM, and
@@ -54,10 +55,17 @@
 #ifndef FMOE_ROUND_LOGITS
 #define FMOE_ROUND_LOGITS 0
 #endif
+#ifndef FMOE_SLOT_MAJOR
+#define FMOE_SLOT_MAJOR 0
+#endif
+#ifndef FMOE_DROP_RENORM
+#define FMOE_DROP_RENORM 0
+#endif
 
 using Route = flashmoe::moe::Route<FMOE_SIGMOID != 0, FMOE_SOFTMAX_AFTER_TOPK != 0,
                                    FMOE_ROUTER_BIAS != 0, FMOE_SELECTION_BIAS != 0, FMOE_GROUPS,
-                                   FMOE_TOPK_GROUPS, FMOE_SCALE_BITS, FMOE_ROUND_LOGITS != 0>;
+                                   FMOE_TOPK_GROUPS, FMOE_SCALE_BITS, FMOE_ROUND_LOGITS != 0,
+                                   FMOE_SLOT_MAJOR != 0, FMOE_DROP_RENORM != 0>;
 // Gated-MLP variants (flashmoe_core.config: mlp_bias, swiglu_alpha, swiglu_limit).
 #ifndef FMOE_MLP_BIAS
 #define FMOE_MLP_BIAS 0

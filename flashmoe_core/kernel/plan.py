@@ -98,7 +98,7 @@ def plan_layer(cfg: MoEConfig, local_experts: int = None) -> LayerPlan:
         "topk_weight": t * k * 4,
         "token_rows": t * k * 4,
         "row_token": t * k * 4,
-        "tile_counts": tt * e * 4,
+        "tile_counts": tt * e * 4 * (k if cfg.capacity_order == "slot" else 1),
         "expert_total": e * 4,
         "expert_kept": e * 4,
         "tile_kept": tt * 4,

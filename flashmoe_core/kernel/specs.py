@@ -166,6 +166,8 @@ def routing_defines(cfg) -> Dict[str, object]:
         "FMOE_TOPK_GROUPS": cfg.topk_group,
         "FMOE_SCALE_BITS": _float_bits(cfg.routed_scaling),
         "FMOE_ROUND_LOGITS": int(cfg.router_logits == "storage"),
+        "FMOE_SLOT_MAJOR": int(cfg.capacity_order == "slot"),
+        "FMOE_DROP_RENORM": int(cfg.renormalize_after_drop),
     }
 
 

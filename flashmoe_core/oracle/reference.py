@@ -23,8 +23,12 @@ Semantics, pinned (the kernel follows them; tests compare against them):
    float64, rounded once to float32.
 6. Capacity (when ``capacity_factor`` is set) is per (expert, source rank):
    ``ceil(capacity_factor * t * top_k / experts)`` with ``t`` the source rank's token
-   count. Assignments claim slots in token order, then slot order; those past the
-   capacity are dropped and contribute zero (the kept ones are not renormalised).
+   count. Assignments claim places in token order, then slot order (``capacity_order=
+   "token"``), or slot-major: slot 0 of every token in token order, then slot 1, ...
+   (``"slot"``); those past the capacity are dropped and contribute zero. The kept ones
+   keep their weights, unless ``renormalize_after_drop``: the combine then weighs kept
+   slot j by ``routed_scaling * w_j / sum_kept w`` (in float32; 0 if nothing is kept),
+   while ``routing.weights`` still reports the weights before the drop.
 7. Expert FFN with float32 accumulation; bias added to the float32 sum; activation
    in float32 (``gelu`` exact erf form, ``silu = x * sigmoid(x)``); the intermediate is
    rounded to ``cfg.dtype``. Gated: ``act(x Wg) * (x Wu)`` in float32, then rounded
@@ -269,13 +273,17 @@ def with_capacity(cfg: MoEConfig, experts: np.ndarray, weights: np.ndarray,
     if cap is not None:
         for start in range(0, t_all, t):
             # Marked tokens form a group of their own (-1) and take no expert's slots.
-            kept[start:start + t] = _capacity_mask(experts[start:start + t], cap)
+            kept[start:start + t] = _capacity_mask(experts[start:start + t], cap,
+                                                   cfg.capacity_order == "slot")
     kept[(experts < 0).any(axis=1)] = False
     return Routing(experts, weights, kept)
 
 
-def _capacity_mask(experts: np.ndarray, cap: int) -> np.ndarray:
-    """Keep the first ``cap`` assignments of each expert in (token, slot) order."""
+def _capacity_mask(experts: np.ndarray, cap: int, slot_major: bool = False) -> np.ndarray:
+    """Keep the first ``cap`` assignments of each expert in (token, slot) order, or
+    (slot, token) order when ``slot_major``."""
+    if slot_major:
+        return _capacity_mask(np.ascontiguousarray(experts.T), cap).T
     flat = experts.reshape(-1)
     order = np.argsort(flat, kind="stable")
     sorted_e = flat[order]
@@ -336,6 +344,10 @@ def combine(cfg: MoEConfig, routing: Routing, expert_out: np.ndarray,
     plus the shared experts' ``(g, ys)`` (:func:`shared_experts`) after the slots; NaN
     rows for marked tokens (rule 10)."""
     w = np.where(routing.kept, routing.weights, 0.0).astype(np.float64)
+    if cfg.renormalize_after_drop:  # rule 6: the kept weights sum to routed_scaling
+        total = w.astype(np.float32).sum(axis=1, dtype=np.float32).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            w = np.where(total[:, None] > 0, w * (cfg.routed_scaling / total[:, None]), 0.0)
     acc = np.zeros((expert_out.shape[0], expert_out.shape[2]), dtype=np.float64)
     for j in range(expert_out.shape[1]):  # slot order; each product is exact in float64
         acc += w[:, j, None] * as_f32(expert_out[:, j]).astype(np.float64)

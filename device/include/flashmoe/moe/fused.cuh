@@ -23,11 +23,15 @@ namespace moe {
 /// all experts, then top-k by probability).
 template <bool kSigmoid_ = false, bool kSoftmaxAfterTopk_ = false, bool kRouterBias_ = false,
           bool kSelectionBias_ = false, int kGroups_ = 1, int kTopkGroups_ = 1,
-          uint32_t kScaleBits_ = 0x3f800000u, bool kRoundLogits_ = false>
+          uint32_t kScaleBits_ = 0x3f800000u, bool kRoundLogits_ = false,
+          bool kSlotMajor_ = false, bool kDropRenorm_ = false>
 struct Route {
   static constexpr bool kSigmoid = kSigmoid_, kSoftmaxAfterTopk = kSoftmaxAfterTopk_;
   static constexpr bool kRouterBias = kRouterBias_, kSelectionBias = kSelectionBias_;
   static constexpr bool kRoundLogits = kRoundLogits_;
+  /// Capacity: places claimed slot-major (every first choice before any second one);
+  /// the combine renormalises the kept weights after the drop.
+  static constexpr bool kSlotMajor = kSlotMajor_, kDropRenorm = kDropRenorm_;
   static constexpr int kGroups = kGroups_, kTopkGroups = kTopkGroups_;
   static constexpr uint32_t kScaleBits = kScaleBits_;  ///< routed scaling, float32 bits
   static_assert(!(kSigmoid && kSoftmaxAfterTopk), "softmax after top-k is a softmax");
@@ -196,6 +200,14 @@ struct Kernel {
 
   FMOE_DEVICE static int tiles_of(int rows) { return (rows + kTile - 1) / kTile; }
 
+  /// Per-expert counts are kept per token tile, and per slot too when places are
+  /// claimed slot-major: [K][TT][E], scanned in (slot, tile) order.
+  static constexpr int kCountSlots = C::R::kSlotMajor ? C::K : 1;
+  FMOE_DEVICE int count_tiles() const { return kCountSlots * TT; }
+  FMOE_DEVICE int count_index(int tt, int j, int e) const {
+    return ((C::R::kSlotMajor ? j * TT : 0) + tt) * C::E + e;
+  }
+
   // ---------------------------------------------------------------- phase 0: gate
   FMOE_DEVICE void zero_counters() {
     const int gtid = blockIdx.x * C::kThreads + threadIdx.x;
@@ -207,7 +219,7 @@ struct Kernel {
     }
     // With top-k in the gate epilogue, each token tile's block zeroes its own counts.
     if constexpr (!C::kFusedTopk) {
-      for (int i = gtid; i < TT * C::E; i += gsize) L.tile_counts[i] = 0;
+      for (int i = gtid; i < count_tiles() * C::E; i += gsize) L.tile_counts[i] = 0;
     }
     for (int i = gtid; i < L.max_rowtiles; i += gsize) L.dep_rowtile[i] = 0u;
     for (int i = gtid; i < TT * C::kDownTiles; i += gsize) L.dep_combine[i] = 0u;
@@ -230,7 +242,9 @@ struct Kernel {
     const int t0 = tt * kTile, e0 = et * G::BN;
     if constexpr (C::kFusedTopk) {
       if (!routed) {
-        for (int e = threadIdx.x; e < C::E; e += C::kThreads) L.tile_counts[tt * C::E + e] = 0;
+        for (int i = threadIdx.x; i < kCountSlots * C::E; i += C::kThreads) {
+          L.tile_counts[count_index(tt, i / C::E, i % C::E)] = 0;
+        }
       }
     }
     const S* router = static_cast<const S*>(L.router_t);
@@ -454,28 +468,29 @@ struct Kernel {
       for (int j = 0; j < C::K; ++j) {
         L.topk_expert[t * C::K + j] = e_sel[j];
         L.topk_weight[t * C::K + j] = R::kScaleBits == 0x3f800000u ? w[j] : w[j] * kScale;
-        atomicAdd(&L.tile_counts[tt * C::E + e_sel[j]], 1);
+        atomicAdd(&L.tile_counts[count_index(tt, j, e_sel[j])], 1);
       }
     }
   }
 
   // ---------------------------------------------------------------- phase 2: scan
-  /// One warp per expert: per-tile counts become per-tile bases (token order), 32
-  /// token tiles at a time with a warp scan.
+  /// One warp per expert: per-tile counts become per-tile bases (token order; slot
+  /// then token order when slot-major), 32 token tiles at a time with a warp scan.
   FMOE_DEVICE void scan_expert(int e) {
     const int lane = threadIdx.x & 31;
+    const int n = count_tiles();
     int run = 0;
-    for (int t0 = 0; t0 < TT; t0 += 32) {
+    for (int t0 = 0; t0 < n; t0 += 32) {
       const int tt = t0 + lane;
       int32_t* p = &L.tile_counts[tt * C::E + e];
-      const int c = tt < TT ? load_cg(p) : 0;
+      const int c = tt < n ? load_cg(p) : 0;
       int incl = c;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
         const int v = __shfl_up_sync(0xffffffffu, incl, o);
         if (lane >= o) incl += v;
       }
-      if (tt < TT) *p = run + incl - c;
+      if (tt < n) *p = run + incl - c;
       run += __shfl_sync(0xffffffffu, incl, 31);
     }
     if (lane == 0) {
@@ -509,8 +524,9 @@ struct Kernel {
     return s_rtoff[el];
   }
 
-  /// One token tile: each assignment's slot is its tile base plus its rank among the
-  /// tile's earlier assignments to the same expert (token order, then slot order).
+  /// One token tile: each assignment's place is its tile base plus its rank among the
+  /// tile's earlier assignments to the same expert (token order, then slot order; or
+  /// among the same slot's earlier tokens when slot-major).
   FMOE_DEVICE bool fill_lists(int tt) {
     __shared__ int s_kept;
     int32_t* s_ex = reinterpret_cast<int32_t*>(smem);
@@ -529,8 +545,9 @@ struct Kernel {
         continue;
       }
       int rank = 0;
-      for (int q = 0; q < i; ++q) rank += s_ex[q] == e;
-      const int pos = load_cg(&L.tile_counts[tt * C::E + e]) + rank;
+      constexpr int kStep = C::R::kSlotMajor ? C::K : 1;
+      for (int q = C::R::kSlotMajor ? i % C::K : 0; q < i; q += kStep) rank += s_ex[q] == e;
+      const int pos = load_cg(&L.tile_counts[count_index(tt, i % C::K, e)]) + rank;
       const bool keep = pos < load_cg(&L.expert_kept[e]);
       const int row = s_eoff[e] + pos;
       const int t = t0 + i / C::K;
@@ -889,6 +906,16 @@ struct Kernel {
       if (t >= T || n >= C::H) continue;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       bool marked = false;
+      float scale = 1.0f;  // renormalising after the drop: routed scaling / kept sum
+      if constexpr (C::R::kDropRenorm) {
+        float kept = 0.0f;
+#pragma unroll
+        for (int j = 0; j < C::K; ++j) {
+          const bool k_j = load_cg(&L.token_rows[t * C::K + j]) >= 0;
+          if (k_j) kept += load_cg(&L.topk_weight[t * C::K + j]);
+        }
+        scale = kept > 0.0f ? cuda::std::bit_cast<float>(C::R::kScaleBits) / kept : 0.0f;
+      }
 #pragma unroll
       for (int j = 0; j < C::K; ++j) {
         const int row = load_cg(&L.token_rows[t * C::K + j]);
@@ -896,7 +923,7 @@ struct Kernel {
           marked |= row == abi::kRowMarked;
           continue;
         }
-        const float w = load_cg(&L.topk_weight[t * C::K + j]);
+        const float w = load_cg(&L.topk_weight[t * C::K + j]) * scale;
         float val[8];
         gemm::load8<Elem, true>(ye + int64_t(row) * C::H + n, val);
 #pragma unroll
@@ -1296,7 +1323,9 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     // no gate, only the per-tile counts the dispatch lists start from.
     if constexpr (C::kFusedTopk) {
       const int gtid = blockIdx.x * C::kThreads + threadIdx.x;
-      for (int i = gtid; i < k.TT * C::E; i += gridDim.x * C::kThreads) L.tile_counts[i] = 0;
+      for (int i = gtid; i < k.count_tiles() * C::E; i += gridDim.x * C::kThreads) {
+        L.tile_counts[i] = 0;
+      }
     }
     // The shared experts' gate still comes from its gate column (the same GEMM).
     if constexpr (C::SH::kGate) {
@@ -1309,7 +1338,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     for (int t = gwarp; t < tokens; t += warps) {
       if (lane < C::K) {
         const int e = load_cg(&L.topk_expert[t * C::K + lane]);
-        atomicAdd(&L.tile_counts[(t / C::kTile) * C::E + e], 1);
+        atomicAdd(&L.tile_counts[k.count_index(t / C::kTile, lane, e)], 1);
       }
       if constexpr (C::SH::kGate && !C::kFusedTopk) {
         const float* row = L.logits + int64_t(t) * C::kEp;
