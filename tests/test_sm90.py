@@ -133,6 +133,19 @@ def test_operands_overwritten_while_in_flight_are_reported(tmp_path, monkeypatch
             gmma_test(*operands("bfloat16", 64, 256), options=EmulatorOptions(seed=seed))
 
 
+def test_the_mainloop_refilling_a_stage_still_read_is_reported(tmp_path, monkeypatch):
+    # The wgmma mainloop keeps one group in flight while it refills the previous
+    # group's stage; with two in flight, the refill overwrites operands still read.
+    from flashmoe_core.emulator import tile_gemm
+
+    _mutant(tmp_path, monkeypatch, "include/flashmoe/gemm/tile_gemm.cuh",
+            "      sm90::wgmma_wait<1>();\n", "      sm90::wgmma_wait<2>();\n")
+    monkeypatch.setenv("FLASHMOE_EMULATOR_MAINLOOP", "sm90")
+    a, b = operands("float16", 128, 512)
+    with pytest.raises(EmulatorError, match="was written before the wait_group"):
+        tile_gemm(a, b, "float16")
+
+
 def test_a_stale_phase_parity_lets_threads_past_an_open_phase(tmp_path, monkeypatch):
     # Waiting on parity 0 every k-tile: from the second one on the wait passes at once
     # (phase 0 completed long ago), before the other threads stored their share.

@@ -331,6 +331,9 @@ struct WgmmaThread {
   std::vector<WgmmaOp> ops;
   int group = 0;      ///< groups committed so far
   bool fenced = false;
+  /// Results of retired ops whose accumulators a later op still in flight writes: the
+  /// registers stay NaN, the chain goes on from here.
+  std::vector<std::pair<float*, std::vector<float>>> carried;
 };
 
 /// Per-thread wgmma state, by thread index (reset at block start by the emulated kernel).
@@ -405,7 +408,10 @@ FMOE_EMU_RT inline void wgmma_issue(float* d, int n, GmmaType type, uint64_t des
   w.ops.push_back(std::move(op));
 }
 
-FMOE_EMU_RT inline void wgmma_execute(const WgmmaOp& op, int t) {
+/// Run a retiring op from accumulators `in` (its C, or its predecessor's result);
+/// returns its result.
+FMOE_EMU_RT inline std::vector<float> wgmma_execute(const WgmmaOp& op, int t,
+                                                    const std::vector<float>& in) {
   FMOE_SM90_GUARD;
   float rows[2 + 256 / 4][16];
   if (gmma_thread_rows(op.desc_a, op.desc_b, op.n, op.type, t, rows) != op.fingerprint) {
@@ -414,14 +420,16 @@ FMOE_EMU_RT inline void wgmma_execute(const WgmmaOp& op, int t) {
   }
   // Accumulator i = 4 j + 2 r + c: row r of the thread's two, B row 2 j + c of its own.
   const int kk = gmma_k(op.type);
+  std::vector<float> out(size_t(op.n / 2));
   for (int i = 0; i < op.n / 2; ++i) {
     const int j = i / 4, r = (i / 2) % 2, c = i % 2;
-    float acc = !op.scale_d ? 0.0f : op.chained ? op.d[i] : op.c[size_t(i)];
+    float acc = !op.scale_d ? 0.0f : in[size_t(i)];
     const float* a = rows[r];
     const float* b = rows[2 + 2 * j + c];
     for (int k = 0; k < kk; ++k) acc = std::fma(a[k], b[k], acc);
-    op.d[i] = acc;
+    out[size_t(i)] = acc;
   }
+  return out;
 }
 
 FMOE_EMU_RT inline void wgmma_commit() {
@@ -440,14 +448,36 @@ FMOE_EMU_RT inline void wgmma_wait(int keep) {
   WgmmaThread& w = wgmma_thread();
   const int limit = w.group - keep;
   const int t = int(cur_fiber().tid);
-  auto it = w.ops.begin();
-  while (it != w.ops.end()) {
-    if (it->group < limit) {
-      wgmma_execute(*it, t);
-      it = w.ops.erase(it);
-    } else {
-      ++it;
+  // Ops retire in issue order; groups only grow, so the ones kept are the newest.
+  auto carried = [&](float* d) -> std::vector<float>* {
+    for (auto& c : w.carried) {
+      if (c.first == d) return &c.second;
     }
+    return nullptr;
+  };
+  size_t done = 0;
+  for (; done < w.ops.size() && w.ops[done].group < limit; ++done) {
+    const WgmmaOp& op = w.ops[done];
+    std::vector<float>* prev = op.chained ? carried(op.d) : nullptr;
+    if (op.chained && prev == nullptr) fatal("wgmma emulator: a chained op lost its input");
+    std::vector<float> out = wgmma_execute(op, t, op.chained ? *prev : op.c);
+    if (prev != nullptr) {
+      *prev = std::move(out);
+    } else {
+      w.carried.emplace_back(op.d, std::move(out));
+    }
+  }
+  w.ops.erase(w.ops.begin(), w.ops.begin() + long(done));
+  // Accumulators no op in flight writes any more land in their registers.
+  for (size_t i = 0; i < w.carried.size();) {
+    bool pending = false;
+    for (const WgmmaOp& op : w.ops) pending |= op.d == w.carried[i].first;
+    if (pending) {
+      ++i;
+      continue;
+    }
+    std::copy(w.carried[i].second.begin(), w.carried[i].second.end(), w.carried[i].first);
+    w.carried.erase(w.carried.begin() + long(i));
   }
   w.fenced = false;
 }

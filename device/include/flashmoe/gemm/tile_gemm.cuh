@@ -318,9 +318,9 @@ struct TileGemm {
 
   /**
    * acc += A_tile * B_tile^T over K with wgmma (kWgmma builds): per k-tile, once its
-   * stage landed and the block met, the next stage's loads go out and one group of
-   * BK / 16 x 2 wgmmas reads the stage; the thread retires its group before the next
-   * k-tile's barrier, so every read of a stage is done before it is refilled. A half
+   * stage landed and the block met, one group of BK / 16 x 2 wgmmas reads the stage and
+   * stays in flight while the previous k-tile's group is retired, the block meets
+   * again, and the loads refill that group's stage (kStages - 1 k-tiles ahead). A half
    * tile (kFull false) loads and multiplies only the first m64 half. A template, not a
    * flag: a wgmma under a branch inside the loop makes ptxas serialise every wgmma.
    */
@@ -348,10 +348,7 @@ struct TileGemm {
     for (int kt = 0; kt < num_k; ++kt) {
       const int stage = kt % kStages;
       cp_async_wait<kStages - 2>();
-      __syncthreads();  // the stage landed for every thread; last k-tile's reads retired
-      const int next = kt + kStages - 1;
-      if (next < num_k) load_stage(smem, next, next % kStages, K, kFull);
-      cp_async_commit();
+      __syncthreads();  // the stage landed for every thread
       sm90::fence_proxy_async();  // the stage's generic-proxy writes before wgmma reads
       sm90::wgmma_fence();
       CUTE_UNROLL
@@ -368,10 +365,19 @@ struct TileGemm {
         }
       }
       sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
+      // This k-tile's group stays in flight; the previous one is retired, so its stage
+      // may be refilled once every thread knows it.
+      sm90::wgmma_wait<1>();
       CUTE_UNROLL
       for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+      __syncthreads();
+      const int next = kt + kStages - 1;
+      if (next < num_k) load_stage(smem, next, next % kStages, K, kFull);
+      cp_async_commit();
     }
+    sm90::wgmma_wait<0>();
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
     cp_async_wait<0>();
     __syncthreads();
   }
