@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 __all__ = ["MoEConfig", "MLP_KINDS", "ACTIVATIONS", "DTYPES", "MAX_TOP_K", "MAX_EXPERTS",
-           "SCORINGS", "ROUTER_LOGITS"]
+           "SCORINGS", "ROUTER_LOGITS", "CAPACITY_ORDERS", "MAX_SHARED"]
 
 MLP_KINDS = ("vanilla", "gated")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu_clamped")

@@ -139,12 +139,29 @@ def test_bad_flag_value_is_an_argparse_error():
 
 
 def test_help_lists_every_config_field():
+    import dataclasses
+
+    from flashmoe_core import MoEConfig
+
     p = run(["--help"])
-    for flag in ("--tokens", "--hidden", "--ffn", "--experts", "--top-k", "--mlp",
-                 "--activation", "--dtype", "--capacity-factor", "--renormalize",
-                 "--world-size", "--placement", "--config", "--backend", "--seed", "--warmup",
-                 "--iters", "--check", "--json"):
+    for flag in ("--config", "--backend", "--seed", "--warmup", "--iters", "--check", "--json"):
         assert flag in p.stdout
+    for f in dataclasses.fields(MoEConfig):  # one flag per field, new ones included
+        assert "--" + f.name.replace("_", "-") in p.stdout, f.name
+
+
+def test_shared_experts_and_capacity_rules_from_flags():
+    p = run(SMALL + ["--backend", "reference", "--json", "--iters", "1", "--check", "--mlp",
+                     "gated", "--n-shared", "2", "--shared-ffn", "16", "--shared-gate",
+                     "--capacity-factor", "1.0", "--capacity-order", "slot"])
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    c = s["config"]
+    assert (c["n_shared"], c["shared_ffn"], c["shared_gate"], c["capacity_order"]) == \
+        (2, 16, True, "slot")
+    assert s["check"]["passed"], s["check"]
+    p = run(SMALL + ["--backend", "reference", "--shared-gate"])
+    assert p.returncode == 2 and "MoEConfig.shared_gate" in p.stderr
 
 
 @pytest.mark.mpi

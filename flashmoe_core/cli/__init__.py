@@ -7,7 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from ..config import ACTIVATIONS, DTYPES, MLP_KINDS, ROUTER_LOGITS, SCORINGS, MoEConfig
+from ..config import (ACTIVATIONS, CAPACITY_ORDERS, DTYPES, MLP_KINDS, ROUTER_LOGITS, SCORINGS,
+                      MoEConfig)
 
 __all__ = ["add_config_args", "config_from_args", "DEFAULTS", "EXIT_CODES", "exit_code",
            "error_line"]
@@ -114,6 +115,24 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="factor on every combine weight (default 1)")
     r.add_argument("--router-logits", choices=ROUTER_LOGITS, dest="router_logits",
                    help="float32 logits, or rounded to the storage type (default float32)")
+    r.add_argument("--capacity-order", choices=CAPACITY_ORDERS, dest="capacity_order",
+                   help="drops in token order, or slot-major (default token)")
+    r.add_argument("--renormalize-after-drop", dest="renormalize_after_drop",
+                   action="store_true", default=None,
+                   help="scale each token's kept weights to sum to routed_scaling")
+    m = p.add_argument_group("experts (MoEConfig)")
+    m.add_argument("--mlp-bias", dest="mlp_bias", action="store_true", default=None,
+                   help="biases on the gated MLP's projections (GPT-OSS)")
+    m.add_argument("--swiglu-alpha", type=float, dest="swiglu_alpha",
+                   help="alpha of activation swiglu_clamped (default 1.702)")
+    m.add_argument("--swiglu-limit", type=float, dest="swiglu_limit",
+                   help="limit of activation swiglu_clamped (default 7)")
+    m.add_argument("--n-shared", type=int, dest="n_shared",
+                   help="shared experts on every token (default 0)")
+    m.add_argument("--shared-ffn", type=int, dest="shared_ffn",
+                   help="width of each shared expert (default: --ffn)")
+    m.add_argument("--shared-gate", dest="shared_gate", action="store_true", default=None,
+                   help="scale the shared output by sigmoid(x . w) (Qwen2-MoE)")
 
 
 def config_from_args(args: argparse.Namespace, world_size: int = 1) -> MoEConfig:

@@ -265,8 +265,12 @@ def _summary(cfg: MoEConfig, res: dict) -> dict:
 
 def _format(s: dict) -> str:
     c = s["config"]
+    shared = ""
+    if c.get("n_shared"):
+        shared = (f" shared={c['n_shared']}x{c['shared_ffn']}"
+                  + ("+gate" if c.get("shared_gate") else ""))
     line = (f"{s['backend']}: tokens/rank={c['tokens']} hidden={c['hidden']} ffn={c['ffn']} "
-            f"experts={c['experts']} top_k={c['top_k']} {c['mlp']}/{c['activation']} "
+            f"experts={c['experts']} top_k={c['top_k']}{shared} {c['mlp']}/{c['activation']} "
             f"{c['dtype']} world={c['world_size']} | median {s['median_ms']:.3f} ms over "
             f"{s['iters']} | {s['tflops_per_rank']:.3f} TFLOP/s per rank")
     if "percent_of_peak" in s:

@@ -700,13 +700,26 @@ def moe_forward_exact(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
     y : float64 ndarray [world_size * t, hidden]
     """
     if cfg.n_shared:
-        raise ValueError(f"moe_forward_exact does not cover shared experts yet (n_shared="
-                         f"{cfg.n_shared}); moe_forward does")
+        if cfg.mlp_bias or cfg.activation == "swiglu_clamped":
+            raise ValueError("moe_forward_exact covers shared experts of the plain MLPs "
+                             "(no gated biases, no clamped SwiGLU); moe_forward covers all")
     check_weights(cfg, weights)
     check_tokens(cfg, x)
     x64 = round_to(np.asarray(x), cfg.dtype).astype(np.float64)
-    return _forward_fixed_routing64(cfg, _weights64(cfg, weights), x64, routing,
-                                    weights.expert_ids)
+    w64 = _weights64(cfg, weights)
+    y = _forward_fixed_routing64(cfg, w64, x64, routing, weights.expert_ids)
+    if cfg.n_shared:  # rule 13 without rounding: + g * shared MLP(x)
+        if cfg.mlp == "vanilla":
+            h = _act64(cfg.activation, x64 @ w64["shared_w1"] + w64["shared_b1"])
+            ys = h @ w64["shared_w2"] + w64["shared_b2"]
+        else:
+            h = _act64(cfg.activation, x64 @ w64["shared_wg"]) * (x64 @ w64["shared_wu"])
+            ys = h @ w64["shared_w2"]
+        if cfg.shared_gate:
+            with np.errstate(over="ignore"):
+                ys = ys / (1.0 + np.exp(-(x64 @ w64["shared_gate"])))[:, None]
+        y = y + ys
+    return y
 
 
 def _check_grad_output(cfg: MoEConfig, dy: np.ndarray, rows: int) -> np.ndarray:
