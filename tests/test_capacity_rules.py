@@ -90,6 +90,9 @@ KERNEL_LAYERS = {
                             mlp="gated", activation="silu", dtype="bfloat16",
                             capacity_factor=0.5, renormalize=False, capacity_order="slot",
                             renormalize_after_drop=True),
+    "f16-vanilla-slot-major-top3": dict(tokens=80, hidden=64, ffn=64, experts=5, top_k=3,
+                                        activation="gelu", dtype="float16",
+                                        capacity_factor=0.6, capacity_order="slot"),
     # Logits through global memory (more experts than one gate tile), top-3, scaling.
     "f32-slot-major-130-experts": dict(tokens=96, hidden=64, ffn=32, experts=130, top_k=3,
                                        dtype="float32", capacity_factor=2.0,

@@ -148,6 +148,10 @@ KERNEL_LAYERS = {
     "f16-gate-column-127": dict(
         tokens=40, hidden=64, ffn=32, experts=127, top_k=2, mlp="gated", activation="gelu",
         dtype="float16", n_shared=1, shared_gate=True),
+    # tfloat32, with slot-major drops renormalised after them.
+    "tf32-vanilla-slot-major": dict(
+        tokens=64, hidden=64, ffn=32, experts=4, top_k=2, activation="silu", dtype="tfloat32",
+        capacity_factor=0.75, capacity_order="slot", renormalize_after_drop=True, n_shared=1),
     # 128 experts and the gate: two gate tiles, logits through global memory.
     "bf16-gate-column-129": dict(
         tokens=40, hidden=64, ffn=32, experts=128, top_k=2, dtype="bfloat16", n_shared=1,
