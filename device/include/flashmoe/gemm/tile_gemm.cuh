@@ -348,8 +348,10 @@ struct TileGemm {
     for (int kt = 0; kt < num_k; ++kt) {
       const int stage = kt % kStages;
       cp_async_wait<kStages - 2>();
+      // Each thread orders its own landed copies (generic proxy) before any wgmma's
+      // async-proxy reads, then the block meets: the writer-side fence of the PTX model.
+      sm90::fence_proxy_async();
       __syncthreads();  // the stage landed for every thread
-      sm90::fence_proxy_async();  // the stage's generic-proxy writes before wgmma reads
       sm90::wgmma_fence();
       CUTE_UNROLL
       for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
