@@ -29,36 +29,42 @@ __all__ = ["kernel_weights", "check_weights_finite", "placement_tables", "layout
            "overlaps", "ranks_sharing", "gemm_operands"]
 
 
+def _kmajor(a: np.ndarray) -> np.ndarray:
+    """[E, in, out] -> [E, out, in], infinities as NaN."""
+    return np.ascontiguousarray(nonfinite_to_nan(a).transpose(0, 2, 1))
+
+
+def _mlp_buffers(cfg: MoEConfig, get, names) -> dict:
+    """One MLP kind's weights in the kernel's layouts: ``get(name)`` gives an
+    ``[E, ...]`` array of :func:`~flashmoe_core.weights.expert_tensor_names`' names;
+    ``names`` are the buffers (up, up2, up bias, down, down bias)."""
+    up, up2, b_up, down, b_down = names
+    if cfg.mlp == "vanilla":
+        return {up: _kmajor(get("w1")), b_up: nonfinite_to_nan(get("b1")),
+                down: _kmajor(get("w2")), b_down: nonfinite_to_nan(get("b2"))}
+    out = {up: _kmajor(get("wg")), up2: _kmajor(get("wu")), down: _kmajor(get("w2"))}
+    if cfg.mlp_bias:  # the up biases side by side per expert: bg then bu
+        both = np.concatenate([get("bg"), get("bu")], axis=1)
+        out.update({b_up: np.ascontiguousarray(nonfinite_to_nan(both)),
+                    b_down: nonfinite_to_nan(get("b2"))})
+    return out
+
+
 def kernel_weights(w: MoEWeights) -> dict:
     """The weight buffers the kernel reads, by plan name: every matrix transposed to
     K-major (out x in), since the tensor cores read both operands K-major, and every
     infinity stored as NaN (the oracle's rule 11)."""
-    kmajor = lambda a: np.ascontiguousarray(nonfinite_to_nan(a).transpose(0, 2, 1))  # noqa: E731
     out = {"router_t": np.ascontiguousarray(nonfinite_to_nan(w.router).T)}
     # Routing vectors go to the kernel in float32 (a bf16 bias is exact in float32).
     for name in ("router_bias", "selection_bias"):
         if getattr(w.cfg, name):
             out[name] = nonfinite_to_nan(as_f32(getattr(w, name)).astype(np.float32))
-    if w.cfg.mlp == "vanilla":
-        out.update(w_up=kmajor(w.w1), b_up=nonfinite_to_nan(w.b1), w_down=kmajor(w.w2),
-                   b_down=nonfinite_to_nan(w.b2))
-    else:
-        out.update(w_up=kmajor(w.wg), w_up2=kmajor(w.wu), w_down=kmajor(w.w2))
-        if w.cfg.mlp_bias:  # the up biases side by side per expert: bg then bu
-            both = np.concatenate([w.bg, w.bu], axis=1)
-            out.update(b_up=np.ascontiguousarray(nonfinite_to_nan(both)),
-                       b_down=nonfinite_to_nan(w.b2))
-    if w.cfg.n_shared:  # one MLP, the same layouts without the expert axis
-        one = lambda n: kmajor(getattr(w, "shared_" + n)[None])[0]  # noqa: E731
-        if w.cfg.mlp == "vanilla":
-            out.update(ws_up=one("w1"), bs_up=nonfinite_to_nan(w.shared_b1),
-                       ws_down=one("w2"), bs_down=nonfinite_to_nan(w.shared_b2))
-        else:
-            out.update(ws_up=one("wg"), ws_up2=one("wu"), ws_down=one("w2"))
-            if w.cfg.mlp_bias:
-                both = np.concatenate([w.shared_bg, w.shared_bu])
-                out.update(bs_up=np.ascontiguousarray(nonfinite_to_nan(both)),
-                           bs_down=nonfinite_to_nan(w.shared_b2))
+    out.update(_mlp_buffers(w.cfg, lambda n: getattr(w, n),
+                            ("w_up", "w_up2", "b_up", "w_down", "b_down")))
+    if w.cfg.n_shared:  # one MLP: the same layouts without the expert axis
+        shared = _mlp_buffers(w.cfg, lambda n: getattr(w, "shared_" + n)[None],
+                              ("ws_up", "ws_up2", "bs_up", "ws_down", "bs_down"))
+        out.update({k: v[0] for k, v in shared.items()})
         if w.cfg.shared_gate:
             out["ws_gate"] = nonfinite_to_nan(w.shared_gate)
     return out
