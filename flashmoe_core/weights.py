@@ -10,7 +10,8 @@ import numpy as np
 from .config import MoEConfig
 from .numerics import round_to, storage_dtype
 
-__all__ = ["MoEWeights", "check_weights", "WEIGHT_FIELDS", "shared_tensor_names"]
+__all__ = ["MoEWeights", "check_weights", "WEIGHT_FIELDS", "shared_tensor_names",
+           "gradient_tensor_names"]
 
 # The MoEConfig fields that fix what the weights are: their shapes and element type.
 # Weights built for one config serve any config that agrees on these (the token bound,
@@ -57,6 +58,14 @@ def shared_tensor_names(cfg: MoEConfig) -> Tuple[str, ...]:
         return ()
     return tuple("shared_" + n for n in expert_tensor_names(cfg.mlp, cfg.mlp_bias)) + \
         (("shared_gate",) if cfg.shared_gate else ())
+
+
+def gradient_tensor_names(cfg: MoEConfig) -> Tuple[str, ...]:
+    """The tensors a loss has a gradient for: ``MoEWeights.names`` of the config, in
+    that order, without ``selection_bias`` (it only ranks experts, so no gradient reaches
+    it; DeepSeek-V3 updates it by its load-balancing rule instead)."""
+    return tuple(n for n in router_tensor_names(cfg) if n != "selection_bias") + \
+        expert_tensor_names(cfg.mlp, cfg.mlp_bias) + shared_tensor_names(cfg)
 
 
 class MoEWeights:
