@@ -94,7 +94,7 @@ import numpy as np
 from ..config import MoEConfig
 from ..numerics import (activation, activation_grad, as_f32, erfc, gated, nonfinite_to_nan,
                         round_to, storage_dtype)
-from ..weights import MoEWeights, check_weights, expert_tensor_names
+from ..weights import MoEWeights, check_weights, expert_tensor_names, gradient_tensor_names
 
 __all__ = ["Routing", "moe_forward", "gate", "route", "route_tokens", "expert_ffn", "combine",
            "shared_experts",
@@ -469,25 +469,46 @@ def moe_forward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
 
 # ============================================================================ backward
 
-class MoEGrads:
-    """Gradients of a scalar loss with respect to every tensor of a :class:`MoEWeights`.
+def _gradient_names(mlp: str, arrays: Mapping[str, np.ndarray]) -> Tuple[str, ...]:
+    """The gradient tensor names that a set of arrays stands for, in the order of
+    ``MoEWeights.names``: ``router`` and the MLP's tensors, with ``router_bias``, the gated
+    biases and the shared MLP (and its gate) when their arrays are among them."""
+    bias = mlp == "gated" and ("bg" in arrays or "shared_bg" in arrays)
+    names = ("router",) + (("router_bias",) if "router_bias" in arrays else ()) + \
+        expert_tensor_names(mlp, bias)
+    if any(n.startswith("shared_") for n in arrays):
+        names += tuple("shared_" + n for n in expert_tensor_names(mlp, bias)) + \
+            (("shared_gate",) if "shared_gate" in arrays else ())
+    return names
 
-    Each attribute is a float64 array with the shape of the weight of the same name:
-    ``router`` [hidden, experts]; vanilla ``w1, b1, w2, b2``; gated ``wg, wu, w2``
-    (leading dimension: the experts held, ``expert_ids``).
+
+class MoEGrads:
+    """Gradients of a scalar loss with respect to every trained tensor of a
+    :class:`MoEWeights`.
+
+    Each attribute is a float64 array with the shape of the weight of the same name; the
+    names are :func:`flashmoe_core.weights.gradient_tensor_names` of the config (the
+    weights' names without ``selection_bias``, which no gradient reaches): ``router``
+    [hidden, experts] and ``router_bias`` [experts]; vanilla ``w1, b1, w2, b2``; gated
+    ``wg, wu, w2`` and, with ``mlp_bias``, ``bg, bu, b2`` (leading dimension: the experts
+    held, ``expert_ids``); with shared experts the ``shared_*`` tensors and
+    ``shared_gate``, whole like their weights (not per expert).
+    ``moe_backward(..., given_weights=True)`` also sets ``routing_weights`` [T, k].
 
     Parameters
     ----------
     mlp : str
-        ``"vanilla"`` or ``"gated"``; fixes the tensor names.
+        ``"vanilla"`` or ``"gated"``; fixes the MLP's tensor names.
     expert_ids : sequence of int
         Global ids of the experts the per-expert arrays hold, in order.
     **arrays : ndarray
-        One array per name in ``names``.
+        ``router`` and the per-expert tensors of ``mlp``, and the optional ones of a
+        config that has them (``router_bias``; ``bg, bu, b2``; the shared MLP's): which
+        are given decides ``names``, and they must be one config's complete set.
     """
 
     def __init__(self, mlp: str, expert_ids: Sequence[int], **arrays: np.ndarray) -> None:
-        self.names: Tuple[str, ...] = ("router",) + expert_tensor_names(mlp)
+        self.names: Tuple[str, ...] = _gradient_names(mlp, arrays)
         if set(arrays) != set(self.names):
             raise ValueError(f"MoEGrads for mlp={mlp!r} needs exactly {list(self.names)}, "
                              f"got {sorted(arrays)}")
@@ -499,10 +520,10 @@ class MoEGrads:
     @classmethod
     def zeros_like(cls, weights: MoEWeights) -> "MoEGrads":
         """Zero gradients shaped like ``weights`` (the backward accumulates into them)."""
-        names = ("router",) + expert_tensor_names(weights.cfg.mlp)
+        names = gradient_tensor_names(weights.cfg)
         return cls(weights.cfg.mlp, weights.expert_ids,
-                   **{n: np.zeros(a.shape, dtype=np.float64)
-                      for n, a in weights.arrays().items() if n in names})
+                   **{n: np.zeros(getattr(weights, n).shape, dtype=np.float64)
+                      for n in names})
 
     def arrays(self) -> Dict[str, np.ndarray]:
         """Name -> gradient array, router first (the order of ``MoEWeights.arrays``)."""
@@ -534,6 +555,91 @@ def _act64(name: str, a: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown activation {name!r}; known: relu, gelu, silu")
 
 
+def _sigmoid64(a: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-a) -> inf for a << 0 gives the right 0
+        return 1.0 / (1.0 + np.exp(-a))
+
+
+def _hidden64(cfg: MoEConfig, pre, need_grad: bool):
+    """The MLP's hidden layer from its pre-activations in float64 (rule 7 without the
+    rounding), and the local derivatives its backward needs.
+
+    vanilla ``pre = a``: ``h = act(a)``, derivatives ``(act'(a),)``. Gated ``pre = (g,
+    u)``: ``h = act(g) * u``, derivatives ``(dh/dg, dh/du) = (u act'(g), act(g))``;
+    clamped SwiGLU: ``h = gc s (uc + 1)`` with ``gc = min(g, L)``, ``uc = clip(u, -L,
+    L)``, ``s = sigmoid(alpha gc)``, derivatives ``[g <= L] (s + alpha gc s (1 - s))
+    (uc + 1)`` and ``[-L <= u <= L] gc s`` (torch.clamp's inclusive convention at the
+    limits). Returns ``(h, derivatives)``, the derivatives ``None`` unless ``need_grad``.
+    """
+    if cfg.mlp == "vanilla":
+        h = _act64(cfg.activation, pre)
+        if not need_grad:
+            return h, None
+        with np.errstate(over="ignore"):  # silu' at a << 0: exp(-a) -> inf gives the right 0
+            return h, (activation_grad(cfg.activation, pre),)
+    g, u = pre
+    if cfg.activation != "swiglu_clamped":
+        act = _act64(cfg.activation, g)
+        h = act * u
+        if not need_grad:
+            return h, None
+        with np.errstate(over="ignore"):
+            return h, (u * activation_grad(cfg.activation, g), act)
+    lim, alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+    gc = np.minimum(g, lim)
+    uc = np.clip(u, -lim, lim)
+    s = _sigmoid64(alpha * gc)
+    h = gc * s * (uc + 1.0)
+    if not need_grad:
+        return h, None
+    # The masks multiply (rather than select) so that a NaN stays NaN (rule 11).
+    dh_dg = (g <= lim) * ((s + alpha * gc * s * (1.0 - s)) * (uc + 1.0))
+    dh_du = ((u >= -lim) & (u <= lim)) * (gc * s)
+    return h, (dh_dg, dh_du)
+
+
+def _mlp_pre64(cfg: MoEConfig, w: Mapping[str, np.ndarray], rows: np.ndarray):
+    """Pre-activations of one MLP (an expert's or the shared one) on float64 rows:
+    vanilla ``x W1 + b1``; gated ``(x Wg (+ bg), x Wu (+ bu))``."""
+    if cfg.mlp == "vanilla":
+        return rows @ w["w1"] + w["b1"]
+    if cfg.mlp_bias:
+        return rows @ w["wg"] + w["bg"], rows @ w["wu"] + w["bu"]
+    return rows @ w["wg"], rows @ w["wu"]
+
+
+def _mlp_out64(cfg: MoEConfig, w: Mapping[str, np.ndarray], h: np.ndarray) -> np.ndarray:
+    """Output rows of one MLP from its hidden layer: ``h W2 (+ b2)``."""
+    if cfg.mlp == "vanilla" or cfg.mlp_bias:
+        return h @ w["w2"] + w["b2"]
+    return h @ w["w2"]
+
+
+def _mlp_backward64(cfg: MoEConfig, w: Mapping[str, np.ndarray], rows: np.ndarray,
+                    cache: tuple, dout: np.ndarray,
+                    acc: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One MLP's backward: adds its weight gradients into the arrays of ``acc`` (views,
+    by the MLP's tensor names) and returns d(rows). ``cache`` is ``(h,) + derivatives``
+    from :func:`_hidden64`; ``dout`` the gradient of the output rows."""
+    h, derivs = cache[0], cache[1:]
+    acc["w2"] += h.T @ dout
+    if cfg.mlp == "vanilla" or cfg.mlp_bias:
+        acc["b2"] += dout.sum(axis=0)
+    dh = dout @ w["w2"].T
+    if cfg.mlp == "vanilla":
+        da = dh * derivs[0]
+        acc["w1"] += rows.T @ da
+        acc["b1"] += da.sum(axis=0)
+        return da @ w["w1"].T
+    dg, du = dh * derivs[0], dh * derivs[1]
+    acc["wg"] += rows.T @ dg
+    acc["wu"] += rows.T @ du
+    if cfg.mlp_bias:
+        acc["bg"] += dg.sum(axis=0)
+        acc["bu"] += du.sum(axis=0)
+    return dg @ w["wg"].T + du @ w["wu"].T
+
+
 class _ExpertRun(NamedTuple):
     """One expert's float64 pass over its kept assignments, and what its backward needs."""
 
@@ -542,7 +648,12 @@ class _ExpertRun(NamedTuple):
     index: int         # local index into the per-expert arrays
     rows: np.ndarray   # input rows [n, hidden]
     out: np.ndarray    # output rows [n, hidden]
-    cache: tuple       # vanilla (h, act'(a)); gated (u, act(g), h, act'(g)); act' or None
+    cache: tuple       # (h,) + _hidden64's derivatives (when need_grad)
+
+
+def _expert_weights(cfg: MoEConfig, w64: Mapping[str, np.ndarray],
+                    index: int) -> Dict[str, np.ndarray]:
+    return {n: w64[n][index] for n in expert_tensor_names(cfg.mlp, cfg.mlp_bias)}
 
 
 def _run_experts64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], x64: np.ndarray,
@@ -551,40 +662,32 @@ def _run_experts64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], x64: np.ndarra
     """Every expert on its kept rows in exact float64 math (no rounding).
 
     vanilla ``a = x W1 + b1``, ``h = act(a)``, ``out = h W2 + b2``; gated ``g = x Wg``,
-    ``u = x Wu``, ``h = act(g) * u``, ``out = h W2``. ``local_index`` maps a global
-    expert id to its position in the per-expert arrays; ``need_grad`` also keeps
-    ``act'`` of the pre-activations.
+    ``u = x Wu`` (``+ bg``, ``+ bu`` with ``mlp_bias``), ``h = act(g) * u`` or the
+    clamped SwiGLU, ``out = h W2 (+ b2)``. ``local_index`` maps a global expert id to its
+    position in the per-expert arrays; ``need_grad`` also keeps the hidden layer's local
+    derivatives (:func:`_hidden64`).
     """
     jobs = [(tok, slot, local_index(e))
             for e, (tok, slot) in enumerate(dispatch_lists(cfg, routing)) if tok.size]
-    vanilla = cfg.mlp == "vanilla"
+    ws = [_expert_weights(cfg, w64, i) for _, _, i in jobs]
     rows = [x64[tok] for tok, _, _ in jobs]
-    pre = [r @ w64["w1"][i] + w64["b1"][i] if vanilla else r @ w64["wg"][i]
-           for r, (_, _, i) in zip(rows, jobs)]
+    pre = [_mlp_pre64(cfg, w, r) for w, r in zip(ws, rows)]
     # One activation call over the rows of all experts: the erfc behind gelu costs per
     # call far more than per element.
-    pre_all = np.concatenate(pre) if pre else np.zeros((0, cfg.ffn))
-    act_all = _act64(cfg.activation, pre_all)
-    dact_all = None
-    if need_grad:
-        with np.errstate(over="ignore"):  # silu' at a << 0: exp(-a) -> inf gives the right 0
-            dact_all = activation_grad(cfg.activation, pre_all)
+    if cfg.mlp == "vanilla":
+        pre_all = np.concatenate(pre) if pre else np.zeros((0, cfg.ffn))
+    else:
+        pre_all = tuple(np.concatenate([p[n] for p in pre]) if pre else np.zeros((0, cfg.ffn))
+                        for n in (0, 1))
+    h_all, derivs_all = _hidden64(cfg, pre_all, need_grad)
     runs = []
     start = 0
-    for (tok, slot, i), r in zip(jobs, rows):
+    for (tok, slot, i), w, r in zip(jobs, ws, rows):
         part = slice(start, start + tok.size)
         start += tok.size
-        act = act_all[part]
-        dact = None if dact_all is None else dact_all[part]
-        if vanilla:
-            out = act @ w64["w2"][i] + w64["b2"][i]
-            cache: tuple = (act, dact)
-        else:
-            u = r @ w64["wu"][i]
-            h = act * u
-            out = h @ w64["w2"][i]
-            cache = (u, act, h, dact)
-        runs.append(_ExpertRun(tok, slot, i, r, out, cache))
+        h = h_all[part]
+        cache = (h,) + (tuple(d[part] for d in derivs_all) if need_grad else ())
+        runs.append(_ExpertRun(tok, slot, i, r, _mlp_out64(cfg, w, h), cache))
     return runs
 
 
@@ -595,23 +698,44 @@ def _expert_backward64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], run: _Expe
     ``dout`` is the gradient of the expert's output rows (already scaled by the
     combine weights); ``run`` must come from ``_run_experts64(..., need_grad=True)``.
     """
-    i, rows = run.index, run.rows
-    if cfg.mlp == "vanilla":
-        h, dact = run.cache
-        grads.w2[i] += h.T @ dout
-        grads.b2[i] += dout.sum(axis=0)
-        da = (dout @ w64["w2"][i].T) * dact
-        grads.w1[i] += rows.T @ da
-        grads.b1[i] += da.sum(axis=0)
-        return da @ w64["w1"][i].T
-    u, act_g, h, dact = run.cache
-    grads.w2[i] += h.T @ dout
-    dh = dout @ w64["w2"][i].T
-    dg = dh * u * dact
-    du = dh * act_g
-    grads.wg[i] += rows.T @ dg
-    grads.wu[i] += rows.T @ du
-    return dg @ w64["wg"][i].T + du @ w64["wu"][i].T
+    names = expert_tensor_names(cfg.mlp, cfg.mlp_bias)
+    acc = {n: getattr(grads, n)[run.index] for n in names}  # views into grads
+    return _mlp_backward64(cfg, _expert_weights(cfg, w64, run.index), run.rows, run.cache,
+                           dout, acc)
+
+
+def _shared_weights(cfg: MoEConfig, w64: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    return {n: w64["shared_" + n] for n in expert_tensor_names(cfg.mlp, cfg.mlp_bias)}
+
+
+def _shared64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], x64: np.ndarray,
+              need_grad: bool = False):
+    """Rule 13 in float64 on token rows: ``(gs, ys, cache)`` with the gate ``gs =
+    sigmoid(x . shared_gate)`` [T] (ones without ``shared_gate``), the shared MLP's
+    output ``ys`` [T, hidden] and its backward's cache (:func:`_hidden64`)."""
+    w = _shared_weights(cfg, w64)
+    h, derivs = _hidden64(cfg, _mlp_pre64(cfg, w, x64), need_grad)
+    ys = _mlp_out64(cfg, w, h)
+    if cfg.shared_gate:
+        gs = _sigmoid64(x64 @ w64["shared_gate"])
+    else:
+        gs = np.ones(x64.shape[0])
+    return gs, ys, (h,) + (derivs if need_grad else ())
+
+
+def _shared_backward64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], x64: np.ndarray,
+                       dy64: np.ndarray, grads: MoEGrads) -> np.ndarray:
+    """The shared experts' part of the backward on the rows given: adds the ``shared_*``
+    gradients into ``grads``, returns their d(rows)."""
+    gs, ys, cache = _shared64(cfg, w64, x64, need_grad=True)
+    dx = np.zeros_like(x64)
+    if cfg.shared_gate:
+        d_gate_logit = np.einsum("th,th->t", dy64, ys) * gs * (1.0 - gs)
+        grads.shared_gate += x64.T @ d_gate_logit
+        dx += d_gate_logit[:, None] * w64["shared_gate"]
+    acc = {n: getattr(grads, "shared_" + n) for n in expert_tensor_names(cfg.mlp, cfg.mlp_bias)}
+    dx += _mlp_backward64(cfg, _shared_weights(cfg, w64), x64, cache, gs[:, None] * dy64, acc)
+    return dx
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
@@ -620,20 +744,111 @@ def _softmax64(logits: np.ndarray) -> np.ndarray:
         return e / e.sum(axis=1, keepdims=True)
 
 
-def _combine_weights64(cfg: MoEConfig, probs: np.ndarray,
-                       experts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Combine weights as a differentiable function of the softmax probabilities.
+def _logits64(cfg: MoEConfig, w64: Mapping[str, np.ndarray], x64: np.ndarray) -> np.ndarray:
+    """``z = x R (+ router_bias)`` in float64; the ``router_logits="storage"`` rounding is
+    left out (the backward treats it as the identity)."""
+    z = x64 @ w64["router"]
+    return z + w64["router_bias"] if cfg.router_bias else z
 
-    Returns ``(total, w)``: the sum of the selected probabilities over the k slots
-    [T, 1] (dropped slots included, as the forward renormalises before the capacity
-    drop; ones when not renormalising) and the weights ``p[experts] / total`` [T, k].
+
+def _scores64(cfg: MoEConfig, z: np.ndarray) -> np.ndarray:
+    """Rule 3 in float64: ``softmax(z)`` over the experts, or ``sigmoid(z)`` per expert."""
+    return _sigmoid64(z) if cfg.scoring == "sigmoid" else _softmax64(z)
+
+
+class _Combine(NamedTuple):
+    """Combine weights in the form ``c_j = scale * m_j * a_j / n`` (rules 5 and 6), and
+    what their gradient needs.
+
+    With ``normalised``, ``n = sum_i m_i a_i`` and ``c = 0`` where ``n <= 0`` (nothing
+    kept); otherwise ``n = 1``.
     """
-    p_sel = np.take_along_axis(probs, experts.astype(np.intp), axis=1)
-    if cfg.renormalize:
-        total = p_sel.sum(axis=1, keepdims=True)
+
+    c: np.ndarray       # [T, k] the weights the kept expert rows are multiplied by
+    a: np.ndarray       # [T, k] what is weighted: chosen scores, exp(chosen logits), given
+    m: np.ndarray       # [T, k] 1.0 for the slots taking part, else 0.0
+    n: np.ndarray       # [T, 1]
+    scale: float
+    normalised: bool
+
+
+def _normalised_weights(a: np.ndarray, m: np.ndarray, normalised: bool,
+                        scale: float) -> _Combine:
+    # A slot outside m takes no part, whatever its value (as combine() zeroes it).
+    ma = np.where(m > 0, a, 0.0)
+    if not normalised:
+        return _Combine(scale * ma, a, m, np.ones((a.shape[0], 1)), scale, False)
+    n = ma.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # n <= 0 only when nothing is kept (or given weights sum to <= 0): c = 0, as
+        # combine() gives; a NaN n (marked token) stays NaN.
+        c = np.where(n <= 0, 0.0, scale * ma / n)
+    return _Combine(c, a, m, n, scale, True)
+
+
+def _combine_weights64(cfg: MoEConfig, z: np.ndarray, routing: Routing) -> _Combine:
+    """The combine weights as a differentiable function of the logits ``z`` [T, E]
+    (routing fixed), exactly as :func:`route` and :func:`combine` form them.
+
+    - ``softmax_after_topk``: ``a_j = exp(z[e_j])``, always normalised;
+    - otherwise ``a_j = s[e_j]`` (the scores), normalised when ``renormalize`` (over all
+      k slots, dropped ones included: the forward renormalises before the drop);
+    - ``renormalize_after_drop``: normalised over the kept slots only (``m = kept``),
+      whatever ``renormalize`` says (a renormalisation before the drop cancels);
+    - ``scale = routed_scaling``.
+    """
+    experts = routing.experts.astype(np.intp)
+    if cfg.softmax_after_topk:
+        z_sel = np.take_along_axis(z, experts, axis=1)
+        with np.errstate(invalid="ignore"):  # marked rows: NaN
+            a = np.exp(z_sel - z_sel.max(axis=1, keepdims=True))
+        normalised = True
     else:
-        total = np.ones((p_sel.shape[0], 1), dtype=np.float64)
-    return total, p_sel / total
+        a = np.take_along_axis(_scores64(cfg, z), experts, axis=1)
+        normalised = cfg.renormalize or cfg.renormalize_after_drop
+    m = routing.kept.astype(np.float64) if cfg.renormalize_after_drop else np.ones(a.shape)
+    return _normalised_weights(a, m, normalised, cfg.routed_scaling)
+
+
+def _given_combine64(cfg: MoEConfig, given: np.ndarray, kept: np.ndarray) -> _Combine:
+    """Caller-supplied weights as :func:`combine` applies them: as given, or with
+    ``renormalize_after_drop`` ``routed_scaling * w_j / sum_kept w`` on the kept slots."""
+    given = np.asarray(given, dtype=np.float64)
+    if cfg.renormalize_after_drop:
+        return _normalised_weights(given, kept.astype(np.float64), True, cfg.routed_scaling)
+    return _normalised_weights(given, np.ones(given.shape), False, 1.0)
+
+
+def _combine_vjp(comb: _Combine, g: np.ndarray) -> np.ndarray:
+    """dL/da [T, k] from ``g = dL/dc`` (zero on dropped slots).
+
+    normalised: ``m_i (scale / n) (g_i - sum_j g_j c_j / scale)``, zero where
+    ``n <= 0``; else ``scale * m_i * g_i``.
+    """
+    if not comb.normalised:
+        return comb.scale * comb.m * g
+    inner = g - (g * comb.c).sum(axis=1, keepdims=True) / comb.scale
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(comb.n <= 0, 0.0, comb.m * (comb.scale / comb.n) * inner)
+
+
+def _logits_vjp(cfg: MoEConfig, z: np.ndarray, routing: Routing, comb: _Combine,
+                g: np.ndarray) -> np.ndarray:
+    """dL/dz [T, E] from ``g = dL/dc``: through the combine weights, then (unless
+    ``softmax_after_topk``) the scores."""
+    da = _combine_vjp(comb, g)
+    rows = np.arange(z.shape[0])[:, None]
+    experts = routing.experts.astype(np.intp)
+    dz = np.zeros_like(z)
+    if cfg.softmax_after_topk:  # a_j = exp(z[e_j]) (its shift by the max cancels)
+        np.add.at(dz, (rows, experts), da * comb.a)
+        return dz
+    # add.at: an explicit routing may name one expert twice for a token.
+    np.add.at(dz, (rows, experts), da)
+    s = _scores64(cfg, z)
+    if cfg.scoring == "sigmoid":
+        return dz * s * (1.0 - s)
+    return s * (dz - (dz * s).sum(axis=1, keepdims=True))
 
 
 def _index_of(expert_ids: Optional[Sequence[int]], cfg: MoEConfig) -> Callable[[int], int]:
@@ -651,24 +866,30 @@ def _index_of(expert_ids: Optional[Sequence[int]], cfg: MoEConfig) -> Callable[[
 
 def _forward_fixed_routing64(cfg: MoEConfig, weights64: Mapping[str, np.ndarray],
                              x64: np.ndarray, routing: Routing,
-                             expert_ids: Optional[Sequence[int]] = None) -> np.ndarray:
+                             expert_ids: Optional[Sequence[int]] = None,
+                             given_weights: Optional[np.ndarray] = None) -> np.ndarray:
     """The layer in exact float64 math with the routing held fixed: what
     :func:`moe_backward` differentiates.
 
-    ``y_t = sum_j kept_tj * w_tj * f_{e_tj}(x_t)`` with ``w`` recomputed from
-    ``softmax(x R)`` (see :func:`moe_backward`); ``routing.weights`` is ignored. No
-    value is rounded, so finite differences of this function check the backward.
+    ``y_t = sum_j kept_tj * c_tj * f_{e_tj}(x_t) + gs_t * fs(x_t)`` with ``c``
+    recomputed from the logits ``x R (+ router_bias)`` by the config's rules (see
+    :func:`moe_backward`), or from ``given_weights``; ``routing.weights`` is ignored. The
+    shared term is there with shared experts. No value is rounded, so finite differences
+    of this function check the backward.
 
     Parameters
     ----------
     cfg : MoEConfig
     weights64 : mapping of str to float64 ndarray
-        ``router`` and the per-expert tensors of ``cfg.mlp`` (as ``MoEWeights.arrays``).
+        Every tensor of the weights (as ``MoEWeights.arrays``).
     x64 : float64 ndarray [T, hidden]
     routing : Routing
         Its ``experts`` and ``kept`` fix the choice; validated by :func:`check_routing`.
     expert_ids : sequence of int, optional
         Global ids of the experts the per-expert arrays hold (default: all, in order).
+    given_weights : float64 ndarray [T, k], optional
+        Caller-supplied combine weights (before the capacity drop, as
+        ``routing.weights``), applied as :func:`combine` applies them.
 
     Returns
     -------
@@ -676,12 +897,17 @@ def _forward_fixed_routing64(cfg: MoEConfig, weights64: Mapping[str, np.ndarray]
     """
     x64 = np.asarray(x64, dtype=np.float64)
     routing = check_routing(cfg, routing, x64.shape[0])
-    probs = _softmax64(x64 @ weights64["router"])
-    _, w = _combine_weights64(cfg, probs, routing.experts)
+    if given_weights is None:
+        comb = _combine_weights64(cfg, _logits64(cfg, weights64, x64), routing)
+    else:
+        comb = _given_combine64(cfg, given_weights, routing.kept)
     y = np.zeros((x64.shape[0], cfg.hidden), dtype=np.float64)
     for run in _run_experts64(cfg, weights64, x64, routing, _index_of(expert_ids, cfg)):
         # add.at: an explicit routing may name one expert twice for a token.
-        np.add.at(y, run.tok, w[run.tok, run.slot, None] * run.out)
+        np.add.at(y, run.tok, comb.c[run.tok, run.slot, None] * run.out)
+    if cfg.n_shared:
+        gs, ys, _ = _shared64(cfg, weights64, x64)
+        y += gs[:, None] * ys
     y[marked_tokens(routing)] = np.nan
     return y
 
@@ -691,35 +917,20 @@ def moe_forward_exact(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray,
     """The layer in exact float64 math on a given routing: no rounding after the inputs.
 
     What :func:`moe_forward` computes, without its rounding to ``cfg.dtype`` and to
-    float32 along the way (the combine weights come from the float64 softmax). The gap
-    between the two is the oracle's rounding: ``python -m flashmoe_core.run --check``
-    on the reference backend measures it.
+    float32 along the way (the combine weights come from the float64 scores, the shared
+    experts' gate from a float64 sigmoid, and ``router_logits="storage"`` does not round
+    the logits). The gap between the two is the oracle's rounding: ``python -m
+    flashmoe_core.run --check`` on the reference backend measures it.
 
     Returns
     -------
     y : float64 ndarray [world_size * t, hidden]
     """
-    if cfg.n_shared:
-        if cfg.mlp_bias or cfg.activation == "swiglu_clamped":
-            raise ValueError("moe_forward_exact covers shared experts of the plain MLPs "
-                             "(no gated biases, no clamped SwiGLU); moe_forward covers all")
     check_weights(cfg, weights)
     check_tokens(cfg, x)
     x64 = round_to(np.asarray(x), cfg.dtype).astype(np.float64)
-    w64 = _weights64(cfg, weights)
-    y = _forward_fixed_routing64(cfg, w64, x64, routing, weights.expert_ids)
-    if cfg.n_shared:  # rule 13 without rounding: + g * shared MLP(x)
-        if cfg.mlp == "vanilla":
-            h = _act64(cfg.activation, x64 @ w64["shared_w1"] + w64["shared_b1"])
-            ys = h @ w64["shared_w2"] + w64["shared_b2"]
-        else:
-            h = _act64(cfg.activation, x64 @ w64["shared_wg"]) * (x64 @ w64["shared_wu"])
-            ys = h @ w64["shared_w2"]
-        if cfg.shared_gate:
-            with np.errstate(over="ignore"):
-                ys = ys / (1.0 + np.exp(-(x64 @ w64["shared_gate"])))[:, None]
-        y = y + ys
-    return y
+    return _forward_fixed_routing64(cfg, _weights64(cfg, weights), x64, routing,
+                                    weights.expert_ids)
 
 
 def _check_grad_output(cfg: MoEConfig, dy: np.ndarray, rows: int) -> np.ndarray:
@@ -737,43 +948,72 @@ def _check_grad_output(cfg: MoEConfig, dy: np.ndarray, rows: int) -> np.ndarray:
 def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndarray,
                  routing: Optional[Routing] = None,
                  given_weights: bool = False) -> Tuple[np.ndarray, MoEGrads]:
-    """The layer's backward pass: an exact-math (float64) reference.
+    """The layer's backward pass: an exact-math (float64) reference for every rule.
 
-    Differentiates, with the routing held fixed,
+    Differentiates, with the routing held fixed (``e_tj``, ``kept_tj``),
 
-    - ``y_t = sum_j kept_tj * w_tj * f_{e_tj}(x_t)``
-    - vanilla ``f(x) = act(x W1 + b1) W2 + b2``; gated ``f(x) = (act(x Wg) * (x Wu)) W2``
-    - ``p_t = softmax(x_t R)``, ``w_tj = p_t[e_tj] / S_t`` with
-      ``S_t = sum_{i<k} p_t[e_ti]`` over all k slots, dropped ones included (the
-      forward renormalises before the capacity drop), or ``S_t = 1`` when
-      ``cfg.renormalize`` is False.
+    - ``y_t = sum_j kept_tj * c_tj * f_{e_tj}(x_t) + gs_t * fs(x_t)`` (the last term only
+      with shared experts);
+    - logits ``z_t = x_t R (+ b_R)`` (``router_bias``); ``router_logits="storage"``
+      rounds them in the forward, which the backward treats as the identity
+      (straight-through);
+    - scores ``s_t = softmax(z_t)`` over all experts, or ``s_te = sigmoid(z_te)``
+      (``scoring="sigmoid"``);
+    - combine weights ``c_tj = rho * a_tj / N_t`` with ``rho = routed_scaling`` and
+      ``a_tj = s_t[e_tj]``: ``N_t = sum_{i<k} a_ti`` over all k slots, dropped ones
+      included (the forward renormalises before the capacity drop), or ``N_t = 1``
+      without ``renormalize``. ``softmax_after_topk``: ``a_tj = exp(z_t[e_tj])``, ``N_t =
+      sum_{i<k} a_ti``. ``renormalize_after_drop``: ``c_tj = kept_tj * rho * a_tj /
+      sum_{i kept} a_ti`` (``renormalize`` then makes no difference), 0 when nothing is
+      kept;
+    - experts: vanilla ``f(x) = act(x W1 + b1) W2 + b2``; gated ``f(x) = H(x Wg (+ bg),
+      x Wu (+ bu)) W2 (+ b2)`` with ``H(g, u) = act(g) * u``, or with the clamped SwiGLU
+      ``H = gc sigmoid(alpha gc) (uc + 1)``, ``gc = min(g, L)``, ``uc = clip(u, -L, L)``;
+    - shared experts: ``fs`` the same MLP with the ``shared_*`` weights (width
+      ``shared_width``), ``gs_t = sigmoid(x_t . w_gs)`` with ``shared_gate``, else 1.
 
-    With ``g_tj = kept_tj * <dy_t, f_{e_tj}(x_t)>`` (the gradient of each combine weight;
-    zero for a dropped assignment), the router part is
+    The selection bias and the group limit only choose the experts, which are held
+    fixed: no gradient flows through them and ``selection_bias`` has no gradient entry.
 
-    - ``dL/dp_t[e_tj] += (g_tj - sum_i g_ti w_ti) / S_t`` when renormalising, else
-      ``g_tj`` (accumulated over slots naming the same expert; zero for other experts),
-    - ``dL/dz_t = p_t * (dL/dp_t - <dL/dp_t, p_t>)`` (softmax, ``z_t = x_t R``),
-    - ``dR = x^T dL/dz`` and ``dx_t += dL/dz_t R^T``.
+    Router part, with ``G_tj = kept_tj * <dy_t, f_{e_tj}(x_t)>`` (the gradient of each
+    combine weight; zero for a dropped assignment) and ``m_tj`` = 1, or ``kept_tj`` with
+    ``renormalize_after_drop``:
 
-    Each kept assignment sends ``kept_tj * w_tj * dy_t`` back through its expert:
+    - ``dL/da_tj = m_tj (rho / N_t) (G_tj - sum_i G_ti c_ti / rho)`` when normalised
+      (zero when nothing is kept), else ``rho * G_tj``;
+    - scores: ``dL/ds_t[e_tj] += dL/da_tj`` (accumulated over slots naming one expert),
+      ``dL/dz_t = s_t * (dL/ds_t - <dL/ds_t, s_t>)`` (softmax) or ``dL/dz_te = dL/ds_te *
+      s_te (1 - s_te)`` (sigmoid); ``softmax_after_topk``: ``dL/dz_t[e_tj] += dL/da_tj *
+      a_tj``;
+    - ``dR = x^T dL/dz``, ``db_R = sum_t dL/dz_t``, ``dx_t += dL/dz_t R^T``.
+
+    Each kept assignment sends ``d = kept_tj * c_tj * dy_t`` back through its expert:
     vanilla ``a = x W1 + b1``, ``h = act(a)``: ``dW2 += h^T d``, ``db2 += sum d``,
     ``da = (d W2^T) * act'(a)``, ``dW1 += x^T da``, ``db1 += sum da``,
-    ``dx += da W1^T``; gated ``g = x Wg``, ``u = x Wu``, ``h = act(g) * u``:
-    ``dW2 += h^T d``, ``dh = d W2^T``, ``dg = dh * u * act'(g)``, ``du = dh * act(g)``,
-    ``dWg += x^T dg``, ``dWu += x^T du``, ``dx += dg Wg^T + du Wu^T``.
+    ``dx += da W1^T``; gated ``g = x Wg (+ bg)``, ``u = x Wu (+ bu)``, ``h = H(g, u)``:
+    ``dW2 += h^T d`` (``db2 += sum d``), ``dh = d W2^T``, ``dg = dh * dH/dg``, ``du = dh
+    * dH/du``, ``dWg += x^T dg``, ``dWu += x^T du`` (``dbg += sum dg``, ``dbu += sum
+    du``), ``dx += dg Wg^T + du Wu^T``, where ``dH/dg = u act'(g)``, ``dH/du = act(g)``;
+    clamped SwiGLU, with ``s = sigmoid(alpha gc)``: ``dH/dg = [g <= L] (s + alpha gc s
+    (1 - s)) (uc + 1)``, ``dH/du = [-L <= u <= L] gc s`` (torch.clamp's inclusive
+    convention at the limits). The shared MLP's backward is the same with ``d = gs_t *
+    dy_t`` on every token, plus, with ``shared_gate``, ``dL/dl_t = <dy_t, fs(x_t)> gs_t (1
+    - gs_t)`` for the gate logit ``l_t = x_t . w_gs``: ``dw_gs = x^T dL/dl``, ``dx_t +=
+    dL/dl_t w_gs``.
 
     Values: ``x`` and the weights are rounded to ``cfg.dtype`` exactly as the forward
-    oracle rounds them, then promoted to float64; everything after that (logits,
-    softmax, combine weights, expert intermediates and outputs, ``dy``) is float64 with
-    no intermediate rounding. The input rounding is treated as the identity
+    oracle rounds them, then promoted to float64; everything after that (logits, scores,
+    combine weights, expert and shared intermediates and outputs, ``dy``) is float64
+    with no intermediate rounding. The input rounding is treated as the identity
     (``dx`` is the gradient with respect to the rounded ``x``). No gradient flows
     through the top-k choice or the capacity rule; ``act'(0) = 0`` for relu.
 
     Non-finite values follow the forward's rules 10-12: a marked token gets a NaN ``dx``
-    row and makes the router gradient NaN (it used every router weight) but adds nothing
-    to the expert gradients (it reached no expert); a NaN weight propagates through the
-    float64 math to the gradients that depend on it.
+    row and makes the router gradient (and ``router_bias``'s) NaN (it used every router
+    weight) but adds nothing to the expert gradients (it reached no expert) nor to the
+    shared ones (its ``dy`` counts as zero on the shared path: its output is NaN
+    whatever the shared weights); a NaN weight propagates through the float64 math to
+    the gradients that depend on it.
 
     The fused kernel (``layer.backward``) computes the same gradients with the
     forward's rounding rules: ``w_tj dy_t`` per kept row, the saved intermediate and
@@ -798,77 +1038,76 @@ def moe_backward(cfg: MoEConfig, weights: MoEWeights, x: np.ndarray, dy: np.ndar
         Only ``experts`` and ``kept`` are used: the combine weights are recomputed from
         the logits as above (``routing.weights`` would carry no gradient to the router),
         so they equal ``routing.weights`` only when those came from this ``x``, up to
-        the forward's float32 rounding.
+        the forward's float32 rounding (and the ``router_logits="storage"`` rounding).
     given_weights : bool
-        The caller supplied the routing (``layer(x, routing=...)``): its ``weights`` are
-        inputs, used as they are. No gradient reaches the router (``grads.router`` is
-        zero); ``grads.routing_weights`` [T, k] holds ``dL/d weights`` instead
-        (``kept * <dy_t, f_e(x_t)>``, zero for a dropped assignment).
+        The caller supplied the routing (``layer(x, routing=...)``): its ``weights``
+        ``w_tj`` are inputs, applied as :func:`combine` applies them: ``c_tj = w_tj``, or
+        with ``renormalize_after_drop`` ``c_tj = kept_tj * rho * w_tj / sum_{i kept}
+        w_ti`` (0 when that sum is <= 0). No gradient reaches the router (``grads.router``
+        and ``grads.router_bias`` are zero); ``grads.routing_weights`` [T, k] holds
+        ``dL/dw``: ``G_tj``, or with ``renormalize_after_drop`` ``kept_tj (rho / W_t)
+        (G_tj - sum_i G_ti c_ti / rho)`` with ``W_t = sum_{i kept} w_ti`` (zero when
+        ``W_t <= 0``); zero for a dropped assignment. A marked token (expert -1) gets a
+        NaN ``dx`` row here too.
 
     Returns
     -------
     dx : float64 ndarray, the shape of ``x``
     grads : MoEGrads
-        float64 gradients of ``router`` and the expert tensors, shaped like ``weights``.
+        float64 gradients of every tensor but ``selection_bias``, shaped like
+        ``weights``.
     """
     if given_weights and routing is None:
         raise ValueError("given_weights=True needs the routing= the forward used")
-    if cfg.mlp_bias or cfg.activation == "swiglu_clamped":
-        raise ValueError("moe_backward covers the gated MLP without biases and the relu, "
-                         "gelu and silu activations; this config's experts have no backward "
-                         "yet")
-    if not cfg.default_routing and not given_weights:
-        raise ValueError("moe_backward differentiates the softmax-then-top-k routing only; "
-                         "this config's routing rules (scoring, biases, groups, scaling, "
-                         "rounded logits) have no backward yet")
-    if cfg.n_shared:
-        raise ValueError(f"moe_backward does not cover shared experts yet (n_shared="
-                         f"{cfg.n_shared}); moe_forward does")
     check_weights(cfg, weights)
     t = check_tokens(cfg, x)
     x = np.asarray(x)
     dy64 = _check_grad_output(cfg, dy, x.shape[0])
     if routing is None:
-        # The same choice as moe_forward makes (float32 logits and probabilities).
-        _, probs32 = gate(cfg, weights, x)
-        routing = route(cfg, probs32, t)
+        # The same choice as moe_forward makes (float32 logits and scores, every rule).
+        routing = route_tokens(cfg, weights, x, t)
     else:
         routing = check_routing(cfg, routing, x.shape[0])
     x64 = round_to(x, cfg.dtype).astype(np.float64)
     w64 = _weights64(cfg, weights)
     grads = MoEGrads.zeros_like(weights)
-    dx = np.zeros_like(x64)
+    marked = marked_tokens(routing)
 
     if given_weights:
-        w = routing.weights.astype(np.float64)
+        comb = _given_combine64(cfg, routing.weights, routing.kept)
     else:
-        probs = _softmax64(x64 @ w64["router"])
-        total, w = _combine_weights64(cfg, probs, routing.experts)
+        z = _logits64(cfg, w64, x64)
+        comb = _combine_weights64(cfg, z, routing)
 
-    # Experts: their outputs give the combine-weight gradients g; the weighted dy goes
+    # Experts: their outputs give the combine-weight gradients G; the weighted dy goes
     # back through them.
-    g = np.zeros_like(w)
+    dx = np.zeros_like(x64)
+    g = np.zeros(routing.experts.shape, dtype=np.float64)
     for run in _run_experts64(cfg, w64, x64, routing, weights.local_index, need_grad=True):
         tok, slot = run.tok, run.slot
         g[tok, slot] = np.einsum("rh,rh->r", dy64[tok], run.out)
-        d_rows = _expert_backward64(cfg, w64, run, w[tok, slot, None] * dy64[tok], grads)
+        d_rows = _expert_backward64(cfg, w64, run, comb.c[tok, slot, None] * dy64[tok],
+                                    grads)
         np.add.at(dx, tok, d_rows)  # add.at: a token may reach one expert twice
 
+    if cfg.n_shared:
+        # A marked token's output is NaN whatever the shared weights: it adds nothing
+        # to their gradients (as it adds nothing to the experts').
+        live = ~marked
+        dx[live] += _shared_backward64(cfg, w64, x64[live], dy64[live], grads)
+
     if given_weights:
-        grads.routing_weights = g
+        grads.routing_weights = _combine_vjp(comb, g)
+        dx[marked] = np.nan
         return dx, grads
-    # Router: combine weights -> selected probabilities -> all probabilities -> logits.
-    if cfg.renormalize:
-        d_sel = (g - (g * w).sum(axis=1, keepdims=True)) / total
-    else:
-        d_sel = g
-    d_probs = np.zeros_like(probs)
-    np.add.at(d_probs, (np.arange(probs.shape[0])[:, None], routing.experts), d_sel)
-    d_logits = probs * (d_probs - (d_probs * probs).sum(axis=1, keepdims=True))
+    # Router: combine weights -> scores -> logits.
+    d_logits = _logits_vjp(cfg, z, routing, comb, g)
     # A marked token's output is NaN whatever the weights (rule 10): its logits'
     # gradient is NaN, which makes its dx row and the whole router gradient NaN (it used
     # every router weight); it reached no expert, so the experts' gradients keep none.
-    d_logits[marked_tokens(routing)] = np.nan
+    d_logits[marked] = np.nan
     grads.router += x64.T @ d_logits
+    if cfg.router_bias:
+        grads.router_bias += d_logits.sum(axis=0)
     dx += d_logits @ w64["router"].T
     return dx, grads
