@@ -12,13 +12,14 @@ from typing import Dict
 import numpy as np
 
 __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "MOE_BACKWARD_LAYOUT",
-           "MOE_BACKWARD_POINTERS", "MOE_BACKWARD_EP_POINTERS", "BWD_TASK_KINDS", "STRUCTS", "ENUMS", "FAULT_CODES",
+           "MOE_BACKWARD_POINTERS", "MOE_BACKWARD_EP_POINTERS", "BWD_TASK_KINDS",
+           "BWD_GRAD_POINTERS", "BWD_GRAD_INDEX", "STRUCTS", "ENUMS", "FAULT_CODES",
            "STATE", "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS",
            "TRACE_RECORD", "TASK_KINDS", "TRACE_PHASES", "PHASES", "DTYPE_IDS", "ACT_IDS",
            "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED",
            "abi_defines", "decode_fault"]
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 
 def _struct(fields, size: int) -> np.dtype:
@@ -103,6 +104,9 @@ ENUMS: Dict[str, Dict[str, int]] = {
     "BwdTaskKind": {"kBwdDH": 0, "kBwdDW2": 1, "kBwdDB2": 2, "kBwdDR": 3, "kBwdDX": 4,
                     "kBwdDW1": 5, "kBwdDB1": 6, "kBwdDXSum": 7, "kBwdSend": 8,
                     "kBwdDHRemote": 9, "kBwdDXRemote": 10},
+    "BwdGrad": {"kGradRouter": 0, "kGradRouterBias": 1, "kGradUp": 2, "kGradUp2": 3,
+                "kGradUpBias": 4, "kGradUp2Bias": 5, "kGradDown": 6, "kGradDownBias": 7,
+                "kGradPointers": 8},
     "DType": {"kFloat32": 0, "kTFloat32": 1, "kBFloat16": 2, "kFloat16": 3},
     "Act": {"kRelu": 0, "kGelu": 1, "kSilu": 2, "kIdentity": 3, "kSwigluClamped": 4},
     "RowMark": {"kNoExpert": -1, "kRowDropped": -1, "kRowMarked": -2},
@@ -156,6 +160,12 @@ BWD_TASK_KINDS = {v: k for k, v in _view("BwdTaskKind", {
     "dH": "kBwdDH", "dW2": "kBwdDW2", "db2": "kBwdDB2", "dRouter": "kBwdDR", "dX": "kBwdDX",
     "dW1": "kBwdDW1", "db1": "kBwdDB1", "dx": "kBwdDXSum", "send": "kBwdSend",
     "dH (remote)": "kBwdDHRemote", "dX (remote)": "kBwdDXRemote"}).items()}
+# The backward kernel's gradient pointer arguments: their count and each one's position.
+BWD_GRAD_POINTERS = ENUMS["BwdGrad"]["kGradPointers"]
+BWD_GRAD_INDEX = _view("BwdGrad", {"router": "kGradRouter", "router_bias": "kGradRouterBias",
+                                   "up": "kGradUp", "up2": "kGradUp2", "up_bias": "kGradUpBias",
+                                   "up2_bias": "kGradUp2Bias", "down": "kGradDown",
+                                   "down_bias": "kGradDownBias"})
 # The FMOE_DTYPE and FMOE_ACT constants of each element type and activation.
 DTYPE_IDS = _view("DType", {"float32": "kFloat32", "tfloat32": "kTFloat32",
                             "bfloat16": "kBFloat16", "float16": "kFloat16"})

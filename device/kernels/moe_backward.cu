@@ -8,35 +8,24 @@
  * MoeLayout of a save slot whose forward ran with `pre` set (routing, compact rows, z,
  * y_expert, pre of that call; its state and fault record are the layer's); `bwd` to the
  * layer's MoeBackwardLayout; both in device memory. `x` is the saved input, `dy` the
- * upstream gradient ([tokens, H], storage type), `dx` receives [tokens, H]; the five
- * float32 gradient pointers are the user layouts (GradOut in backward.cuh; unused ones
- * may be null). flags bit 0 adds into the gradients. Launches of one layer (forward and
+ * upstream gradient ([tokens, H], storage type), `dx` receives [tokens, H]; the
+ * abi::kGradPointers float32 gradient pointers (in abi::BwdGrad order) are the user
+ * layouts (GradOut in backward.cuh; those the config lacks may be null). flags bit 0 adds into the gradients. Launches of one layer (forward and
  * backward) must not overlap: they share the state words. Not cooperative-launched.
  *
- * Compile-time constants: those of moe_fused.cu (flashmoe_core/kernels.py). FMOE_EP=1
+ * Compile-time constants: those of moe_fused.cu (flashmoe/moe/entry_config.cuh). FMOE_EP=1
  * (expert parallelism) needs what the forward's EP build needs (NVSHMEM, symmetric
  * buffers, 2 * (world + 1) * 4 more bytes of dynamic shared memory) and a `fwd` layout
  * whose recv_saved, z_remote and pre_remote hold the saved forward's received rows;
  * MoeBackwardLayout::dxe and dxe_remote are then symmetric.
  */
 #include <flashmoe/moe/backward.cuh>
+#include <flashmoe/moe/entry_config.cuh>
 
-#if !defined(FMOE_DTYPE) || !defined(FMOE_H) || !defined(FMOE_F) || !defined(FMOE_E) || \
-    !defined(FMOE_K) || !defined(FMOE_GATED) || !defined(FMOE_ACT) || !defined(FMOE_RENORM) || \
-    !defined(FMOE_BM) || !defined(FMOE_BN) || !defined(FMOE_BK) || !defined(FMOE_STAGES)
-#error "the backward kernel needs the fused kernel's constants (flashmoe_core/kernels.py)"
-#endif
-
-#ifndef FMOE_EP
-#define FMOE_EP 0
-#endif
-
-#if defined(FMOE_SHARED_F) && FMOE_SHARED_F != 0
+#if FMOE_SHARED_F != 0
 #error "the backward of shared experts is not implemented (flashmoe_core refuses to save for it)"
 #endif
-using BwdCfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K,
-                                     FMOE_GATED != 0, FMOE_ACT, FMOE_RENORM != 0, FMOE_BM,
-                                     FMOE_BN, FMOE_BK, FMOE_STAGES, FMOE_EP != 0>;
+using BwdCfg = fmoe_entry::Cfg;
 using BwdS = BwdCfg::S;
 
 /// Dynamic shared memory per block, read by the host.
@@ -49,9 +38,13 @@ extern "C" __global__ void __launch_bounds__(128)
 flashmoe_moe_backward(const flashmoe::abi::MoeLayout* __restrict__ fwd,
                       const flashmoe::abi::MoeBackwardLayout* __restrict__ bwd,
                       const BwdS* __restrict__ x, const BwdS* __restrict__ dy,
-                      BwdS* __restrict__ dx, float* g_router, float* g_up, float* g_up2,
-                      float* g_down, float* g_down_b, int tokens, int flags) {
-  flashmoe::moe::backward<BwdCfg>(fwd, bwd, x, dy, dx,
-                                  flashmoe::moe::GradOut{g_router, g_up, g_up2, g_down, g_down_b},
-                                  tokens, flags);
+                      BwdS* __restrict__ dx, float* g_router, float* g_router_bias,
+                      float* g_up, float* g_up2, float* g_up_bias, float* g_up2_bias,
+                      float* g_down, float* g_down_bias, int tokens, int flags) {
+  static_assert(flashmoe::abi::kGradPointers == 8, "one argument per abi::BwdGrad");
+  flashmoe::moe::backward<BwdCfg>(
+      fwd, bwd, x, dy, dx,
+      flashmoe::moe::GradOut{g_router, g_router_bias, g_up, g_up2, g_up_bias, g_up2_bias,
+                             g_down, g_down_bias},
+      tokens, flags);
 }

@@ -15,8 +15,8 @@ from typing import Optional
 import numpy as np
 
 from ..kernel.training import (MoEGradients, TrainingMixin, backward_layout_record,
-                               backward_weights, check_grad_output, gradient_shapes, numpy_grads_ok,
-                               routing_equal)
+                               backward_weights, check_grad_output, grad_pointer_names,
+                               gradient_shapes, numpy_grads_ok, routing_equal)
 from ..host.abi import ABI_VERSION
 from ..host.errors import FlashMoEError
 from ..kernel.jit import emulator_library
@@ -102,7 +102,7 @@ class _BackwardLauncher:
 
     def __call__(self, options, fwd, bwd, x, dy, dx, grads, tokens, launched, accumulate: bool,
                  grid: int, heaps=(), heap_bytes: int = 0) -> None:
-        """One launch on len(fwd) PEs (per-PE addresses; grads: 5 per PE)."""
+        """One launch on len(fwd) PEs (per-PE addresses; grads: BWD_GRAD_POINTERS per PE)."""
         from . import recovering
 
         arr = lambda t, vals: (t * len(vals))(*vals)  # noqa: E731
@@ -215,8 +215,7 @@ class EmulatedTraining(TrainingMixin):
                 if not isinstance(a, np.ndarray) or not numpy_grads_ok(a):
                     raise ValueError(f"grads_out.{name} must be a writable, C-contiguous, "
                                      "16-byte aligned float32 NumPy array (np.zeros gives one)")
-        order = ("router", "w1", "b1", "w2", "b2") if cfg.mlp == "vanilla" else \
-            ("router", "wg", "wu", "w2", None)
+        order = grad_pointer_names(cfg)
         ptrs = [0 if n is None else int(getattr(grads, n).ctypes.data) for n in order]
         fwd_layout = self._slot_layout(fwd)
         bw.launcher(self.options, [int(fwd_layout.ctypes.data)], [int(bw.layout.ctypes.data)],
@@ -445,8 +444,7 @@ class EmulatedExpertParallelTraining:
         st = self._ensure_backward_ep()
         fwd_slot = self._recomputed(slot) if slot.kind == "light" else slot
         dt = storage_dtype(cfg.dtype)
-        order = ("router", "w1", "b1", "w2", "b2") if cfg.mlp == "vanilla" else \
-            ("router", "wg", "wu", "w2", None)
+        order = grad_pointer_names(cfg)
         grads, ptrs, fwd = [], [], []
         for bw, s, dy in zip(st.pes, fwd_slot.pes, dys):
             bw.buf["dy_stage"].view(dt)[:dy.size].reshape(dy.shape)[...] = dy

@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernel.training import (MoEGradients, TrainingMixin, backward_layout_record,
-                               backward_weights, check_grad_output, gradient_shapes, routing_equal)
+                               backward_weights, check_grad_output, grad_pointer_names,
+                               gradient_shapes, routing_equal)
 from ..host import memory
 from ..host.abi import ABI_VERSION
 from ..host.errors import FlashMoEError
@@ -328,8 +329,7 @@ class GpuTraining(TrainingMixin):
         return bw.scratch
 
     def _grad_order(self):
-        return ("router", "w1", "b1", "w2", "b2") if self.cfg.mlp == "vanilla" else \
-            ("router", "wg", "wu", "w2", None)
+        return grad_pointer_names(self.cfg)
 
     def _tr_backward(self, dy, slot: _GpuSlot, tokens: int, grads_out, accumulate: bool,
                      stream=None):

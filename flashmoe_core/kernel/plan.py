@@ -218,9 +218,10 @@ def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
     tp = math.ceil(t / 8) * 8
     ht, ft, pt = (math.ceil(n / TILE) for n in (h, f, pf))
     max_rowtiles = math.ceil(t * k / TILE) + e
-    ring = max_rowtiles * ht + el * ht * pt + (0 if gated else el * ft) + tt * ht
+    biases = not gated or cfg.mlp_bias  # db1 (gated: dbg | dbu over 2 ffn) and db2 tasks
+    ring = max_rowtiles * ht + el * ht * pt + (el * pt if biases else 0) + tt * ht
     if w > 1:  # received tiles' dH and dX; dW2 and db2 are published there
-        ring += w * max_peer_tiles(cfg) * (ft + ht) + el * ft * ht + (0 if gated else el * ht)
+        ring += w * max_peer_tiles(cfg) * (ft + ht) + el * ft * ht + (el * ht if biases else 0)
     weights = {"router_b": h * ep * b, "w_up_b": el * h * pf * b, "w_down_b": el * f * h * b}
     workspace = {
         "dye": t * k * h * b, "dye_t": h * rp * b, "z_t": f * rp * b, "xg_t": h * rp * b,

@@ -30,24 +30,43 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..config import MoEConfig
-from ..host.abi import MOE_BACKWARD_EP_POINTERS, MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS
+from ..host.abi import (BWD_GRAD_INDEX, BWD_GRAD_POINTERS, MOE_BACKWARD_EP_POINTERS,
+                        MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS)
 from ..numerics import storage_dtype
 from .plan import SAVED_ROUTING, BackwardPlan, saved_buffers
-from ..weights import MoEWeights, expert_tensor_names
+from ..weights import MoEWeights, expert_tensor_names, gradient_tensor_names
 
 __all__ = ["MoEGradients", "SavedForBackward", "saved_bytes_per_token", "backward_weights",
-           "backward_layout_record", "check_grad_output", "gradient_shapes"]
+           "backward_layout_record", "check_grad_output", "gradient_shapes",
+           "grad_pointer_names"]
 
 
 def gradient_shapes(cfg: MoEConfig, n_experts: Optional[int] = None) -> Dict[str, tuple]:
-    """Name -> shape of every gradient (those of the weights, router first)."""
-    return MoEWeights.expected_shapes(cfg, n_experts)
+    """Name -> shape of every gradient (:func:`~flashmoe_core.weights.gradient_tensor_names`:
+    the weights', router first, less the selection bias)."""
+    shapes = MoEWeights.expected_shapes(cfg, n_experts)
+    return {n: shapes[n] for n in gradient_tensor_names(cfg)}
+
+
+def grad_pointer_names(cfg: MoEConfig) -> Tuple[Optional[str], ...]:
+    """The gradient behind each of the backward kernel's gradient pointers (abi::BwdGrad
+    order), ``None`` where the config has none."""
+    vanilla = cfg.mlp == "vanilla"
+    bias = not vanilla and cfg.mlp_bias
+    by_slot = {"router": "router", "router_bias": "router_bias" if cfg.router_bias else None,
+               "up": "w1" if vanilla else "wg", "up2": "b1" if vanilla else "wu",
+               "up_bias": "bg" if bias else None, "up2_bias": "bu" if bias else None,
+               "down": "w2", "down_bias": "b2" if vanilla or bias else None}
+    names: list = [None] * BWD_GRAD_POINTERS
+    for slot, index in BWD_GRAD_INDEX.items():
+        names[index] = by_slot[slot]
+    return tuple(names)
 
 
 class MoEGradients:
-    """Gradients of a layer's weights: ``router`` [hidden, experts]; vanilla ``w1, b1,
-    w2, b2``; gated ``wg, wu, w2``; float32, shaped like the weights held
-    (``expert_ids``).
+    """Gradients of a layer's weights: ``router`` [hidden, experts] (and ``router_bias``
+    [experts] with one); vanilla ``w1, b1, w2, b2``; gated ``wg, wu, w2`` (and ``bg, bu,
+    b2`` with biases); float32, shaped like the weights held (``expert_ids``).
 
     Each attribute is a NumPy array, or a GPU tensor of the caller's kind when the
     backward ran on DLPack tensors.
@@ -61,10 +80,14 @@ class MoEGradients:
     """
 
     def __init__(self, mlp: str, expert_ids: Sequence[int], **arrays: Any) -> None:
-        self.names: Tuple[str, ...] = ("router",) + expert_tensor_names(mlp)
-        if set(arrays) != set(self.names):
-            raise ValueError(f"MoEGradients for mlp={mlp!r} needs exactly {list(self.names)}, "
-                             f"got {sorted(arrays)}")
+        bias = "bg" in arrays or "bu" in arrays
+        names = ("router",) + (("router_bias",) if "router_bias" in arrays else ()) + \
+            expert_tensor_names(mlp, bias and mlp == "gated")
+        if set(arrays) != set(names):
+            raise ValueError(f"MoEGradients for mlp={mlp!r} needs exactly {list(names)}, "
+                             f"got {sorted(arrays)} (router_bias with a router bias; gated "
+                             f"bg, bu, b2 with biases)")
+        self.names: Tuple[str, ...] = names
         self.mlp = mlp
         self.expert_ids = tuple(int(e) for e in expert_ids)
         for name in self.names:
@@ -253,12 +276,10 @@ class TrainingMixin:
 
     def _forward_saving(self, x, recompute: bool, **kw):
         cfg = self.cfg
-        if not cfg.default_routing or cfg.mlp_bias or cfg.activation == "swiglu_clamped" \
-                or cfg.n_shared:
-            raise ValueError("the backward kernel covers the softmax-then-top-k routing and "
-                             "the plain MLPs (relu, gelu, silu; gated without biases) without "
-                             "shared experts; this config's routing rules or experts have no "
-                             "backward yet")
+        if cfg.n_shared:
+            raise ValueError(f"the backward kernel does not cover shared experts yet "
+                             f"(n_shared={cfg.n_shared}); the forward does, and the oracle's "
+                             f"moe_backward differentiates them")
         slot = self._saved_pool.take(recompute)
         try:
             y, tokens, extra = self._tr_forward(x, slot, **kw)

@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 7;
+constexpr cuda::std::uint32_t kAbiVersion = 8;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -127,6 +127,21 @@ enum BwdTaskKind : cuda::std::uint32_t {
   kBwdSend = 8,      ///< put one tile of dye rows into its owner's receive buffer (ready)
   kBwdDHRemote = 9,  ///< dH of a received tile x F column tile (published by the subscriber)
   kBwdDXRemote = 10, ///< dX of a received tile x H column tile; the last one returns the rows
+};
+
+/// The backward kernel's float32 gradient pointers, in argument order (null when the
+/// config has no such tensor). Vanilla: up = dW1, up2 = db1; gated: up = dWg, up2 = dWu,
+/// up_bias = dbg, up2_bias = dbu (with biases).
+enum BwdGrad : int {
+  kGradRouter = 0,      ///< [H, E]
+  kGradRouterBias = 1,  ///< [E]
+  kGradUp = 2,          ///< [El, H, F]
+  kGradUp2 = 3,         ///< vanilla [El, F]; gated [El, H, F]
+  kGradUpBias = 4,      ///< gated [El, F]
+  kGradUp2Bias = 5,     ///< gated [El, F]
+  kGradDown = 6,        ///< [El, F, H]
+  kGradDownBias = 7,    ///< [El, H]
+  kGradPointers = 8,    ///< how many
 };
 
 /**
@@ -415,6 +430,9 @@ struct MoeBackwardLayout {
   X(BwdTaskKind, kBwdDR) X(BwdTaskKind, kBwdDX) X(BwdTaskKind, kBwdDW1)                     \
   X(BwdTaskKind, kBwdDB1) X(BwdTaskKind, kBwdDXSum) X(BwdTaskKind, kBwdSend)                \
   X(BwdTaskKind, kBwdDHRemote) X(BwdTaskKind, kBwdDXRemote)                                 \
+  X(BwdGrad, kGradRouter) X(BwdGrad, kGradRouterBias) X(BwdGrad, kGradUp)                  \
+  X(BwdGrad, kGradUp2) X(BwdGrad, kGradUpBias) X(BwdGrad, kGradUp2Bias)                    \
+  X(BwdGrad, kGradDown) X(BwdGrad, kGradDownBias) X(BwdGrad, kGradPointers)                \
   X(DType, kFloat32) X(DType, kTFloat32) X(DType, kBFloat16) X(DType, kFloat16)             \
   X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity) X(Act, kSwigluClamped)       \
   X(RowMark, kNoExpert) X(RowMark, kRowDropped) X(RowMark, kRowMarked)

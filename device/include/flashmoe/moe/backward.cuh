@@ -56,13 +56,18 @@ FMOE_DEVICE float activate_grad(float x) {
   }
 }
 
-/// Where the gradients go (float32, the user's MoEWeights layouts). Vanilla: up = dW1
-/// [El, H, F], up2 = db1 [El, F], down = dW2 [El, F, H], down_b = db2 [El, H]. Gated:
-/// up = dWg, up2 = dWu [El, H, F], down = dW2, down_b null. router = [H, E].
+/// Where the gradients go (float32, the user's MoEWeights layouts; abi::BwdGrad order).
+/// Vanilla: up = dW1 [El, H, F], up2 = db1 [El, F], down = dW2 [El, F, H], down_b = db2
+/// [El, H]. Gated: up = dWg, up2 = dWu [El, H, F], down = dW2; with biases up_b = dbg,
+/// up2_b = dbu [El, F] and down_b = db2 (else null). router = [H, E]; router_b = [E]
+/// with a router bias (else null).
 struct GradOut {
   float* router;
+  float* router_b;
   float* up;
   float* up2;
+  float* up_b;
+  float* up2_b;
   float* down;
   float* down_b;
 };
@@ -80,6 +85,9 @@ struct Backward {
   static constexpr int kHT = C::kDownTiles;                      // H column tiles
   static constexpr int kPT = (kPF + kTile - 1) / kTile;          // dW1 column tiles (PF)
   static constexpr int kEpT = (kEp + kTile - 1) / kTile;         // router-gradient tiles
+  /// Up-projection and down biases have gradients (db1 over F; gated: dbg | dbu over 2F).
+  static constexpr bool kUpBiasGrad = !C::kGated || C::M::kBias;
+  static constexpr int kB1T = C::kGated ? kPT : kFT;              // db1 tasks per expert
   static constexpr int kTLd = kTile + 8;                         // transpose tile row stride
   static_assert(kTile * kTLd * int(sizeof(S)) <= G::kSmemBytes,
                 "the transpose tile must fit the GEMM's shared memory");
@@ -249,45 +257,84 @@ struct Backward {
   }
 
   /**
-   * One warp per token t: the softmax again (the forward's operations in the forward's
-   * order), then per slot j the combine-weight gradient g_j = <dy_t, y_expert[row]>
-   * (float32, lanes then a butterfly: a fixed order) and dye[row] = w_j dy_t, then the
-   * router: d_sel_j = (g_j - sum_i g_i w_i) / S (renormalised) or g_j, and
-   * dz = p * (dp - <dp, p>), stored in the storage type. Dropped slots have g_j = 0.
+   * One warp per token t: the forward's logits and scores again (its operations in its
+   * order: router bias, rounding, softmax or sigmoid), then per slot j the combine
+   * weight c_j the forward used (topk_weight; renormalised over the kept slots when
+   * renormalising after the drop), the combine-weight gradient g_j = <dy_t,
+   * y_expert[row]> (float32, lanes then a butterfly: a fixed order; 0 for a dropped
+   * slot) and dye[row] = c_j dy_t. Then the router, with s the routed scaling, q_j the
+   * chosen scores, u_j = c_j / s and gu = sum_j g_j u_j:
+   *   renormalised: dq_j = s (g_j - gu) / N, N = sum of q over the slots normalised
+   *   (all k, or the kept ones after the drop; dropped ones then get 0); else
+   *   dq_j = s g_j; softmax dz = p (dp - <dp, p>), sigmoid dz = dp p (1 - p);
+   *   softmax after top-k: dz[e_j] = c_j (g_j - gu), other experts 0.
+   * A marked token (a non-finite logit) gets NaN in every dz. Stored in the storage type.
    */
   template <class Logit>
   FMOE_DEVICE void token_pass(int t, Logit logit) {
+    using R = typename C::R;
+    constexpr bool kOne = R::kScaleBits == 0x3f800000u;
+    constexpr float kScale = cuda::std::bit_cast<float>(R::kScaleBits);
     const int lane = threadIdx.x & 31;
     constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
-    float v[C::kPerLane];
+    float v[C::kPerLane];  // scores (logits with softmax after top-k)
     float m = kNegInf;
+    uint32_t bad = 0u;
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
       const int e = lane + 32 * i;
-      v[i] = e < E ? logit(e) : kNegInf;
-      m = fmaxf(m, v[i]);
+      float z = kNegInf;
+      if (e < E) {
+        z = logit(e);
+        if constexpr (R::kRouterBias) z += L.router_bias[e];
+        if constexpr (R::kRoundLogits) z = Elem::to_float(Elem::from_float(z));
+        bad |= uint32_t((__float_as_uint(z) & 0x7f800000u) == 0x7f800000u);
+      }
+      v[i] = z;
+      m = fmaxf(m, z);
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float sum = 0.0f;
+    for (int o = 16; o > 0; o >>= 1) bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+    if constexpr (R::kSigmoid) {
 #pragma unroll
-    for (int i = 0; i < C::kPerLane; ++i) {
-      v[i] = (lane + 32 * i < E) ? expf(v[i] - m) : 0.0f;
-      sum += v[i];
+      for (int i = 0; i < C::kPerLane; ++i) {
+        v[i] = (lane + 32 * i < E) ? 1.0f / (1.0f + expf(-v[i])) : 0.0f;
+      }
+    } else if constexpr (!R::kSoftmaxAfterTopk) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < C::kPerLane; ++i) {
+        v[i] = (lane + 32 * i < E) ? expf(v[i] - m) : 0.0f;
+        sum += v[i];
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+#pragma unroll
+      for (int i = 0; i < C::kPerLane; ++i) v[i] = v[i] / sum;
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-#pragma unroll
-    for (int i = 0; i < C::kPerLane; ++i) v[i] = v[i] / sum;
 
     const S* dyt = dy + int64_t(t) * H;
-    float g[K], w[K], ps[K];
-    int es[K];
+    float g[K], c[K], ps[K];
+    int es[K], rows[K];
+    float drop_scale = 1.0f;  // renormalising after the drop: the forward combine's scale
+    if constexpr (R::kDropRenorm) {
+      float kept = 0.0f;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        if (L.token_rows[t * K + j] >= 0) kept += L.topk_weight[t * K + j];
+      }
+      drop_scale = kept > 0.0f ? kScale / kept : 0.0f;
+    }
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       es[j] = L.topk_expert[t * K + j];
-      w[j] = L.topk_weight[t * K + j];
-      const int row = L.token_rows[t * K + j];
+      rows[j] = L.token_rows[t * K + j];
+      // After the drop, a dropped slot weighs nothing (its logit reaches no kept weight).
+      c[j] = !R::kDropRenorm ? L.topk_weight[t * K + j]
+             : rows[j] >= 0  ? L.topk_weight[t * K + j] * drop_scale
+                             : 0.0f;
       float mine = 0.0f;
 #pragma unroll
       for (int i = 0; i < C::kPerLane; ++i) {
@@ -295,40 +342,54 @@ struct Backward {
       }
       ps[j] = __shfl_sync(0xffffffffu, mine, es[j] & 31);
       float acc = 0.0f;
-      if (row >= 0) {  // warp-uniform
-        const S* ye = static_cast<const S*>(L.y_expert) + int64_t(row) * H;
-        S* de = static_cast<S*>(B.dye) + int64_t(row) * H;
-        for (int c = lane * 8; c < H; c += 256) {
+      if (rows[j] >= 0) {  // warp-uniform
+        const S* ye = static_cast<const S*>(L.y_expert) + int64_t(rows[j]) * H;
+        S* de = static_cast<S*>(B.dye) + int64_t(rows[j]) * H;
+        for (int col = lane * 8; col < H; col += 256) {
           float a[8], b[8];
-          gemm::load8<Elem>(dyt + c, a);
-          gemm::load8<Elem, true>(ye + c, b);
+          gemm::load8<Elem>(dyt + col, a);
+          gemm::load8<Elem, true>(ye + col, b);
 #pragma unroll
           for (int q = 0; q < 8; ++q) {
             acc = fmaf(a[q], b[q], acc);
-            a[q] *= w[j];
+            a[q] *= c[j];
           }
-          gemm::store8<Elem>(de + c, a);
+          gemm::store8<Elem>(de + col, a);
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       }
       g[j] = acc;
     }
-    float total = 1.0f;
-    if constexpr (C::kRenorm) {
-      total = 0.0f;
+    float gu = 0.0f;  // sum_j g_j u_j, u_j = c_j / s
 #pragma unroll
-      for (int j = 0; j < K; ++j) total += ps[j];
-    }
-    float gw = 0.0f;
-#pragma unroll
-    for (int j = 0; j < K; ++j) gw = fmaf(g[j], w[j], gw);
-    float ds[K];
+    for (int j = 0; j < K; ++j) gu = fmaf(g[j], c[j], gu);
+    if constexpr (!kOne) gu = gu / kScale;
+    float ds[K];  // dL/dq_j (softmax after top-k: dL/dz at e_j)
     float dot = 0.0f;
+    if constexpr (R::kSoftmaxAfterTopk) {
 #pragma unroll
-    for (int j = 0; j < K; ++j) {
-      ds[j] = C::kRenorm ? (g[j] - gw) / total : g[j];
-      dot = fmaf(ds[j], ps[j], dot);
+      for (int j = 0; j < K; ++j) ds[j] = c[j] * (g[j] - gu);
+    } else {
+      float total = 1.0f;  // N
+      if constexpr (C::kRenorm || R::kDropRenorm) {
+        total = 0.0f;
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          if (!R::kDropRenorm || rows[j] >= 0) total += ps[j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        if constexpr (R::kDropRenorm) {
+          ds[j] = rows[j] >= 0 && total > 0.0f ? kScale * (g[j] - gu) / total : 0.0f;
+        } else if constexpr (C::kRenorm) {
+          ds[j] = (kOne ? g[j] - gu : kScale * (g[j] - gu)) / total;
+        } else {
+          ds[j] = kOne ? g[j] : kScale * g[j];
+        }
+        dot = fmaf(ds[j], ps[j], dot);
+      }
     }
     S* dzt = static_cast<S*>(B.dz) + int64_t(t) * kEp;
 #pragma unroll
@@ -338,7 +399,17 @@ struct Backward {
         float dp = 0.0f;
 #pragma unroll
         for (int j = 0; j < K; ++j) dp += es[j] == e ? ds[j] : 0.0f;
-        dzt[e] = Elem::from_float(e < E ? v[i] * (dp - dot) : 0.0f);
+        float dz;
+        if constexpr (R::kSoftmaxAfterTopk) {
+          dz = dp;
+        } else if constexpr (R::kSigmoid) {
+          dz = dp * v[i] * (1.0f - v[i]);
+        } else {
+          dz = v[i] * (dp - dot);
+        }
+        if (e >= E) dz = 0.0f;
+        else if (bad != 0u) dz = cuda::std::numeric_limits<float>::quiet_NaN();
+        dzt[e] = Elem::from_float(dz);
       }
     }
   }
@@ -469,21 +540,22 @@ struct Backward {
                    [&](int c) { return dst + int64_t(c0 + c) * rp() + col0; });
   }
 
-  /// The weight-gradient tasks of local expert le: dW1 tiles, and db1 columns (vanilla).
-  /// One thread, after its release fence.
+  /// The weight-gradient tasks of local expert le: dW1 tiles, and db1 columns (vanilla;
+  /// gated with biases: dbg | dbu). One thread, after its release fence.
   FMOE_DEVICE bool publish_expert(int le) {
     bool ok = ring.publish(kHT * kPT, [&](int i) {
       return bdesc(uint32_t(le * kHT * kPT + i), kBwdDW1);
     }, site);
-    if constexpr (!C::kGated) {
-      ok = ok && ring.publish(kFT, [&](int i) { return bdesc(uint32_t(le * kFT + i), kBwdDB1); },
-                              site);
+    if constexpr (kUpBiasGrad) {
+      ok = ok && ring.publish(kB1T, [&](int i) {
+        return bdesc(uint32_t(le * kB1T + i), kBwdDB1);
+      }, site);
     }
     if constexpr (C::kEP) {  // received dye^T lands with the dH tasks: dW2 and db2 wait too
       ok = ok && ring.publish(kFT * kHT, [&](int i) {
         return bdesc(uint32_t(le * kFT * kHT + i), kBwdDW2);
       }, site);
-      if constexpr (!C::kGated) {
+      if constexpr (kUpBiasGrad) {
         ok = ok && ring.publish(kHT, [&](int i) {
           return bdesc(uint32_t(le * kHT + i), kBwdDB2);
         }, site);
@@ -546,9 +618,27 @@ struct Backward {
     __syncthreads();
   }
 
+  /// The gated intermediate's gradient dh back to its pre-activations g and u: act(g) u
+  /// gives dg = dh u act'(g), du = dh act(g); the clamped SwiGLU h = gc sigmoid(a gc)
+  /// (uc + 1), gc = min(g, L), uc = clip(u, -L, L), gives dg = dh (uc + 1) (s + a gc s
+  /// (1 - s)) where g <= L (else 0) and du = dh gc s where -L <= u <= L (else 0), s =
+  /// sigmoid(a gc): the clamps pass the gradient on at their bounds (torch.clamp's rule).
+  FMOE_DEVICE static void gated_grad(float dh, float g, float u, float& dg, float& du) {
+    if constexpr (C::kAct == gemm::kSwigluClamped) {
+      constexpr float kL = C::M::kLimit, kA = C::M::kAlpha;
+      const float gc = fminf(g, kL), uc = fminf(fmaxf(u, -kL), kL);
+      const float sg = 1.0f / (1.0f + expf(-kA * gc));
+      dg = g <= kL ? dh * (uc + 1.0f) * (sg + kA * gc * sg * (1.0f - sg)) : 0.0f;
+      du = u >= -kL && u <= kL ? dh * gc * sg : 0.0f;
+    } else {
+      dg = dh * u * activate_grad<C::kAct>(g);
+      du = dh * gemm::activate<C::kAct>(g);
+    }
+  }
+
   /**
    * dH of `rows` rows (dye rows a, pre-activations pre, of local expert le) x F column
-   * tile f0, then dA (vanilla dH act'(a); gated dG = dH u act'(g), dU = dH act(g)) rows
+   * tile f0, then dA (vanilla dH act'(a); gated dG, dU: gated_grad) rows
    * into da and their transposes into columns col0.. of da_t.
    */
   FMOE_DEVICE void dh_compute(int le, int rows, int f0, int col0, const S* a, const S* pre,
@@ -566,10 +656,7 @@ struct Backward {
         gemm::load8<Elem>(pre + int64_t(r) * kPF + n, gv);
         gemm::load8<Elem>(pre + int64_t(r) * kPF + F + n, uv);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-          dg[q] = v[q] * uv[q] * activate_grad<C::kAct>(gv[q]);
-          du[q] = v[q] * gemm::activate<C::kAct>(gv[q]);
-        }
+        for (int q = 0; q < 8; ++q) gated_grad(v[q], gv[q], uv[q], dg[q], du[q]);
         gemm::store8<Elem>(da + int64_t(r) * kPF + n, dg);
         gemm::store8<Elem>(da + int64_t(r) * kPF + F + n, du);
       } else {
@@ -745,31 +832,60 @@ struct Backward {
         });
   }
 
-  /// Column sums of one expert's rows of a [*, RP] buffer (rows h0.. of it), in row
-  /// order: db2 from dye^T, db1 from dA^T.
-  FMOE_DEVICE void bias_task(const S* src_t, int n_rows, int le, int h0, float* dst) {
+  /// Sums of `len` (a multiple of 8) elements of row h of a transposed buffer (src_t +
+  /// h * stride), in order: a bias gradient's column sum.
+  FMOE_DEVICE static float row_sum(const S* row, int len) {
+    float s = 0.0f;
+    for (int i = 0; i < len; i += 8) {  // bounded: len / 8 vectors
+      float v[8];
+      gemm::load8<Elem, true>(row + i, v);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) s += v[q];
+    }
+    return s;
+  }
+
+  /// Store (or add) one float32 gradient; with nothing summed (k = 0) it is zero, or
+  /// left as it is when accumulating.
+  FMOE_DEVICE void put1(float* p, float v, bool any) const {
+    if (any || !accumulate) *p = accumulate ? *p + v : v;
+  }
+
+  /// Column sums of one expert's rows of a [*, RP] buffer (rows h0.. of n_rows), in row
+  /// order: db2 from dye^T, db1 (gated: dbg | dbu) from dA^T; dst(h) is where row h goes.
+  template <class Dst>
+  FMOE_DEVICE void bias_task(const S* src_t, int n_rows, int le, int h0, Dst dst) {
     const int off = s_rp[le], k = s_rp[le + 1] - off;
     const int h = h0 + threadIdx.x;
-    if (h < n_rows) {
-      const S* row = src_t + int64_t(h) * rp() + off;
-      float s = 0.0f;
-      for (int i = 0; i < k; i += 8) {
-        float v[8];
-        gemm::load8<Elem, true>(row + i, v);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) s += v[q];
-      }
-      float* p = dst + int64_t(le) * n_rows + h;
-      if (k > 0 || !accumulate) *p = accumulate ? *p + s : s;
-    }
+    if (h < n_rows) put1(dst(h), row_sum(src_t + int64_t(h) * rp() + off, k), k > 0);
     __syncthreads();
   }
 
-  /// Router gradient, H tile x expert tile: x^T (dz^T)^T over the tokens.
+  /// db1 tasks of one expert: vanilla db1 over F, gated (with biases) dbg | dbu over 2F.
+  FMOE_DEVICE void db1_task(int index) {
+    const int le = index / kB1T, h0 = (index % kB1T) * kTile;
+    bias_task(static_cast<const S*>(B.da_t), kPF, le, h0, [&](int h) {
+      if constexpr (C::kGated) {
+        return h < F ? out.up_b + int64_t(le) * F + h : out.up2_b + int64_t(le) * F + h - F;
+      } else {
+        return out.up2 + int64_t(le) * F + h;
+      }
+    });
+  }
+
+  /// Router gradient, H tile x expert tile: x^T (dz^T)^T over the tokens; the tasks of
+  /// the first H tile also sum the router bias's (dz's columns, in token order).
   FMOE_DEVICE void dr_task(int index) {
     const int h0 = (index / kEpT) * kTile, e0 = (index % kEpT) * kTile;
     const S* xt = static_cast<const S*>(B.x_t);
     const S* dzt = static_cast<const S*>(B.dz_t);
+    if constexpr (C::R::kRouterBias) {  // the first H tile's tasks: dz's column sums
+      const int e = e0 + int(threadIdx.x);
+      if (h0 == 0 && e < E) {
+        const int len = (T + 7) & ~7;
+        put1(out.router_b + e, row_sum(dzt + int64_t(e) * tp(), len), len > 0);
+      }
+    }
     weight_tile(
         (T + 7) & ~7,
         [&](int r) -> const S* { return h0 + r < H ? xt + int64_t(h0 + r) * tp() : nullptr; },
@@ -964,14 +1080,14 @@ struct Backward {
   /// Task counts; n_recv / n_send: tiles received from / sent to peers.
   FMOE_DEVICE Counts counts(int n_rt, int n_recv, int n_send) const {
     const uint32_t el = uint32_t(L.local_experts);
-    const uint32_t weights2 = el * kFT * kHT + (C::kGated ? 0u : el * kHT);  // dW2, db2
+    const uint32_t weights2 = el * kFT * kHT + (kUpBiasGrad ? el * kHT : 0u);  // dW2, db2
     Counts n;
     n.send = uint32_t(n_send);
     n.dh = uint32_t(n_rt * kFT);
     n.dw2 = C::kEP ? 0u : el * kFT * kHT;  // with peers they wait for received rows
-    n.db2 = C::kEP || C::kGated ? 0u : el * kHT;
+    n.db2 = C::kEP || !kUpBiasGrad ? 0u : el * kHT;
     n.dr = uint32_t(kHT * kEpT);
-    n.published = uint32_t(n_rt * kHT) + el * kHT * kPT + (C::kGated ? 0u : el * kFT) +
+    n.published = uint32_t(n_rt * kHT) + el * kHT * kPT + (kUpBiasGrad ? el * kB1T : 0u) +
                   uint32_t(TT * kHT) +
                   (C::kEP ? uint32_t(n_recv * (kFT + kHT)) + weights2 : 0u);
     return n;
@@ -1010,17 +1126,16 @@ struct Backward {
       switch (uint32_t(task & 15)) {
         case kBwdDH: ok = dh_task(index); break;
         case kBwdDW2: dw2_task(index); break;
-        case kBwdDB2:
-          bias_task(static_cast<const S*>(B.dye_t), H, index / kHT, (index % kHT) * kTile,
-                    out.down_b);
+        case kBwdDB2: {
+          const int le = index / kHT;
+          bias_task(static_cast<const S*>(B.dye_t), H, le, (index % kHT) * kTile,
+                    [&](int h) { return out.down_b + int64_t(le) * H + h; });
           break;
+        }
         case kBwdDR: dr_task(index); break;
         case kBwdDX: ok = dx_task(index); break;
         case kBwdDW1: dw1_task(index); break;
-        case kBwdDB1:
-          bias_task(static_cast<const S*>(B.da_t), F, index / kFT, (index % kFT) * kTile,
-                    out.up2);
-          break;
+        case kBwdDB1: db1_task(index); break;
         case kBwdDXSum: dxsum_task(index); break;
 #if FLASHMOE_NVSHMEM
         case kBwdSend: send_task(index); break;
