@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "MOE_BACKWARD_LAYOUT",
            "MOE_BACKWARD_POINTERS", "MOE_BACKWARD_EP_POINTERS", "BWD_TASK_KINDS",
-           "BWD_GRAD_POINTERS", "BWD_GRAD_INDEX", "STRUCTS", "ENUMS", "FAULT_CODES",
+           "BWD_GRAD_POINTERS", "BWD_GRAD_INDEX", "MOE_BACKWARD_SHARED_POINTERS", "STRUCTS", "ENUMS", "FAULT_CODES",
            "STATE", "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS",
            "TRACE_RECORD", "TASK_KINDS", "TRACE_PHASES", "PHASES", "DTYPE_IDS", "ACT_IDS",
            "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED",
@@ -53,7 +53,7 @@ MOE_EP_POINTERS = (
     "expert_local")
 MOE_SHARED_POINTERS = (
     "ws_up", "ws_up2", "bs_up", "ws_down", "bs_down", "ws_gate", "shared_scale", "zs", "ys",
-    "dep_shared")
+    "dep_shared", "pre_s")
 MOE_LAYOUT = _struct(
     [(name, _PTR, 8 * i) for i, name in enumerate(MOE_LAYOUT_POINTERS)]
     + [("timeout_ns", "<u8", 176), ("max_tokens", "<i4", 184), ("experts", "<i4", 188),
@@ -65,18 +65,21 @@ MOE_LAYOUT = _struct(
        ("max_local_experts", "<i4", 336), ("trace_capacity", "<i4", 340),
        ("trace", _PTR, 344), ("router_bias", _PTR, 352), ("selection_bias", _PTR, 360),
        ("pre", _PTR, 368), ("pre_remote", _PTR, 376), ("recv_saved", _PTR, 384)]
-    + [(name, _PTR, 392 + 8 * i) for i, name in enumerate(MOE_SHARED_POINTERS)], 472)
+    + [(name, _PTR, 392 + 8 * i) for i, name in enumerate(MOE_SHARED_POINTERS)], 480)
 
 # The backward kernel's layout: pointers first, then its sizes.
 MOE_BACKWARD_POINTERS = (
     "router_b", "w_up_b", "w_down_b", "dye", "dye_t", "z_t", "xg_t", "da", "da_t", "dxe", "dz",
     "dz_t", "x_t", "dep_dx", "dep_expert", "dep_dxsum", "ring")
 MOE_BACKWARD_EP_POINTERS = ("da_remote", "dxe_remote", "dep_remote")
+MOE_BACKWARD_SHARED_POINTERS = ("ws_up_b", "ws_down_b", "dys", "dys_t", "zs_t", "das", "das_t",
+                                "dxs", "dep_sh")
 MOE_BACKWARD_LAYOUT = _struct(
     [(name, _PTR, 8 * i) for i, name in enumerate(MOE_BACKWARD_POINTERS)]
     + [("delay_ns", "<u8", 136), ("ring_capacity", "<i4", 144), ("rp_capacity", "<i4", 148),
        ("tp_capacity", "<i4", 152), ("reserved0", "<i4", 156)]
-    + [(name, _PTR, 160 + 8 * i) for i, name in enumerate(MOE_BACKWARD_EP_POINTERS)], 184)
+    + [(name, _PTR, 160 + 8 * i) for i, name in enumerate(MOE_BACKWARD_EP_POINTERS)]
+    + [(name, _PTR, 184 + 8 * i) for i, name in enumerate(MOE_BACKWARD_SHARED_POINTERS)], 256)
 
 TRACE_RECORD = _struct([("start_ns", "<u8", 0), ("end_ns", "<u8", 8), ("block", "<u4", 16),
                         ("what", "<u4", 20)], 24)
@@ -103,10 +106,13 @@ ENUMS: Dict[str, Dict[str, int]] = {
               "kPhaseBwdHeaders": 17, "kPhaseBwdDispatchWait": 18, "kPhaseBwdReturnWait": 19},
     "BwdTaskKind": {"kBwdDH": 0, "kBwdDW2": 1, "kBwdDB2": 2, "kBwdDR": 3, "kBwdDX": 4,
                     "kBwdDW1": 5, "kBwdDB1": 6, "kBwdDXSum": 7, "kBwdSend": 8,
-                    "kBwdDHRemote": 9, "kBwdDXRemote": 10},
+                    "kBwdDHRemote": 9, "kBwdDXRemote": 10, "kBwdSharedDH": 11,
+                    "kBwdSharedDX": 12, "kBwdSharedDW": 13, "kBwdSharedDB": 14},
     "BwdGrad": {"kGradRouter": 0, "kGradRouterBias": 1, "kGradUp": 2, "kGradUp2": 3,
                 "kGradUpBias": 4, "kGradUp2Bias": 5, "kGradDown": 6, "kGradDownBias": 7,
-                "kGradPointers": 8},
+                "kGradSharedUp": 8, "kGradSharedUp2": 9, "kGradSharedUpBias": 10,
+                "kGradSharedUp2Bias": 11, "kGradSharedDown": 12, "kGradSharedDownBias": 13,
+                "kGradSharedGate": 14, "kGradPointers": 15},
     "DType": {"kFloat32": 0, "kTFloat32": 1, "kBFloat16": 2, "kFloat16": 3},
     "Act": {"kRelu": 0, "kGelu": 1, "kSilu": 2, "kIdentity": 3, "kSwigluClamped": 4},
     "RowMark": {"kNoExpert": -1, "kRowDropped": -1, "kRowMarked": -2},
@@ -159,13 +165,20 @@ PHASES = {v: k for k, v in _view("Phase", {
 BWD_TASK_KINDS = {v: k for k, v in _view("BwdTaskKind", {
     "dH": "kBwdDH", "dW2": "kBwdDW2", "db2": "kBwdDB2", "dRouter": "kBwdDR", "dX": "kBwdDX",
     "dW1": "kBwdDW1", "db1": "kBwdDB1", "dx": "kBwdDXSum", "send": "kBwdSend",
-    "dH (remote)": "kBwdDHRemote", "dX (remote)": "kBwdDXRemote"}).items()}
+    "dH (remote)": "kBwdDHRemote", "dX (remote)": "kBwdDXRemote", "shared dH": "kBwdSharedDH",
+    "shared dX": "kBwdSharedDX", "shared dW": "kBwdSharedDW", "shared db": "kBwdSharedDB"}).items()}
 # The backward kernel's gradient pointer arguments: their count and each one's position.
 BWD_GRAD_POINTERS = ENUMS["BwdGrad"]["kGradPointers"]
 BWD_GRAD_INDEX = _view("BwdGrad", {"router": "kGradRouter", "router_bias": "kGradRouterBias",
                                    "up": "kGradUp", "up2": "kGradUp2", "up_bias": "kGradUpBias",
                                    "up2_bias": "kGradUp2Bias", "down": "kGradDown",
-                                   "down_bias": "kGradDownBias"})
+                                   "down_bias": "kGradDownBias", "shared_up": "kGradSharedUp",
+                                   "shared_up2": "kGradSharedUp2",
+                                   "shared_up_bias": "kGradSharedUpBias",
+                                   "shared_up2_bias": "kGradSharedUp2Bias",
+                                   "shared_down": "kGradSharedDown",
+                                   "shared_down_bias": "kGradSharedDownBias",
+                                   "shared_gate": "kGradSharedGate"})
 # The FMOE_DTYPE and FMOE_ACT constants of each element type and activation.
 DTYPE_IDS = _view("DType", {"float32": "kFloat32", "tfloat32": "kTFloat32",
                             "bfloat16": "kBFloat16", "float16": "kFloat16"})

@@ -1,12 +1,13 @@
-"""The fused backward kernel on the routing rules, capacity rules and MLP variants that
-real models use, against the float64 oracle (reference.moe_backward) handed the kernel's
-own routing.
+"""The fused backward kernel on the routing rules, capacity rules, MLP variants and
+shared experts that real models use, against the float64 oracle (reference.moe_backward)
+handed the kernel's own routing.
 
 One layer per model family, each on both backends (the emulator runs a few dozen
 tokens); together they cover every storage type, sigmoid and softmax scoring, softmax
 after top-k, router and selection biases, group-limited top-k, routed scaling, rounded
 logits, capacity drops in token and slot order, renormalisation after the drop, gated
-biases and the clamped SwiGLU. One of them also runs expert-parallel on 2 PEs. Errors:
+biases, the clamped SwiGLU and shared experts (vanilla and gated, with and without a
+gate, with biases). One of them also runs expert-parallel on 2 PEs. Errors:
 max |kernel - oracle| / max |oracle| per tensor, the bounds of test_backward_kernel.
 """
 
@@ -23,28 +24,33 @@ BACKWARD_TOLERANCE = {"bfloat16": 2e-2, "float16": 2.5e-3, "tfloat32": 2e-3, "fl
 
 MODELS = {
     # DeepSeek-V3: sigmoid scores, a selection-only bias, 4 groups of which 2 stay
-    # eligible, renormalised and scaled by 2.5.
+    # eligible, renormalised and scaled by 2.5; one shared expert.
     "deepseek-v3": dict(tokens=256, hidden=128, ffn=64, experts=16, top_k=4, mlp="gated",
                         activation="silu", scoring="sigmoid", selection_bias=True, n_group=4,
-                        topk_group=2, routed_scaling=2.5),
+                        topk_group=2, routed_scaling=2.5, n_shared=1),
     # GPT-OSS: router bias, softmax over the chosen logits, gated biases, clamped SwiGLU
-    # (a limit low enough that both clamps act); here also capacity drops renormalised.
-    "gpt-oss-drops": dict(tokens=256, hidden=64, ffn=64, experts=8, top_k=2, mlp="gated",
-                          mlp_bias=True, activation="swiglu_clamped", swiglu_limit=0.5,
-                          router_bias=True, softmax_after_topk=True, routed_scaling=1.25,
-                          capacity_factor=0.75, renormalize_after_drop=True,
-                          dtype="float32"),
-    # NLLB-MoE: slot-major capacity, the kept weights renormalised after the drop.
-    "nllb": dict(tokens=256, hidden=128, ffn=128, experts=8, top_k=2, capacity_factor=0.5,
-                 capacity_order="slot", renormalize_after_drop=True, renormalize=False,
-                 activation="gelu", dtype="tfloat32"),
+    # (a limit low enough that both clamps act); here also capacity drops renormalised
+    # and a gated shared expert (Qwen2-MoE's gate) of another width.
+    "gpt-oss-drops-shared": dict(tokens=256, hidden=64, ffn=64, experts=8, top_k=2,
+                                 mlp="gated", mlp_bias=True, activation="swiglu_clamped",
+                                 swiglu_limit=0.5, router_bias=True, softmax_after_topk=True,
+                                 routed_scaling=1.25, capacity_factor=0.75,
+                                 renormalize_after_drop=True, n_shared=1, shared_ffn=96,
+                                 shared_gate=True, dtype="float32"),
+    # NLLB-MoE: slot-major capacity, the kept weights renormalised after the drop; here
+    # also two vanilla shared experts (their biases).
+    "nllb-shared": dict(tokens=256, hidden=128, ffn=128, experts=8, top_k=2,
+                        capacity_factor=0.5, capacity_order="slot", renormalize_after_drop=True,
+                        renormalize=False, activation="gelu", dtype="tfloat32", n_shared=2,
+                        shared_ffn=64),
     # Sigmoid without renormalisation, logits rounded to the storage type, scaled, drops
     # in token order.
     "sigmoid-rounded": dict(tokens=256, hidden=64, ffn=96, experts=12, top_k=3,
                             scoring="sigmoid", renormalize=False, router_logits="storage",
                             routed_scaling=1.5, capacity_factor=0.75, dtype="float16"),
 }
-EMULATOR_TOKENS = {"deepseek-v3": 40, "gpt-oss-drops": 48, "nllb": 48, "sigmoid-rounded": 48}
+EMULATOR_TOKENS = {"deepseek-v3": 40, "gpt-oss-drops-shared": 48, "nllb-shared": 48,
+                   "sigmoid-rounded": 48}
 
 _layers = {}
 
@@ -106,7 +112,7 @@ def test_backward_of_each_model_family_matches_the_oracle(name, backend):
 
 
 def test_accumulating_adds_the_bias_gradients_too(backend):
-    cfg = MoEConfig(**MODELS["gpt-oss-drops"])
+    cfg = MoEConfig(**MODELS["gpt-oss-drops-shared"])
     layer, w = layer_for(cfg, backend)
     t = per_backend(backend, cfg.tokens, 24)
     x, dy = random_tokens(cfg, 2, tokens=t), upstream(cfg, t, 2)
@@ -116,15 +122,36 @@ def test_accumulating_adds_the_bias_gradients_too(backend):
     for name in acc.names:
         getattr(acc, name)[...] = 1.0
     layer.backward(dy, saved, grads_out=acc, accumulate=True)
-    for name in ("router_bias", "bg", "bu", "b2", "router"):
+    for name in ("router_bias", "bg", "bu", "b2", "router", "shared_bu", "shared_b2",
+                 "shared_gate", "shared_wg"):
         np.testing.assert_array_equal(getattr(acc, name), getattr(once, name) + np.float32(1.0),
                                       err_msg=name)
+
+
+def test_a_marked_token_reaches_no_shared_gradient(backend):
+    """A token with a NaN in x: its dx row and the router's gradients are NaN; the
+    shared experts' gradients are those of the other tokens alone."""
+    cfg = MoEConfig(**MODELS["gpt-oss-drops-shared"])
+    layer, w = layer_for(cfg, backend)
+    t = per_backend(backend, cfg.tokens, 24)
+    x, dy = random_tokens(cfg, 4, tokens=t), upstream(cfg, t, 4)
+    x[5, 3] = np.nan
+    _, saved, routing = layer(x, save_for_backward=True, return_routing=True)
+    dx, grads = layer.backward(dy, saved)
+    assert np.isnan(dx[5].astype(np.float32)).all()
+    assert np.isfinite(np.delete(dx, 5, axis=0).astype(np.float32)).all()
+    assert np.isnan(grads.router).all() and np.isnan(grads.router_bias).all()
+    keep = np.arange(t) != 5
+    sub = Routing(*(a[keep] for a in routing))
+    _, ref = moe_backward(cfg, w, x[keep], dy[keep], sub)
+    for name in [n for n in ref.names if n.startswith("shared_")]:
+        assert rel_err(getattr(grads, name), getattr(ref, name)) <= 3e-6, name
 
 
 @pytest.mark.emulator
 def test_expert_parallel_backward_of_the_routing_rules():
     """DeepSeek-V3's rules on 2 PEs: each PE's tokens, its own experts' gradients, the
-    router's partials summing to the oracle's."""
+    router's and the (replicated) shared expert's partials summing to the oracle's."""
     from flashmoe_core.emulator import EmulatedExpertParallel
 
     cfg = MoEConfig(**{**MODELS["deepseek-v3"], "tokens": 24, "world_size": 2})
@@ -139,7 +166,8 @@ def test_expert_parallel_backward_of_the_routing_rules():
     ref_dx, ref = moe_backward(cfg, w, np.concatenate(xs), np.concatenate(dys), routing)
     tol = BACKWARD_TOLERANCE[cfg.dtype]
     assert rel_err(np.concatenate(dxs), ref_dx) <= tol
-    assert rel_err(sum(g.router for g in grads), ref.router) <= tol
+    for name in ("router", "shared_wg", "shared_wu", "shared_w2"):
+        assert rel_err(sum(getattr(g, name) for g in grads), getattr(ref, name)) <= tol, name
     ids = np.concatenate([g.expert_ids for g in grads])
     for name in ("wg", "wu", "w2"):
         got = np.concatenate([getattr(g, name) for g in grads])

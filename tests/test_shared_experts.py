@@ -120,17 +120,6 @@ def test_marked_tokens_stay_nan_and_nan_shared_weights_propagate():
     assert np.isnan(y2[:, 7]).all() and np.isfinite(np.delete(y2[:5], [3], 0)[:, :7]).all()
 
 
-def test_training_refuses_shared_experts():
-    from flashmoe_core.gpu.layer import MoELayer
-
-    cfg = MoEConfig(**BASE, n_shared=1)
-    w = MoEWeights.random(cfg, 0)
-    x = random_tokens(cfg, 0)
-    layer = MoELayer(cfg, w, backend="emulator")
-    with pytest.raises(ValueError, match="shared experts"):
-        layer(x, save_for_backward=True)
-
-
 # ---------------------------------------------------------------- the fused kernel
 # The shared MLP's tiles are up/down tasks over every token tile; its width differs
 # from the routed experts' (three up slices of 64 columns, gated).

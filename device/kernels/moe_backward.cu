@@ -22,9 +22,6 @@
 #include <flashmoe/moe/backward.cuh>
 #include <flashmoe/moe/entry_config.cuh>
 
-#if FMOE_SHARED_F != 0
-#error "the backward of shared experts is not implemented (flashmoe_core refuses to save for it)"
-#endif
 using BwdCfg = fmoe_entry::Cfg;
 using BwdS = BwdCfg::S;
 
@@ -40,11 +37,14 @@ flashmoe_moe_backward(const flashmoe::abi::MoeLayout* __restrict__ fwd,
                       const BwdS* __restrict__ x, const BwdS* __restrict__ dy,
                       BwdS* __restrict__ dx, float* g_router, float* g_router_bias,
                       float* g_up, float* g_up2, float* g_up_bias, float* g_up2_bias,
-                      float* g_down, float* g_down_bias, int tokens, int flags) {
-  static_assert(flashmoe::abi::kGradPointers == 8, "one argument per abi::BwdGrad");
+                      float* g_down, float* g_down_bias, float* g_s_up, float* g_s_up2,
+                      float* g_s_up_bias, float* g_s_up2_bias, float* g_s_down,
+                      float* g_s_down_bias, float* g_s_gate, int tokens, int flags) {
+  static_assert(flashmoe::abi::kGradPointers == 15, "one argument per abi::BwdGrad");
   flashmoe::moe::backward<BwdCfg>(
       fwd, bwd, x, dy, dx,
       flashmoe::moe::GradOut{g_router, g_router_bias, g_up, g_up2, g_up_bias, g_up2_bias,
-                             g_down, g_down_bias},
+                             g_down, g_down_bias, g_s_up, g_s_up2, g_s_up_bias,
+                             g_s_up2_bias, g_s_down, g_s_down_bias, g_s_gate},
       tokens, flags);
 }

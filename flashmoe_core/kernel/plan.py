@@ -151,7 +151,8 @@ SAVED_ROUTING = ("topk_expert", "topk_weight", "token_rows", "row_token", "exper
 def saved_buffers(cfg: MoEConfig, recompute: bool = False) -> Dict[str, int]:
     """Buffer name -> bytes of one save slot: the input ``x`` and the routing, and unless
     ``recompute`` the expert intermediates (``z``, ``y_expert``, the pre-activation
-    ``pre``: vanilla ``x W1 + b1``, gated ``x Wg`` and ``x Wu``)."""
+    ``pre``: vanilla ``x W1 + b1``, gated ``x Wg`` and ``x Wu``) and the shared experts'
+    (``zs``, ``ys``, ``pre_s``, the gate ``shared_scale``)."""
     t, k, e, h, f = cfg.tokens, cfg.top_k, cfg.experts, cfg.hidden, cfg.ffn
     b = itemsize(cfg.dtype)
     tt = math.ceil(t / TILE)
@@ -161,6 +162,10 @@ def saved_buffers(cfg: MoEConfig, recompute: bool = False) -> Dict[str, int]:
     if not recompute:
         pf = 2 * f if cfg.mlp == "gated" else f
         out.update(z=t * k * f * b, y_expert=t * k * h * b, pre=t * k * pf * b)
+        if cfg.n_shared:
+            s = cfg.shared_width
+            spf = 2 * s if cfg.mlp == "gated" else s
+            out.update(zs=t * s * b, ys=t * h * b, pre_s=t * spf * b, shared_scale=t * 4)
         if cfg.world_size > 1:  # the owner's side: rows received from every source
             sr = cfg.world_size * slot_rows(cfg)
             out.update(recv_saved=sr * h * b, z_remote=sr * f * b, pre_remote=sr * pf * b)
@@ -210,7 +215,8 @@ def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
     b = itemsize(cfg.dtype)
     gated = cfg.mlp == "gated"
     pf = 2 * f if gated else f
-    ep = math.ceil(e / 8) * 8
+    gate = bool(cfg.n_shared and cfg.shared_gate)
+    ep = math.ceil((e + gate) / 8) * 8  # logit columns: the experts, the shared gate
     tt = math.ceil(t / TILE)
     w = cfg.world_size
     received = (w * slot_rows(cfg)) if w > 1 else 0  # rows an owner can receive at most
@@ -222,6 +228,11 @@ def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
     ring = max_rowtiles * ht + el * ht * pt + (el * pt if biases else 0) + tt * ht
     if w > 1:  # received tiles' dH and dX; dW2 and db2 are published there
         ring += w * max_peer_tiles(cfg) * (ft + ht) + el * ft * ht + (el * ht if biases else 0)
+    sw = cfg.shared_width
+    spf = 2 * sw if gated else sw
+    spt = math.ceil(spf / TILE)
+    if sw:  # the shared MLP's dX tiles, dW1s tiles and db1s columns
+        ring += tt * ht + ht * spt + (spt if biases else 0)
     weights = {"router_b": h * ep * b, "w_up_b": el * h * pf * b, "w_down_b": el * f * h * b}
     workspace = {
         "dye": t * k * h * b, "dye_t": h * rp * b, "z_t": f * rp * b, "xg_t": h * rp * b,
@@ -230,6 +241,10 @@ def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
         "dep_expert": el * 4, "dep_dxsum": tt * ht * 4, "ring": ring * 8,
         "dy_stage": t * h * b, "dx_stage": t * h * b,
     }
+    if sw:
+        weights.update(ws_up_b=h * spf * b, ws_down_b=sw * h * b)
+        workspace.update(dys=t * h * b, dys_t=h * tp * b, zs_t=sw * tp * b, das=t * spf * b,
+                         das_t=spf * tp * b, dxs=t * h * 4, dep_sh=(tt + 1) * 4)
     symmetric = {}
     if w > 1:
         symmetric = {"dxe": workspace.pop("dxe"), "dxe_remote": received * h * 4}

@@ -31,7 +31,8 @@ import numpy as np
 
 from ..config import MoEConfig
 from ..host.abi import (BWD_GRAD_INDEX, BWD_GRAD_POINTERS, MOE_BACKWARD_EP_POINTERS,
-                        MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS)
+                        MOE_BACKWARD_LAYOUT, MOE_BACKWARD_POINTERS,
+                        MOE_BACKWARD_SHARED_POINTERS)
 from ..numerics import storage_dtype
 from .plan import SAVED_ROUTING, BackwardPlan, saved_buffers
 from ..weights import MoEWeights, expert_tensor_names, gradient_tensor_names
@@ -53,10 +54,14 @@ def grad_pointer_names(cfg: MoEConfig) -> Tuple[Optional[str], ...]:
     order), ``None`` where the config has none."""
     vanilla = cfg.mlp == "vanilla"
     bias = not vanilla and cfg.mlp_bias
+    mlp = {"up": "w1" if vanilla else "wg", "up2": "b1" if vanilla else "wu",
+           "up_bias": "bg" if bias else None, "up2_bias": "bu" if bias else None,
+           "down": "w2", "down_bias": "b2" if vanilla or bias else None}
     by_slot = {"router": "router", "router_bias": "router_bias" if cfg.router_bias else None,
-               "up": "w1" if vanilla else "wg", "up2": "b1" if vanilla else "wu",
-               "up_bias": "bg" if bias else None, "up2_bias": "bu" if bias else None,
-               "down": "w2", "down_bias": "b2" if vanilla or bias else None}
+               "shared_gate": "shared_gate" if cfg.n_shared and cfg.shared_gate else None,
+               **mlp}
+    for role, name in mlp.items():  # the shared MLP's tensors in the same roles
+        by_slot["shared_" + role] = "shared_" + name if cfg.n_shared and name else None
     names: list = [None] * BWD_GRAD_POINTERS
     for slot, index in BWD_GRAD_INDEX.items():
         names[index] = by_slot[slot]
@@ -66,7 +71,8 @@ def grad_pointer_names(cfg: MoEConfig) -> Tuple[Optional[str], ...]:
 class MoEGradients:
     """Gradients of a layer's weights: ``router`` [hidden, experts] (and ``router_bias``
     [experts] with one); vanilla ``w1, b1, w2, b2``; gated ``wg, wu, w2`` (and ``bg, bu,
-    b2`` with biases); float32, shaped like the weights held (``expert_ids``).
+    b2`` with biases); with shared experts the same names prefixed ``shared_`` (and
+    ``shared_gate``); float32, shaped like the weights held (``expert_ids``).
 
     Each attribute is a NumPy array, or a GPU tensor of the caller's kind when the
     backward ran on DLPack tensors.
@@ -80,13 +86,17 @@ class MoEGradients:
     """
 
     def __init__(self, mlp: str, expert_ids: Sequence[int], **arrays: Any) -> None:
-        bias = "bg" in arrays or "bu" in arrays
+        bias = mlp == "gated" and ("bg" in arrays or "bu" in arrays)
+        shared = any(n.startswith("shared_") for n in arrays)
         names = ("router",) + (("router_bias",) if "router_bias" in arrays else ()) + \
-            expert_tensor_names(mlp, bias and mlp == "gated")
+            expert_tensor_names(mlp, bias)
+        if shared:
+            names += tuple("shared_" + n for n in expert_tensor_names(mlp, bias)) + \
+                (("shared_gate",) if "shared_gate" in arrays else ())
         if set(arrays) != set(names):
             raise ValueError(f"MoEGradients for mlp={mlp!r} needs exactly {list(names)}, "
                              f"got {sorted(arrays)} (router_bias with a router bias; gated "
-                             f"bg, bu, b2 with biases)")
+                             f"bg, bu, b2 with biases; shared_* with shared experts)")
         self.names: Tuple[str, ...] = names
         self.mlp = mlp
         self.expert_ids = tuple(int(e) for e in expert_ids)
@@ -212,16 +222,26 @@ def saved_bytes_per_token(cfg: MoEConfig, recompute: bool = False) -> float:
 
 def backward_weights(w: MoEWeights) -> Dict[str, np.ndarray]:
     """The weights in the layouts the backward GEMMs read (C = A B^T, both K-major):
-    ``router_b`` [hidden, ceil8(experts)] (the router, zero-padded columns),
-    ``w_up_b`` vanilla ``w1`` [E, hidden, ffn] / gated ``[wg | wu]`` [E, hidden, 2 ffn],
-    ``w_down_b`` ``w2`` [E, ffn, hidden]: the user layouts, uploaded as they are."""
+    ``router_b`` [hidden, ceil8(experts + gate)] (the router, then the shared experts'
+    gate as column ``experts`` when there is one, zero-padded columns), ``w_up_b``
+    vanilla ``w1`` [E, hidden, ffn] / gated ``[wg | wu]`` [E, hidden, 2 ffn], ``w_down_b``
+    ``w2`` [E, ffn, hidden]; with shared experts ``ws_up_b`` (``shared_w1`` or
+    ``[shared_wg | shared_wu]``) and ``ws_down_b`` (``shared_w2``): the user layouts."""
     cfg = w.cfg
-    ep = math.ceil(cfg.experts / 8) * 8
+    gate = bool(cfg.n_shared and cfg.shared_gate)
+    ep = math.ceil((cfg.experts + gate) / 8) * 8
     router = np.zeros((cfg.hidden, ep), storage_dtype(cfg.dtype))
     router[:, :cfg.experts] = w.router
+    if gate:  # the shared experts' gate is the router's column E, as in the forward
+        router[:, cfg.experts] = w.shared_gate
     up = w.w1 if cfg.mlp == "vanilla" else np.concatenate([w.wg, w.wu], axis=2)
-    return {"router_b": router, "w_up_b": np.ascontiguousarray(up),
-            "w_down_b": np.ascontiguousarray(w.w2)}
+    out = {"router_b": router, "w_up_b": np.ascontiguousarray(up),
+           "w_down_b": np.ascontiguousarray(w.w2)}
+    if cfg.n_shared:
+        up = w.shared_w1 if cfg.mlp == "vanilla" else \
+            np.concatenate([w.shared_wg, w.shared_wu], axis=1)
+        out.update(ws_up_b=np.ascontiguousarray(up), ws_down_b=np.ascontiguousarray(w.shared_w2))
+    return out
 
 
 def backward_layout_record(plan: BackwardPlan, ptr: Callable[[str], int],
@@ -229,7 +249,7 @@ def backward_layout_record(plan: BackwardPlan, ptr: Callable[[str], int],
     """The MoeBackwardLayout a layer hands its backward kernel (``ptr``: buffer name ->
     address)."""
     rec = np.zeros((), dtype=MOE_BACKWARD_LAYOUT)
-    for name in MOE_BACKWARD_POINTERS + MOE_BACKWARD_EP_POINTERS:
+    for name in MOE_BACKWARD_POINTERS + MOE_BACKWARD_EP_POINTERS + MOE_BACKWARD_SHARED_POINTERS:
         rec[name] = ptr(name)
     rec["delay_ns"] = int(delay_ns)
     rec["ring_capacity"] = plan.ring_capacity
@@ -276,10 +296,6 @@ class TrainingMixin:
 
     def _forward_saving(self, x, recompute: bool, **kw):
         cfg = self.cfg
-        if cfg.n_shared:
-            raise ValueError(f"the backward kernel does not cover shared experts yet "
-                             f"(n_shared={cfg.n_shared}); the forward does, and the oracle's "
-                             f"moe_backward differentiates them")
         slot = self._saved_pool.take(recompute)
         try:
             y, tokens, extra = self._tr_forward(x, slot, **kw)

@@ -21,7 +21,7 @@ FMOE_EMU_EXPORT unsigned emu_moe_backward_abi() { return flashmoe_moe_backward_a
 
 /**
  * One launch of the backward kernel on `pes` PEs at once. Per PE p: fwd[p], bwd[p],
- * x[p], dy[p], dx[p], tokens[p]; grads[8 p .. 8 p + 7] are its gradient pointers in
+ * x[p], dy[p], dx[p], tokens[p]; grads[15 p .. 15 p + 14] are its gradient pointers in
  * abi::BwdGrad order; launched[p] == 0 leaves PE p out (an absent rank). heaps[p]
  * is PE p's symmetric heap (expert parallelism only; every heap holds heap_bytes).
  */
@@ -51,7 +51,8 @@ FMOE_EMU_EXPORT int emu_moe_backward(int pes, const flashmoe::abi::MoeLayout* co
         if (!launched[pe]) return;
         float* const* g = grads + flashmoe::abi::kGradPointers * pe;
         flashmoe_moe_backward(fwd[pe], bwd[pe], x[pe], dy[pe], dx[pe], g[0], g[1], g[2], g[3],
-                              g[4], g[5], g[6], g[7], tokens[pe], flags);
+                              g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
+                              g[14], tokens[pe], flags);
       },
       [](int) { emu_block_start(flashmoe::moe::smem, sizeof flashmoe::moe::smem); });
   return ok ? 0 : 1;

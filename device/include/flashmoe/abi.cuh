@@ -127,6 +127,11 @@ enum BwdTaskKind : cuda::std::uint32_t {
   kBwdSend = 8,      ///< put one tile of dye rows into its owner's receive buffer (ready)
   kBwdDHRemote = 9,  ///< dH of a received tile x F column tile (published by the subscriber)
   kBwdDXRemote = 10, ///< dX of a received tile x H column tile; the last one returns the rows
+  // Shared experts.
+  kBwdSharedDH = 11,  ///< dHs of a token tile x FS column tile; epilogue dAs and dAs^T (ready)
+  kBwdSharedDX = 12,  ///< dXs = dAs W1s^T for a token tile x H column tile (float32 rows)
+  kBwdSharedDW = 13,  ///< a dW2s tile (ready), then the dW1s tiles (published)
+  kBwdSharedDB = 14,  ///< db2s columns (ready), then db1s columns (published)
 };
 
 /// The backward kernel's float32 gradient pointers, in argument order (null when the
@@ -141,7 +146,15 @@ enum BwdGrad : int {
   kGradUp2Bias = 5,     ///< gated [El, F]
   kGradDown = 6,        ///< [El, F, H]
   kGradDownBias = 7,    ///< [El, H]
-  kGradPointers = 8,    ///< how many
+  // The shared MLP's, in the same roles (replicated: [H, FS], [FS], ...).
+  kGradSharedUp = 8,
+  kGradSharedUp2 = 9,
+  kGradSharedUpBias = 10,
+  kGradSharedUp2Bias = 11,
+  kGradSharedDown = 12,
+  kGradSharedDownBias = 13,
+  kGradSharedGate = 14,  ///< [H]
+  kGradPointers = 15,    ///< how many
 };
 
 /**
@@ -254,6 +267,8 @@ struct MoeLayout {
   void* zs;                           ///< [T, FS] shared intermediate
   void* ys;                           ///< [T, H] shared output
   cuda::std::uint32_t* dep_shared;    ///< [TT] shared up tiles done per token tile
+  /// A save slot's shared pre-activations [T, PF] (as `pre`; null: not saving).
+  void* pre_s;
 };
 
 /**
@@ -291,6 +306,17 @@ struct MoeBackwardLayout {
   void* da_remote;                  ///< [W, SR, PF] dA of received rows
   float* dxe_remote;                ///< sym [W, SR, H] dX of received rows (put source)
   cuda::std::uint32_t* dep_remote;  ///< [W * PT, 2] dH / dX column tiles done per tile
+  // Shared experts (null without): their MLP over every token, FS wide, SPF = FS
+  // (vanilla) or 2 FS (gated). A marked token's columns and rows are zeros.
+  const void* ws_up_b;              ///< vanilla W1s [H, FS]; gated [H, 2FS]: Wg row, Wu row
+  const void* ws_down_b;            ///< W2s [FS, H] (user layout)
+  void* dys;                        ///< [T, H] g * dy per token
+  void* dys_t;                      ///< [H, TP]
+  void* zs_t;                       ///< [FS, TP]
+  void* das;                        ///< [T, SPF] dA of the shared MLP
+  void* das_t;                      ///< [SPF, TP]
+  float* dxs;                       ///< [T, H] its dX rows
+  cuda::std::uint32_t* dep_sh;      ///< [TT + 1] shared dH tasks done per token tile, all
 };
 
 }  // namespace abi
@@ -373,6 +399,7 @@ struct MoeBackwardLayout {
   X(MoeLayout, zs)           \
   X(MoeLayout, ys)           \
   X(MoeLayout, dep_shared)   \
+  X(MoeLayout, pre_s)        \
   X(MoeBackwardLayout, router_b)   \
   X(MoeBackwardLayout, w_up_b)     \
   X(MoeBackwardLayout, w_down_b)   \
@@ -398,6 +425,15 @@ struct MoeBackwardLayout {
   X(MoeBackwardLayout, da_remote)  \
   X(MoeBackwardLayout, dxe_remote) \
   X(MoeBackwardLayout, dep_remote) \
+  X(MoeBackwardLayout, ws_up_b)    \
+  X(MoeBackwardLayout, ws_down_b)  \
+  X(MoeBackwardLayout, dys)        \
+  X(MoeBackwardLayout, dys_t)      \
+  X(MoeBackwardLayout, zs_t)       \
+  X(MoeBackwardLayout, das)        \
+  X(MoeBackwardLayout, das_t)      \
+  X(MoeBackwardLayout, dxs)        \
+  X(MoeBackwardLayout, dep_sh)     \
   X(TraceRecord, start_ns)   \
   X(TraceRecord, end_ns)     \
   X(TraceRecord, block)      \
@@ -429,10 +465,14 @@ struct MoeBackwardLayout {
   X(BwdTaskKind, kBwdDH) X(BwdTaskKind, kBwdDW2) X(BwdTaskKind, kBwdDB2)                    \
   X(BwdTaskKind, kBwdDR) X(BwdTaskKind, kBwdDX) X(BwdTaskKind, kBwdDW1)                     \
   X(BwdTaskKind, kBwdDB1) X(BwdTaskKind, kBwdDXSum) X(BwdTaskKind, kBwdSend)                \
-  X(BwdTaskKind, kBwdDHRemote) X(BwdTaskKind, kBwdDXRemote)                                 \
+  X(BwdTaskKind, kBwdDHRemote) X(BwdTaskKind, kBwdDXRemote) X(BwdTaskKind, kBwdSharedDH)    \
+  X(BwdTaskKind, kBwdSharedDX) X(BwdTaskKind, kBwdSharedDW) X(BwdTaskKind, kBwdSharedDB)    \
   X(BwdGrad, kGradRouter) X(BwdGrad, kGradRouterBias) X(BwdGrad, kGradUp)                  \
   X(BwdGrad, kGradUp2) X(BwdGrad, kGradUpBias) X(BwdGrad, kGradUp2Bias)                    \
-  X(BwdGrad, kGradDown) X(BwdGrad, kGradDownBias) X(BwdGrad, kGradPointers)                \
+  X(BwdGrad, kGradDown) X(BwdGrad, kGradDownBias) X(BwdGrad, kGradSharedUp)               \
+  X(BwdGrad, kGradSharedUp2) X(BwdGrad, kGradSharedUpBias) X(BwdGrad, kGradSharedUp2Bias)  \
+  X(BwdGrad, kGradSharedDown) X(BwdGrad, kGradSharedDownBias) X(BwdGrad, kGradSharedGate)  \
+  X(BwdGrad, kGradPointers)                                                                 \
   X(DType, kFloat32) X(DType, kTFloat32) X(DType, kBFloat16) X(DType, kFloat16)             \
   X(Act, kRelu) X(Act, kGelu) X(Act, kSilu) X(Act, kIdentity) X(Act, kSwigluClamped)       \
   X(RowMark, kNoExpert) X(RowMark, kRowDropped) X(RowMark, kRowMarked)

@@ -36,6 +36,10 @@ using abi::kBwdDXSum;
 using abi::kBwdDHRemote;
 using abi::kBwdDXRemote;
 using abi::kBwdSend;
+using abi::kBwdSharedDB;
+using abi::kBwdSharedDH;
+using abi::kBwdSharedDW;
+using abi::kBwdSharedDX;
 
 FMOE_DEVICE uint32_t bdesc(uint32_t index, BwdTaskKind kind) { return (index << 4) | kind; }
 
@@ -60,7 +64,7 @@ FMOE_DEVICE float activate_grad(float x) {
 /// Vanilla: up = dW1 [El, H, F], up2 = db1 [El, F], down = dW2 [El, F, H], down_b = db2
 /// [El, H]. Gated: up = dWg, up2 = dWu [El, H, F], down = dW2; with biases up_b = dbg,
 /// up2_b = dbu [El, F] and down_b = db2 (else null). router = [H, E]; router_b = [E]
-/// with a router bias (else null).
+/// with a router bias (else null). Shared experts: s_* likewise (null without).
 struct GradOut {
   float* router;
   float* router_b;
@@ -70,6 +74,14 @@ struct GradOut {
   float* up2_b;
   float* down;
   float* down_b;
+  // The shared MLP's (replicated: no expert dimension), in the same roles; s_gate [H].
+  float* s_up;
+  float* s_up2;
+  float* s_up_b;
+  float* s_up2_b;
+  float* s_down;
+  float* s_down_b;
+  float* s_gate;
 };
 
 template <class C>
@@ -88,6 +100,12 @@ struct Backward {
   /// Up-projection and down biases have gradients (db1 over F; gated: dbg | dbu over 2F).
   static constexpr bool kUpBiasGrad = !C::kGated || C::M::kBias;
   static constexpr int kB1T = C::kGated ? kPT : kFT;              // db1 tasks per expert
+  /// Shared experts: one MLP kSF wide over every token (0: none); its pre-activations
+  /// are kSPF wide.
+  static constexpr int kSF = C::SH::F;
+  static constexpr int kSPF = C::kGated ? 2 * kSF : kSF;
+  static constexpr int kSFT = (kSF + kTile - 1) / kTile;          // shared dH column tiles
+  static constexpr int kSPT = (kSPF + kTile - 1) / kTile;         // shared dW1 column tiles
   static constexpr int kTLd = kTile + 8;                         // transpose tile row stride
   static_assert(kTile * kTLd * int(sizeof(S)) <= G::kSmemBytes,
                 "the transpose tile must fit the GEMM's shared memory");
@@ -218,6 +236,9 @@ struct Backward {
     for (int i = gtid; i < L.max_rowtiles; i += gsize) B.dep_dx[i] = 0u;
     for (int i = gtid; i < L.local_experts; i += gsize) B.dep_expert[i] = 0u;
     for (int i = gtid; i < TT * kHT; i += gsize) B.dep_dxsum[i] = 0u;
+    if constexpr (C::kShared) {
+      for (int i = gtid; i <= TT; i += gsize) B.dep_sh[i] = 0u;
+    }
     if constexpr (C::kEP) {
       for (int i = gtid; i < 2 * L.world * L.max_peer_tiles; i += gsize) B.dep_remote[i] = 0u;
     }
@@ -391,6 +412,8 @@ struct Backward {
         dot = fmaf(ds[j], ps[j], dot);
       }
     }
+    float dl = 0.0f;  // the shared experts' gate logit's gradient
+    if constexpr (C::kShared) dl = shared_rows(t, dyt, marked(t));
     S* dzt = static_cast<S*>(B.dz) + int64_t(t) * kEp;
 #pragma unroll
     for (int i = 0; i < C::kPerLane; ++i) {
@@ -407,11 +430,49 @@ struct Backward {
         } else {
           dz = v[i] * (dp - dot);
         }
-        if (e >= E) dz = 0.0f;
+        if (e >= E) dz = C::SH::kGate && e == E ? dl : 0.0f;
         else if (bad != 0u) dz = cuda::std::numeric_limits<float>::quiet_NaN();
         dzt[e] = Elem::from_float(dz);
       }
     }
+    if constexpr (kEp > 32 * C::kPerLane) {  // the gate's column past the experts' lanes
+      for (int e = 32 * C::kPerLane + lane; e < kEp; e += 32) {  // bounded: kEp columns
+        dzt[e] = Elem::from_float(C::SH::kGate && e == E ? dl : 0.0f);
+      }
+    }
+  }
+
+  /// Whether token t is marked (rule 10: it reached no expert, the shared ones neither).
+  FMOE_DEVICE bool marked(int t) const { return L.token_rows[t * K] == abi::kRowMarked; }
+
+  /**
+   * The shared MLP's part of token t (one warp): dys = g dy (g the saved gate, 1
+   * without), zeros for a marked token; returns the gate logit's gradient
+   * <dy, ys> g (1 - g) (0 without a gate or for a marked token).
+   */
+  FMOE_DEVICE float shared_rows(int t, const S* dyt, bool is_marked) {
+    const int lane = threadIdx.x & 31;
+    const float g = C::SH::kGate ? L.shared_scale[t] : 1.0f;
+    const S* yst = static_cast<const S*>(L.ys) + int64_t(t) * H;
+    S* dst = static_cast<S*>(B.dys) + int64_t(t) * H;
+    float acc = 0.0f;
+    for (int col = lane * 8; col < H; col += 256) {  // bounded: H / 256 chunks per lane
+      float a[8];
+      gemm::load8<Elem>(dyt + col, a);
+      if constexpr (C::SH::kGate) {
+        float b[8];
+        gemm::load8<Elem, true>(yst + col, b);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc = fmaf(a[q], b[q], acc);
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) a[q] = is_marked ? 0.0f : a[q] * g;
+      gemm::store8<Elem>(dst + col, a);
+    }
+    if constexpr (!C::SH::kGate) return 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    return is_marked ? 0.0f : acc * g * (1.0f - g);
   }
 
   // ---------------------------------------------------------------- phase 2: transposes
@@ -419,7 +480,8 @@ struct Backward {
    * Transpose `rows` (<= kTile) rows x `cols` (<= kTile, a multiple of 8) columns:
    * src_row(r) points at row r's first column; dst_col(c) + r receives element (r, c),
    * for r up to rows rounded to 8 (zeros past `rows`: the K padding of the weight
-   * gradients). Sources may come from other blocks of this launch: read through L2.
+   * gradients; also a row whose src_row is null). Sources may come from other blocks
+   * of this launch: read through L2.
    */
   template <class SrcRow, class DstCol>
   FMOE_DEVICE void transpose_tile(int rows, int cols, SrcRow src_row, DstCol dst_col) {
@@ -438,7 +500,10 @@ struct Backward {
     for (int v = threadIdx.x; v < kTile * kRowVecs; v += C::kThreads) {
       const int r = v / kRowVecs, c = (v % kRowVecs) * kVec;
       uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (r < rows && c < cols) val = __ldcg(reinterpret_cast<const uint4*>(src_row(r) + c));
+      if (r < rows && c < cols) {
+        const S* src = src_row(r);
+        if (src != nullptr) val = __ldcg(reinterpret_cast<const uint4*>(src + c));
+      }
       *reinterpret_cast<uint4*>(tile + r * kTLd + c) = val;
     }
     __syncthreads();
@@ -471,7 +536,9 @@ struct Backward {
   /// received (their dye^T comes with their dH); per token tile: x^T and dz^T into
   /// columns of [*, TP].
   FMOE_DEVICE void transposes(int n_rt, int n_recv) {
-    constexpr int kPerRt = 2 * kHT + kFT, kPerRecv = kHT + kFT, kPerTt = kHT + kEpT;
+    // Per token tile: x^T, dz^T, and with shared experts dys^T, zs^T.
+    constexpr int kPerRt = 2 * kHT + kFT, kPerRecv = kHT + kFT;
+    constexpr int kPerTt = kHT + kEpT + (C::kShared ? kHT + kSFT : 0);
     const int local_jobs = n_rt * kPerRt, recv_jobs = n_recv * kPerRecv;
     const int jobs = local_jobs + recv_jobs + TT * kPerTt;
     const S* dye = static_cast<const S*>(B.dye);
@@ -513,17 +580,36 @@ struct Backward {
         const int i = j - local_jobs - recv_jobs;
         const int t0 = (i / kPerTt) * kTile, q = i % kPerTt;
         const int rows = min(kTile, T - t0);
+        // With shared experts a marked token's x column is zero: it reaches none of
+        // their gradients, and the router's stay NaN through its dz row.
+        const auto kept = [&](int r) { return !C::kShared || !marked(t0 + r); };
         if (q < kHT) {
           const int c0 = q * kTile;
           S* dst = static_cast<S*>(B.x_t);
           transpose_tile(
-              rows, min(kTile, H - c0), [&](int r) { return x + int64_t(t0 + r) * H + c0; },
+              rows, min(kTile, H - c0),
+              [&](int r) { return kept(r) ? x + int64_t(t0 + r) * H + c0 : nullptr; },
               [&](int c) { return dst + int64_t(c0 + c) * tp() + t0; });
-        } else {
+        } else if (q < kHT + kEpT) {
           const int c0 = (q - kHT) * kTile;
           S* dst = static_cast<S*>(B.dz_t);
           transpose_tile(
               rows, min(kTile, kEp - c0), [&](int r) { return dz + int64_t(t0 + r) * kEp + c0; },
+              [&](int c) { return dst + int64_t(c0 + c) * tp() + t0; });
+        } else if (q < 2 * kHT + kEpT) {
+          const int c0 = (q - kHT - kEpT) * kTile;
+          const S* src = static_cast<const S*>(B.dys);
+          S* dst = static_cast<S*>(B.dys_t);
+          transpose_tile(
+              rows, min(kTile, H - c0), [&](int r) { return src + int64_t(t0 + r) * H + c0; },
+              [&](int c) { return dst + int64_t(c0 + c) * tp() + t0; });
+        } else {
+          const int c0 = (q - 2 * kHT - kEpT) * kTile;
+          const S* src = static_cast<const S*>(L.zs);
+          S* dst = static_cast<S*>(B.zs_t);
+          transpose_tile(
+              rows, min(kTile, kSF - c0),
+              [&](int r) { return kept(r) ? src + int64_t(t0 + r) * kSF + c0 : nullptr; },
               [&](int c) { return dst + int64_t(c0 + c) * tp() + t0; });
         }
       }
@@ -637,46 +723,59 @@ struct Backward {
   }
 
   /**
-   * dH of `rows` rows (dye rows a, pre-activations pre, of local expert le) x F column
-   * tile f0, then dA (vanilla dH act'(a); gated dG, dU: gated_grad) rows
-   * into da and their transposes into columns col0.. of da_t.
+   * dH of `rows` rows (dye rows a, pre-activations pre) of one MLP kF_ wide (w2: its
+   * [kF_, H] down weights) x column tile f0, then dA (vanilla dH act'(a); gated dG, dU:
+   * gated_grad) rows into da, zeros for the rows zero_row(r) names, and their
+   * transposes into columns col0.. of da_t (row stride ld; `out` elements per column).
    */
-  FMOE_DEVICE void dh_compute(int le, int rows, int f0, int col0, const S* a, const S* pre,
-                              S* da) {
-    const S* w2 = static_cast<const S*>(B.w_down_b) + int64_t(le) * F * H;
+  template <int kF_, class ZeroRow>
+  FMOE_DEVICE void dh_tile(const S* w2, int rows, int f0, const S* a, const S* pre, S* da,
+                           S* da_t, int64_t ld, int col0, int out, ZeroRow zero_row) {
+    constexpr int kPF_ = C::kGated ? 2 * kF_ : kF_;
     const float* staged = G::compute_tile(
         smem, H, [&](int r) -> const S* { return r < rows ? a + int64_t(r) * H : nullptr; },
-        [&](int r) -> const S* { return f0 + r < F ? w2 + int64_t(f0 + r) * H : nullptr; },
+        [&](int r) -> const S* { return f0 + r < kF_ ? w2 + int64_t(f0 + r) * H : nullptr; },
         rows);
     G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
       const int n = f0 + c;
-      if (r >= rows || n >= F) return;
+      if (r >= rows || n >= kF_) return;
+      const bool zero = zero_row(r);
       if constexpr (C::kGated) {
         float gv[8], uv[8], dg[8], du[8];
-        gemm::load8<Elem>(pre + int64_t(r) * kPF + n, gv);
-        gemm::load8<Elem>(pre + int64_t(r) * kPF + F + n, uv);
+        gemm::load8<Elem>(pre + int64_t(r) * kPF_ + n, gv);
+        gemm::load8<Elem>(pre + int64_t(r) * kPF_ + kF_ + n, uv);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) gated_grad(v[q], gv[q], uv[q], dg[q], du[q]);
-        gemm::store8<Elem>(da + int64_t(r) * kPF + n, dg);
-        gemm::store8<Elem>(da + int64_t(r) * kPF + F + n, du);
+        for (int q = 0; q < 8; ++q) {
+          gated_grad(v[q], gv[q], uv[q], dg[q], du[q]);
+          if (zero) dg[q] = du[q] = 0.0f;
+        }
+        gemm::store8<Elem>(da + int64_t(r) * kPF_ + n, dg);
+        gemm::store8<Elem>(da + int64_t(r) * kPF_ + kF_ + n, du);
       } else {
         float av[8];
-        gemm::load8<Elem>(pre + int64_t(r) * kPF + n, av);
+        gemm::load8<Elem>(pre + int64_t(r) * kPF_ + n, av);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) v[q] *= activate_grad<C::kAct>(av[q]);
-        gemm::store8<Elem>(da + int64_t(r) * kPF + n, v);
+        for (int q = 0; q < 8; ++q) v[q] = zero ? 0.0f : v[q] * activate_grad<C::kAct>(av[q]);
+        gemm::store8<Elem>(da + int64_t(r) * kPF_ + n, v);
       }
     });
     __syncthreads();
     // dA^T from the rows this block just wrote (the staged tile is spent by now).
-    const int out = write_rows(le, col0, rows);
-    row_transpose(rows, out, f0, F, col0, B.da_t, [&](int r) { return da + int64_t(r) * kPF; });
-    if constexpr (C::kGated) {
-      S* dat = static_cast<S*>(B.da_t) + int64_t(F) * rp();  // dU^T: rows F.. of da_t
-      transpose_tile(rows, out, min(kTile, F - f0),
-                     [&](int r) { return da + int64_t(r) * kPF + F + f0; },
-                     [&](int c) { return dat + int64_t(f0 + c) * rp() + col0; });
+    const int cols = min(kTile, kF_ - f0);
+    transpose_tile(rows, out, cols, [&](int r) { return da + int64_t(r) * kPF_ + f0; },
+                   [&](int c) { return da_t + int64_t(f0 + c) * ld + col0; });
+    if constexpr (C::kGated) {  // dU^T: rows kF_.. of da_t
+      transpose_tile(rows, out, cols, [&](int r) { return da + int64_t(r) * kPF_ + kF_ + f0; },
+                     [&](int c) { return da_t + int64_t(kF_ + f0 + c) * ld + col0; });
     }
+  }
+
+  /// dh_tile of local expert le's rows, into columns col0.. of the [*, RP] da_t.
+  FMOE_DEVICE void dh_compute(int le, int rows, int f0, int col0, const S* a, const S* pre,
+                              S* da) {
+    dh_tile<F>(static_cast<const S*>(B.w_down_b) + int64_t(le) * F * H, rows, f0, a, pre, da,
+               static_cast<S*>(B.da_t), rp(), col0, write_rows(le, col0, rows),
+               [](int) { return false; });
   }
 
   /// dH tasks of local expert le expected before its weight gradients can run.
@@ -720,6 +819,8 @@ struct Backward {
   /// Credit `len` finished dX rows of token tile tt in H column tile col; the credit that
   /// completes it publishes the dx task. One thread, after its release fence.
   FMOE_DEVICE bool credit_run(int tt, int len, int col) {
+    // Its kept rows (with shared experts the forward counts the tile's tokens too:
+    // their dX rows credit it as well).
     const uint32_t target = uint32_t(L.tile_kept[tt]);
     const uint32_t done = atomicAdd(&B.dep_dxsum[tt * kHT + col], uint32_t(len)) + uint32_t(len);
     if (done != target) return true;
@@ -727,13 +828,14 @@ struct Backward {
                         site);
   }
 
-  /// dX_e = dA W1^T of `rows` dA rows of local expert le, H column tile h0, float32
-  /// rows into out.
-  FMOE_DEVICE void dx_compute(int le, int rows, int h0, const S* da, float* out) {
-    const S* w1 = static_cast<const S*>(B.w_up_b) + int64_t(le) * H * kPF;
+  /// dX = dA W1^T of `rows` dA rows (kPF_ wide) of one MLP (w1: [H, kPF_]), H column
+  /// tile h0, float32 rows into out.
+  template <int kPF_>
+  FMOE_DEVICE void dx_tile(const S* w1, int rows, int h0, const S* da, float* out) {
     const float* staged = G::compute_tile(
-        smem, kPF, [&](int r) -> const S* { return r < rows ? da + int64_t(r) * kPF : nullptr; },
-        [&](int r) -> const S* { return h0 + r < H ? w1 + int64_t(h0 + r) * kPF : nullptr; },
+        smem, kPF_,
+        [&](int r) -> const S* { return r < rows ? da + int64_t(r) * kPF_ : nullptr; },
+        [&](int r) -> const S* { return h0 + r < H ? w1 + int64_t(h0 + r) * kPF_ : nullptr; },
         rows);
     G::for_each_row_chunk(staged, kTile, [&](int r, int c, float(&v)[8]) {
       if (r >= rows || h0 + c >= H) return;
@@ -741,6 +843,11 @@ struct Backward {
       d[0] = make_float4(v[0], v[1], v[2], v[3]);
       d[1] = make_float4(v[4], v[5], v[6], v[7]);
     });
+  }
+
+  /// dx_tile of local expert le.
+  FMOE_DEVICE void dx_compute(int le, int rows, int h0, const S* da, float* out) {
+    dx_tile<kPF>(static_cast<const S*>(B.w_up_b) + int64_t(le) * H * kPF, rows, h0, da, out);
   }
 
   /// dX_e of a row tile x H column tile, float32 rows; credits the dx tasks of the
@@ -762,8 +869,9 @@ struct Backward {
     return credit_run(s_tt[r], len, col);
   }
 
-  /// dx of a token tile x H column tile: dZ R^T (float32), plus the token's dX rows in
-  /// slot order, rounded once to the storage type.
+  /// dx of a token tile x H column tile: dZ R^T (float32; the shared gate's column
+  /// included), plus the token's dX rows in slot order, then the shared experts' dX row,
+  /// rounded once to the storage type.
   FMOE_DEVICE void dxsum_task(int index) {
     const int tt = index / kHT, t0 = tt * kTile, h0 = (index % kHT) * kTile;
     const S* dz = static_cast<const S*>(B.dz);
@@ -781,6 +889,12 @@ struct Backward {
         const int row = L.token_rows[t * K + j];
         if (row < 0) continue;
         const float4* p = reinterpret_cast<const float4*>(B.dxe + int64_t(row) * H + n);
+        const float4 a = __ldcg(p), b = __ldcg(p + 1);
+        v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
+        v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+      }
+      if constexpr (C::kShared) {  // after the slots, as the forward's combine
+        const float4* p = reinterpret_cast<const float4*>(B.dxs + int64_t(t) * H + n);
         const float4 a = __ldcg(p), b = __ldcg(p + 1);
         v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
         v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
@@ -899,9 +1013,112 @@ struct Backward {
             if (e < E) {
               float* p = out.router + int64_t(h) * E + e;
               *p = accumulate ? *p + v[q] : v[q];
+            } else if (C::SH::kGate && e == E) {  // column E: the shared experts' gate
+              put1(out.s_gate + h, v[q], true);
             }
           }
         });
+  }
+
+  // ---------------------------------------------------------------- shared experts
+  /// Column sums over the tokens of rows h0 + thread of a [*, TP] buffer (n_rows rows),
+  /// in token order; dst(h) is where row h goes.
+  template <class Dst>
+  FMOE_DEVICE void token_sums(const S* src_t, int n_rows, int h0, Dst dst) {
+    const int h = h0 + int(threadIdx.x), len = (T + 7) & ~7;
+    if (h < n_rows) put1(dst(h), row_sum(src_t + int64_t(h) * tp(), len), len > 0);
+    __syncthreads();
+  }
+
+  /// dHs of token tile tt x column tile f0 of the shared MLP (dys rows, its saved
+  /// pre-activations), dAs into das and das_t; the tile's last one publishes its dXs
+  /// tasks, the launch's last one the dW1s and db1s tasks. Marked tokens' dAs are zeros.
+  FMOE_DEVICE bool shared_dh_task(int index) {
+    const int tt = index / kSFT, f0 = (index % kSFT) * kTile;
+    const int t0 = tt * kTile, rows = min(kTile, T - t0);
+    dh_tile<kSF>(static_cast<const S*>(B.ws_down_b), rows, f0,
+                 static_cast<const S*>(B.dys) + int64_t(t0) * H,
+                 static_cast<const S*>(L.pre_s) + int64_t(t0) * kSPF,
+                 static_cast<S*>(B.das) + int64_t(t0) * kSPF, static_cast<S*>(B.das_t), tp(), t0,
+                 (rows + 7) & ~7, [&](int r) { return marked(t0 + r); });
+    bool ok = true;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      if (atomicAdd(&B.dep_sh[tt], 1u) + 1u == uint32_t(kSFT)) {
+        ok = ring.publish(kHT, [&](int i) {
+          return bdesc(uint32_t(tt * kHT + i), kBwdSharedDX);
+        }, site);
+      }
+      if (atomicAdd(&B.dep_sh[TT], 1u) + 1u == uint32_t(TT * kSFT)) {
+        ok = ring.publish(kHT * kSPT, [&](int i) {
+          return bdesc(uint32_t(kSFT * kHT + i), kBwdSharedDW);
+        }, site) && ok;
+        if constexpr (kUpBiasGrad) {
+          ok = ok && ring.publish(kSPT, [&](int i) {
+            return bdesc(uint32_t(kHT + i), kBwdSharedDB);
+          }, site);
+        }
+      }
+    }
+    return ok;
+  }
+
+  /// dXs = dAs W1s^T of token tile tt x H column tile col (float32 rows into dxs); its
+  /// rows credit the tile's dx task like routed rows.
+  FMOE_DEVICE bool shared_dx_task(int index) {
+    const int tt = index / kHT, col = index % kHT, t0 = tt * kTile;
+    const int rows = min(kTile, T - t0);
+    dx_tile<kSPF>(static_cast<const S*>(B.ws_up_b), rows, col * kTile,
+                  static_cast<const S*>(B.das) + int64_t(t0) * kSPF, B.dxs + int64_t(t0) * H);
+    __syncthreads();
+    if (threadIdx.x != 0) return true;
+    __threadfence();  // release (after the block barrier): the rows before the credit
+    return credit_run(tt, rows, col);
+  }
+
+  /// The shared MLP's weight tiles over the tokens: [0, kSFT kHT) dW2s = zs^T (dys^T)^T
+  /// (ready), then dW1s = x^T (das^T)^T, H tile x SPF tile (published).
+  FMOE_DEVICE void shared_dw_task(int index) {
+    const int k = (T + 7) & ~7;
+    if (index < kSFT * kHT) {
+      const int f0 = (index / kHT) * kTile, h0 = (index % kHT) * kTile;
+      const S* zt = static_cast<const S*>(B.zs_t);
+      const S* dyt = static_cast<const S*>(B.dys_t);
+      weight_tile(
+          k, [&](int r) -> const S* { return f0 + r < kSF ? zt + int64_t(f0 + r) * tp() : nullptr; },
+          [&](int r) -> const S* { return h0 + r < H ? dyt + int64_t(h0 + r) * tp() : nullptr; },
+          [&](int r, int c, float(&v)[8]) {
+            if (f0 + r < kSF && h0 + c < H) put8(out.s_down + int64_t(f0 + r) * H + h0 + c, v);
+          });
+      return;
+    }
+    const int j = index - kSFT * kHT;
+    const int h0 = (j / kSPT) * kTile, n0 = (j % kSPT) * kTile;
+    const S* xt = static_cast<const S*>(B.x_t);
+    const S* dat = static_cast<const S*>(B.das_t);
+    weight_tile(
+        k, [&](int r) -> const S* { return h0 + r < H ? xt + int64_t(h0 + r) * tp() : nullptr; },
+        [&](int r) -> const S* { return n0 + r < kSPF ? dat + int64_t(n0 + r) * tp() : nullptr; },
+        [&](int r, int c, float(&v)[8]) {
+          const int h = h0 + r, n = n0 + c;
+          if (h >= H || n >= kSPF) return;  // kSF is a multiple of 8: no chunk straddles it
+          float* base = n < kSF ? out.s_up : out.s_up2;
+          put8(base + int64_t(h) * kSF + (n < kSF ? n : n - kSF), v);
+        });
+  }
+
+  /// The shared MLP's bias columns: [0, kHT) db2s from dys^T (ready), then db1s
+  /// (gated: dbg | dbu) from das^T (published).
+  FMOE_DEVICE void shared_db_task(int index) {
+    if (index < kHT) {
+      token_sums(static_cast<const S*>(B.dys_t), H, index * kTile,
+                 [&](int h) { return out.s_down_b + h; });
+      return;
+    }
+    token_sums(static_cast<const S*>(B.das_t), kSPF, (index - kHT) * kTile, [&](int h) {
+      if constexpr (C::kGated) return h < kSF ? out.s_up_b + h : out.s_up2_b + h - kSF;
+      else return out.s_up2 + h;  // vanilla: db1s in the up2 role, as the experts'
+    });
   }
 
 #if FLASHMOE_NVSHMEM
@@ -1072,8 +1289,8 @@ struct Backward {
 
   // ---------------------------------------------------------------- the task loop
   struct Counts {
-    uint32_t send, dh, dw2, db2, dr, published;
-    FMOE_DEVICE uint32_t ready() const { return send + dh + dw2 + db2 + dr; }
+    uint32_t send, dh, dw2, db2, dr, sdh, sdw, sdb, published;
+    FMOE_DEVICE uint32_t ready() const { return send + dh + dw2 + db2 + dr + sdh + sdw + sdb; }
     FMOE_DEVICE uint32_t total() const { return ready() + published; }
   };
 
@@ -1087,9 +1304,14 @@ struct Backward {
     n.dw2 = C::kEP ? 0u : el * kFT * kHT;  // with peers they wait for received rows
     n.db2 = C::kEP || !kUpBiasGrad ? 0u : el * kHT;
     n.dr = uint32_t(kHT * kEpT);
+    n.sdh = C::kShared ? uint32_t(TT * kSFT) : 0u;  // shared experts: dHs, dW2s, db2s
+    n.sdw = C::kShared ? uint32_t(kSFT * kHT) : 0u;
+    n.sdb = C::kShared && kUpBiasGrad ? uint32_t(kHT) : 0u;
     n.published = uint32_t(n_rt * kHT) + el * kHT * kPT + (kUpBiasGrad ? el * kB1T : 0u) +
                   uint32_t(TT * kHT) +
-                  (C::kEP ? uint32_t(n_recv * (kFT + kHT)) + weights2 : 0u);
+                  (C::kEP ? uint32_t(n_recv * (kFT + kHT)) + weights2 : 0u) +
+                  (C::kShared ? uint32_t(TT * kHT + kHT * kSPT) + (kUpBiasGrad ? kSPT : 0u)
+                              : 0u);
     return n;
   }
 
@@ -1112,8 +1334,14 @@ struct Backward {
           s_task = bdesc(idx, kBwdDB2);
         } else if ((idx -= n.db2) < n.dr) {
           s_task = bdesc(idx, kBwdDR);
+        } else if ((idx -= n.dr) < n.sdh) {
+          s_task = bdesc(idx, kBwdSharedDH);
+        } else if ((idx -= n.sdh) < n.sdw) {
+          s_task = bdesc(idx, kBwdSharedDW);
+        } else if ((idx -= n.sdw) < n.sdb) {
+          s_task = bdesc(idx, kBwdSharedDB);
         } else {
-          s_task = ring.take(idx - n.dr, site);
+          s_task = ring.take(idx - n.sdb, site);
         }
       }
       __syncthreads();
@@ -1137,6 +1365,18 @@ struct Backward {
         case kBwdDW1: dw1_task(index); break;
         case kBwdDB1: db1_task(index); break;
         case kBwdDXSum: dxsum_task(index); break;
+        case kBwdSharedDH:
+          if constexpr (C::kShared) ok = shared_dh_task(index); else ok = false;
+          break;
+        case kBwdSharedDX:
+          if constexpr (C::kShared) ok = shared_dx_task(index); else ok = false;
+          break;
+        case kBwdSharedDW:
+          if constexpr (C::kShared) shared_dw_task(index); else ok = false;
+          break;
+        case kBwdSharedDB:
+          if constexpr (C::kShared) shared_db_task(index); else ok = false;
+          break;
 #if FLASHMOE_NVSHMEM
         case kBwdSend: send_task(index); break;
         case kBwdDHRemote: ok = dh_remote_task(index); break;

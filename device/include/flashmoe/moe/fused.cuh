@@ -851,9 +851,12 @@ struct Kernel {
   FMOE_DEVICE bool shared_up_task(int index) {
     const int tt = index / C::kSharedUpTiles, col = index % C::kSharedUpTiles;
     const RowTile tile = shared_tile(tt);
+    constexpr int kPreCols = C::kGated ? 2 * C::SH::F : C::SH::F;
+    S* pre = L.pre_s == nullptr ? nullptr
+                                : static_cast<S*>(L.pre_s) + int64_t(tile.out_row0) * kPreCols;
     up_compute<C::SH::F>(tile, col, [&](int r) { return x + int64_t(tile.a_row0 + r) * C::H; },
                          static_cast<S*>(L.zs) + int64_t(tile.out_row0) * C::SH::F,
-                         shared_weights());
+                         shared_weights(), pre);
     bool ok = true;
     if (threadIdx.x == 0) {
       __threadfence();
