@@ -73,13 +73,13 @@ MOE_BACKWARD_POINTERS = (
     "dz_t", "x_t", "dep_dx", "dep_expert", "dep_dxsum", "ring")
 MOE_BACKWARD_EP_POINTERS = ("da_remote", "dxe_remote", "dep_remote")
 MOE_BACKWARD_SHARED_POINTERS = ("ws_up_b", "ws_down_b", "dys", "dys_t", "zs_t", "das", "das_t",
-                                "dxs", "dep_sh")
+                                "dxs", "dep_sh", "d_weights")
 MOE_BACKWARD_LAYOUT = _struct(
     [(name, _PTR, 8 * i) for i, name in enumerate(MOE_BACKWARD_POINTERS)]
     + [("delay_ns", "<u8", 136), ("ring_capacity", "<i4", 144), ("rp_capacity", "<i4", 148),
        ("tp_capacity", "<i4", 152), ("reserved0", "<i4", 156)]
     + [(name, _PTR, 160 + 8 * i) for i, name in enumerate(MOE_BACKWARD_EP_POINTERS)]
-    + [(name, _PTR, 184 + 8 * i) for i, name in enumerate(MOE_BACKWARD_SHARED_POINTERS)], 256)
+    + [(name, _PTR, 184 + 8 * i) for i, name in enumerate(MOE_BACKWARD_SHARED_POINTERS)], 264)
 
 TRACE_RECORD = _struct([("start_ns", "<u8", 0), ("end_ns", "<u8", 8), ("block", "<u4", 16),
                         ("what", "<u4", 20)], 24)

@@ -111,6 +111,38 @@ def test_backward_of_each_model_family_matches_the_oracle(name, backend):
         assert (g > lim).any() and (g < lim).any() and (np.abs(u) > lim).any()
 
 
+@pytest.mark.parametrize("name", ["gpt-oss-drops-shared", "sigmoid-rounded"])
+def test_backward_of_a_given_routing(name, backend):
+    """layer(x, routing=...) then backward: the gradient of the caller's weights
+    (routing_weights; through the renormalisation after the drop where there is one)
+    instead of the router's, which is exactly zero; the rest as the oracle's."""
+    cfg = MoEConfig(**MODELS[name])
+    layer, w = layer_for(cfg, backend)
+    t = per_backend(backend, cfg.tokens, 32)
+    x, dy = random_tokens(cfg, 6, tokens=t), upstream(cfg, t, 6)
+    rng = np.random.default_rng(6)
+    experts = np.stack([rng.choice(cfg.experts, cfg.top_k, replace=False)
+                        for _ in range(t)]).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, (t, cfg.top_k)).astype(np.float32)
+    _, saved, routing = layer(x, routing=(experts, weights), save_for_backward=True,
+                              return_routing=True)
+    assert np.array_equal(routing.experts, experts) and saved.given
+    assert not routing.kept.all()  # the capacity rule applies to given routing too
+    dx, grads = layer.backward(dy, saved)
+    ref_dx, ref = moe_backward(cfg, w, x, dy, routing, given_weights=True)
+    assert not np.any(grads.router)
+    assert not cfg.router_bias or not np.any(grads.router_bias)
+    compare(cfg, dx, grads, ref_dx, ref)
+    assert grads.routing_weights.shape == (t, cfg.top_k)
+    assert rel_err(grads.routing_weights, ref.routing_weights) <= BACKWARD_TOLERANCE[cfg.dtype]
+    assert np.all(grads.routing_weights[~routing.kept] == 0)
+    with pytest.raises(ValueError, match="recompute=True with routing="):
+        layer(x, routing=(experts, weights), save_for_backward=True, recompute=True)
+    # The next forward of the router's own routing has no routing_weights.
+    _, saved = layer(x, save_for_backward=True)
+    assert layer.backward(dy, saved)[1].routing_weights is None
+
+
 def test_accumulating_adds_the_bias_gradients_too(backend):
     cfg = MoEConfig(**MODELS["gpt-oss-drops-shared"])
     layer, w = layer_for(cfg, backend)

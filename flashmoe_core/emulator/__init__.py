@@ -472,10 +472,7 @@ class EmulatedMoELayer(_Emulated, EmulatedTraining):
         if save_for_backward or recompute:
             if not save_for_backward:
                 raise ValueError("recompute=True is an option of save_for_backward=True")
-            if routing is not None:
-                raise ValueError("routing= has no backward yet: run the forward without "
-                                 "save_for_backward, or let the router choose")
-            return self._forward_saving(x, recompute, return_routing=return_routing)
+            return self._forward_saving(x, recompute, routing, return_routing=return_routing)
         mode = "full"
         if routing is not None:
             shape = getattr(x, "shape", ())

@@ -100,16 +100,17 @@ class _BackwardLauncher:
                                                          _P, _P, ctypes.c_int, ctypes.c_int, _P,
                                                          ctypes.c_ulonglong])
 
-    def __call__(self, options, fwd, bwd, x, dy, dx, grads, tokens, launched, accumulate: bool,
+    def __call__(self, options, fwd, bwd, x, dy, dx, grads, tokens, launched, flags: int,
                  grid: int, heaps=(), heap_bytes: int = 0) -> None:
-        """One launch on len(fwd) PEs (per-PE addresses; grads: BWD_GRAD_POINTERS per PE)."""
+        """One launch on len(fwd) PEs (per-PE addresses; grads: BWD_GRAD_POINTERS per PE;
+        flags: kernel.training.backward_flags)."""
         from . import recovering
 
         arr = lambda t, vals: (t * len(vals))(*vals)  # noqa: E731
         with recovering(self.on_report):
             self.lib.launch(options, self.fn, len(fwd), arr(_P, fwd), arr(_P, bwd), arr(_P, x),
                             arr(_P, dy), arr(_P, dx), arr(_P, grads), arr(ctypes.c_int, tokens),
-                            arr(ctypes.c_int, [int(bool(v)) for v in launched]), int(accumulate),
+                            arr(ctypes.c_int, [int(bool(v)) for v in launched]), int(flags),
                             grid, arr(_P, [int(h.ctypes.data) for h in heaps]) if heaps else None,
                             heap_bytes)
 
@@ -138,17 +139,21 @@ class EmulatedTraining(TrainingMixin):
         out[...] = np.frombuffer(rec.tobytes(), np.uint8)
         return out
 
-    def _forward_into(self, slot: _Slot, x_ptr: int, tokens: int) -> None:
+    def _forward_into(self, slot: _Slot, x_ptr: int, tokens: int, mode: str = "full") -> None:
         layout = self._slot_layout(slot)
         pe = self._pe
-        self._launcher([types.SimpleNamespace(layout=layout)], [tokens], [True], "full",
+        self._launcher([types.SimpleNamespace(layout=layout)], [tokens], [True], mode,
                        self.grid, [x_ptr], [pe.ptr("y_stage")])
         self.check_fault()
 
-    def _tr_forward(self, x, slot: _Slot, return_routing: bool = False):
+    def _tr_forward(self, x, slot: _Slot, return_routing: bool = False, given=None):
         x, t = staged_input(self.cfg, as_numpy(x, "x"), "x", self.check_finite)
         slot.view("x", x.shape, x.dtype)[...] = x
-        self._forward_into(slot, slot.ptr("x"), t)
+        if given is not None:  # the caller's experts and weights, into the slot's routing
+            k = self.cfg.top_k
+            slot.view("topk_expert", (t, k), np.int32)[...] = given[0]
+            slot.view("topk_weight", (t, k), np.float32)[...] = given[1]
+        self._forward_into(slot, slot.ptr("x"), t, "full" if given is None else "routed")
         y = self._pe.view("y_stage", (t, self.cfg.hidden), storage_dtype(self.cfg.dtype)).copy()
         extra = ()
         if return_routing:
@@ -187,7 +192,7 @@ class EmulatedTraining(TrainingMixin):
         bw.layout = _aligned(rec.nbytes)
         bw.layout[...] = np.frombuffer(rec.tobytes(), np.uint8)
 
-    def _tr_backward(self, dy, slot: _Slot, tokens: int, grads_out, accumulate: bool):
+    def _tr_backward(self, dy, slot: _Slot, tokens: int, grads_out, flags: int):
         cfg = self.cfg
         dy = as_numpy(dy, "dy")
         check_grad_output(cfg, dy.shape, dy.dtype, tokens, dy.flags.c_contiguous)
@@ -220,10 +225,13 @@ class EmulatedTraining(TrainingMixin):
         fwd_layout = self._slot_layout(fwd)
         bw.launcher(self.options, [int(fwd_layout.ctypes.data)], [int(bw.layout.ctypes.data)],
                     [slot.ptr("x")], [int(bw.buf["dy_stage"].ctypes.data)],
-                    [int(bw.buf["dx_stage"].ctypes.data)], ptrs, [tokens], [True], accumulate,
+                    [int(bw.buf["dx_stage"].ctypes.data)], ptrs, [tokens], [True], flags,
                     self.grid)
         self.check_fault()
         dx = bw.buf["dx_stage"].view(dt)[:dy.size].reshape(dy.shape).copy()
+        if flags & 2:
+            grads.routing_weights = bw.buf["d_weights"].view(np.float32)[
+                :tokens * cfg.top_k].reshape(tokens, cfg.top_k).copy()
         return dx, grads
 
     # ------------------------------------------------------------------ weights

@@ -359,7 +359,8 @@ class MoELayer(GpuTraining):
         routing : Routing or (experts, weights), optional
             Use these expert ids and combine weights (NumPy [t, top_k]) instead of the
             router, for routers the config cannot express; the capacity rule still
-            applies. Validated before launch (ids in range, finite weights).
+            applies. Validated before launch (ids in range, finite weights). Its
+            backward gives ``grads.routing_weights`` and no router gradient.
         save_for_backward : bool
             Run into a save slot and also return a SavedForBackward for
             :meth:`backward` (``y, saved[, routing]``); see :mod:`flashmoe_core.kernel.training`.
@@ -375,10 +376,7 @@ class MoELayer(GpuTraining):
         if save_for_backward or recompute:
             if not save_for_backward:
                 raise ValueError("recompute=True is an option of save_for_backward=True")
-            if routing is not None:
-                raise ValueError("routing= has no backward yet: run the forward without "
-                                 "save_for_backward, or let the router choose")
-            return self._forward_saving(x, recompute, out=out, stream=stream,
+            return self._forward_saving(x, recompute, routing, out=out, stream=stream,
                                         return_routing=return_routing)
         self.check_fault()
         given = None

@@ -119,7 +119,8 @@ class GpuTraining(TrainingMixin):
                 stream.wait(self._last_stream)
             self._last_stream = stream
 
-    def _forward_slot(self, stream, slot: _GpuSlot, x_ptr: int, y_ptr: int, tokens: int) -> None:
+    def _forward_slot(self, stream, slot: _GpuSlot, x_ptr: int, y_ptr: int, tokens: int,
+                      mode: str = "full") -> None:
         from ..host import launch as _launch
         from ..host.abi import MODES
 
@@ -127,19 +128,29 @@ class GpuTraining(TrainingMixin):
         self._order_on(stream)
         cap = self.cfg.capacity(tokens)
         args = (np.uint64(layout), np.uint64(x_ptr), np.uint64(y_ptr), np.int32(tokens),
-                np.int32(-1 if cap is None else cap), np.int32(MODES["full"]))
+                np.int32(-1 if cap is None else cap), np.int32(MODES[mode]))
         _launch.launch_kernel(stream, self._kernel, (self.grid, 1, 1), (128, 1, 1), args,
                               smem=self.smem)
         if self.world > 1 and "y_expert" in slot.buf:  # the owners' results, into the slot
             memory.copy_device(slot.ptr("y_expert"), self._ptr("y_expert"),
                                slot.nbytes["y_expert"], stream)
 
-    def _tr_forward(self, x, slot: _GpuSlot, out=None, stream=None, return_routing: bool = False):
+    def _tr_forward(self, x, slot: _GpuSlot, out=None, stream=None, return_routing: bool = False,
+                    given=None):
         from ..host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
         from .layer import _resolve_stream, overlaps
 
         self.check_fault()
         h, nb = self.cfg.hidden, self._dtype.itemsize
+        mode = "full" if given is None else "routed"
+
+        def put_given(stream_) -> None:  # the caller's experts and weights, into the slot
+            if given is not None:
+                memory.copy_in(slot.buf["topk_expert"], np.ascontiguousarray(given[0], np.int32),
+                               stream_)
+                memory.copy_in(slot.buf["topk_weight"],
+                               np.ascontiguousarray(given[1], np.float32), stream_)
+
         if isinstance(x, np.ndarray):
             if out is not None or stream is not None:
                 raise ValueError("out= and stream= are for GPU tensors; NumPy input returns "
@@ -150,7 +161,8 @@ class GpuTraining(TrainingMixin):
             if self.check_finite:
                 check_finite("x", x)
             memory.copy_in(slot.buf["x"], np.ascontiguousarray(x), self._stream)
-            self._forward_slot(self._stream, slot, slot.ptr("x"), self._ptr("y_stage"), t)
+            put_given(self._stream)
+            self._forward_slot(self._stream, slot, slot.ptr("x"), self._ptr("y_stage"), t, mode)
             y = memory.download(self._buffers["y_stage"], (t, h), self._dtype, self._stream)
             self.check_fault()
         else:
@@ -186,7 +198,8 @@ class GpuTraining(TrainingMixin):
             # The slot keeps its own x: the caller may reuse theirs before the backward.
             self._order_on(s)
             memory.copy_device(slot.ptr("x"), xv.ptr, t * h * nb, s)
-            self._forward_slot(s, slot, slot.ptr("x"), y_ptr, t)
+            put_given(s)
+            self._forward_slot(s, slot, slot.ptr("x"), y_ptr, t, mode)
             if stream is None or return_routing:
                 s.sync()
                 self.check_fault()
@@ -300,14 +313,14 @@ class GpuTraining(TrainingMixin):
             memory.copy_in(bw.layout, data, self._stream)
 
     def _launch_backward(self, stream, slot_layout: int, x_ptr: int, dy_ptr: int, dx_ptr: int,
-                         grad_ptrs, tokens: int, accumulate: bool) -> None:
+                         grad_ptrs, tokens: int, flags: int) -> None:
         from ..host import launch as _launch
 
         bw = self._bw
         self._order_on(stream)
         args = (np.uint64(slot_layout), np.uint64(int(bw.layout.handle)), np.uint64(x_ptr),
                 np.uint64(dy_ptr), np.uint64(dx_ptr), *(np.uint64(p) for p in grad_ptrs),
-                np.int32(tokens), np.int32(int(accumulate)))
+                np.int32(tokens), np.int32(flags))
         _launch.launch_kernel(stream, bw.kernel, (bw.grid, 1, 1), (128, 1, 1), args,
                               smem=bw.smem)
 
@@ -331,7 +344,7 @@ class GpuTraining(TrainingMixin):
     def _grad_order(self):
         return grad_pointer_names(self.cfg)
 
-    def _tr_backward(self, dy, slot: _GpuSlot, tokens: int, grads_out, accumulate: bool,
+    def _tr_backward(self, dy, slot: _GpuSlot, tokens: int, grads_out, flags: int,
                      stream=None):
         from ..host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
         from .layer import _resolve_stream
@@ -339,6 +352,8 @@ class GpuTraining(TrainingMixin):
         self.check_fault()
         cfg, h = self.cfg, self.cfg.hidden
         bw = self._ensure_backward()
+        accumulate = bool(flags & 1)
+        rw_shape = (tokens, cfg.top_k)
         if isinstance(dy, np.ndarray):
             if stream is not None:
                 raise ValueError("stream= is for GPU tensors; NumPy dy returns NumPy")
@@ -355,16 +370,21 @@ class GpuTraining(TrainingMixin):
             ptrs = [0 if n is None else int(bw.buf[f"g_{n}"].handle) for n in self._grad_order()]
             self._launch_backward(s, src.layout_ptr(self), slot.ptr("x"),
                                   int(bw.buf["dy_stage"].handle), int(bw.buf["dx_stage"].handle),
-                                  ptrs, tokens, accumulate)
+                                  ptrs, tokens, flags)
             dx = memory.download(bw.buf["dx_stage"], (tokens, h), self._dtype, s)
             self.check_fault()
             shapes = gradient_shapes(cfg, len(self.local_ids))
             got = {n: memory.download(bw.buf[f"g_{n}"], shapes[n], np.float32, s) for n in shapes}
             if grads_out is None:
-                return dx, MoEGradients(cfg.mlp, self._expert_ids(), **got)
-            for n, a in grads_out.arrays().items():
-                a[...] = got[n]
-            return dx, grads_out
+                grads = MoEGradients(cfg.mlp, self._expert_ids(), **got)
+            else:
+                grads = grads_out
+                for n, a in grads_out.arrays().items():
+                    a[...] = got[n]
+            if flags & 2:
+                grads.routing_weights = memory.download(bw.buf["d_weights"], rw_shape,
+                                                        np.float32, s)
+            return dx, grads
         if not is_dlpack_gpu_tensor(dy):
             raise TypeError(f"dy must be a NumPy array or a DLPack GPU tensor, got "
                             f"{type(dy).__name__}")
@@ -397,15 +417,24 @@ class GpuTraining(TrainingMixin):
         src = self._forward_source(s, slot, tokens, check=False)
         ptrs = [0 if n is None else gptr[n] for n in self._grad_order()]
         self._launch_backward(s, src.layout_ptr(self), slot.ptr("x"), dv.ptr, int(dx_buf.handle),
-                              ptrs, tokens, accumulate)
+                              ptrs, tokens, flags)
+        rw = None
+        if flags & 2:  # out of the layer's workspace, before the next backward reuses it
+            nbytes = tokens * cfg.top_k * 4
+            rw = memory.alloc(self.device, nbytes, s)
+            memory.copy_device(int(rw.handle), int(bw.buf["d_weights"].handle), nbytes, s)
         if stream is None:
             s.sync()
             self.check_fault()
         dx = export_tensor(dx_buf, (tokens, h), self._dtype, like=dy)
-        if grads_out is not None:
-            return dx, grads_out
-        return dx, MoEGradients(cfg.mlp, self._expert_ids(), **{
-            n: export_tensor(b, shapes[n], _F32, like=dy) for n, b in owned.items()})
+        if grads_out is None:
+            grads = MoEGradients(cfg.mlp, self._expert_ids(), **{
+                n: export_tensor(b, shapes[n], _F32, like=dy) for n, b in owned.items()})
+        else:
+            grads = grads_out
+        if rw is not None:
+            grads.routing_weights = export_tensor(rw, rw_shape, _F32, like=dy)
+        return dx, grads
 
     def _training_launches(self, x: np.ndarray, dy: np.ndarray):
         """(forward, backward): launches on the layer's stream over staged buffers, for

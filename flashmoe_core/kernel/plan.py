@@ -245,6 +245,7 @@ def plan_backward(cfg: MoEConfig, local_experts: int = None) -> BackwardPlan:
         weights.update(ws_up_b=h * spf * b, ws_down_b=sw * h * b)
         workspace.update(dys=t * h * b, dys_t=h * tp * b, zs_t=sw * tp * b, das=t * spf * b,
                          das_t=spf * tp * b, dxs=t * h * 4, dep_sh=(tt + 1) * 4)
+    workspace["d_weights"] = t * k * 4  # the caller's routing: its weights' gradient
     symmetric = {}
     if w > 1:
         symmetric = {"dxe": workspace.pop("dxe"), "dxe_remote": received * h * 4}

@@ -35,6 +35,7 @@ from ..host.abi import (BWD_GRAD_INDEX, BWD_GRAD_POINTERS, MOE_BACKWARD_EP_POINT
                         MOE_BACKWARD_SHARED_POINTERS)
 from ..numerics import storage_dtype
 from .plan import SAVED_ROUTING, BackwardPlan, saved_buffers
+from ..oracle.reference import given_routing
 from ..weights import MoEWeights, expert_tensor_names, gradient_tensor_names
 
 __all__ = ["MoEGradients", "SavedForBackward", "saved_bytes_per_token", "backward_weights",
@@ -102,6 +103,9 @@ class MoEGradients:
         self.expert_ids = tuple(int(e) for e in expert_ids)
         for name in self.names:
             setattr(self, name, arrays[name])
+        #: [tokens, top_k] dL/d the caller's combine weights when the forward ran on
+        #: ``routing=``; None otherwise (the router's gradient is then zero).
+        self.routing_weights: Any = None
 
     @classmethod
     def zeros(cls, cfg: MoEConfig, expert_ids: Optional[Sequence[int]] = None) -> "MoEGradients":
@@ -140,7 +144,7 @@ class SavedForBackward:
     """
 
     def __init__(self, layer: Any, slot: Any, tokens: int, recompute: bool,
-                 weights_version: int, nbytes: int) -> None:
+                 weights_version: int, nbytes: int, given: bool = False) -> None:
         self._layer = weakref.ref(layer)
         self._slot = slot
         self.serial = next(_serials)
@@ -149,6 +153,7 @@ class SavedForBackward:
         self.recompute = bool(recompute)
         self.weights_version = weights_version
         self.nbytes = int(nbytes)
+        self.given = bool(given)  # the forward ran on the caller's routing
 
     @property
     def released(self) -> bool:
@@ -294,16 +299,25 @@ class TrainingMixin:
         """Bytes one save slot of this layer holds (sized for ``cfg.tokens``)."""
         return sum(saved_buffers(self.cfg, recompute).values())
 
-    def _forward_saving(self, x, recompute: bool, **kw):
-        cfg = self.cfg
+    def _forward_saving(self, x, recompute: bool, routing=None, **kw):
+        given = None
+        if routing is not None:
+            if recompute:
+                raise ValueError("recompute=True with routing= is not supported: the "
+                                 "backward would run the router's forward again; keep the "
+                                 "activations (recompute=False)")
+            shape = getattr(x, "shape", None)
+            if shape is None or len(shape) != 2:
+                raise ValueError("x must be [tokens, hidden] (routing= has a row per token)")
+            given = given_routing(self.cfg, routing, int(shape[0]))
         slot = self._saved_pool.take(recompute)
         try:
-            y, tokens, extra = self._tr_forward(x, slot, **kw)
+            y, tokens, extra = self._tr_forward(x, slot, given=given, **kw)
         except BaseException:
             self._saved_pool.give(slot)
             raise
         saved = SavedForBackward(self, slot, tokens, recompute, self._weights_version,
-                                 self.saved_bytes(recompute))
+                                 self.saved_bytes(recompute), given=given is not None)
         return (y, saved) + tuple(extra)
 
     def backward(self, dy, saved: SavedForBackward, grads_out: Optional[MoEGradients] = None,
@@ -349,8 +363,8 @@ class TrainingMixin:
             raise ValueError("accumulate=True adds into grads_out: pass the buffers to add to")
         if grads_out is not None:
             self._check_grads_out(grads_out)
-        dx, grads = self._tr_backward(dy, saved._slot, saved.tokens, grads_out, bool(accumulate),
-                                      **kw)
+        dx, grads = self._tr_backward(dy, saved._slot, saved.tokens, grads_out,
+                                      backward_flags(accumulate, saved.given), **kw)
         if not retain:
             saved.release()
         return dx, grads
@@ -369,6 +383,12 @@ class TrainingMixin:
                 raise ValueError(f"grads_out.{name} has shape {got_shape}; expected {shape}")
             if isinstance(a, np.ndarray) and a.dtype != np.float32:
                 raise ValueError(f"grads_out.{name} has dtype {a.dtype}; gradients are float32")
+
+
+def backward_flags(accumulate: bool, given: bool) -> int:
+    """The backward kernel's ``flags``: bit 0 adds into the gradients, bit 1 says the
+    forward ran on the caller's routing."""
+    return int(bool(accumulate)) | (int(bool(given)) << 1)
 
 
 def numpy_grads_ok(a: np.ndarray) -> bool:

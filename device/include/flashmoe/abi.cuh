@@ -317,6 +317,9 @@ struct MoeBackwardLayout {
   void* das_t;                      ///< [SPF, TP]
   float* dxs;                       ///< [T, H] its dX rows
   cuda::std::uint32_t* dep_sh;      ///< [TT + 1] shared dH tasks done per token tile, all
+  /// [T, k] dL/d the caller's combine weights (flags bit 1: the forward's routing was
+  /// given; the router then gets no gradient).
+  float* d_weights;
 };
 
 }  // namespace abi
@@ -434,6 +437,7 @@ struct MoeBackwardLayout {
   X(MoeBackwardLayout, das_t)      \
   X(MoeBackwardLayout, dxs)        \
   X(MoeBackwardLayout, dep_sh)     \
+  X(MoeBackwardLayout, d_weights)  \
   X(TraceRecord, start_ns)   \
   X(TraceRecord, end_ns)     \
   X(TraceRecord, block)      \

@@ -123,6 +123,7 @@ struct Backward {
   int T;           // tokens of the saved forward
   int TT;          // token tiles
   bool accumulate;
+  bool given;      // the forward ran on the caller's routing: d_weights, no router gradient
   char* smem;
   int32_t* s_eoff;   // [E + 1] first compact row of each expert
   int32_t* s_rp;     // [El + 1] first column of each local expert in the [*, RP] buffers
@@ -135,9 +136,9 @@ struct Backward {
 
   FMOE_DEVICE Backward(const abi::MoeLayout& l, const abi::MoeBackwardLayout& b, const S* x_,
                        const S* dy_, S* dx_, GradOut g, int tokens, bool acc, char* sm,
-                       int32_t* tables, uint32_t epoch)
+                       int32_t* tables, uint32_t epoch, bool given_)
       : L(l), B(b), x(x_), dy(dy_), dx(dx_), out(g), T(tokens),
-        TT((tokens + kTile - 1) / kTile), accumulate(acc), smem(sm), s_eoff(tables),
+        TT((tokens + kTile - 1) / kTile), accumulate(acc), given(given_), smem(sm), s_eoff(tables),
         s_rp(tables + (E + 1)), s_rtoff(tables + 2 * (E + 1)), s_lexp(tables + 3 * (E + 1)),
         site{l.fault, l.timeout_ns, l.rank, epoch, l.state, l.world},
         ring{b.ring, l.state, b.ring_capacity, epoch + 1u, abi::kPhaseBwdRingSlot,
@@ -388,7 +389,18 @@ struct Backward {
     if constexpr (!kOne) gu = gu / kScale;
     float ds[K];  // dL/dq_j (softmax after top-k: dL/dz at e_j)
     float dot = 0.0f;
-    if constexpr (R::kSoftmaxAfterTopk) {
+    if (given) {  // warp-uniform: dL/dw of the caller's weights; the router gets nothing
+      // Renormalised after the drop, c_i = kept_i s w_i / W: dw_i = kept_i (s/W)(g_i - gu).
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          B.d_weights[t * K + j] =
+              !R::kDropRenorm ? g[j] : rows[j] >= 0 ? drop_scale * (g[j] - gu) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < K; ++j) ds[j] = 0.0f;
+    } else if constexpr (R::kSoftmaxAfterTopk) {
 #pragma unroll
       for (int j = 0; j < K; ++j) ds[j] = c[j] * (g[j] - gu);
     } else {
@@ -431,6 +443,7 @@ struct Backward {
           dz = v[i] * (dp - dot);
         }
         if (e >= E) dz = C::SH::kGate && e == E ? dl : 0.0f;
+        else if (given) dz = 0.0f;  // no router term, not even a NaN one
         else if (bad != 0u) dz = cuda::std::numeric_limits<float>::quiet_NaN();
         dzt[e] = Elem::from_float(dz);
       }
@@ -996,7 +1009,7 @@ struct Backward {
     if constexpr (C::R::kRouterBias) {  // the first H tile's tasks: dz's column sums
       const int e = e0 + int(threadIdx.x);
       if (h0 == 0 && e < E) {
-        const int len = (T + 7) & ~7;
+        const int len = given ? 0 : (T + 7) & ~7;  // the caller's routing: no gradient
         put1(out.router_b + e, row_sum(dzt + int64_t(e) * tp(), len), len > 0);
       }
     }
@@ -1010,9 +1023,10 @@ struct Backward {
 #pragma unroll
           for (int q = 0; q < 8; ++q) {
             const int e = e0 + c + q;  // the router's rows are E wide: no vector stores
-            if (e < E) {
+            if (e < E) {  // the caller's routing: zero (x may hold a NaN)
               float* p = out.router + int64_t(h) * E + e;
-              *p = accumulate ? *p + v[q] : v[q];
+              const float g = given ? 0.0f : v[q];
+              *p = accumulate ? *p + g : g;
             } else if (C::SH::kGate && e == E) {  // column E: the shared experts' gate
               put1(out.s_gate + h, v[q], true);
             }
@@ -1392,7 +1406,8 @@ struct Backward {
 
 /**
  * The whole backward pass of one saved forward (`fwd`: its slot's layout). flags bit 0:
- * add into the gradient buffers instead of overwriting them.
+ * add into the gradient buffers instead of overwriting them; bit 1: the forward ran on
+ * the caller's routing (their weights' gradient into d_weights, none for the router).
  */
 template <class C>
 FMOE_DEVICE void backward(const abi::MoeLayout* fwd, const abi::MoeBackwardLayout* bwd,
@@ -1404,7 +1419,8 @@ FMOE_DEVICE void backward(const abi::MoeLayout* fwd, const abi::MoeBackwardLayou
   if (threadIdx.x == 0) s_epoch = read_epoch(L.state);
   __syncthreads();
   int32_t* tables = reinterpret_cast<int32_t*>(smem + C::G::kSmemBytes);
-  Backward<C> k(L, *bwd, x, dy, dx, grads, tokens, (flags & 1) != 0, smem, tables, s_epoch);
+  Backward<C> k(L, *bwd, x, dy, dx, grads, tokens, (flags & 1) != 0, smem, tables, s_epoch,
+                (flags & 2) != 0);
   const int warps = gridDim.x * C::kWarps;
   const int gwarp = blockIdx.x * C::kWarps + int(threadIdx.x >> 5);
 #if FLASHMOE_NVSHMEM
