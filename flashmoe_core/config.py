@@ -21,7 +21,10 @@ __all__ = ["MoEConfig", "MLP_KINDS", "ACTIVATIONS", "DTYPES", "MAX_TOP_K", "MAX_
 MLP_KINDS = ("vanilla", "gated")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu_clamped")
 DTYPES = ("float32", "tfloat32", "bfloat16", "float16")
-MAX_TOP_K = 8
+# Each token's choices live in registers of the one warp that routes it (and a
+# caller-routed forward counts one slot per lane): 16 covers the models in use
+# (Qwen3-Next routes 10 of 512) with room; the kernels assert the same bound.
+MAX_TOP_K = 16
 MAX_EXPERTS = 1024
 MAX_TOKENS = 1 << 20
 # Rows travel and stream through shared memory in 16-byte vectors: 8 elements of a
@@ -70,7 +73,8 @@ class MoEConfig:
     experts : int
         Number of experts in the whole layer (all ranks together).
     top_k : int
-        Experts per token, 1..8 and at most ``experts``.
+        Experts per token, 1..16 (``MAX_TOP_K``: each token's choices live in the
+        registers of the warp that routes it) and at most ``experts``.
     mlp : {"vanilla", "gated"}
         ``"vanilla"``: ``act(x W1 + b1) W2 + b2``. ``"gated"``: ``(act(x Wg) * (x Wu)) W2``.
     activation : {"relu", "gelu", "silu", "swiglu_clamped"}

@@ -57,7 +57,7 @@ def test_config_file_and_flag_override(tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--top-k", "9"], "MoEConfig.top_k=9"),
+    (["--top-k", "17"], "MoEConfig.top_k=17"),
     (["--hidden", "30"], "multiple of 8"),
     (["--world-size", "2"], "launch with mpirun -np 2"),
     (["--iters", "0"], "--iters 0"),

@@ -17,7 +17,7 @@ def cfg(**kw):
     ("hidden", 30, "multiple of 8"), ("hidden", 0, "hidden"), ("hidden", "32", "hidden"),
     ("ffn", 12, "multiple of 8"), ("ffn", 4, "ffn"),
     ("experts", 0, "experts"), ("experts", 2000, "experts"),
-    ("top_k", 0, "top_k"), ("top_k", 9, "top_k"), ("top_k", 9.0, "top_k"),
+    ("top_k", 0, "top_k"), ("top_k", 17, "top_k"), ("top_k", 9.5, "top_k"),
     ("mlp", "swiglu", "mlp"), ("activation", "tanh", "activation"),
     ("dtype", "float64", "dtype"), ("dtype", "bf16", "dtype"),
     ("capacity_factor", 0, "capacity_factor"), ("capacity_factor", -1.0, "capacity_factor"),

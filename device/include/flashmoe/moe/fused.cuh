@@ -96,7 +96,9 @@ struct Config {
   static constexpr int kPerLane = (E + 31) / 32;     // logits per lane in top-k
   static_assert(H % 8 == 0 && F % 8 == 0, "hidden and ffn must be multiples of 8");
   static_assert(E >= 1 && E <= 1024, "1..1024 experts");
-  static_assert(K >= 1 && K <= 8 && K <= E, "top_k in 1..min(8, experts)");
+  // A token's choices live in its routing warp's registers; a caller-routed forward
+  // counts one slot per lane (K <= 32). flashmoe_core.config.MAX_TOP_K is the same bound.
+  static_assert(K >= 1 && K <= 16 && K <= E, "top_k in 1..min(16, experts)");
 #if !FLASHMOE_NVSHMEM
   static_assert(!kEP, "expert parallelism needs a kernel built with NVSHMEM");
 #endif
