@@ -427,6 +427,15 @@ class MoEConfig:
         return cls(**d)
 
     @classmethod
+    def from_hf_config(cls, hf: dict, tokens: int, dtype: Optional[str] = None,
+                       **overrides: Any) -> "MoEConfig":
+        """The config of a model's MoE layers from its ``config.json`` fields:
+        :func:`flashmoe_core.checkpoint.config_from_hf` (which documents the families)."""
+        from .checkpoint import config_from_hf  # the checkpoint module builds on this one
+
+        return config_from_hf(hf, tokens, dtype, **overrides)
+
+    @classmethod
     def from_json(cls, text: str) -> "MoEConfig":
         """Parse a config written by ``to_json`` (or by hand)."""
         try:

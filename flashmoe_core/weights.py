@@ -195,6 +195,15 @@ class MoEWeights:
 
     # ------------------------------------------------------------------ random
     @classmethod
+    def from_checkpoint(cls, cfg: MoEConfig, tensors, layer: int, naming: str) -> "MoEWeights":
+        """One layer's weights from a mapping of checkpoint tensors (by published name):
+        :func:`flashmoe_core.checkpoint.weights_from_checkpoint`, whose docstring and the
+        README's table give every naming."""
+        from .checkpoint import weights_from_checkpoint  # it builds on this module
+
+        return weights_from_checkpoint(cfg, tensors, layer, naming)
+
+    @classmethod
     def random(cls, cfg: MoEConfig, seed: int = 0,
                expert_ids: Optional[Sequence[int]] = None) -> "MoEWeights":
         """Deterministic random weights scaled so layer outputs are O(1).

@@ -83,6 +83,11 @@ def test_loaded_layer_is_the_checkpoints_layer(naming, tmp_path):
     assert all(k.startswith("model.layers.3.") for k in tensors)
     assert tensors[p + "gate.weight"].dtype == ml_dtypes.bfloat16  # kept as stored
     w = weights_from_checkpoint(cfg, tensors, layer=3, naming=naming)
+    # The classmethod spellings are the same functions.
+    assert MoEConfig.from_hf_config(HF[naming], tokens=32) == cfg
+    w2 = MoEWeights.from_checkpoint(cfg, tensors, layer=3, naming=naming)
+    assert all(np.array_equal(a.view(np.uint8), w2.arrays()[n].view(np.uint8))
+               for n, a in w.arrays().items())
     assert np.array_equal(w.router.view(np.uint16), t[p + "gate.weight"].T.view(np.uint16))
     j = 5
     assert np.array_equal(w.wg[j], t[f"{p}experts.{j}.{parts[0]}.weight"].T)
