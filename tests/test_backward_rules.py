@@ -207,3 +207,24 @@ def test_expert_parallel_backward_of_the_routing_rules():
     for name in ("wg", "wu", "w2"):
         got = np.concatenate([getattr(g, name) for g in grads])
         assert rel_err(got, getattr(ref, name)[ids]) <= tol, name
+
+
+@pytest.mark.emulator
+def test_backward_under_every_emulator_check():
+    """The backward with the memory model on (weak global memory, races, preemption,
+    lazy cp.async), on test_shared_experts' 128-expert layer (the same checked forward
+    build): the shared gate is logit column 128, past the experts' lanes, and the logits
+    go through global memory (two gate tiles)."""
+    from conftest import emulator_checks
+    from flashmoe_core.gpu.layer import MoELayer
+
+    cfg = MoEConfig(tokens=40, hidden=64, ffn=32, experts=128, top_k=2, dtype="bfloat16",
+                    n_shared=1, shared_gate=True)
+    w = MoEWeights.random(cfg, 0)
+    layer = MoELayer(cfg, w, backend="emulator", emulator_options=emulator_checks(1))
+    x, dy = random_tokens(cfg, 1), upstream(cfg, cfg.tokens, 1)
+    _, saved, routing = layer(x, save_for_backward=True, return_routing=True)
+    dx, grads = layer.backward(dy, saved)
+    ref_dx, ref = moe_backward(cfg, w, x, dy, routing)
+    compare(cfg, dx, grads, ref_dx, ref)
+    assert np.abs(grads.shared_gate).max() > 0

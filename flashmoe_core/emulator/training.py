@@ -18,6 +18,7 @@ from ..kernel.training import (MoEGradients, TrainingMixin, backward_layout_reco
                                backward_weights, check_grad_output, grad_pointer_names,
                                gradient_shapes, numpy_grads_ok, routing_equal)
 from ..host.abi import ABI_VERSION
+from ..host.emulator import BufferSpan
 from ..host.errors import FlashMoEError
 from ..kernel.jit import emulator_library
 from ..kernel.specs import moe_backward_spec
@@ -86,33 +87,55 @@ class _Slot:
         return {n: self.view(n, *shapes[n]) for n in SAVED_ROUTING}
 
 
+def _spans(prefix: str, arrays) -> list:
+    """BufferSpans of PE 0 for named arrays (names prefixed; empty arrays skipped)."""
+    return [BufferSpan((prefix + n).strip(), int(a.ctypes.data), int(a.nbytes), 0, False)
+            for n, a in arrays.items() if a is not None and a.nbytes]
+
+
 class _BackwardLauncher:
     """The backward kernel's emulator library for one configuration."""
 
     def __init__(self, cfg, on_report=None) -> None:
         self.on_report = on_report  # the owning layer's recovery after an emulator report
-        self.lib = emulator_library(moe_backward_spec(cfg))
-        abi = self.lib.function("emu_moe_backward_abi", [], ctypes.c_uint)()
-        if abi != ABI_VERSION:
-            raise FlashMoEError(f"emulator backward kernel ABI {abi} differs from host ABI "
-                                f"{ABI_VERSION}; clear the kernel cache (FLASHMOE_CACHE_DIR)")
-        self.fn = self.lib.function("emu_moe_backward", [ctypes.c_int, _P, _P, _P, _P, _P, _P,
-                                                         _P, _P, ctypes.c_int, ctypes.c_int, _P,
-                                                         ctypes.c_ulonglong])
+        self.spec = moe_backward_spec(cfg)
+        self._libs = {}
+        self._load(False)
+
+    def _load(self, checked: bool):
+        """The library (and its entry) of a plain or a checked build (the memory model)."""
+        if checked not in self._libs:
+            lib = emulator_library(self.spec, checked)
+            abi = lib.function("emu_moe_backward_abi", [], ctypes.c_uint)()
+            if abi != ABI_VERSION:
+                raise FlashMoEError(f"emulator backward kernel ABI {abi} differs from host "
+                                    f"ABI {ABI_VERSION}; clear the kernel cache "
+                                    f"(FLASHMOE_CACHE_DIR)")
+            fn = lib.function("emu_moe_backward", [ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P,
+                                                   ctypes.c_int, ctypes.c_int, _P,
+                                                   ctypes.c_ulonglong])
+            self._libs[checked] = (lib, fn)
+        return self._libs[checked]
+
+    @property
+    def lib(self):
+        return self._libs[False][0]
 
     def __call__(self, options, fwd, bwd, x, dy, dx, grads, tokens, launched, flags: int,
-                 grid: int, heaps=(), heap_bytes: int = 0) -> None:
+                 grid: int, heaps=(), heap_bytes: int = 0, buffers=()) -> None:
         """One launch on len(fwd) PEs (per-PE addresses; grads: BWD_GRAD_POINTERS per PE;
-        flags: kernel.training.backward_flags)."""
+        flags: kernel.training.backward_flags; buffers: the BufferSpans the memory model
+        checks)."""
         from . import recovering
 
+        lib, fn = self._load(options.checked)
         arr = lambda t, vals: (t * len(vals))(*vals)  # noqa: E731
         with recovering(self.on_report):
-            self.lib.launch(options, self.fn, len(fwd), arr(_P, fwd), arr(_P, bwd), arr(_P, x),
+            lib.launch(options, fn, len(fwd), arr(_P, fwd), arr(_P, bwd), arr(_P, x),
                             arr(_P, dy), arr(_P, dx), arr(_P, grads), arr(ctypes.c_int, tokens),
                             arr(ctypes.c_int, [int(bool(v)) for v in launched]), int(flags),
                             grid, arr(_P, [int(h.ctypes.data) for h in heaps]) if heaps else None,
-                            heap_bytes)
+                            heap_bytes, buffers=buffers)
 
 
 class EmulatedTraining(TrainingMixin):
@@ -142,8 +165,11 @@ class EmulatedTraining(TrainingMixin):
     def _forward_into(self, slot: _Slot, x_ptr: int, tokens: int, mode: str = "full") -> None:
         layout = self._slot_layout(slot)
         pe = self._pe
+        # The layer's buffers and the slot's, named for the memory model.
+        spans = list(pe.spans()) + _spans("saved layout", {"": layout}) + \
+            _spans("saved ", slot.buf)
         self._launcher([types.SimpleNamespace(layout=layout)], [tokens], [True], mode,
-                       self.grid, [x_ptr], [pe.ptr("y_stage")])
+                       self.grid, [x_ptr], [pe.ptr("y_stage")], spans=spans)
         self.check_fault()
 
     def _tr_forward(self, x, slot: _Slot, return_routing: bool = False, given=None):
@@ -223,10 +249,17 @@ class EmulatedTraining(TrainingMixin):
         order = grad_pointer_names(cfg)
         ptrs = [0 if n is None else int(getattr(grads, n).ctypes.data) for n in order]
         fwd_layout = self._slot_layout(fwd)
+        # Every buffer the backward touches, named, so that the memory model checks its
+        # ordering as it checks the forward's.
+        spans = list(self._pe.spans()) + _spans("saved layout", {"": fwd_layout}) + \
+            _spans("saved ", fwd.buf) + _spans("backward layout", {"": bw.layout}) + \
+            _spans("backward ", bw.buf) + _spans("grad ", grads.arrays())
+        if fwd is not slot:  # recomputed: the light slot's x is read too
+            spans += _spans("saved x ", {"x": slot.buf["x"]})
         bw.launcher(self.options, [int(fwd_layout.ctypes.data)], [int(bw.layout.ctypes.data)],
                     [slot.ptr("x")], [int(bw.buf["dy_stage"].ctypes.data)],
                     [int(bw.buf["dx_stage"].ctypes.data)], ptrs, [tokens], [True], flags,
-                    self.grid)
+                    self.grid, buffers=spans)
         self.check_fault()
         dx = bw.buf["dx_stage"].view(dt)[:dy.size].reshape(dy.shape).copy()
         if flags & 2:
