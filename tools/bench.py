@@ -148,7 +148,7 @@ def time_events(stream, fn, warmup, iters):
 
     for _ in range(warmup):
         fn()
-    opts = EventOptions(enable_timing=True)
+    opts = EventOptions(timing_enabled=True)
     marks = []
     for _ in range(iters):
         a = stream.record(options=opts)

@@ -70,7 +70,7 @@ def _median_ms(layer, tokens, mode, warmup, iters, comm):
         layer.testing.launch(tokens, mode)
     layer.synchronize()
     comm.Barrier()
-    opts = EventOptions(enable_timing=True)
+    opts = EventOptions(timing_enabled=True)
     marks = []
     for _ in range(iters):
         a = s.record(options=opts)

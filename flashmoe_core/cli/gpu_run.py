@@ -47,7 +47,7 @@ def time_layer(layer, tokens: int, warmup: int, iters: int) -> List[float]:
     s = layer.stream
     for _ in range(warmup):
         layer.testing.launch(tokens)
-    opts = EventOptions(enable_timing=True)
+    opts = EventOptions(timing_enabled=True)
     marks = []
     for _ in range(iters):
         start = s.record(options=opts)
