@@ -7,9 +7,9 @@ import pytest
 
 from flashmoe_core import CompileError
 from flashmoe_core.host.abi import ACT_IDS, DTYPE_IDS, ENUMS, abi_defines
-from flashmoe_core.host.toolchain import find_toolchain
+from flashmoe_core.host.toolchain import device_root, find_toolchain
 
-ABI = (find_toolchain().device_root / "include" / "flashmoe" / "abi.cuh").read_text()
+ABI = (device_root() / "include" / "flashmoe" / "abi.cuh").read_text()
 
 
 def _header_enums():

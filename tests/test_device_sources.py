@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from flashmoe_core.host.toolchain import find_toolchain
+from flashmoe_core.host.toolchain import device_root
 
-ROOT = find_toolchain().device_root
+ROOT = device_root()
 SOURCES = sorted(p for p in ROOT.rglob("*") if p.suffix in (".cuh", ".cu"))
 LOOP = re.compile(r"\bwhile\s*\(|\bfor\s*\(\s*;\s*;\s*\)|\bdo\s*\{")
 

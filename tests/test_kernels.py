@@ -13,6 +13,13 @@ from flashmoe_core.numerics import round_to
 TOL = {"float32": 1e-5, "tfloat32": 5e-3, "bfloat16": 1e-2, "float16": 1e-2}
 
 
+def tol(dtype, k):
+    """The bound for a reduction of length ``k``. Tensor cores do not round their float32
+    accumulation to nearest, so 3xTF32's error grows with k: 1.44e-5 at k=2048 on an
+    H200, where 1e-5 held at k=1000."""
+    return TOL[dtype] * (max(1.0, k / 1024) if dtype == "float32" else 1.0)
+
+
 def rel_err(got, want):
     got, want = got.astype(np.float64), want.astype(np.float64)
     return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
@@ -56,7 +63,7 @@ def test_tile_gemm_matches_numpy(dtype, m, n, k, backend):
     b = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
     got = tile_gemm(a, b, dtype)
     assert got.shape == (m, n)
-    assert rel_err(got, ref_gemm(a, b, dtype)) <= TOL[dtype]
+    assert rel_err(got, ref_gemm(a, b, dtype)) <= tol(dtype, k)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "tfloat32"])
