@@ -24,6 +24,14 @@ __all__ = ["Module", "launch_kernel", "resident_grid"]
 _DEFAULT_SMEM_LIMIT = 48 * 1024
 
 
+def _nvshmem_release(shmem) -> str:
+    """The release of the libnvshmem_host that nvshmem4py loaded, or why it is unknown."""
+    try:
+        return f"libnvshmem {shmem.get_version().libnvshmem_version}"
+    except Exception as exc:  # only ever used in an error message
+        return f"unknown: {type(exc).__name__}"
+
+
 class Module:
     """A loaded cubin and its kernels.
 
@@ -56,8 +64,11 @@ class Module:
             try:
                 shmem.library_init(self._nvshmem_obj)
             except Exception as exc:
-                raise BootstrapError(f"registering {name} with NVSHMEM failed ({exc}); "
-                                     "initialise NVSHMEM first") from None
+                raise BootstrapError(
+                    f"registering {name} with NVSHMEM failed ({exc}); initialise NVSHMEM "
+                    f"first, and link the kernel against the libnvshmem_device.a of the "
+                    f"loaded host library's release ({_nvshmem_release(shmem)}): another "
+                    "release's device library fails this step") from None
 
     def kernel(self, name: str):
         """The ``cuda.core.Kernel`` called ``name`` (an ``extern "C"`` symbol)."""
