@@ -71,7 +71,8 @@ class Toolchain:
     device_root : Path
         Our device sources.
     include_dirs : tuple of Path
-        Include path, in search order: ours, CuTe/CUTLASS, CCCL, CUDA runtime, NVSHMEM.
+        Include path, in search order: ours, CuTe/CUTLASS, CCCL, CUDA runtime, our
+        NVSHMEM compatibility headers (``device/compat/nvshmem``), NVSHMEM.
     nvshmem_device_lib : Path or None
         ``libnvshmem_device.a``, linked into kernels that call NVSHMEM.
     versions : dict
@@ -148,7 +149,8 @@ def find_toolchain(device_dir: Optional[str] = None, cutlass_include: Optional[s
         raise FlashMoEError(f"nvidia-cuda-cccl {versions['nvidia-cuda-cccl']} is installed; "
                             "CuTe needs 13.0.x: pip install 'nvidia-cuda-cccl==13.0.*'")
     return Toolchain(device_root=root,
-                     include_dirs=(root / "include", cute, cccl, cudart, nvshmem),
+                     include_dirs=(root / "include", cute, cccl, cudart,
+                                   root / "compat" / "nvshmem", nvshmem),
                      nvshmem_device_lib=lib if lib.exists() else None,
                      versions=versions)
 
