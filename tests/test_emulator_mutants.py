@@ -40,7 +40,7 @@ class Mutant:
     file: str      # under device/
     old: str       # the line(s) as they are ...
     new: str       # ... and as the bug has them
-    runner: str    # fused, ring, gemm or ping
+    runner: str    # fused, ring, gemm, gemm90 (the wgmma mainloop) or ping
     report: str    # what the emulator's report must say (regex)
     also: tuple = ()  # further (file, old, new) edits of the same bug
 
@@ -100,6 +100,13 @@ MUTANTS = [
            "          cp_async_wait<kStages - 2>();\n          __syncthreads();\n        }",
            "          cp_async_wait<kStages - 2>();\n        }",
            "gemm", r"shared-memory race .* on __shared__ smem .*tile_gemm\.cuh:\d+"),
+    # The wgmma mainloop: the landed cp.async stage (generic proxy) read by wgmma (async
+    # proxy) with no proxy fence between; on a GPU, stale operand bytes now and then.
+    Mutant("missing-proxy-fence-before-wgmma", GEMM,
+           "      sm90::fence_proxy_async();\n      __syncthreads();  // the stage landed",
+           "      __syncthreads();  // the stage landed",
+           "gemm90", r"wgmma\.mma_async at \S*sm90\.cuh:\d+ reads .* wrote through the generic "
+           r"proxy at \S*tile_gemm\.cuh:\d+ and issued no fence\.proxy\.async"),
 ]
 
 # Not a bug: the annotation of the intended race (the progress stamp reads state words
@@ -110,6 +117,7 @@ UNANNOTATED = Mutant("benign-race-annotation-removed", "include/flashmoe/wait.cu
 MUTANTS.append(UNANNOTATED)
 
 SPECS = {"fused": moe_spec(CFG), "ring": ring_test_spec(), "gemm": tile_gemm_spec("bfloat16"),
+         "gemm90": jit.with_mainloop(tile_gemm_spec("bfloat16"), "sm90"),
          "ping": nvshmem_ping_spec()}
 
 
@@ -153,11 +161,13 @@ def run(runner: str, seed: int) -> None:
         state, ring, seen = (np.zeros(16, np.uint32), np.zeros(4000, np.uint64),
                              np.zeros(4800, np.uint32))
         ring_test(state, ring, seen, 800, 5, grid=4, timeout_s=20, options=opts)
-    elif runner == "gemm":
+    elif runner in ("gemm", "gemm90"):
         rng = np.random.default_rng(seed)
         a = rng.standard_normal((130, 200)).astype(np.float32)
         b = rng.standard_normal((72, 200)).astype(np.float32)
-        tile_gemm(a, b, "bfloat16", options=opts)
+        with pytest.MonkeyPatch.context() as mp:  # gemm90: the sm_90a (wgmma) mainloop
+            mp.setenv("FLASHMOE_EMULATOR_MAINLOOP", "sm90" if runner == "gemm90" else "sm80")
+            tile_gemm(a, b, "bfloat16", options=opts)
     else:
         nvshmem_ping(2, count=64, epoch=3, options=opts)
 

@@ -42,6 +42,9 @@
  *    their barrier interval; two threads of a block touching a word in one interval
  *    (no __syncthreads between, no __syncwarp within a warp), one of them writing and
  *    not both atomically, is a race, as compute-sanitizer's racecheck reports it.
+ *  - proxies (races): a word's generic-proxy writer (a store, a landed cp.async) must
+ *    issue fence.proxy.async before an async-proxy read of it (a wgmma operand) is
+ *    issued; a TMA landing is the async proxy's own write and needs no fence.
  *  - preemption (preempt > 0): a thread may lose its turn at any shared or global access.
  *
  * Reports stop the launch like every emulator fault (fatal) and name both accesses:
@@ -294,6 +297,10 @@ struct SAccess {
 };
 struct SWord {
   SAccess w, r1, r2;
+  /// 1 + the writer's fence.proxy.async count at its generic-proxy write (0: the word's
+  /// last write was the async proxy's, or none): an async-proxy read needs the writer
+  /// to have fenced since.
+  uint32_t wpf = 0;
 };
 
 struct MemBlock {
@@ -312,6 +319,7 @@ struct MemBlock {
   uintptr_t rt_lo = 0, rt_hi = 0;    // the runtime's own thread-locals
   SWord* smem = nullptr;             // shadow of shared memory, per 4-byte word
   size_t smem_words = 0;
+  std::vector<uint32_t> proxy_fences;  // fence.proxy.async count per thread
   ~MemBlock() { delete[] smem; }
   uint64_t rng = 0;
   int countdown = 0;                 // accesses until the next preemption
@@ -775,6 +783,11 @@ FMOE_EMU_RT inline bool conflict(const SAccess& prev, const SAccess& cur) {
          !(prev.tid / 32 == cur.tid / 32 && prev.ws != cur.ws) && !(prev.atomic && cur.atomic);
 }
 
+/// How many fence.proxy.async thread `tid` of the block has issued.
+FMOE_EMU_RT inline uint32_t proxy_count(const MemBlock& m, unsigned tid) {
+  return tid < m.proxy_fences.size() ? m.proxy_fences[tid] : 0u;
+}
+
 /// An access by the current thread to shared memory [a, a + n) (n bytes, any alignment).
 FMOE_EMU_RT inline void smem_access(MemBlock& m, uintptr_t a, size_t n, bool write, bool atomic,
                                     uint32_t pc) {
@@ -797,6 +810,7 @@ FMOE_EMU_RT inline void smem_access(MemBlock& m, uintptr_t a, size_t n, bool wri
       if (conflict(s.r2, cur)) smem_race("write-after-read", m, wa, cur, s.r2, true, false);
       s.w = cur;
       s.r1 = s.r2 = SAccess{};
+      s.wpf = 1 + proxy_count(m, f.tid);
     } else {
       if (conflict(s.w, cur)) smem_race("read-after-write", m, wa, cur, s.w, false, true);
       if (s.r1.gen == cur.gen && s.r1.tid != cur.tid) {
@@ -883,6 +897,53 @@ FMOE_EMU_RT inline void after_strong() {
   if (m == nullptr) return;
   InModel guard;
   settle(*m);
+}
+
+// ------------------------------------------------------------------ the async proxy
+/// fence.proxy.async of the current thread: its earlier generic-proxy shared-memory
+/// writes become visible to async-proxy reads ordered after it (by a barrier).
+FMOE_EMU_RT inline void on_fence_proxy_async() {
+  MemBlock* m = cur_mem();
+  if (m == nullptr) return;
+  InModel guard;
+  const unsigned tid = cur_fiber().tid;
+  if (m->proxy_fences.size() <= tid) m->proxy_fences.resize(tid + 1, 0u);
+  ++m->proxy_fences[tid];
+}
+
+/// An async-proxy read of shared memory [p, p + n) (a wgmma operand at issue): every
+/// word's last generic-proxy writer must have issued a fence.proxy.async since (PTX:
+/// generic and async proxies see each other's writes only through that fence).
+FMOE_EMU_RT inline void on_async_proxy_read(const void* p, size_t n, const Site& site) {
+  MemBlock* m = cur_mem();
+  if (m == nullptr || m->smem == nullptr) return;
+  InModel guard;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  if (a - m->tls_lo >= m->tls_size) return;
+  const size_t first = (a - m->tls_lo) / 4, last = (a + n - 1 - m->tls_lo) / 4;
+  for (size_t i = first; i <= last && i < m->smem_words; ++i) {
+    const SWord& s = m->smem[i];
+    if (s.wpf == 0 || proxy_count(*m, s.w.tid) >= s.wpf) continue;
+    char off[40];
+    std::snprintf(off, sizeof off, "{{tls:%zx}}", size_t(i * 4));
+    model_fault(describe(site) + " reads " + off + " in " +
+                block_name(m->id) + ", which thread " + std::to_string(s.w.tid) +
+                " wrote through the generic proxy at " + pc_text(s.w.pc) +
+                " and issued no fence.proxy.async after: the async proxy may read the old "
+                "bytes (fence.proxy.async in the writing thread, then the barrier)");
+  }
+}
+
+/// The async proxy wrote shared memory [p, p + n) (a TMA load landed): no generic write
+/// remains to be fenced there.
+FMOE_EMU_RT inline void on_async_proxy_write(const void* p, size_t n) {
+  MemBlock* m = cur_mem();
+  if (m == nullptr || m->smem == nullptr) return;
+  InModel guard;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  if (a - m->tls_lo >= m->tls_size) return;
+  const size_t first = (a - m->tls_lo) / 4, last = (a + n - 1 - m->tls_lo) / 4;
+  for (size_t i = first; i <= last && i < m->smem_words; ++i) m->smem[i].wpf = 0;
 }
 
 /// fence.sc of the current thread: cta (nothing beyond the block), gpu or sys scope.
@@ -1012,6 +1073,9 @@ inline void mem_end_launch() {}
 inline void mem_block_start(Block&, int) {}
 inline void mem_block_end(Block&) {}
 inline void on_fence(Scope) {}
+inline void on_fence_proxy_async() {}
+inline void on_async_proxy_read(const void*, size_t, const Site&) {}
+inline void on_async_proxy_write(const void*, size_t) {}
 inline void after_strong() {}
 inline void on_spin() {}
 inline void copy_l2(void* dst, const void* src, size_t n, uintptr_t) { std::memcpy(dst, src, n); }

@@ -20,8 +20,10 @@
  *    fence orders register and shared-memory accesses before the async proxy's);
  *  - an mbarrier phase completes only when its pending arrivals and its transaction
  *    count both reach zero; try_wait yields the fiber while the phase is open.
- * Not modelled: the async proxy's view of generic-proxy stores (fence.proxy.async is
- * accepted and does nothing), clusters, multicast.
+ *  - in checked builds, a wgmma.mma_async operand word whose last generic-proxy
+ *    writer (a store, a landed cp.async) issued no fence.proxy.async after writing it
+ *    is reported at issue (memory.h); a TMA landing is an async-proxy write.
+ * Not modelled: clusters, multicast.
  */
 #pragma once
 
@@ -211,6 +213,7 @@ FMOE_EMU_RT inline void tma_land(const PendingTma& t) {
       }
     }
   }
+  on_async_proxy_write(t.dst, t.bytes);
   mbarrier_complete_tx(t.bar, t.bytes);
 }
 
@@ -349,13 +352,15 @@ FMOE_EMU_RT inline WgmmaThread& wgmma_thread() {
 FMOE_EMU_RT inline int gmma_k(GmmaType t) { return t == GmmaType::TF32 ? 8 : 16; }
 
 /// The k elements of operand row `row` as floats, read 16-byte chunk by chunk (a chunk's
-/// elements are contiguous in every layout); folds the raw bytes into `hash`.
+/// elements are contiguous in every layout); folds the raw bytes into `hash`. `issue`
+/// (at issue, not at the retiring wait): the reads are checked as the async proxy's.
 FMOE_EMU_RT inline void gmma_load_row(uint64_t desc, int row, GmmaType t, float* out,
-                                      uint64_t& hash) {
+                                      uint64_t& hash, const Site* issue) {
   const int bytes = gmma_type_bytes(t), kk = gmma_k(t), per_chunk = 16 / bytes;
   for (int j = 0; j < kk / per_chunk; ++j) {
     const uint32_t addr = gmma_element_address(desc, row, j * per_chunk, bytes);
     const char* p = shared_pointer(addr, 16, "wgmma.mma_async");
+    if (issue != nullptr) on_async_proxy_read(p, 16, *issue);
     uint64_t w[2];
     std::memcpy(w, p, 16);
     hash = (hash ^ w[0]) * 1099511628211ull;
@@ -368,19 +373,26 @@ FMOE_EMU_RT inline void gmma_load_row(uint64_t desc, int row, GmmaType t, float*
 /// floats [2 + n / 4][k], and their fingerprint: every row is some thread's, so the
 /// threads' fingerprints together cover both operands.
 FMOE_EMU_RT inline uint64_t gmma_thread_rows(uint64_t desc_a, uint64_t desc_b, int n, GmmaType t,
-                                             int tid, float (*rows)[16]) {
+                                             int tid, float (*rows)[16],
+                                             const Site* issue = nullptr) {
   const int warp = (tid % 128) / 32, lane = tid % 32;
   uint64_t h = 1469598103934665603ull;
-  for (int r = 0; r < 2; ++r) gmma_load_row(desc_a, 16 * warp + lane / 4 + 8 * r, t, rows[r], h);
+  for (int r = 0; r < 2; ++r) {
+    gmma_load_row(desc_a, 16 * warp + lane / 4 + 8 * r, t, rows[r], h, issue);
+  }
   for (int j = 0; j < n / 8; ++j) {
     for (int c = 0; c < 2; ++c) {
-      gmma_load_row(desc_b, 8 * j + 2 * (lane % 4) + c, t, rows[2 + 2 * j + c], h);
+      gmma_load_row(desc_b, 8 * j + 2 * (lane % 4) + c, t, rows[2 + 2 * j + c], h, issue);
     }
   }
   return h;
 }
 
 FMOE_EMU_RT inline void wgmma_fence() { wgmma_thread().fenced = true; }
+
+/// fence.proxy.async.shared::cta: the thread's generic-proxy shared-memory writes so
+/// far may be read by the async proxy after a barrier (memory.h checks that they were).
+FMOE_EMU_RT inline void fence_proxy_async() { on_fence_proxy_async(); }
 
 /// wgmma.mma_async.sync.aligned.m64nNk{16,8}.f32 with both operands K-major in shared
 /// memory; d holds this thread's n / 2 accumulators.
@@ -399,7 +411,8 @@ FMOE_EMU_RT inline void wgmma_issue(float* d, int n, GmmaType type, uint64_t des
   bool chained = false;
   for (const WgmmaOp& prev : w.ops) chained |= prev.d == d;
   float rows[2 + 256 / 4][16];
-  const uint64_t print = gmma_thread_rows(desc_a, desc_b, n, type, int(cur_fiber().tid), rows);
+  const uint64_t print = gmma_thread_rows(desc_a, desc_b, n, type, int(cur_fiber().tid), rows,
+                                          &site);
   WgmmaOp op{desc_a, desc_b, d, n, type, w.group,
              chained ? std::vector<float>() : std::vector<float>(d, d + n / 2), chained, scale_d,
              print, site};

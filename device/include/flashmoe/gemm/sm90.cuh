@@ -107,7 +107,9 @@ FMOE_DEVICE bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
 /// Order this thread's generic-proxy shared-memory stores before async-proxy reads
 /// (wgmma operands, TMA stores) that follow a barrier.
 FMOE_DEVICE void fence_proxy_async() {
-#if !FMOE_HOST_EMU
+#if FMOE_HOST_EMU
+  fmoe_emu::fence_proxy_async();
+#else
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
