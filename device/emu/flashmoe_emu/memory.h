@@ -43,8 +43,9 @@
  *    (no __syncthreads between, no __syncwarp within a warp), one of them writing and
  *    not both atomically, is a race, as compute-sanitizer's racecheck reports it.
  *  - proxies (races): a word's generic-proxy writer (a store, a landed cp.async) must
- *    issue fence.proxy.async before an async-proxy read of it (a wgmma operand) is
- *    issued; a TMA landing is the async proxy's own write and needs no fence.
+ *    issue fence.proxy.async before an async-proxy access of it is issued (a wgmma
+ *    operand read, a TMA load writing it); a TMA landing is the async proxy's own write
+ *    and needs no fence before the next.
  *  - preemption (preempt > 0): a thread may lose its turn at any shared or global access.
  *
  * Reports stop the launch like every emulator fault (fatal) and name both accesses:
@@ -911,10 +912,13 @@ FMOE_EMU_RT inline void on_fence_proxy_async() {
   ++m->proxy_fences[tid];
 }
 
-/// An async-proxy read of shared memory [p, p + n) (a wgmma operand at issue): every
-/// word's last generic-proxy writer must have issued a fence.proxy.async since (PTX:
-/// generic and async proxies see each other's writes only through that fence).
-FMOE_EMU_RT inline void on_async_proxy_read(const void* p, size_t n, const Site& site) {
+/// An async-proxy access of shared memory [p, p + n), at its issue: a wgmma operand
+/// read, or (writes) a TMA load's destination. Every word's last generic-proxy writer
+/// must have issued a fence.proxy.async since (PTX: the generic and async proxies are
+/// ordered with each other only through that fence: a read may see old bytes, a
+/// write may land before the generic store it should follow).
+FMOE_EMU_RT inline void on_async_proxy_access(const void* p, size_t n, const Site& site,
+                                              bool writes) {
   MemBlock* m = cur_mem();
   if (m == nullptr || m->smem == nullptr) return;
   InModel guard;
@@ -926,11 +930,13 @@ FMOE_EMU_RT inline void on_async_proxy_read(const void* p, size_t n, const Site&
     if (s.wpf == 0 || proxy_count(*m, s.w.tid) >= s.wpf) continue;
     char off[40];
     std::snprintf(off, sizeof off, "{{tls:%zx}}", size_t(i * 4));
-    model_fault(describe(site) + " reads " + off + " in " +
+    model_fault(describe(site) + (writes ? " overwrites " : " reads ") + off + " in " +
                 block_name(m->id) + ", which thread " + std::to_string(s.w.tid) +
                 " wrote through the generic proxy at " + pc_text(s.w.pc) +
-                " and issued no fence.proxy.async after: the async proxy may read the old "
-                "bytes (fence.proxy.async in the writing thread, then the barrier)");
+                " and issued no fence.proxy.async after: " +
+                (writes ? "the generic store may land after the async proxy's"
+                        : "the async proxy may read the old bytes") +
+                " (fence.proxy.async in the writing thread, then the barrier)");
   }
 }
 
@@ -1074,7 +1080,7 @@ inline void mem_block_start(Block&, int) {}
 inline void mem_block_end(Block&) {}
 inline void on_fence(Scope) {}
 inline void on_fence_proxy_async() {}
-inline void on_async_proxy_read(const void*, size_t, const Site&) {}
+inline void on_async_proxy_access(const void*, size_t, const Site&, bool) {}
 inline void on_async_proxy_write(const void*, size_t) {}
 inline void after_strong() {}
 inline void on_spin() {}

@@ -19,10 +19,12 @@
  *  - an op issued without a wgmma.fence since the thread's last wait is reported (the
  *    fence orders register and shared-memory accesses before the async proxy's);
  *  - an mbarrier phase completes only when its pending arrivals and its transaction
- *    count both reach zero; try_wait yields the fiber while the phase is open.
- *  - in checked builds, a wgmma.mma_async operand word whose last generic-proxy
- *    writer (a store, a landed cp.async) issued no fence.proxy.async after writing it
- *    is reported at issue (memory.h); a TMA landing is an async-proxy write.
+ *    count both reach zero; try_wait yields the fiber while the phase is open; an
+ *    ordinary store over a live barrier's 8 bytes is reported at its next operation.
+ *  - in checked builds, a wgmma.mma_async operand or TMA destination word whose last
+ *    generic-proxy writer (a store, a landed cp.async) issued no fence.proxy.async
+ *    after writing it is reported at issue (memory.h); a TMA landing is an async-proxy
+ *    write.
  * Not modelled: clusters, multicast.
  */
 #pragma once
@@ -92,11 +94,24 @@ struct Mbarrier {
 };
 inline thread_local std::unordered_map<const void*, Mbarrier> mbarriers;
 
+/// What an initialised mbarrier's 8 bytes hold here (the state lives beside them): a
+/// mark of its address, so that an ordinary store over a live barrier shows at its
+/// next operation (on a GPU it corrupts the barrier).
+FMOE_EMU_RT inline uint64_t mbarrier_mark(const void* bar) {
+  return 0x4d42415252494552ull ^ reinterpret_cast<uintptr_t>(bar);
+}
+
 FMOE_EMU_RT inline Mbarrier& mbarrier_state(const void* bar, const char* op) {
   FMOE_SM90_GUARD;
   if (reinterpret_cast<uintptr_t>(bar) % 8) fatal(std::string(op) + " on an unaligned mbarrier");
   auto it = mbarriers.find(bar);
   if (it == mbarriers.end()) fatal(std::string(op) + " on an mbarrier nobody initialised");
+  uint64_t held;
+  std::memcpy(&held, bar, 8);
+  if (held != mbarrier_mark(bar)) {
+    fatal(std::string(op) + " on an mbarrier that an ordinary store overwrote since its "
+          "mbarrier.init (shared memory of a live barrier must hold nothing else)");
+  }
   return it->second;
 }
 
@@ -112,6 +127,8 @@ FMOE_EMU_RT inline void mbarrier_init(void* bar, uint32_t count) {
   if (count == 0 || count >= (1u << 20)) fatal("mbarrier.init count must be in [1, 2^20)");
   FMOE_SM90_GUARD;
   mbarriers[bar] = Mbarrier{count, count, 0, 0};
+  const uint64_t mark = mbarrier_mark(bar);
+  std::memcpy(bar, &mark, 8);
 }
 
 /// arrive (with expect_tx bytes first, as arrive.expect_tx does); returns the phase
@@ -253,9 +270,10 @@ FMOE_EMU_RT inline void tma_load(void* dst, const void* map, void* bar, int rank
   uint32_t bytes = m.elem_bytes;
   for (int d = 0; d < rank; ++d) bytes *= m.box[d];
   mbarrier_state(bar, "cp.async.bulk.tensor");  // an initialised barrier
+  (void)shared_pointer(shared_address(dst), bytes, "cp.async.bulk.tensor");
+  on_async_proxy_access(dst, bytes, site, true);
   FMOE_SM90_GUARD;  // the async proxy writes: not a thread's store to the race detector
   std::memset(dst, 0xff, bytes);  // in flight: unreadable until the barrier releases it
-  (void)shared_pointer(shared_address(dst), bytes, "cp.async.bulk.tensor");
   PendingTma t{static_cast<char*>(dst), m, {coord[0], rank > 1 ? coord[1] : 0,
                                            rank > 2 ? coord[2] : 0}, bar, bytes, site};
   pending_tma.push_back(t);
@@ -360,7 +378,7 @@ FMOE_EMU_RT inline void gmma_load_row(uint64_t desc, int row, GmmaType t, float*
   for (int j = 0; j < kk / per_chunk; ++j) {
     const uint32_t addr = gmma_element_address(desc, row, j * per_chunk, bytes);
     const char* p = shared_pointer(addr, 16, "wgmma.mma_async");
-    if (issue != nullptr) on_async_proxy_read(p, 16, *issue);
+    if (issue != nullptr) on_async_proxy_access(p, 16, *issue, false);
     uint64_t w[2];
     std::memcpy(w, p, 16);
     hash = (hash ^ w[0]) * 1099511628211ull;
