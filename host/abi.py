@@ -16,10 +16,10 @@ __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "MOE_BACKWARD_LAYOUT",
            "BWD_GRAD_POINTERS", "BWD_GRAD_INDEX", "MOE_BACKWARD_SHARED_POINTERS", "STRUCTS", "ENUMS", "FAULT_CODES",
            "STATE", "STATE_WORDS", "MODES", "MOE_LAYOUT_POINTERS", "MOE_EP_POINTERS",
            "TRACE_RECORD", "TASK_KINDS", "TRACE_PHASES", "PHASES", "DTYPE_IDS", "ACT_IDS",
-           "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED",
+           "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED", "TENSOR_MAPS", "TENSOR_MAP_SLOTS",
            "abi_defines", "decode_fault"]
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 
 def _struct(fields, size: int) -> np.dtype:
@@ -65,7 +65,8 @@ MOE_LAYOUT = _struct(
        ("max_local_experts", "<i4", 336), ("trace_capacity", "<i4", 340),
        ("trace", _PTR, 344), ("router_bias", _PTR, 352), ("selection_bias", _PTR, 360),
        ("pre", _PTR, 368), ("pre_remote", _PTR, 376), ("recv_saved", _PTR, 384)]
-    + [(name, _PTR, 392 + 8 * i) for i, name in enumerate(MOE_SHARED_POINTERS)], 480)
+    + [(name, _PTR, 392 + 8 * i) for i, name in enumerate(MOE_SHARED_POINTERS)]
+    + [("tensor_maps", _PTR, 480)], 488)
 
 # The backward kernel's layout: pointers first, then its sizes.
 MOE_BACKWARD_POINTERS = (
@@ -103,7 +104,10 @@ ENUMS: Dict[str, Dict[str, int]] = {
               "kPhaseReturnWait": 10, "kPhaseBwdBarrierGate": 11,
               "kPhaseBwdBarrierTokens": 12, "kPhaseBwdBarrierTranspose": 13,
               "kPhaseBwdRingSlot": 14, "kPhaseBwdRingFull": 15, "kPhaseBwdPeerDone": 16,
-              "kPhaseBwdHeaders": 17, "kPhaseBwdDispatchWait": 18, "kPhaseBwdReturnWait": 19},
+              "kPhaseBwdHeaders": 17, "kPhaseBwdDispatchWait": 18, "kPhaseBwdReturnWait": 19,
+              "kPhaseTmaWait": 20, "kPhaseNoTensorMaps": 21},
+    "TensorMapSlot": {"kMapUp": 0, "kMapUp2": 1, "kMapDown": 2, "kMapSharedUp": 3,
+                      "kMapSharedUp2": 4, "kMapSharedDown": 5, "kTensorMaps": 6},
     "BwdTaskKind": {"kBwdDH": 0, "kBwdDW2": 1, "kBwdDB2": 2, "kBwdDR": 3, "kBwdDX": 4,
                     "kBwdDW1": 5, "kBwdDB1": 6, "kBwdDXSum": 7, "kBwdSend": 8,
                     "kBwdDHRemote": 9, "kBwdDXRemote": 10, "kBwdSharedDH": 11,
@@ -160,7 +164,15 @@ PHASES = {v: k for k, v in _view("Phase", {
     "backward's wait for a peer's end of its previous launch": "kPhaseBwdPeerDone",
     "backward's wait for a peer's header": "kPhaseBwdHeaders",
     "backward's wait for dy rows a peer sends": "kPhaseBwdDispatchWait",
-    "backward's wait for dx rows a peer owes": "kPhaseBwdReturnWait"}).items()}
+    "backward's wait for dx rows a peer owes": "kPhaseBwdReturnWait",
+    "TMA load of a weight tile": "kPhaseTmaWait",
+    "launch check: this sm_90a build loads weight tiles by TMA and MoeLayout.tensor_maps "
+    "is null (the layer must encode the weights' tensor maps)": "kPhaseNoTensorMaps"}).items()}
+# MoeLayout.tensor_maps: each weight's map, by slot, and how many there are.
+TENSOR_MAPS = ENUMS["TensorMapSlot"]["kTensorMaps"]
+TENSOR_MAP_SLOTS = _view("TensorMapSlot", {
+    "w_up": "kMapUp", "w_up2": "kMapUp2", "w_down": "kMapDown", "ws_up": "kMapSharedUp",
+    "ws_up2": "kMapSharedUp2", "ws_down": "kMapSharedDown"})
 # The backward's task kinds (low 4 bits of its descriptors).
 BWD_TASK_KINDS = {v: k for k, v in _view("BwdTaskKind", {
     "dH": "kBwdDH", "dW2": "kBwdDW2", "db2": "kBwdDB2", "dRouter": "kBwdDR", "dX": "kBwdDX",

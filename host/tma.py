@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SWIZZLES", "TENSOR_MAP_BYTES", "check_tiled", "encode_emulated"]
+__all__ = ["SWIZZLES", "TENSOR_MAP_BYTES", "check_tiled", "encode_emulated", "encode_tiled"]
 
 SWIZZLES = {"none": 0, "32B": 1, "64B": 2, "128B": 3}
 """Shared-memory swizzles of a tensor map (CU_TENSOR_MAP_SWIZZLE_*)."""
@@ -94,3 +94,41 @@ def encode_emulated(address: int, elem_bytes: int, dims: Sequence[int], strides:
     rec["box"][:rank] = box
     out[...] = np.frombuffer(rec.tobytes(), np.uint8)
     return out
+
+
+_DATA_TYPES = {1: "CU_TENSOR_MAP_DATA_TYPE_UINT8", 2: "CU_TENSOR_MAP_DATA_TYPE_UINT16",
+               4: "CU_TENSOR_MAP_DATA_TYPE_UINT32", 8: "CU_TENSOR_MAP_DATA_TYPE_UINT64"}
+_DRIVER_SWIZZLES = {"none": "CU_TENSOR_MAP_SWIZZLE_NONE", "32B": "CU_TENSOR_MAP_SWIZZLE_32B",
+                    "64B": "CU_TENSOR_MAP_SWIZZLE_64B", "128B": "CU_TENSOR_MAP_SWIZZLE_128B"}
+
+
+def encode_tiled(address: int, elem_bytes: int, dims: Sequence[int], strides: Sequence[int],
+                 box: Sequence[int], swizzle: str = "none") -> bytes:
+    """The driver's 128-byte tensor map (``cuTensorMapEncodeTiled``) for these fields,
+    checked first as :func:`check_tiled` checks them; needs a GPU of compute capability
+    9.0 or later and a current context.
+
+    Elements are copied as unsigned integers of their width (TMA moves bits; the
+    kernel reads them as its storage type); loads past the tensor's end fill zeros.
+    """
+    from cuda.bindings import driver
+
+    from .driver import check
+
+    check_tiled(address, elem_bytes, dims, strides, box, swizzle)
+    rank = len(dims)
+    m = check(driver.cuTensorMapEncodeTiled(
+        getattr(driver.CUtensorMapDataType, _DATA_TYPES[elem_bytes]), rank, address,
+        [driver.cuuint64_t(int(d)) for d in dims],
+        [driver.cuuint64_t(int(s)) for s in strides],
+        [driver.cuuint32_t(int(b)) for b in box], [driver.cuuint32_t(1)] * rank,
+        driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        getattr(driver.CUtensorMapSwizzle, _DRIVER_SWIZZLES[swizzle]),
+        driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+        f"encoding a tensor map (dims {list(dims)}, box {list(box)}, swizzle {swizzle})")
+    raw = np.array(m.opaque, dtype="<u8").tobytes()
+    if len(raw) != TENSOR_MAP_BYTES:
+        raise ValueError(f"the driver's tensor map has {len(raw)} bytes, expected "
+                         f"{TENSOR_MAP_BYTES}")
+    return raw

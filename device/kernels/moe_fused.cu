@@ -23,6 +23,9 @@ using S = Cfg::S;
 extern "C" __device__ const int flashmoe_moe_smem = Cfg::kSmemBytes;
 /// The ABI version the kernel was built with (checked by the host at load).
 extern "C" __device__ const unsigned flashmoe_moe_abi = flashmoe::abi::kAbiVersion;
+/// 1: the expert GEMMs load weight tiles by TMA, so MoeLayout::tensor_maps must hold the
+/// weights' tensor maps (sm_90a builds of 16-bit types); 0: they are not read.
+extern "C" __device__ const int flashmoe_moe_tma = Cfg::G::kTmaB ? 1 : 0;
 
 extern "C" __global__ void __launch_bounds__(128)
 flashmoe_moe_forward(const flashmoe::abi::MoeLayout* __restrict__ layout,

@@ -39,7 +39,8 @@ from ..host.emulator import BufferSpan, EmulatorError, EmulatorOptions
 from ..host.errors import FlashMoEError
 from ..kernel.jit import emulator_library
 from ..kernel.contract import (check_ranks_agree, check_weights_finite, fault_exception,
-                               kernel_weights, layout_record, placement_tables, recovery_state)
+                               kernel_weights, layout_record, placement_tables, recovery_state,
+                               tensor_maps)
 from ..kernel.specs import ACT_IDS, moe_spec, nvshmem_ping_spec, ring_test_spec, tile_gemm_spec
 from ..numerics import round_to, storage_dtype
 from ..kernel.plan import plan_layer
@@ -248,6 +249,13 @@ class _PeBuffers:
     def _upload_weights(self, w: MoEWeights) -> None:
         for name, array in kernel_weights(w).items():
             self._put(name, array)
+        # The weights' tensor maps, which kernels with the sm_90a mainloop of a 16-bit
+        # type load weight tiles through (the others never read them).
+        if np.dtype(storage_dtype(self.cfg.dtype)).itemsize == 2:
+            from ..host.tma import encode_emulated
+
+            self._put("tensor_maps", tensor_maps(self.cfg, self.ptr, encode_emulated,
+                                                 len(self.local_ids)))
 
     def reset(self) -> None:
         """Zero what a layer zeroes when it is built (counters, ring, signals)."""

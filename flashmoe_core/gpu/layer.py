@@ -29,7 +29,7 @@ from ..host.tensors import export_tensor, is_dlpack_gpu_tensor, view_tensor
 from ..kernel.jit import compile_kernel, target_arch
 from ..kernel.contract import (check_ranks_agree, check_weights_finite, fault_exception,
                                kernel_weights, layout_record, overlaps, placement_tables,
-                               ranks_sharing, recovery_state, validate_input)
+                               ranks_sharing, recovery_state, tensor_maps, validate_input)
 from ..kernel.specs import moe_spec
 from .training import GpuTraining
 from ..numerics import check_finite, round_to, storage_dtype
@@ -168,6 +168,8 @@ class MoELayer(GpuTraining):
             raise FlashMoEError(f"kernel ABI {abi} differs from host ABI {ABI_VERSION}; "
                                 "clear the kernel cache (FLASHMOE_CACHE_DIR)")
         self._kernel = self._module.kernel("flashmoe_moe_forward")
+        # sm_90a builds of 16-bit types load weight tiles by TMA: they read tensor maps.
+        self._tma = bool(self._module.read_global("flashmoe_moe_tma", np.int32)[0])
         # Expert parallelism adds two prefix tables over peers to the kernel's tables.
         self.smem = int(self._module.read_global("flashmoe_moe_smem", np.int32)[0]) + \
             (2 * (self.world + 1) * 4 if self.world > 1 else 0)
@@ -227,6 +229,11 @@ class MoELayer(GpuTraining):
     def _upload_weights(self, w: MoEWeights) -> None:
         for name, array in kernel_weights(w).items():
             self._upload(name, array)
+        if self._tma:
+            from ..host.tma import encode_tiled
+
+            self._upload("tensor_maps", tensor_maps(self.cfg, self._ptr, encode_tiled,
+                                                    len(self.local_ids)))
 
     def _allocate_workspace(self) -> None:
         if self.heap is None:

@@ -17,16 +17,17 @@ import numpy as np
 
 from ..config import MoEConfig
 from ..host.abi import (MOE_EP_POINTERS, MOE_LAYOUT, MOE_LAYOUT_POINTERS, MOE_SHARED_POINTERS,
-                        PHASES, STATE, STATE_WORDS)
+                        PHASES, STATE, STATE_WORDS, TENSOR_MAP_SLOTS, TENSOR_MAPS)
+from ..host.tma import TENSOR_MAP_BYTES
 from ..host.errors import FlashMoETimeout, KernelFault
 from ..numerics import as_f32, check_finite, nonfinite_to_nan, round_to, storage_dtype
 from .plan import max_peer_tiles, slot_rows
-from .specs import ACT_IDS, DTYPE_IDS
+from .specs import ACT_IDS, DTYPE_IDS, tile_config
 from ..weights import MoEWeights
 
 __all__ = ["kernel_weights", "check_weights_finite", "placement_tables", "layout_record",
            "recovery_state", "validate_input", "fault_exception", "check_ranks_agree",
-           "overlaps", "ranks_sharing", "gemm_operands"]
+           "overlaps", "ranks_sharing", "gemm_operands", "tensor_map_fields", "tensor_maps"]
 
 
 def _kmajor(a: np.ndarray) -> np.ndarray:
@@ -67,6 +68,51 @@ def kernel_weights(w: MoEWeights) -> dict:
         out.update({k: v[0] for k, v in shared.items()})
         if w.cfg.shared_gate:
             out["ws_gate"] = nonfinite_to_nan(w.shared_gate)
+    return out
+
+
+def tensor_map_fields(cfg: MoEConfig, ptr, local_experts: Optional[int] = None) -> dict:
+    """The tensor maps of the weights a TMA build of the fused kernel loads (MoeLayout's
+    ``tensor_maps``), by buffer name: the fields each map is encoded from, as keyword
+    arguments of :func:`~flashmoe_core.host.tma.encode_tiled`. Only the weights the
+    layer has; ``ptr`` gives a buffer's address.
+
+    Every map is 3-D, innermost first: {in (K), out (rows of the B tile), expert}; the
+    shared experts' matrices are one expert. A box is one 128-byte swizzle span of K by
+    the GEMM tile's rows of one part: up maps the up task's columns (gated: Wg's and
+    Wu's rows are two boxes of one B tile), the down map the tile's N.
+    """
+    tile = tile_config(cfg.dtype)
+    eb = np.dtype(storage_dtype(cfg.dtype)).itemsize
+    h, f = cfg.hidden, cfg.ffn
+    el = cfg.experts if local_experts is None else local_experts
+    up_rows = tile.up_cols(cfg.mlp == "gated")
+    span = 128 // eb
+
+    def fields(name, k, n, e, rows):
+        return dict(address=ptr(name), elem_bytes=eb, dims=(k, n, e),
+                    strides=(k * eb, n * k * eb), box=(span, rows, 1), swizzle="128B")
+    out = {"w_up": fields("w_up", h, f, el, up_rows), "w_down": fields("w_down", f, h, el, tile.bn)}
+    if cfg.mlp == "gated":
+        out["w_up2"] = fields("w_up2", h, f, el, up_rows)
+    if cfg.n_shared:
+        fs = cfg.shared_width
+        out["ws_up"] = fields("ws_up", h, fs, 1, up_rows)
+        out["ws_down"] = fields("ws_down", fs, h, 1, tile.bn)
+        if cfg.mlp == "gated":
+            out["ws_up2"] = fields("ws_up2", h, fs, 1, up_rows)
+    return out
+
+
+def tensor_maps(cfg: MoEConfig, ptr, encode, local_experts: Optional[int] = None) -> np.ndarray:
+    """MoeLayout's ``tensor_maps`` block (uint8, TENSOR_MAPS x 128 bytes, by slot; zeros
+    where the layer has no such weight), each map made by ``encode(**fields)`` (the
+    driver's :func:`~flashmoe_core.host.tma.encode_tiled` on a GPU, the emulator's
+    :func:`~flashmoe_core.host.tma.encode_emulated`)."""
+    out = np.zeros(TENSOR_MAPS * TENSOR_MAP_BYTES, np.uint8)
+    for name, f in tensor_map_fields(cfg, ptr, local_experts).items():
+        i = TENSOR_MAP_SLOTS[name] * TENSOR_MAP_BYTES
+        out[i:i + TENSOR_MAP_BYTES] = np.frombuffer(bytes(encode(**f)), np.uint8)
     return out
 
 
@@ -118,6 +164,7 @@ def layout_record(cfg: MoEConfig, plan, ptr, *, fault: int, timeout_s: float, ra
     rec["pre"] = ptr("pre")  # a save slot's pre-activations; 0: the forward keeps none
     rec["pre_remote"] = ptr("pre_remote")
     rec["recv_saved"] = ptr("recv_saved")
+    rec["tensor_maps"] = ptr("tensor_maps")  # 0 unless the kernel loads weights by TMA
     if cfg.world_size > 1:
         rec["slot_rows"] = slot_rows(cfg)
         rec["max_peer_tiles"] = max_peer_tiles(cfg)
@@ -169,6 +216,8 @@ def fault_exception(info: dict) -> KernelFault:
             f"{info['elapsed_ns'] / 1e9:.3f} s without progress (rank {info['rank']}, peer "
             f"{info['peer']})",
             info)
+    if info["code_name"] == "bad_launch":
+        return KernelFault(f"the fused MoE kernel refused its launch: {phase}", info)
     return KernelFault(f"the fused MoE kernel stopped: {info['code_name']} at the {phase} "
                        f"(block {info['block']}, value {info['counter']}, limit "
                        f"{info['expected']})", info)

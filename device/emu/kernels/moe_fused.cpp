@@ -20,6 +20,7 @@ alignas(1024) thread_local char smem[kEmuSmemBytes];
 
 FMOE_EMU_EXPORT int emu_moe_smem() { return flashmoe_moe_smem; }
 FMOE_EMU_EXPORT unsigned emu_moe_abi() { return flashmoe_moe_abi; }
+FMOE_EMU_EXPORT int emu_moe_tma() { return flashmoe_moe_tma; }
 FMOE_EMU_EXPORT int emu_moe_max_world() { return kEmuMaxWorld; }
 
 /**

@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 8;
+constexpr cuda::std::uint32_t kAbiVersion = 9;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -110,6 +110,19 @@ enum Phase : cuda::std::int32_t {
   kPhaseBwdHeaders = 17,           ///< backward: a peer's header
   kPhaseBwdDispatchWait = 18,      ///< backward: dye rows a peer sends us
   kPhaseBwdReturnWait = 19,        ///< backward: dX rows a peer owes us
+  kPhaseTmaWait = 20,  ///< a TMA load of a weight tile that did not land (sm_90a)
+  kPhaseNoTensorMaps = 21,  ///< kBadLaunch: a TMA build launched without tensor maps
+};
+
+/// Where each weight's tensor map sits in MoeLayout::tensor_maps (128 bytes each).
+enum TensorMapSlot : cuda::std::uint32_t {
+  kMapUp = 0,          ///< w_up [El, F, H]
+  kMapUp2 = 1,         ///< w_up2 [El, F, H] (gated)
+  kMapDown = 2,        ///< w_down [El, H, F]
+  kMapSharedUp = 3,    ///< ws_up [FS, H]
+  kMapSharedUp2 = 4,   ///< ws_up2 [FS, H] (gated)
+  kMapSharedDown = 5,  ///< ws_down [H, FS]
+  kTensorMaps = 6,
 };
 
 /// Task kinds of the backward kernel's descriptors (index << 4 | kind). Kinds 0..3 are
@@ -269,6 +282,12 @@ struct MoeLayout {
   cuda::std::uint32_t* dep_shared;    ///< [TT] shared up tiles done per token tile
   /// A save slot's shared pre-activations [T, PF] (as `pre`; null: not saving).
   void* pre_s;
+  /// Kernels that load weight tiles by TMA (sm_90a, 16-bit types: flashmoe_moe_tma):
+  /// kTensorMaps 128-byte tensor maps, 64-byte aligned, indexed by TensorMapSlot (a
+  /// weight the layer lacks: zeros). Each map is 3-D {in, out, expert} (2-D weights:
+  /// one expert), swizzled 128 B, its box one 128-byte span of `in` by the tile's
+  /// rows of `out` (up: the up task's columns, down: the tile's N). Null otherwise.
+  const void* tensor_maps;
 };
 
 /**
@@ -403,6 +422,7 @@ struct MoeBackwardLayout {
   X(MoeLayout, ys)           \
   X(MoeLayout, dep_shared)   \
   X(MoeLayout, pre_s)        \
+  X(MoeLayout, tensor_maps)  \
   X(MoeBackwardLayout, router_b)   \
   X(MoeBackwardLayout, w_up_b)     \
   X(MoeBackwardLayout, w_down_b)   \
@@ -465,7 +485,11 @@ struct MoeBackwardLayout {
   X(Phase, kPhaseReturnWait) X(Phase, kPhaseBwdBarrierGate) X(Phase, kPhaseBwdBarrierTokens)\
   X(Phase, kPhaseBwdBarrierTranspose) X(Phase, kPhaseBwdRingSlot)                           \
   X(Phase, kPhaseBwdRingFull) X(Phase, kPhaseBwdPeerDone) X(Phase, kPhaseBwdHeaders)       \
-  X(Phase, kPhaseBwdDispatchWait) X(Phase, kPhaseBwdReturnWait)                             \
+  X(Phase, kPhaseBwdDispatchWait) X(Phase, kPhaseBwdReturnWait) X(Phase, kPhaseTmaWait)     \
+  X(Phase, kPhaseNoTensorMaps)                                                              \
+  X(TensorMapSlot, kMapUp) X(TensorMapSlot, kMapUp2) X(TensorMapSlot, kMapDown)             \
+  X(TensorMapSlot, kMapSharedUp) X(TensorMapSlot, kMapSharedUp2)                            \
+  X(TensorMapSlot, kMapSharedDown) X(TensorMapSlot, kTensorMaps)                            \
   X(BwdTaskKind, kBwdDH) X(BwdTaskKind, kBwdDW2) X(BwdTaskKind, kBwdDB2)                    \
   X(BwdTaskKind, kBwdDR) X(BwdTaskKind, kBwdDX) X(BwdTaskKind, kBwdDW1)                     \
   X(BwdTaskKind, kBwdDB1) X(BwdTaskKind, kBwdDXSum) X(BwdTaskKind, kBwdSend)                \

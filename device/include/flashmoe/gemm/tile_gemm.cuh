@@ -20,10 +20,16 @@
  * Half tiles: a tile whose valid rows fit in its first BM / 2 (an expert's tail tile,
  * the last token tile) loads and multiplies only those, so routed rows cost compute in
  * 64-row steps, not 128. Each mainloop is a template on it (no branch in the loop).
+ *
+ * Weights by TMA (sm_90a, compute_tile_tma): a B tile that is rows of weight matrices
+ * (an expert's, or the shared experts') arrives as TMA box loads from tensor maps the
+ * host encoded, onto one mbarrier per stage, issued by one thread; the A rows (routed
+ * tokens, gathered by index) still come by cp.async through the row table.
  */
 #pragma once
 
 #include "element.cuh"
+#include "../wait.cuh"
 
 // The mainloop: Hopper's wgmma where it can run (sm_90a builds), else mma.sync.
 // FMOE_MAINLOOP (80 or 90) forces one: the CPU emulator has no arch and runs either.
@@ -112,9 +118,55 @@ struct TileGemm {
   static constexpr int kSmemB = BN * BK * kStages * kBytes;
   static constexpr int kSmemPipe = kSmemA + kSmemB;
   static constexpr int kSmemRowTables = (BM + BN) * int(sizeof(const Storage*));
-  /// Shared memory one tile needs (pipeline + row tables); the output staging reuses
-  /// the pipeline area.
-  static constexpr int kSmemBytes = kSmemPipe + kSmemRowTables;
+  /// Weights by TMA (compute_tile_tma): the wgmma mainloop's builds.
+  static constexpr bool kTmaB = kWgmma;
+  /// One mbarrier per stage (its B tile landed), then the word of their next parities.
+  static constexpr int kSmemBarriers = kStages * 8 + 8;
+  /// Shared memory one tile needs (pipeline, row tables, stage barriers); the output
+  /// staging reuses the pipeline area.
+  static constexpr int kSmemBytes = kSmemPipe + kSmemRowTables + kSmemBarriers;
+  /// A box's inner extent in elements: one 128-byte swizzle span of K.
+  static constexpr int kBoxK = kAtomK;
+
+  /**
+   * Where a B tile comes from by TMA: `parts` (1 or 2) boxes of BN / parts rows side by
+   * side, part p from tensor map map<p> (a flashmoe::sm90::TensorMap in global memory)
+   * at rows n0.. of its dimension 1 and index e of its dimension 2; K in 128-byte spans
+   * of dimension 0. Rows and columns past the tensor's end load as zeros. A load that
+   * never lands is reported to `site` as kPhaseTmaWait with `task`.
+   */
+  struct BTma {
+    const void* map0;  // (named, not an array: a runtime index would put it in local memory)
+    const void* map1;
+    int parts;
+    int n0;
+    int e;
+    const WaitSite* site;
+    int task;
+  };
+
+  /// The stage barriers and their parity word, after the row tables.
+  FMOE_DEVICE static uint64_t* stage_barriers(char* smem) {
+    return reinterpret_cast<uint64_t*>(smem + kSmemPipe + kSmemRowTables);
+  }
+  FMOE_DEVICE static uint32_t* stage_parities(char* smem) {
+    return reinterpret_cast<uint32_t*>(stage_barriers(smem) + kStages);
+  }
+
+  /// Once per block before its first compute_tile_tma, by one thread, then a barrier:
+  /// the stage barriers (one arrival, the loading thread's, plus the bytes) and their
+  /// parities. Nothing else may write that shared memory afterwards.
+  FMOE_DEVICE static void init_stage_barriers(char* smem) {
+#if FMOE_SM90_MAINLOOP
+    if constexpr (kTmaB) {
+      for (int s = 0; s < kStages; ++s) sm90::mbarrier_init(stage_barriers(smem) + s, 1u);
+      *stage_parities(smem) = 0u;
+      sm90::fence_mbarrier_init();
+    }
+#else
+    (void)smem;
+#endif
+  }
 
   using Acc = decltype(cute::partition_fragment_C(Mma{}, cute::Shape<cute::Int<BM>, cute::Int<BN>>{}));
 
@@ -384,6 +436,147 @@ struct TileGemm {
     __syncthreads();
   }
 
+  /// One thread: the B tile of k-tile k_tile into stage `stage` by TMA, its bytes
+  /// declared on the stage's barrier first.
+  FMOE_DEVICE static void load_stage_b_tma(char* smem, const BTma& b, int k_tile, int stage) {
+    uint64_t* bar = stage_barriers(smem) + stage;
+    sm90::mbarrier_arrive_expect_tx(bar, uint32_t(BN * BK * kBytes));
+    // The stage's B buffer: 8-row swizzle atoms of 128 B down the rows, then spans of K.
+    char* dst = smem + kSmemA + stage * (BN * BK * kBytes);
+    const int k0 = k_tile * BK;
+    CUTE_UNROLL
+    for (int kb = 0; kb < BK / kBoxK; ++kb) {
+      sm90::tma_load_3d(dst + kb * BN * 128, static_cast<const sm90::TensorMap*>(b.map0), bar,
+                        k0 + kb * kBoxK, b.n0, b.e);
+      if (b.parts == 2) {  // the second half of the tile's rows
+        sm90::tma_load_3d(dst + (kb * BN + BN / 2) * 128,
+                          static_cast<const sm90::TensorMap*>(b.map1), bar, k0 + kb * kBoxK,
+                          b.n0, b.e);
+      }
+    }
+  }
+
+  /// Wait for stage `stage`'s B tile (the barrier phase of this parity); false after
+  /// timeout_ns without it. A plain deadline bounds the spin: one stage's loads take
+  /// microseconds and depend on no other block, so no progress stamps (and no call: a
+  /// call would save the live accumulators to local memory).
+  FMOE_DEVICE static bool wait_stage_b(char* smem, uint32_t stage, uint32_t parity,
+                                       const WaitSite& site) {
+    uint64_t* bar = stage_barriers(smem) + stage;
+    if (__builtin_expect(sm90::mbarrier_try_wait_parity(bar, parity), 1)) return true;
+    // (Another block's fault does not stop these loads landing: no need to watch it.)
+    const uint64_t start = global_timer_ns();
+    while (!sm90::mbarrier_try_wait_parity(bar, parity)) {  // bounded: site.timeout_ns
+      if (global_timer_ns() - start > site.timeout_ns) return false;
+    }
+    return true;
+  }
+
+  /**
+   * mainloop_sm90 with the B tiles by TMA (b): per k-tile, once the thread's A copies
+   * landed (cp.async) and its B tile's barrier phase completed, the block meets and one
+   * group of wgmmas reads the stage; the stage is refilled (A by every thread, B by
+   * thread 0) once the previous group retired and the block met again. The stage
+   * parities carry over between calls in shared memory.
+   */
+  template <bool kFull>
+  FMOE_DEVICE static void mainloop_sm90_tma(AccSm90& acc, char* smem, int K, const BTma& b) {
+    constexpr int kHalves = kFull ? BM / 64 : BM / 128;
+    using namespace cute;
+    using Atom = GMMA::Layout_K_SW128_Atom<T>;
+    Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
+                           tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
+    Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
+                           tile_to_shape(Atom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) {
+      CUTE_UNROLL
+      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.0f;
+    }
+    const bool loader = threadIdx.x == 0;
+    uint32_t parities = *stage_parities(smem);  // block-uniform
+    const int num_k = (K + BK - 1) / BK;
+    // This thread's A vectors (as load_rows): rows r0 + i kRowStep at column c0 of every
+    // k-tile, their row pointers read from the table once, kept in registers.
+    constexpr int kVecsPerRow = BK / kVec;
+    constexpr int kIters = (kFull ? BM : kHalfRows) * kVecsPerRow / kThreads;
+    constexpr int kRowStep = kThreads / kVecsPerRow;
+    static_assert(kThreads % kVecsPerRow == 0 && kRowStep % 8 == 0,
+                  "a thread's rows in one swizzle phase");
+    const int r0 = int(threadIdx.x) / kVecsPerRow, c0 = (int(threadIdx.x) % kVecsPerRow) * kVec;
+    const Storage* a_rows[kIters];
+    CUTE_UNROLL
+    for (int i = 0; i < kIters; ++i) a_rows[i] = rows_a(smem)[r0 + i * kRowStep];
+    Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)), LayoutA{});
+    T* const a_dst = raw_pointer_cast(&sA(r0, c0, 0));
+    auto load = [&](int k_tile, int stage) {
+      const int kc = k_tile * BK + c0;
+      const bool in_k = kc < K;
+      T* dst = a_dst + stage * (BM * BK);
+      CUTE_UNROLL
+      for (int i = 0; i < kIters; ++i) {
+        const bool p = in_k && a_rows[i] != nullptr;
+        cp_async_16(dst + i * kRowStep * kAtomK, p ? a_rows[i] + kc : nullptr, p);
+      }
+      if (loader) load_stage_b_tma(smem, b, k_tile, stage);
+    };
+    CUTE_UNROLL
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < num_k) load(s, s);
+      cp_async_commit();
+    }
+    bool landed = true;
+    int lost = -1;  // the k-tile whose B tile never landed
+    CUTE_NO_UNROLL
+    for (int kt = 0; kt < num_k; ++kt) {
+      const int stage = kt % kStages;
+      cp_async_wait<kStages - 2>();
+      // As mainloop_sm90: the thread's landed A copies (generic proxy) are ordered
+      // before the wgmmas' async-proxy reads; the barrier's phase orders B's.
+      sm90::fence_proxy_async();
+      // A load that never lands: the loop runs out on poison (no further waits), the
+      // fault is recorded after it and the caller's launch fails.
+      if (landed && !wait_stage_b(smem, stage, (parities >> stage) & 1u, *b.site)) {
+        landed = false;
+        lost = kt;
+      }
+      parities ^= 1u << stage;
+      __syncthreads();  // the stage landed for every thread
+      sm90::wgmma_fence();
+      CUTE_UNROLL
+      for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+      CUTE_UNROLL
+      for (int kb = 0; kb < BK / 16; ++kb) {
+        const uint64_t db = sm90::descriptor(
+            local_tile(gB(_, _, stage), Shape<Int<BN>, _16>{}, make_coord(0, kb)));
+        CUTE_UNROLL
+        for (int h = 0; h < kHalves; ++h) {
+          const uint64_t da = sm90::descriptor(
+              local_tile(gA(_, _, stage), Shape<_64, _16>{}, make_coord(h, kb)));
+          sm90::wgmma<kDtype, BN>(acc[h], da, db, true);
+        }
+      }
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<1>();
+      CUTE_UNROLL
+      for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+      __syncthreads();  // the previous group's stage is free in every thread
+      const int next = kt + kStages - 1;
+      if (next < num_k) load(next, next % kStages);
+      cp_async_commit();
+    }
+    sm90::wgmma_wait<0>();
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (loader) *stage_parities(smem) = parities;  // read again after the next barrier
+    if (!landed) {
+      report_fault(*b.site, abi::kTimeout, abi::kPhaseTmaWait, b.task, lost, num_k, -1,
+                   b.site->timeout_ns);
+    }
+  }
+
   /// The wgmma accumulators as a row-major BM x BN float tile in shared memory.
   FMOE_DEVICE static float* stage_acc_sm90(const AccSm90& acc, char* smem) {
     float* staged = reinterpret_cast<float*>(smem);
@@ -439,6 +632,40 @@ struct TileGemm {
     }
     __syncthreads();
     return staged;
+  }
+
+  /**
+   * compute_tile with the B rows by TMA from `b` where the build loads weights so
+   * (kTmaB; init_stage_barriers ran), else from b_row exactly as compute_tile: the
+   * two must describe the same rows.
+   */
+  template <class ARow, class BRow>
+  FMOE_DEVICE static const float* compute_tile_tma(char* smem, int K, ARow a_row, BRow b_row,
+                                                   const BTma& b, int rows = BM) {
+#if FMOE_SM90_MAINLOOP
+    if constexpr (kTmaB) {
+      const Storage** ra = rows_a(smem);
+      for (int r = threadIdx.x; r < BM; r += kThreads) ra[r] = a_row(r);
+      // Each thread's earlier accesses of the stages (the last tile's staging and
+      // epilogue) are ordered before the TMA writes that refill them.
+      sm90::fence_proxy_async();
+      __syncthreads();
+      AccSm90 acc;
+      if (rows > kHalfRows) {
+        mainloop_sm90_tma<true>(acc, smem, K, b);
+      } else {
+        mainloop_sm90_tma<false>(acc, smem, K, b);
+      }
+      const float* staged = stage_acc_sm90(acc, smem);
+      __syncthreads();
+      return staged;
+    } else {
+      return compute_tile(smem, K, a_row, b_row, rows);
+    }
+#else
+    (void)b;
+    return compute_tile(smem, K, a_row, b_row, rows);
+#endif
   }
 
   // ------------------------------------------------------------------ epilogue

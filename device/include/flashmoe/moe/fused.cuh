@@ -106,7 +106,7 @@ struct Config {
   /// adds two prefix arrays over peers (2 * (world + 1) ints, sized at launch).
   static constexpr int kSmemTables = 3 * (E + 1) * int(sizeof(int32_t));
   static constexpr int kSmemScratch = kTile * K * int(sizeof(int32_t));
-  static_assert(kSmemScratch <= G::kSmemBytes, "list scratch must fit the GEMM area");
+  static_assert(kSmemScratch <= G::kSmemPipe, "list scratch must fit the GEMM pipeline area");
   static constexpr int kSmemBytes = G::kSmemBytes + kSmemTables;
 };
 
@@ -620,7 +620,19 @@ struct Kernel {
     const S* b_up;    // vanilla b1 [kF]; gated with biases bg then bu [2 kF]; else null
     const S* w_down;  // [H, kF]
     const S* b_down;  // [H] (vanilla, or gated with biases); else null
+    // The same matrices as tensor maps (TMA builds; abi::TensorMapSlot) and the index
+    // of this MLP along their third dimension.
+    const void* map_up;
+    const void* map_up2;
+    const void* map_down;
+    int map_e;
   };
+
+  /// Tensor map `slot` of the layer's weights (null without them: not a TMA build).
+  FMOE_DEVICE const void* tensor_map(abi::TensorMapSlot slot) const {
+    return L.tensor_maps == nullptr ? nullptr
+                                    : static_cast<const char*>(L.tensor_maps) + 128 * int(slot);
+  }
 
   /// Local expert le's weights.
   FMOE_DEVICE MlpWeights expert_weights(int le) const {
@@ -632,7 +644,9 @@ struct Kernel {
         up_bias ? static_cast<const S*>(L.b_up) + int64_t(le) * C::F * (C::kGated ? 2 : 1)
                 : nullptr,
         static_cast<const S*>(L.w_down) + le * kW,
-        up_bias ? static_cast<const S*>(L.b_down) + int64_t(le) * C::H : nullptr};
+        up_bias ? static_cast<const S*>(L.b_down) + int64_t(le) * C::H : nullptr,
+        tensor_map(abi::kMapUp), tensor_map(C::kGated ? abi::kMapUp2 : abi::kMapUp),
+        tensor_map(abi::kMapDown), le};
   }
 
   /// The shared experts' weights (one MLP of width C::SH::F).
@@ -640,7 +654,9 @@ struct Kernel {
     const S* w_up = static_cast<const S*>(L.ws_up);
     return MlpWeights{w_up, C::kGated ? static_cast<const S*>(L.ws_up2) : w_up,
                       static_cast<const S*>(L.bs_up), static_cast<const S*>(L.ws_down),
-                      static_cast<const S*>(L.bs_down)};
+                      static_cast<const S*>(L.bs_down), tensor_map(abi::kMapSharedUp),
+                      tensor_map(C::kGated ? abi::kMapSharedUp2 : abi::kMapSharedUp),
+                      tensor_map(abi::kMapSharedDown), 0};
   }
 
   /**
@@ -654,13 +670,15 @@ struct Kernel {
                               const MlpWeights& w, S* pre = nullptr) {
     if (!compute) return;
     const int n0 = col * C::kUpCols;
-    // Gated: B rows [0, kUpCols) are Wg rows, [kUpCols, BN) the matching Wu rows.
-    const float* staged = G::compute_tile(
+    // Gated: B rows [0, kUpCols) are Wg rows, [kUpCols, BN) the matching Wu rows (by
+    // TMA: one box of each).
+    const typename G::BTma b{w.map_up, w.map_up2, C::kGated ? 2 : 1, n0, w.map_e, &site, -1};
+    const float* staged = G::compute_tile_tma(
         smem, C::H, [&](int r) -> const S* { return r < tile.rows ? a_row(r) : nullptr; },
         [&](int r) -> const S* {
           const int half = r / C::kUpCols, n = n0 + r % C::kUpCols;
           return n < kF ? (half ? w.w_up2 : w.w_up) + int64_t(n) * C::H : nullptr;
-        }, tile.rows);
+        }, b, tile.rows);
     const S* b_up = w.b_up;
     G::for_each_row_chunk(staged, C::kUpCols, [&](int r, int c, float(&v)[8]) {
       const int n = n0 + c;
@@ -706,12 +724,13 @@ struct Kernel {
     if (!compute) return;
     const int n0 = col * G::BN;
     const S* w_down = w.w_down;
-    const float* staged = G::compute_tile(
+    const typename G::BTma b{w.map_down, w.map_down, 1, n0, w.map_e, &site, -1};
+    const float* staged = G::compute_tile_tma(
         smem, kF,
         [&](int r) -> const S* { return r < tile.rows ? z + int64_t(r) * kF : nullptr; },
         [&](int r) -> const S* {
           return n0 + r < C::H ? w_down + int64_t(n0 + r) * kF : nullptr;
-        }, tile.rows);
+        }, b, tile.rows);
     constexpr bool kDownBias = !C::kGated || C::M::kBias;
     const S* b_down = w.b_down;
     G::for_each_row_chunk(staged, G::BN, [&](int r, int c, float(&v)[8]) {
@@ -1294,7 +1313,10 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   extern __shared__ __align__(1024) char smem[];  // wgmma's swizzled tiles
   __shared__ uint32_t s_epoch;
   const abi::MoeLayout& L = *layout;
-  if (threadIdx.x == 0) s_epoch = read_epoch(L.state);
+  if (threadIdx.x == 0) {
+    s_epoch = read_epoch(L.state);
+    C::G::init_stage_barriers(smem);
+  }
   __syncthreads();
   int32_t* tables = reinterpret_cast<int32_t*>(smem + C::G::kSmemBytes);
   int32_t* peer_tables = tables + 3 * (C::E + 1);
@@ -1306,6 +1328,14 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
               mode != abi::kModeCommOnly};
   const int warps = gridDim.x * C::kWarps;
   const int gwarp = blockIdx.x * C::kWarps + int(threadIdx.x >> 5);
+  if constexpr (C::G::kTmaB) {
+    if (L.tensor_maps == nullptr) {  // the weights' tensor maps are this build's contract
+      if (blockIdx.x == 0 && threadIdx.x == 0) {
+        report_fault(k.site, abi::kBadLaunch, abi::kPhaseNoTensorMaps, -1, 0, 0, -1, 0);
+      }
+      return;
+    }
+  }
 
   if (mode == abi::kModeCombineOnly) {
     if (threadIdx.x == 0 && blockIdx.x == 0) {
