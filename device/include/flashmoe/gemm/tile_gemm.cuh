@@ -365,6 +365,39 @@ struct TileGemm {
   }
 
 #if FMOE_SM90_MAINLOOP
+  /// Byte offsets of a k16 step's sub-tile in the 128-byte swizzled stages from stage
+  /// 0's first: whole stages, m64 halves of 64 rows of 128 B (A), 32-byte steps within
+  /// a span of K, spans of every row further on (CuTe's tile_to_shape order).
+  FMOE_DEVICE static uint32_t a_offset(int stage, int h, int kb) {
+    constexpr int kSteps = kAtomK / 16;  // k16 steps per 128-byte span
+    return uint32_t(stage * (BM * BK * kBytes) + h * (64 * 128) +
+                    (kb / kSteps) * (BM * 128) + (kb % kSteps) * 32);
+  }
+  FMOE_DEVICE static uint32_t b_offset(int stage, int kb) {
+    constexpr int kSteps = kAtomK / 16;
+    return uint32_t(stage * (BN * BK * kBytes) + (kb / kSteps) * (BN * 128) +
+                    (kb % kSteps) * 32);
+  }
+
+  /// The descriptor of a sub-tile `bytes` past the one `base` describes: the same
+  /// layout, its start address field (16-byte units, the low 14 bits; shared memory
+  /// stays below 256 KiB, so no carry) moved on. Emulator builds check it against
+  /// CuTe's descriptor of `tile`, the sub-tile it stands for.
+  template <class Tile>
+  FMOE_DEVICE static uint64_t desc_at(uint64_t base, uint32_t bytes, const Tile& tile) {
+    // Only the low word changes (32-bit math: no carry chain into the high word).
+    const uint64_t d = (base & 0xffffffff00000000ull) | uint32_t(uint32_t(base) + (bytes >> 4));
+#if FMOE_HOST_EMU
+    if (d != sm90::descriptor(tile)) {
+      fmoe_emu::fatal("a wgmma descriptor moved on by a byte offset differs from CuTe's "
+                      "descriptor of the same sub-tile");
+    }
+#else
+    (void)tile;
+#endif
+    return d;
+  }
+
   /// This thread's accumulators of the wgmma mainloop: [m64 half][BN / 2].
   using AccSm90 = float[BM / 64][BN / 2];
 
@@ -385,6 +418,10 @@ struct TileGemm {
                            tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
     Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
                            tile_to_shape(Atom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
+    const uint64_t da0 = sm90::descriptor(local_tile(gA(_, _, 0), Shape<_64, _16>{},
+                                                     make_coord(0, 0)));
+    const uint64_t db0 = sm90::descriptor(local_tile(gB(_, _, 0), Shape<Int<BN>, _16>{},
+                                                     make_coord(0, 0)));
     CUTE_UNROLL
     for (int h = 0; h < BM / 64; ++h) {
       CUTE_UNROLL
@@ -409,11 +446,11 @@ struct TileGemm {
       for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
       CUTE_UNROLL
       for (int kb = 0; kb < BK / 16; ++kb) {
-        const uint64_t db = sm90::descriptor(
+        const uint64_t db = desc_at(db0, b_offset(stage, kb),
             local_tile(gB(_, _, stage), Shape<Int<BN>, _16>{}, make_coord(0, kb)));
         CUTE_UNROLL
         for (int h = 0; h < kHalves; ++h) {
-          const uint64_t da = sm90::descriptor(
+          const uint64_t da = desc_at(da0, a_offset(stage, h, kb),
               local_tile(gA(_, _, stage), Shape<_64, _16>{}, make_coord(h, kb)));
           sm90::wgmma<kDtype, BN>(acc[h], da, db, true);
         }
@@ -488,6 +525,10 @@ struct TileGemm {
                            tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
     Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
                            tile_to_shape(Atom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
+    const uint64_t da0 = sm90::descriptor(local_tile(gA(_, _, 0), Shape<_64, _16>{},
+                                                     make_coord(0, 0)));
+    const uint64_t db0 = sm90::descriptor(local_tile(gB(_, _, 0), Shape<Int<BN>, _16>{},
+                                                     make_coord(0, 0)));
     CUTE_UNROLL
     for (int h = 0; h < BM / 64; ++h) {
       CUTE_UNROLL
@@ -547,11 +588,11 @@ struct TileGemm {
       for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
       CUTE_UNROLL
       for (int kb = 0; kb < BK / 16; ++kb) {
-        const uint64_t db = sm90::descriptor(
+        const uint64_t db = desc_at(db0, b_offset(stage, kb),
             local_tile(gB(_, _, stage), Shape<Int<BN>, _16>{}, make_coord(0, kb)));
         CUTE_UNROLL
         for (int h = 0; h < kHalves; ++h) {
-          const uint64_t da = sm90::descriptor(
+          const uint64_t da = desc_at(da0, a_offset(stage, h, kb),
               local_tile(gA(_, _, stage), Shape<_64, _16>{}, make_coord(h, kb)));
           sm90::wgmma<kDtype, BN>(acc[h], da, db, true);
         }
