@@ -139,8 +139,8 @@ def test_the_mainloop_refilling_a_stage_still_read_is_reported(tmp_path, monkeyp
     from flashmoe_core.emulator import tile_gemm
 
     _mutant(tmp_path, monkeypatch, "include/flashmoe/gemm/tile_gemm.cuh",
-            "      // may be refilled once every thread knows it.\n      sm90::wgmma_wait<1>();\n",
-            "      // may be refilled once every thread knows it.\n      sm90::wgmma_wait<2>();\n")
+            "    // may be refilled once every thread knows it.\n    sm90::wgmma_wait<1>();\n",
+            "    // may be refilled once every thread knows it.\n    sm90::wgmma_wait<2>();\n")
     monkeypatch.setenv("FLASHMOE_EMULATOR_MAINLOOP", "sm90")
     a, b = operands("float16", 128, 512)
     with pytest.raises(EmulatorError, match="was written before the wait_group"):

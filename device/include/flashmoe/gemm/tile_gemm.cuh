@@ -401,6 +401,35 @@ struct TileGemm {
   /// This thread's accumulators of the wgmma mainloop: [m64 half][BN / 2].
   using AccSm90 = float[BM / 64][BN / 2];
 
+  /// One k-tile's wgmmas on stage `stage` (landed, the block met) as one committed
+  /// group: BK / 16 k16 steps of kHalves m64 halves. Returns with this group in flight
+  /// and the previous one retired.
+  template <int kHalves, class TA, class TB>
+  FMOE_DEVICE static void wgmma_k_tile(AccSm90& acc, const TA& gA, const TB& gB, uint64_t da0,
+                                       uint64_t db0, int stage) {
+    using namespace cute;
+    sm90::wgmma_fence();
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+    CUTE_UNROLL
+    for (int kb = 0; kb < BK / 16; ++kb) {
+      const uint64_t db = desc_at(db0, b_offset(stage, kb),
+          local_tile(gB(_, _, stage), Shape<Int<BN>, _16>{}, make_coord(0, kb)));
+      CUTE_UNROLL
+      for (int h = 0; h < kHalves; ++h) {
+        const uint64_t da = desc_at(da0, a_offset(stage, h, kb),
+            local_tile(gA(_, _, stage), Shape<_64, _16>{}, make_coord(h, kb)));
+        sm90::wgmma<kDtype, BN>(acc[h], da, db, true);
+      }
+    }
+    sm90::wgmma_commit();
+    // This k-tile's group stays in flight; the previous one is retired, so its stage
+    // may be refilled once every thread knows it.
+    sm90::wgmma_wait<1>();
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+  }
+
   /**
    * acc += A_tile * B_tile^T over K with wgmma (kWgmma builds): per k-tile, once its
    * stage landed and the block met, one group of BK / 16 x 2 wgmmas reads the stage and
@@ -441,26 +470,7 @@ struct TileGemm {
       // async-proxy reads, then the block meets: the writer-side fence of the PTX model.
       sm90::fence_proxy_async();
       __syncthreads();  // the stage landed for every thread
-      sm90::wgmma_fence();
-      CUTE_UNROLL
-      for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
-      CUTE_UNROLL
-      for (int kb = 0; kb < BK / 16; ++kb) {
-        const uint64_t db = desc_at(db0, b_offset(stage, kb),
-            local_tile(gB(_, _, stage), Shape<Int<BN>, _16>{}, make_coord(0, kb)));
-        CUTE_UNROLL
-        for (int h = 0; h < kHalves; ++h) {
-          const uint64_t da = desc_at(da0, a_offset(stage, h, kb),
-              local_tile(gA(_, _, stage), Shape<_64, _16>{}, make_coord(h, kb)));
-          sm90::wgmma<kDtype, BN>(acc[h], da, db, true);
-        }
-      }
-      sm90::wgmma_commit();
-      // This k-tile's group stays in flight; the previous one is retired, so its stage
-      // may be refilled once every thread knows it.
-      sm90::wgmma_wait<1>();
-      CUTE_UNROLL
-      for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+      wgmma_k_tile<kHalves>(acc, gA, gB, da0, db0, stage);
       __syncthreads();
       const int next = kt + kStages - 1;
       if (next < num_k) load_stage(smem, next, next % kStages, K, kFull);
@@ -583,24 +593,7 @@ struct TileGemm {
       }
       parities ^= 1u << stage;
       __syncthreads();  // the stage landed for every thread
-      sm90::wgmma_fence();
-      CUTE_UNROLL
-      for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
-      CUTE_UNROLL
-      for (int kb = 0; kb < BK / 16; ++kb) {
-        const uint64_t db = desc_at(db0, b_offset(stage, kb),
-            local_tile(gB(_, _, stage), Shape<Int<BN>, _16>{}, make_coord(0, kb)));
-        CUTE_UNROLL
-        for (int h = 0; h < kHalves; ++h) {
-          const uint64_t da = desc_at(da0, a_offset(stage, h, kb),
-              local_tile(gA(_, _, stage), Shape<_64, _16>{}, make_coord(h, kb)));
-          sm90::wgmma<kDtype, BN>(acc[h], da, db, true);
-        }
-      }
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<1>();
-      CUTE_UNROLL
-      for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+      wgmma_k_tile<kHalves>(acc, gA, gB, da0, db0, stage);
       __syncthreads();  // the previous group's stage is free in every thread
       const int next = kt + kStages - 1;
       if (next < num_k) load(next, next % kStages);
