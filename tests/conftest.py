@@ -109,6 +109,22 @@ def shared_cache(tmp_path_factory):
     return d
 
 
+def seed_mutant(tmp_path, monkeypatch, file, *edits):
+    """Point the device sources at a copy of device/ with one seeded bug in ``file``
+    (edits: old, new, old, new, ...; each old text must occur exactly once)."""
+    from flashmoe_core.host.toolchain import find_toolchain
+
+    dst = tmp_path / "device"
+    shutil.copytree(find_toolchain().device_root, dst)
+    path = dst / file
+    text = path.read_text()
+    for old, new in zip(edits[::2], edits[1::2]):
+        assert text.count(old) == 1, f"the mutation site is gone from {file}: {old!r}"
+        text = text.replace(old, new)
+    path.write_text(text)
+    monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(dst))
+
+
 # ---------------------------------------------------------------- kernel listings
 class _ListingDevice:
     """Stands in for a cuda.core Device while kernels are listed (no GPU touched)."""

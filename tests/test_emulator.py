@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import seed_mutant
 from flashmoe_core import (CompileError, FlashMoEError, FlashMoETimeout, MoEConfig, MoELayer,
                            MoEWeights, random_tokens)
 from flashmoe_core.emulator import EmulatedMoELayer, EmulatorError, EmulatorOptions
@@ -176,15 +177,7 @@ def test_layer_factory_returns_the_emulated_layer():
 
 # ---------------------------------------------------------------- mutation check
 def _mutant(tmp_path, monkeypatch, file: str, old: str, new: str) -> None:
-    """A copy of device/ with one seeded bug, used by the next builds."""
-    src = find_toolchain().device_root
-    dst = tmp_path / "device"
-    shutil.copytree(src, dst)
-    path = dst / file
-    text = path.read_text()
-    assert text.count(old) == 1, f"the mutation site is gone from {file}: {old!r}"
-    path.write_text(text.replace(old, new))
-    monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(dst))
+    seed_mutant(tmp_path, monkeypatch, file, old, new)
 
 
 FUSED = "include/flashmoe/moe/fused.cuh"

@@ -4,11 +4,11 @@ the swizzled layouts, mbarrier phases, the emulation's agreement with CuTe's SM9
 layouts, and the bugs its asynchrony is there to catch. The sm_90a compile of the same
 kernel is checked for HGMMA and UTMALDG."""
 
-import shutil
 
 import numpy as np
 import pytest
 
+from conftest import seed_mutant
 from flashmoe_core.emulator import EmulatorError, EmulatorOptions, gmma_test
 from flashmoe_core.host.errors import FlashMoEError
 from flashmoe_core.host.toolchain import find_toolchain
@@ -72,16 +72,7 @@ def test_tma_box_outside_the_tensor_reads_zeros():
 
 
 def _mutant(tmp_path, monkeypatch, file, *edits):
-    """A copy of device/ with one seeded bug (edits: old, new, old, new, ...)."""
-    dst = tmp_path / "device"
-    shutil.copytree(find_toolchain().device_root, dst)
-    path = dst / file
-    text = path.read_text()
-    for old, new in zip(edits[::2], edits[1::2]):
-        assert text.count(old) == 1, f"the mutation site is gone from {file}: {old!r}"
-        text = text.replace(old, new)
-    path.write_text(text)
-    monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(dst))
+    seed_mutant(tmp_path, monkeypatch, file, *edits)
 
 
 KERNEL = "kernels/gmma_test.cu"

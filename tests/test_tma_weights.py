@@ -3,19 +3,17 @@ compute_tile_tma): the tensor maps the layers encode, the forward on the emulato
 against the oracle at the shapes where TMA's bounds matter, and the bugs of this path
 the emulator must catch (every emulator run forces the sm_90a mainloop)."""
 
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import emulator_checks
+from conftest import emulator_checks, seed_mutant
 from flashmoe_core import FlashMoETimeout, KernelFault, MoEConfig, MoEWeights, random_tokens
 from flashmoe_core.cli.gpu_run import TOLERANCE, compare
 from flashmoe_core.emulator import EmulatedExpertParallel, EmulatorError
 from flashmoe_core.gpu.layer import MoELayer
 from flashmoe_core.host.abi import TENSOR_MAP_SLOTS, TENSOR_MAPS
 from flashmoe_core.host.tma import TENSOR_MAP_BYTES, encode_emulated
-from flashmoe_core.host.toolchain import find_toolchain
 from flashmoe_core.kernel.contract import tensor_map_fields, tensor_maps
 
 GEMM = "include/flashmoe/gemm/tile_gemm.cuh"
@@ -113,15 +111,7 @@ def test_a_layer_without_the_maps_is_refused(monkeypatch):
 # ---------------------------------------------------------------- seeded bugs
 def _mutant(tmp_path, monkeypatch, *edits):
     """device/ with one bug in the tile GEMM (edits: old, new, ...), sm_90a mainloop."""
-    dst = tmp_path / "device"
-    shutil.copytree(find_toolchain().device_root, dst)
-    path = dst / GEMM
-    text = path.read_text()
-    for old, new in zip(edits[::2], edits[1::2]):
-        assert text.count(old) == 1, f"the mutation site is gone from {GEMM}: {old!r}"
-        text = text.replace(old, new)
-    path.write_text(text)
-    monkeypatch.setenv("FLASHMOE_DEVICE_DIR", str(dst))
+    seed_mutant(tmp_path, monkeypatch, GEMM, *edits)
     monkeypatch.setenv("FLASHMOE_EMULATOR_MAINLOOP", "sm90")
 
 

@@ -290,10 +290,9 @@ struct PendingPut {
 };
 
 struct SAccess {
-  uint32_t gen = 0;  ///< barrier interval + 1 (0: none)
+  uint32_t clk = 0;  ///< the accessing thread's own clock at the access (0: none)
   uint32_t pc = 0;
   uint16_t tid = 0;
-  uint16_t ws = 0;   ///< the warp's __syncwarp count at the access
   uint8_t atomic = 0;
 };
 struct SWord {
@@ -321,7 +320,26 @@ struct MemBlock {
   SWord* smem = nullptr;             // shadow of shared memory, per 4-byte word
   size_t smem_words = 0;
   std::vector<uint32_t> proxy_fences;  // fence.proxy.async count per thread
-  ~MemBlock() { delete[] smem; }
+  // Shared-memory happens-before: row t of svc is thread t's vector clock (entry t its
+  // own clock); fence_vc row t its clock at its last fence.proxy.async; bar_vc and
+  // named_vc collect what the arrivals at __syncthreads and named barriers release.
+  int nthr = 0;
+  uint32_t* svc = nullptr;
+  uint32_t* fence_vc = nullptr;
+  uint32_t* bar_vc = nullptr;
+  uint32_t* named_vc = nullptr;
+  uint32_t* scratch = nullptr;
+  int as_tid = -1;      // >= 0: accesses now are this thread's (an async landing) ...
+  uint32_t as_clk = 0;  // ... at this clock of its own
+  int hold = 0;         // > 0: no preemption (the accesses are not the running thread's)
+  ~MemBlock() {
+    delete[] smem;
+    delete[] svc;
+    delete[] fence_vc;
+    delete[] bar_vc;
+    delete[] named_vc;
+    delete[] scratch;
+  }
   uint64_t rng = 0;
   int countdown = 0;                 // accesses until the next preemption
   bool dirty = false;                // plain global stores since the last fence
@@ -431,6 +449,14 @@ inline void mem_block_start(Block& b, int id) {
   if (options().races) {
     m.smem_words = s.size / 4 + 1;
     m.smem = new SWord[m.smem_words]();
+    const size_t n = size_t(b.nthreads);
+    m.nthr = int(n);
+    m.svc = new uint32_t[n * n]();
+    m.fence_vc = new uint32_t[n * n]();
+    m.bar_vc = new uint32_t[n]();
+    m.named_vc = new uint32_t[kNamedBarriers * n]();
+    m.scratch = new uint32_t[n]();
+    for (size_t t = 0; t < n; ++t) m.svc[t * n + t] = 1;
   }
   tls.in_model = false;
   b.mem = &m;
@@ -775,13 +801,20 @@ FMOE_EMU_RT inline void global_access(MemBlock& m, Buffer& buf, uintptr_t a, siz
               block_name(m.id) + ": thread " + std::to_string(now.tid) +
               verb(now_writes, now.atomic) + " at " + pc_text(now.pc) + ", thread " +
               std::to_string(before.tid) + verb(before_writes, before.atomic) + " at " +
-              pc_text(before.pc) + " in the same barrier interval (no __syncthreads between "
-              "them" + (now.tid / 32 == before.tid / 32 ? ", nor a __syncwarp" : "") + ")");
+              pc_text(before.pc) + ", not ordered with it (no __syncthreads, named barrier" +
+              (now.tid / 32 == before.tid / 32 ? ", __syncwarp" : "") +
+              " or mbarrier phase between them)");
 }
 
-FMOE_EMU_RT inline bool conflict(const SAccess& prev, const SAccess& cur) {
-  return prev.gen == cur.gen && prev.tid != cur.tid &&
-         !(prev.tid / 32 == cur.tid / 32 && prev.ws != cur.ws) && !(prev.atomic && cur.atomic);
+FMOE_EMU_RT inline uint32_t* svc_row(MemBlock& m, unsigned t) {
+  return m.svc + size_t(t) * size_t(m.nthr);
+}
+
+/// Whether `prev` (another thread's access) is not ordered before the current thread's
+/// access `cur`: the current thread has not synchronised with prev's thread since.
+FMOE_EMU_RT inline bool conflict(MemBlock& m, const SAccess& prev, const SAccess& cur) {
+  return prev.clk != 0 && prev.tid != cur.tid && svc_row(m, cur.tid)[prev.tid] < prev.clk &&
+         !(prev.atomic && cur.atomic);
 }
 
 /// How many fence.proxy.async thread `tid` of the block has issued.
@@ -796,25 +829,26 @@ FMOE_EMU_RT inline void smem_access(MemBlock& m, uintptr_t a, size_t n, bool wri
   Block& b = *tls.block;
   const Fiber& f = b.fibers[size_t(b.cur)];
   SAccess cur;
-  cur.gen = b.bar_gen + 1;
+  const unsigned tid = m.as_tid >= 0 ? unsigned(m.as_tid) : f.tid;
+  cur.clk = m.as_tid >= 0 ? m.as_clk : svc_row(m, tid)[tid];
   cur.pc = pc;
-  cur.tid = uint16_t(f.tid);
-  cur.ws = uint16_t(b.warps[f.tid / 32].syncs);
+  cur.tid = uint16_t(tid);
   cur.atomic = atomic;
   const size_t first = (a - m.tls_lo) / 4, last = (a + n - 1 - m.tls_lo) / 4;
   for (size_t i = first; i <= last && i < m.smem_words; ++i) {
     SWord& s = m.smem[i];
     const uintptr_t wa = m.tls_lo + i * 4;
     if (write || atomic) {
-      if (conflict(s.w, cur)) smem_race("write-after-write", m, wa, cur, s.w, true, true);
-      if (conflict(s.r1, cur)) smem_race("write-after-read", m, wa, cur, s.r1, true, false);
-      if (conflict(s.r2, cur)) smem_race("write-after-read", m, wa, cur, s.r2, true, false);
+      if (conflict(m, s.w, cur)) smem_race("write-after-write", m, wa, cur, s.w, true, true);
+      if (conflict(m, s.r1, cur)) smem_race("write-after-read", m, wa, cur, s.r1, true, false);
+      if (conflict(m, s.r2, cur)) smem_race("write-after-read", m, wa, cur, s.r2, true, false);
       s.w = cur;
       s.r1 = s.r2 = SAccess{};
-      s.wpf = 1 + proxy_count(m, f.tid);
+      s.wpf = 1 + proxy_count(m, tid);
     } else {
-      if (conflict(s.w, cur)) smem_race("read-after-write", m, wa, cur, s.w, false, true);
-      if (s.r1.gen == cur.gen && s.r1.tid != cur.tid) {
+      if (conflict(m, s.w, cur)) smem_race("read-after-write", m, wa, cur, s.w, false, true);
+      // Two readers are kept: a later write must be ordered after both.
+      if (conflict(m, s.r1, cur)) {
         s.r2 = cur;
       } else {
         s.r1 = cur;
@@ -822,6 +856,129 @@ FMOE_EMU_RT inline void smem_access(MemBlock& m, uintptr_t a, size_t n, bool wri
     }
   }
 }
+
+// ------------------------------------------------------------------ shared-memory order
+// Vector clocks per thread: a barrier's arrival releases what the thread has seen (its
+// own clock moves on), its completion lets the waiting threads acquire all of it; an
+// mbarrier's arrival releases into its phase, a try_wait that sees the phase complete
+// acquires the phase. Accesses carry the own clock of their thread: one is ordered
+// before another thread's access when that thread's clock of it has caught up.
+FMOE_EMU_RT inline bool hb_on(const MemBlock* m) { return m != nullptr && m->svc != nullptr; }
+
+FMOE_EMU_RT inline void vc_join(uint32_t* dst, const uint32_t* src, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = src[i] > dst[i] ? src[i] : dst[i];
+}
+
+FMOE_EMU_RT inline void hb_release(MemBlock& m, unsigned t, uint32_t* obj) {
+  uint32_t* row = svc_row(m, t);
+  vc_join(obj, row, m.nthr);
+  ++row[t];
+}
+
+FMOE_EMU_RT inline void hb_acquire(MemBlock& m, unsigned t, const uint32_t* obj) {
+  vc_join(svc_row(m, t), obj, m.nthr);
+}
+
+/// The current thread arrives at __syncthreads.
+FMOE_EMU_RT inline void on_block_arrive() {
+  MemBlock* m = cur_mem();
+  if (!hb_on(m)) return;
+  hb_release(*m, cur_fiber().tid, m->bar_vc);
+}
+
+/// __syncthreads completes: every live thread acquires what the arrivals released, and
+/// what the exited threads did (they no longer take part, as on a GPU).
+FMOE_EMU_RT inline void on_block_release(Block& b) {
+  MemBlock* m = b.mem;
+  if (!hb_on(m)) return;
+  for (const Fiber& f : b.fibers) {
+    if (f.done) vc_join(m->bar_vc, svc_row(*m, f.tid), m->nthr);
+  }
+  for (const Fiber& f : b.fibers) {
+    if (!f.done) hb_acquire(*m, f.tid, m->bar_vc);
+  }
+  std::memset(m->bar_vc, 0, sizeof(uint32_t) * size_t(m->nthr));
+}
+
+/// __syncwarp completes for the live lanes [lo, hi): each acquires the others'.
+FMOE_EMU_RT inline void on_group_sync(Block& b, int lo, int hi) {
+  MemBlock* m = b.mem;
+  if (!hb_on(m)) return;
+  std::memset(m->scratch, 0, sizeof(uint32_t) * size_t(m->nthr));
+  for (int t = lo; t < hi; ++t) {
+    if (!b.fibers[size_t(t)].done) hb_release(*m, unsigned(t), m->scratch);
+  }
+  for (int t = lo; t < hi; ++t) {
+    if (!b.fibers[size_t(t)].done) hb_acquire(*m, unsigned(t), m->scratch);
+  }
+}
+
+/// Named barrier `id`: the current thread arrives (bar.sync or bar.arrive) ...
+FMOE_EMU_RT inline void on_named_arrive(int id) {
+  MemBlock* m = cur_mem();
+  if (!hb_on(m)) return;
+  hb_release(*m, cur_fiber().tid, m->named_vc + size_t(id) * size_t(m->nthr));
+}
+/// ... the barrier completes: thread `tid`, one that waited (bar.sync), acquires ...
+FMOE_EMU_RT inline void on_named_acquire(Block& b, unsigned tid, int id) {
+  MemBlock* m = b.mem;
+  if (!hb_on(m)) return;
+  hb_acquire(*m, tid, m->named_vc + size_t(id) * size_t(m->nthr));
+}
+/// ... and its next use starts from nothing.
+FMOE_EMU_RT inline void on_named_reset(Block& b, int id) {
+  MemBlock* m = b.mem;
+  if (!hb_on(m)) return;
+  std::memset(m->named_vc + size_t(id) * size_t(m->nthr), 0, sizeof(uint32_t) * size_t(m->nthr));
+}
+
+/// Threads in the block's clocks (0: shared-memory ordering is not modelled).
+FMOE_EMU_RT inline int hb_threads() {
+  MemBlock* m = cur_mem();
+  return hb_on(m) ? m->nthr : 0;
+}
+/// The current thread releases into / acquires from a synchronisation object of
+/// hb_threads() entries (an mbarrier's phase).
+FMOE_EMU_RT inline void hb_release_cur(uint32_t* obj) {
+  MemBlock* m = cur_mem();
+  if (hb_on(m)) hb_release(*m, cur_fiber().tid, obj);
+}
+FMOE_EMU_RT inline void hb_acquire_cur(const uint32_t* obj) {
+  MemBlock* m = cur_mem();
+  if (hb_on(m)) hb_acquire(*m, cur_fiber().tid, obj);
+}
+/// A release that takes effect later (cp.async.mbarrier.arrive): the current thread's
+/// clock now into `out`; returns its own clock, which then moves on.
+FMOE_EMU_RT inline uint32_t hb_snapshot_cur(uint32_t* out) {
+  MemBlock* m = cur_mem();
+  if (!hb_on(m)) return 0;
+  const unsigned t = cur_fiber().tid;
+  uint32_t* row = svc_row(*m, t);
+  std::memcpy(out, row, sizeof(uint32_t) * size_t(m->nthr));
+  return row[t]++;
+}
+
+/// While alive, the current thread's shared-memory accesses count as thread `tid`'s
+/// at its own clock `clk` (copies landing for the thread that issued them).
+struct ActAs {
+  MemBlock* m;
+  int tid;
+  uint32_t clk;
+  FMOE_EMU_RT ActAs(int t, uint32_t c) : m(cur_mem()), tid(-1), clk(0) {
+    if (m == nullptr) return;
+    tid = m->as_tid;
+    clk = m->as_clk;
+    m->as_tid = t;
+    m->as_clk = c;
+    ++m->hold;
+  }
+  FMOE_EMU_RT ~ActAs() {
+    if (m == nullptr) return;
+    m->as_tid = tid;
+    m->as_clk = clk;
+    --m->hold;
+  }
+};
 
 // ------------------------------------------------------------------ annotations
 /// FMOE_BENIGN_RACE(why) in device code: the accesses of the enclosing scope race on
@@ -841,7 +998,7 @@ constexpr int kExposedStallMs = 30;
 /// Maybe give the thread's turn away (preemption at a memory access).
 FMOE_EMU_RT inline void maybe_preempt(MemBlock& m) {
   const int p = options().preempt;
-  if (p <= 0 || --m.countdown > 0) return;
+  if (p <= 0 || m.hold > 0 || --m.countdown > 0) return;
   m.countdown = 1 + int(next_random(m) % uint64_t(2 * p));
   const bool in_model = tls.in_model;
   tls.in_model = false;  // other threads' accesses are checked while this one waits
@@ -910,6 +1067,10 @@ FMOE_EMU_RT inline void on_fence_proxy_async() {
   const unsigned tid = cur_fiber().tid;
   if (m->proxy_fences.size() <= tid) m->proxy_fences.resize(tid + 1, 0u);
   ++m->proxy_fences[tid];
+  if (hb_on(m)) {
+    std::memcpy(m->fence_vc + size_t(tid) * size_t(m->nthr), svc_row(*m, tid),
+                sizeof(uint32_t) * size_t(m->nthr));
+  }
 }
 
 /// An async-proxy access of shared memory [p, p + n), at its issue: a wgmma operand
@@ -928,6 +1089,12 @@ FMOE_EMU_RT inline void on_async_proxy_access(const void* p, size_t n, const Sit
   for (size_t i = first; i <= last && i < m->smem_words; ++i) {
     const SWord& s = m->smem[i];
     if (s.wpf == 0 || proxy_count(*m, s.w.tid) >= s.wpf) continue;
+    // Or this thread fenced after the write was ordered before it (it acquired the
+    // write, then fenced: the reader-side form of the rule).
+    if (hb_on(m) && s.w.clk != 0 &&
+        m->fence_vc[size_t(cur_fiber().tid) * size_t(m->nthr) + s.w.tid] >= s.w.clk) {
+      continue;
+    }
     char off[40];
     std::snprintf(off, sizeof off, "{{tls:%zx}}", size_t(i * 4));
     model_fault(describe(site) + (writes ? " overwrites " : " reads ") + off + " in " +
@@ -936,7 +1103,8 @@ FMOE_EMU_RT inline void on_async_proxy_access(const void* p, size_t n, const Sit
                 " and issued no fence.proxy.async after: " +
                 (writes ? "the generic store may land after the async proxy's"
                         : "the async proxy may read the old bytes") +
-                " (fence.proxy.async in the writing thread, then the barrier)");
+                " (fence.proxy.async in the writing thread, then the barrier; or in the reading "
+                "thread after the barrier)");
   }
 }
 
@@ -1082,6 +1250,20 @@ inline void on_fence(Scope) {}
 inline void on_fence_proxy_async() {}
 inline void on_async_proxy_access(const void*, size_t, const Site&, bool) {}
 inline void on_async_proxy_write(const void*, size_t) {}
+inline void on_block_arrive() {}
+inline void on_block_release(Block&) {}
+inline void on_group_sync(Block&, int, int) {}
+inline void on_named_arrive(int) {}
+inline void on_named_acquire(Block&, unsigned, int) {}
+inline void on_named_reset(Block&, int) {}
+inline int hb_threads() { return 0; }
+inline void vc_join(uint32_t*, const uint32_t*, int) {}
+inline void hb_release_cur(uint32_t*) {}
+inline void hb_acquire_cur(const uint32_t*) {}
+inline uint32_t hb_snapshot_cur(uint32_t*) { return 0; }
+struct ActAs {
+  ActAs(int, uint32_t) {}
+};
 inline void after_strong() {}
 inline void on_spin() {}
 inline void copy_l2(void* dst, const void* src, size_t n, uintptr_t) { std::memcpy(dst, src, n); }

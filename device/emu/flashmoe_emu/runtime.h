@@ -251,7 +251,10 @@ inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &
 #endif
 
 // ------------------------------------------------------------------ blocks and fibers
-enum class Wait : uint8_t { None, Barrier, Warp };
+enum class Wait : uint8_t { None, Barrier, Warp, Named };
+
+/// Hardware named barriers per block (bar.sync / bar.arrive ids 0..15; 0 is __syncthreads').
+constexpr int kNamedBarriers = 16;
 
 /// A cp.async copy that has not landed yet (lazy mode).
 struct PendingCopy {
@@ -273,6 +276,7 @@ struct Fiber {
   bool done = false;
   Wait waiting = Wait::None;
   unsigned wait_gen = 0;
+  int wait_id = 0;                 // which named barrier (Wait::Named)
   Site site;                       // where it waits (or last waited)
   std::vector<PendingCopy> pending;
   int group = 0;                   // cp.async groups committed so far
@@ -309,6 +313,13 @@ struct Block {
   int bar_and = 1, bar_or = 0, bar_count = 0;
   int result_and = 1, result_or = 0, result_count = 0;
   Site bar_site;
+  struct Named {
+    int arrived = 0, count = 0;
+    unsigned gen = 0;
+    int all = 1;  // bar.red.and of the arrivals
+    int result = 1;
+    Site site;
+  } named[kNamedBarriers];
   bool failed = false;
   std::mt19937_64 rng;
   MemBlock* mem = nullptr;  ///< the memory model's state of this block (checked builds)
@@ -437,6 +448,7 @@ FMOE_EMU_RT inline void cp_async_wait(int n) { cp_async_complete(cur_fiber(), n)
 
 // ------------------------------------------------------------------ __syncthreads
 FMOE_EMU_RT inline void release_block_barrier(Block& b) {
+  on_block_release(b);
   b.result_and = b.bar_and;
   b.result_or = b.bar_or;
   b.result_count = b.bar_count;
@@ -466,6 +478,7 @@ FMOE_EMU_RT inline void block_barrier(int pred, const Site& site) {
   b.bar_or |= pred != 0;
   b.bar_count += pred != 0;
   f.site = site;
+  on_block_arrive();
   if (++b.bar_arrived >= b.live) {
     release_block_barrier(b);
   } else {
@@ -564,7 +577,59 @@ FMOE_EMU_RT inline void complete_ballot(Block& b, int w) {
   for (int l = 0; l < 32; ++l) r |= unsigned(ws.in[l][0] != 0) << l;
   for (int l = 0; l < 32; ++l) std::memcpy(ws.out[l], &r, sizeof r);
 }
-FMOE_EMU_RT inline void complete_syncwarp(Block& b, int w) { ++b.warps[size_t(w)].syncs; }
+FMOE_EMU_RT inline void complete_syncwarp(Block& b, int w) {
+  ++b.warps[size_t(w)].syncs;
+  on_group_sync(b, w * 32, std::min(b.nthreads, w * 32 + 32));
+}
+
+// ------------------------------------------------------------------ named barriers
+/// bar.sync / bar.arrive / bar.red.and.pred on named barrier `id` expecting `count`
+/// threads (a multiple of 32, whole warps): the count-th arrival completes it, the
+/// waiting (sync) arrivals go on; arrive-only ones went on at once. Returns the AND of
+/// the arrivals' predicates to the waiting threads. Mixed counts, an id out of range
+/// and more threads than the count are reported.
+FMOE_EMU_RT inline int named_barrier(int id, int count, bool wait, int pred, const Site& site) {
+  Block& b = *tls.block;
+  Fiber& f = cur_fiber();
+  f.site = site;
+  if (id < 0 || id >= kNamedBarriers) fatal("named barrier id out of 0..15: " + describe(site));
+  if (count <= 0 || count % 32 || count > b.nthreads) {
+    fatal("named barrier thread count must be a multiple of 32 up to the block's threads: " +
+          describe(site));
+  }
+  Block::Named& nb = b.named[id];
+  if (nb.arrived == 0) {
+    nb.count = count;
+    nb.site = site;
+    nb.all = 1;
+  } else if (nb.count != count) {
+    fatal("threads arrive at named barrier " + std::to_string(id) + " expecting " +
+          std::to_string(count) + " and " + std::to_string(nb.count) + " threads: " +
+          describe(site) + " and " + describe(nb.site));
+  }
+  nb.all &= pred != 0;
+  on_named_arrive(id);
+  if (++nb.arrived == nb.count) {
+    nb.result = nb.all;
+    nb.arrived = 0;
+    for (Fiber& g : b.fibers) {
+      if (g.waiting == Wait::Named && g.wait_id == id && g.wait_gen == nb.gen) {
+        g.waiting = Wait::None;
+        on_named_acquire(b, g.tid, id);
+      }
+    }
+    if (wait) on_named_acquire(b, f.tid, id);
+    on_named_reset(b, id);
+    ++nb.gen;
+    return nb.result;
+  }
+  if (!wait) return 1;
+  f.waiting = Wait::Named;
+  f.wait_id = id;
+  f.wait_gen = nb.gen;
+  yield();
+  return b.named[id].result;
+}
 
 // ------------------------------------------------------------------ launch
 struct FiberStart {

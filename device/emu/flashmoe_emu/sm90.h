@@ -91,6 +91,8 @@ struct Mbarrier {
   uint32_t pending = 0;   ///< arrivals still missing in the current phase
   int64_t tx = 0;         ///< transaction bytes expected minus completed
   uint32_t phase = 0;     ///< phases completed so far (parity = phase & 1)
+  std::vector<uint32_t> rel;   ///< what the current phase's arrivals released (checked)
+  std::vector<uint32_t> done;  ///< ... and the last completed phase's: waiters acquire it
 };
 inline thread_local std::unordered_map<const void*, Mbarrier> mbarriers;
 
@@ -119,6 +121,23 @@ FMOE_EMU_RT inline void mbarrier_maybe_complete(Mbarrier& m) {
   if (m.pending == 0 && m.tx == 0) {
     ++m.phase;
     m.pending = m.expected;
+    FMOE_SM90_GUARD;
+    m.done.swap(m.rel);
+    m.rel.assign(m.done.size(), 0u);
+  }
+}
+
+/// The current thread's arrival releases what it has seen into the phase (checked builds).
+FMOE_EMU_RT inline void mbarrier_release(Mbarrier& m, const uint32_t* snapshot = nullptr) {
+  const int n = hb_threads();
+  if (n == 0) return;
+  FMOE_SM90_GUARD;
+  if (m.rel.size() != size_t(n)) m.rel.assign(size_t(n), 0u);
+  if (m.done.size() != size_t(n)) m.done.assign(size_t(n), 0u);
+  if (snapshot == nullptr) {
+    hb_release_cur(m.rel.data());
+  } else {
+    vc_join(m.rel.data(), snapshot, n);
   }
 }
 
@@ -138,6 +157,7 @@ FMOE_EMU_RT inline uint64_t mbarrier_arrive(void* bar, uint32_t expect_tx = 0) {
   const uint64_t token = m.phase;
   m.tx += expect_tx;
   if (m.pending == 0) fatal("mbarrier.arrive on a phase that has every arrival already");
+  mbarrier_release(m);
   --m.pending;
   mbarrier_maybe_complete(m);
   return token;
@@ -157,16 +177,71 @@ FMOE_EMU_RT inline void mbarrier_complete_tx(void* bar, uint32_t bytes) {
 /// try_wait.parity: whether the phase with this parity has completed (the barrier's
 /// current phase has the other parity). A false answer yields the fiber first, so a
 /// spinning thread lets the arriving ones run.
-FMOE_EMU_RT inline void tma_land_for(const void* bar);
+FMOE_EMU_RT inline void land_for(const void* bar);
 
 FMOE_EMU_RT inline bool mbarrier_try_wait_parity(void* bar, uint32_t parity) {
-  tma_land_for(bar);  // loads land at the latest moment a correct kernel allows
-  const bool done = (mbarrier_state(bar, "mbarrier.try_wait").phase & 1u) != (parity & 1u);
+  land_for(bar);  // loads land at the latest moment a correct kernel allows
+  Mbarrier& m = mbarrier_state(bar, "mbarrier.try_wait");
+  const bool done = (m.phase & 1u) != (parity & 1u);
   if (!done) {
     yield();
     chaos();
+  } else if (!m.done.empty()) {
+    FMOE_SM90_GUARD;
+    hb_acquire_cur(m.done.data());
   }
   return done;
+}
+
+// ------------------------------------------------------------------ cp.async arrive-on
+/// cp.async.mbarrier.arrive.noinc: an arrival on `bar` once every cp.async the thread
+/// issued before it has landed (the barrier's count includes it: noinc). Its copies
+/// and the arrival take effect together when a wait on the barrier looks, the latest
+/// moment a correct kernel allows; a cp.async.wait_group of the thread no longer waits
+/// for them.
+struct PendingCpArrive {
+  void* bar;
+  unsigned tid;
+  std::vector<PendingCopy> copies;
+  std::vector<uint32_t> clock;  ///< the thread's vector clock at the arrive (checked)
+  uint32_t own;
+  uint32_t phase;  ///< the barrier's phase when it was issued
+  Site site;
+};
+inline thread_local std::vector<PendingCpArrive> pending_cp_arrive;
+
+FMOE_EMU_RT inline void cp_async_mbarrier_arrive_noinc(void* bar, const Site& site) {
+  const uint32_t phase = mbarrier_state(bar, "cp.async.mbarrier.arrive").phase;
+  Fiber& f = cur_fiber();
+  FMOE_SM90_GUARD;
+  PendingCpArrive r{bar, f.tid, {}, {}, 0, phase, site};
+  r.copies.swap(f.pending);
+  // In flight until the arrival lands: poison, as a TMA box is.
+  for (const PendingCopy& c : r.copies) std::memset(c.dst, 0xff, 16);
+  r.clock.assign(size_t(hb_threads()), 0u);
+  if (!r.clock.empty()) r.own = hb_snapshot_cur(r.clock.data());
+  pending_cp_arrive.push_back(std::move(r));
+}
+
+FMOE_EMU_RT inline void cp_arrive_land(PendingCpArrive& r) {
+  {
+    const ActAs as(int(r.tid), r.own);  // the issuing thread's writes, before its arrival
+    for (const PendingCopy& c : r.copies) land(c);
+  }
+  Mbarrier& m = mbarrier_state(r.bar, "cp.async.mbarrier.arrive");
+  if (m.phase != r.phase) {
+    fatal("cp.async.mbarrier.arrive.noinc (" + describe(r.site) + ", thread " +
+          std::to_string(r.tid) + ") lands after the phase it was issued in completed: the "
+          "barrier's count is short of its arrivals, so the phase completed before these "
+          "copies landed");
+  }
+  if (m.pending == 0) {
+    fatal("cp.async.mbarrier.arrive.noinc (" + describe(r.site) + ") arrives on a phase that "
+          "has every arrival already (the barrier's count must include these arrivals)");
+  }
+  if (!r.clock.empty()) mbarrier_release(m, r.clock.data());
+  --m.pending;
+  mbarrier_maybe_complete(m);
 }
 
 // ------------------------------------------------------------------ TMA
@@ -234,8 +309,9 @@ FMOE_EMU_RT inline void tma_land(const PendingTma& t) {
   mbarrier_complete_tx(t.bar, t.bytes);
 }
 
-/// Land the loads that complete transactions on `bar` (before a wait on it looks).
-FMOE_EMU_RT inline void tma_land_for(const void* bar) {
+/// Land the loads and cp.async arrivals that complete `bar`'s phase (before a wait on it
+/// looks), in issue order.
+FMOE_EMU_RT inline void land_for(const void* bar) {
   FMOE_SM90_GUARD;
   auto it = pending_tma.begin();
   while (it != pending_tma.end()) {
@@ -245,6 +321,16 @@ FMOE_EMU_RT inline void tma_land_for(const void* bar) {
       tma_land(t);
     } else {
       ++it;
+    }
+  }
+  auto jt = pending_cp_arrive.begin();
+  while (jt != pending_cp_arrive.end()) {
+    if (jt->bar == bar) {
+      PendingCpArrive r = std::move(*jt);
+      jt = pending_cp_arrive.erase(jt);
+      cp_arrive_land(r);
+    } else {
+      ++jt;
     }
   }
 }
@@ -417,7 +503,10 @@ FMOE_EMU_RT inline void fence_proxy_async() { on_fence_proxy_async(); }
 FMOE_EMU_RT inline void wgmma_issue(float* d, int n, GmmaType type, uint64_t desc_a,
                                     uint64_t desc_b, bool scale_d, const Site& site) {
   if (n < 8 || n > 256 || n % 8) fatal("wgmma N must be a multiple of 8 in [8, 256]");
-  if (blockDim.x % 128) fatal("wgmma needs whole warpgroups (blockDim a multiple of 128)");
+  if ((cur_fiber().tid / 128 + 1) * 128 > blockDim.x) {
+    fatal("wgmma issued by a thread outside a whole warpgroup (threads 128 w .. 128 w + 127 "
+          "must all be in the block)");
+  }
   FMOE_SM90_GUARD;
   WgmmaThread& w = wgmma_thread();
   if (!w.fenced) {
@@ -564,6 +653,7 @@ FMOE_EMU_RT inline void sm90_block_start(const void* smem, size_t smem_bytes) {
   FMOE_SM90_GUARD;
   mbarriers.clear();
   pending_tma.clear();
+  pending_cp_arrive.clear();
   wgmma_threads.clear();
   setmaxnreg_calls.clear();
   setmaxnreg_seq.clear();

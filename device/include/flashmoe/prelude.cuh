@@ -51,4 +51,43 @@ FMOE_DEVICE uint64_t global_timer_ns() {
 
 FMOE_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+/// Named barrier `id` (1..15; 0 is __syncthreads') of `count` threads, whole warps: wait
+/// until `count` threads arrived (bar.sync). Lets part of a block meet while the rest
+/// (a producer warp) goes on.
+#if FMOE_HOST_EMU
+FMOE_DEVICE void named_sync(int id, int count, const char* file = __builtin_FILE(),
+                            int line = __builtin_LINE()) {
+  fmoe_emu::named_barrier(id, count, true, 1, {file, line, "bar.sync"});
+}
+/// bar.red.and.pred: named_sync that returns whether `pred` held in every arrival.
+FMOE_DEVICE bool named_sync_and(int id, int count, bool pred, const char* file = __builtin_FILE(),
+                                int line = __builtin_LINE()) {
+  return fmoe_emu::named_barrier(id, count, true, pred ? 1 : 0, {file, line, "bar.red.and"}) != 0;
+}
+/// Arrive at named barrier `id` without waiting (bar.arrive): the producer side.
+FMOE_DEVICE void named_arrive(int id, int count, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  fmoe_emu::named_barrier(id, count, false, 1, {file, line, "bar.arrive"});
+}
+#else
+FMOE_DEVICE void named_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+FMOE_DEVICE bool named_sync_and(int id, int count, bool pred) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p, q;\n"
+      "setp.ne.u32 p, %1, 0;\n"
+      "bar.red.and.pred q, %2, %3, p;\n"
+      "selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"(uint32_t(pred)), "r"(id), "r"(count)
+      : "memory");
+  return r != 0u;
+}
+FMOE_DEVICE void named_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+#endif
+
 }  // namespace flashmoe
