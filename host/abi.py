@@ -19,7 +19,7 @@ __all__ = ["ABI_VERSION", "FAULT_RECORD", "MOE_LAYOUT", "MOE_BACKWARD_LAYOUT",
            "NO_EXPERT", "ROW_DROPPED", "ROW_MARKED", "TENSOR_MAPS", "TENSOR_MAP_SLOTS",
            "abi_defines", "decode_fault"]
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 
 def _struct(fields, size: int) -> np.dtype:
@@ -105,7 +105,7 @@ ENUMS: Dict[str, Dict[str, int]] = {
               "kPhaseBwdBarrierTokens": 12, "kPhaseBwdBarrierTranspose": 13,
               "kPhaseBwdRingSlot": 14, "kPhaseBwdRingFull": 15, "kPhaseBwdPeerDone": 16,
               "kPhaseBwdHeaders": 17, "kPhaseBwdDispatchWait": 18, "kPhaseBwdReturnWait": 19,
-              "kPhaseTmaWait": 20, "kPhaseNoTensorMaps": 21},
+              "kPhaseTmaWait": 20, "kPhaseNoTensorMaps": 21, "kPhaseStageFree": 22},
     "TensorMapSlot": {"kMapUp": 0, "kMapUp2": 1, "kMapDown": 2, "kMapSharedUp": 3,
                       "kMapSharedUp2": 4, "kMapSharedDown": 5, "kTensorMaps": 6},
     "BwdTaskKind": {"kBwdDH": 0, "kBwdDW2": 1, "kBwdDB2": 2, "kBwdDR": 3, "kBwdDX": 4,
@@ -167,7 +167,8 @@ PHASES = {v: k for k, v in _view("Phase", {
     "backward's wait for dx rows a peer owes": "kPhaseBwdReturnWait",
     "TMA load of a weight tile": "kPhaseTmaWait",
     "launch check: this sm_90a build loads weight tiles by TMA and MoeLayout.tensor_maps "
-    "is null (the layer must encode the weights' tensor maps)": "kPhaseNoTensorMaps"}).items()}
+    "is null (the layer must encode the weights' tensor maps)": "kPhaseNoTensorMaps",
+    "producer warp's wait for a free pipeline stage or its next tile": "kPhaseStageFree"}).items()}
 # MoeLayout.tensor_maps: each weight's map, by slot, and how many there are.
 TENSOR_MAPS = ENUMS["TensorMapSlot"]["kTensorMaps"]
 TENSOR_MAP_SLOTS = _view("TensorMapSlot", {

@@ -152,6 +152,49 @@ def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B", tma: bool = F
     return c, probe
 
 
+def ws_gemm_test(a: np.ndarray, b: np.ndarray, a_index: Optional[np.ndarray] = None,
+                 tma: bool = False, grid: int = 2, stages: int = 4, timeout_s: float = 10.0,
+                 options: EmulatorOptions = EmulatorOptions()):
+    """``kernels/ws_gemm_test.cu`` (the warp-specialised wgmma mainloop: a producer warp
+    fills the stages, the consumer warpgroup multiplies) on the emulator: ``c =
+    a[a_index] b^T`` in float32 for a [rows, K] and b [N, K] of one 16-bit storage type
+    (K a multiple of 8), on a persistent grid of ``grid`` blocks; ``tma``: b's tiles by
+    TMA. Returns ``(c, fault)``, fault the decoded fault record (code 0: none)."""
+    from ..host.tma import encode_emulated
+    from ..kernel.specs import ws_gemm_test_spec
+
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] % 8 or \
+            a.dtype != b.dtype:
+        raise ValueError(f"a must be [rows, K] and b [N, K] of one dtype, K a multiple of 8; "
+                         f"got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
+    dtype = {np.dtype(storage_dtype("bfloat16")): "bfloat16",
+             np.dtype(np.float16): "float16"}.get(a.dtype)
+    if dtype is None:
+        raise ValueError(f"a and b must be bfloat16 or float16, not {a.dtype}")
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a_index is not None:
+        a_index = np.ascontiguousarray(a_index, np.int32)
+        if a_index.ndim != 1 or (a_index.size and (a_index.min() < 0 or
+                                                   a_index.max() >= a.shape[0])):
+            raise ValueError(f"a_index must be 1-D row indices of a (0..{a.shape[0] - 1})")
+    m = a.shape[0] if a_index is None else a_index.size
+    n, k = b.shape
+    lib = emulator_library(ws_gemm_test_spec(dtype, stages), options.checked)
+    fn = lib.function("emu_ws_gemm_test", [ctypes.c_int, _P, _P, _P, _P, ctypes.c_int,
+                                           ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P,
+                                           ctypes.c_ulonglong])
+    c = np.full((m, n), np.nan, np.float32)
+    eb = a.itemsize
+    map_b = encode_emulated(_addr(b), eb, (k, n, 1), (k * eb, n * k * eb), (128 // eb, 128, 1),
+                            "128B")
+    record = np.zeros(1, FAULT_RECORD)
+    spans = (_span("A", a) + _span("a_index", a_index) + _span("B", b) + _span("C", c) +
+             _span("fault record", record))
+    lib.launch(options, fn, int(grid), _addr(a), _addr(a_index), _addr(b), _addr(c), m, n, k,
+               _addr(map_b), int(tma), _addr(record), int(timeout_s * 1e9), buffers=spans)
+    return c, decode_fault(record.tobytes())
+
+
 def ring_test(state: np.ndarray, ring: np.ndarray, seen: np.ndarray, seeds: int, fanout: int,
               grid: int = 8, timeout_s: float = 10.0,
               options: EmulatorOptions = EmulatorOptions()) -> dict:

@@ -16,7 +16,7 @@ from ..host.abi import ACT_IDS, DTYPE_IDS, abi_defines
 from ..host.compiler import KernelSpec
 
 __all__ = ["DTYPE_IDS", "ACT_IDS", "TILE", "HALF_TILE", "computed_rows", "TileConfig", "tile_config", "tile_gemm_spec",
-           "GMMA_SWIZZLES", "gmma_test_spec", "nvshmem_ping_spec",
+           "GMMA_SWIZZLES", "gmma_test_spec", "ws_gemm_test_spec", "nvshmem_ping_spec",
            "ring_test_spec", "abi_check_spec", "test_specs", "moe_defines", "moe_spec",
            "moe_backward_spec", "moe_specs"]
 
@@ -114,6 +114,19 @@ def abi_check_spec() -> KernelSpec:
     """Compile-only check of host/abi.py against abi.cuh."""
     return KernelSpec.make("kernels/abi_check.cu", abi_defines(), label="the ABI check",
                            family="abi_check")
+
+
+def ws_gemm_test_spec(dtype: str = "bfloat16", stages: int = 4) -> KernelSpec:
+    """The warp-specialised sm_90a mainloop on its own: a persistent grid of 128 x 128
+    tiles, a producer warp filling ``stages`` stages (kernel-level test; Hopper only)."""
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"the warp-specialised test takes bfloat16 or float16, not {dtype!r}")
+    if not 2 <= int(stages) <= 8:
+        raise ValueError(f"stages must be 2..8, not {stages}")
+    defines = {"FMOE_DTYPE": DTYPE_IDS[dtype], "FMOE_STAGES": int(stages), "FMOE_MAINLOOP": 90}
+    return KernelSpec.make("kernels/ws_gemm_test.cu", defines,
+                           label=f"the {dtype} warp-specialised GEMM test ({stages} stages)",
+                           family="ws_gemm_test", context={"dtype": dtype})
 
 
 def test_specs() -> List[KernelSpec]:

@@ -14,7 +14,7 @@ namespace flashmoe {
 namespace abi {
 
 /// Bumped whenever a struct below changes.
-constexpr cuda::std::uint32_t kAbiVersion = 9;
+constexpr cuda::std::uint32_t kAbiVersion = 10;
 
 /// Fault codes written to FaultRecord::code.
 enum FaultCode : cuda::std::uint32_t {
@@ -112,6 +112,7 @@ enum Phase : cuda::std::int32_t {
   kPhaseBwdReturnWait = 19,        ///< backward: dX rows a peer owes us
   kPhaseTmaWait = 20,  ///< a TMA load of a weight tile that did not land (sm_90a)
   kPhaseNoTensorMaps = 21,  ///< kBadLaunch: a TMA build launched without tensor maps
+  kPhaseStageFree = 22,  ///< a producer warp waiting for a free stage or its next tile
 };
 
 /// Where each weight's tensor map sits in MoeLayout::tensor_maps (128 bytes each).
@@ -486,7 +487,7 @@ struct MoeBackwardLayout {
   X(Phase, kPhaseBwdBarrierTranspose) X(Phase, kPhaseBwdRingSlot)                           \
   X(Phase, kPhaseBwdRingFull) X(Phase, kPhaseBwdPeerDone) X(Phase, kPhaseBwdHeaders)       \
   X(Phase, kPhaseBwdDispatchWait) X(Phase, kPhaseBwdReturnWait) X(Phase, kPhaseTmaWait)     \
-  X(Phase, kPhaseNoTensorMaps)                                                              \
+  X(Phase, kPhaseNoTensorMaps) X(Phase, kPhaseStageFree)                                    \
   X(TensorMapSlot, kMapUp) X(TensorMapSlot, kMapUp2) X(TensorMapSlot, kMapDown)             \
   X(TensorMapSlot, kMapSharedUp) X(TensorMapSlot, kMapSharedUp2)                            \
   X(TensorMapSlot, kMapSharedDown) X(TensorMapSlot, kTensorMaps)                            \

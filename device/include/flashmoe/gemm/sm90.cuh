@@ -104,6 +104,18 @@ FMOE_DEVICE bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
 #endif
 }
 
+/// An arrival on `bar` once every cp.async this thread issued before has landed (noinc:
+/// the barrier's init count must include these arrivals): how a producer hands over
+/// the stages it fills with cp.async.
+FMOE_DEVICE void cp_async_mbarrier_arrive_noinc(uint64_t* bar) {
+#if FMOE_HOST_EMU
+  fmoe_emu::cp_async_mbarrier_arrive_noinc(bar, {__FILE__, __LINE__, "cp.async.mbarrier.arrive"});
+#else
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar))
+               : "memory");
+#endif
+}
+
 /// Order this thread's generic-proxy shared-memory stores before async-proxy reads
 /// (wgmma operands, TMA stores) that follow a barrier.
 FMOE_DEVICE void fence_proxy_async() {

@@ -503,20 +503,24 @@ struct TileGemm {
     }
   }
 
-  /// Wait for stage `stage`'s B tile (the barrier phase of this parity); false after
-  /// timeout_ns without it. A plain deadline bounds the spin: one stage's loads take
-  /// microseconds and depend on no other block, so no progress stamps (and no call: a
-  /// call would save the live accumulators to local memory).
-  FMOE_DEVICE static bool wait_stage_b(char* smem, uint32_t stage, uint32_t parity,
-                                       const WaitSite& site) {
-    uint64_t* bar = stage_barriers(smem) + stage;
+  /// Wait for the phase of this parity of `bar`; false after timeout_ns without it. A
+  /// plain deadline bounds the spin: a stage's loads take microseconds and depend on no
+  /// other block, so no progress stamps (and no call: a call would save the live
+  /// accumulators to local memory).
+  FMOE_DEVICE static bool wait_barrier(uint64_t* bar, uint32_t parity, uint64_t timeout_ns) {
     if (__builtin_expect(sm90::mbarrier_try_wait_parity(bar, parity), 1)) return true;
     // (Another block's fault does not stop these loads landing: no need to watch it.)
     const uint64_t start = global_timer_ns();
-    while (!sm90::mbarrier_try_wait_parity(bar, parity)) {  // bounded: site.timeout_ns
-      if (global_timer_ns() - start > site.timeout_ns) return false;
+    while (!sm90::mbarrier_try_wait_parity(bar, parity)) {  // bounded: timeout_ns
+      if (global_timer_ns() - start > timeout_ns) return false;
     }
     return true;
+  }
+
+  /// Wait for stage `stage`'s B tile (the barrier phase of this parity).
+  FMOE_DEVICE static bool wait_stage_b(char* smem, uint32_t stage, uint32_t parity,
+                                       const WaitSite& site) {
+    return wait_barrier(stage_barriers(smem) + stage, parity, site.timeout_ns);
   }
 
   /**
@@ -609,6 +613,248 @@ struct TileGemm {
       report_fault(*b.site, abi::kTimeout, abi::kPhaseTmaWait, b.task, lost, num_k, -1,
                    b.site->timeout_ns);
     }
+  }
+
+  // ------------------------------------------------------------ warp-specialised
+  // A warp-specialised block: the consumer warpgroup (threads 0 .. kThreads - 1) issues
+  // the wgmmas and runs everything else of the kernel; one producer warp (the next 32
+  // threads) fills the stages. Per stage a full barrier (the producer's cp.async
+  // arrivals, lane 0's arrival with the TMA bytes) and an empty barrier (every consumer
+  // thread once its wgmmas on the stage retired); the consumers post each tile to the
+  // producer as a job on a third barrier. Stages and parities run on across tiles.
+
+  static constexpr int kWsThreads = kThreads + 32;
+  /// The consumers' named barrier (they meet while the producer goes on).
+  static constexpr int kConsumerBarrier = 1;
+  /// Arrivals per full phase: 32 producer lanes' cp.async arrive-on, and lane 0's.
+  static constexpr uint32_t kFullArrivals = 33;
+
+  /// One tile for the producer: its A rows from rows_a, B rows from rows_b or (map0 set)
+  /// by TMA as BTma describes them.
+  struct WsJob {
+    const void* map0;
+    const void* map1;
+    int parts, n0, e;
+    int K;
+    int full;  ///< 0: a half tile (A rows below kHalfRows only)
+    int quit;  ///< 1: no more tiles; the producer returns
+    int task;
+  };
+  struct WsState {
+    uint64_t empty[kStages];
+    uint64_t job;
+    uint32_t stage, phase;  ///< the consumers' next stage and its full-barrier parity
+    WsJob j;
+  };
+  static_assert(kSmemBytes % 8 == 0, "the warp-specialised state is 8-byte aligned");
+  /// Shared memory of a warp-specialised tile: kSmemBytes, then the WsState.
+  static constexpr int kSmemBytesWs = kSmemBytes + int(sizeof(WsState));
+  FMOE_DEVICE static WsState* ws_state(char* smem) {
+    return reinterpret_cast<WsState*>(smem + kSmemBytes);
+  }
+
+  /// Once per block, by one thread, before the block's first __syncthreads: the full,
+  /// empty and job barriers and the consumers' stage.
+  FMOE_DEVICE static void init_ws(char* smem) {
+    WsState* ws = ws_state(smem);
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(stage_barriers(smem) + s, kFullArrivals);
+      sm90::mbarrier_init(&ws->empty[s], uint32_t(kThreads));
+    }
+    sm90::mbarrier_init(&ws->job, 1u);
+    ws->stage = 0u;
+    ws->phase = 0u;
+    sm90::fence_mbarrier_init();
+  }
+
+  /**
+   * The producer warp (all 32 lanes): for each job the consumers post, its k-tiles into
+   * the stages as they come free: lane 0 declares and issues the B boxes (TMA jobs) or
+   * arrives, every lane issues its A rows (and B rows, no TMA) by cp.async and arrives
+   * on the stage's full barrier once they land. Returns true at a quit job, false after
+   * a wait of site.timeout_ns for a free stage or a job (reported: kPhaseStageFree).
+   */
+  FMOE_DEVICE static bool produce_ws(char* smem, const WaitSite& site) {
+    using namespace cute;
+    WsState* ws = ws_state(smem);
+    Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)), LayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)), LayoutB{});
+    const int lane = int(threadIdx.x) - kThreads;
+    constexpr int kVecsPerRow = BK / kVec;
+    uint32_t stage = 0, phase = 1;  // a fresh barrier's phase "-1" counts as complete
+    uint32_t job_phase = 0;
+    for (int tiles = 0;; ++tiles) {  // bounded: every wait is, and the consumers end with a quit
+      if (!wait_barrier(&ws->job, job_phase, site.timeout_ns)) {
+        report_fault(site, abi::kTimeout, abi::kPhaseStageFree, -1, tiles, -1, -1,
+                     site.timeout_ns);
+        return false;
+      }
+      job_phase ^= 1u;
+      const WsJob j = ws->j;
+      if (j.quit) return true;
+      const bool tma = j.map0 != nullptr;
+      // This lane's rows: lane + 32 i (a half tile: those below kHalfRows).
+      const Storage* a_rows[BM / 32];
+      const Storage* b_rows[BN / 32];
+      CUTE_UNROLL
+      for (int i = 0; i < BM / 32; ++i) a_rows[i] = rows_a(smem)[lane + 32 * i];
+      CUTE_UNROLL
+      for (int i = 0; i < BN / 32; ++i) b_rows[i] = tma ? nullptr : rows_b(smem)[lane + 32 * i];
+      const int a_count = j.full ? BM / 32 : kHalfRows / 32;
+      const BTma b{j.map0, j.map1, j.parts, j.n0, j.e, &site, j.task};
+      const int num_k = (j.K + BK - 1) / BK;
+      for (int kt = 0; kt < num_k; ++kt) {
+        if (!wait_barrier(&ws->empty[stage], phase, site.timeout_ns)) {
+          report_fault(site, abi::kTimeout, abi::kPhaseStageFree, j.task, kt, num_k, -1,
+                       site.timeout_ns);
+          return false;
+        }
+        uint64_t* full = stage_barriers(smem) + stage;
+        if (lane == 0) {
+          if (tma) {
+            load_stage_b_tma(smem, b, kt, int(stage));
+          } else {
+            sm90::mbarrier_arrive(full);
+          }
+        }
+        CUTE_UNROLL
+        for (int i = 0; i < BM / 32; ++i) {
+          if (i >= a_count) break;  // warp-uniform
+          CUTE_UNROLL
+          for (int c = 0; c < kVecsPerRow; ++c) {
+            const int kc = kt * BK + c * kVec;
+            const bool p = kc < j.K && a_rows[i] != nullptr;
+            cp_async_16(raw_pointer_cast(&sA(lane + 32 * i, c * kVec, int(stage))),
+                        p ? a_rows[i] + kc : nullptr, p);
+          }
+        }
+        if (!tma) {
+          CUTE_UNROLL
+          for (int i = 0; i < BN / 32; ++i) {
+            CUTE_UNROLL
+            for (int c = 0; c < kVecsPerRow; ++c) {
+              const int kc = kt * BK + c * kVec;
+              const bool p = kc < j.K && b_rows[i] != nullptr;
+              cp_async_16(raw_pointer_cast(&sB(lane + 32 * i, c * kVec, int(stage))),
+                          p ? b_rows[i] + kc : nullptr, p);
+            }
+          }
+        }
+        sm90::cp_async_mbarrier_arrive_noinc(full);
+        if (++stage == uint32_t(kStages)) {
+          stage = 0;
+          phase ^= 1u;
+        }
+      }
+    }
+  }
+
+  /// Consumers: the producer has no more tiles (post once, before the consumers end).
+  FMOE_DEVICE static void post_quit_ws(char* smem) {
+    WsState* ws = ws_state(smem);
+    named_sync(kConsumerBarrier, kThreads);
+    if (threadIdx.x == 0) {
+      ws->j.quit = 1;
+      sm90::mbarrier_arrive(&ws->job);
+    }
+  }
+
+  /// The consumers' side of one tile: per k-tile wait for the stage's full phase, fence
+  /// the async proxy (the producer's cp.async rows are generic-proxy writes this thread
+  /// acquired), issue its wgmmas, and once the previous k-tile's group retired free that
+  /// stage. A stage that never fills: the loop runs out on poison and false returns.
+  template <bool kFull>
+  FMOE_DEVICE static bool consume_ws(AccSm90& acc, char* smem, int K, const WaitSite& site,
+                                     int task) {
+    constexpr int kHalves = kFull ? BM / 64 : BM / 128;
+    using namespace cute;
+    using Atom = GMMA::Layout_K_SW128_Atom<T>;
+    Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
+                           tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
+    Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
+                           tile_to_shape(Atom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
+    const uint64_t da0 = sm90::descriptor(local_tile(gA(_, _, 0), Shape<_64, _16>{},
+                                                     make_coord(0, 0)));
+    const uint64_t db0 = sm90::descriptor(local_tile(gB(_, _, 0), Shape<Int<BN>, _16>{},
+                                                     make_coord(0, 0)));
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) {
+      CUTE_UNROLL
+      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.0f;
+    }
+    WsState* ws = ws_state(smem);
+    uint32_t stage = ws->stage, phase = ws->phase;
+    const int num_k = (K + BK - 1) / BK;
+    bool landed = true;
+    int lost = -1;
+    int prev = -1;
+    CUTE_NO_UNROLL
+    for (int kt = 0; kt < num_k; ++kt) {
+      if (landed && !wait_barrier(stage_barriers(smem) + stage, phase, site.timeout_ns)) {
+        landed = false;
+        lost = kt;
+      }
+      sm90::fence_proxy_async();
+      wgmma_k_tile<kHalves>(acc, gA, gB, da0, db0, int(stage));
+      if (prev >= 0) sm90::mbarrier_arrive(&ws->empty[prev]);
+      prev = int(stage);
+      if (++stage == uint32_t(kStages)) {
+        stage = 0;
+        phase ^= 1u;
+      }
+    }
+    sm90::wgmma_wait<0>();
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
+    if (prev >= 0) sm90::mbarrier_arrive(&ws->empty[prev]);
+    named_sync(kConsumerBarrier, kThreads);  // every consumer read ws->stage
+    if (threadIdx.x == 0) {
+      ws->stage = stage;
+      ws->phase = phase;
+    }
+    if (!landed) {
+      report_fault(site, abi::kTimeout, abi::kPhaseTmaWait, task, lost, num_k, -1,
+                   site.timeout_ns);
+    }
+    return landed;
+  }
+
+  /**
+   * compute_tile for the consumer warpgroup of a warp-specialised block: the row
+   * tables from a_row / b_row (b_row unused when b is given: B by TMA), the tile posted
+   * to the producer warp, the product staged as compute_tile stages it (row stride
+   * kStageLd), the consumers synchronised (named barrier; the producer runs on).
+   */
+  template <class ARow, class BRow>
+  FMOE_DEVICE static const float* compute_tile_ws(char* smem, int K, ARow a_row, BRow b_row,
+                                                  const BTma* b, const WaitSite& site,
+                                                  int task, int rows = BM) {
+    const Storage** ra = rows_a(smem);
+    const Storage** rb = rows_b(smem);
+    for (int r = threadIdx.x; r < BM; r += kThreads) ra[r] = a_row(r);
+    if (b == nullptr) {
+      for (int r = threadIdx.x; r < BN; r += kThreads) rb[r] = b_row(r);
+    }
+    // This thread's earlier accesses of the stages (the last tile's staging and
+    // epilogue) are ordered before the producer's TMA writes that refill them.
+    sm90::fence_proxy_async();
+    named_sync(kConsumerBarrier, kThreads);
+    const bool full = rows > kHalfRows;
+    if (threadIdx.x == 0) {
+      WsState* ws = ws_state(smem);
+      ws->j = WsJob{b ? b->map0 : nullptr, b ? b->map1 : nullptr, b ? b->parts : 0,
+                    b ? b->n0 : 0, b ? b->e : 0, K, full ? 1 : 0, 0, task};
+      sm90::mbarrier_arrive(&ws->job);
+    }
+    AccSm90 acc;
+    if (full) {
+      consume_ws<true>(acc, smem, K, site, task);
+    } else {
+      consume_ws<false>(acc, smem, K, site, task);
+    }
+    const float* staged = stage_acc_sm90(acc, smem);
+    named_sync(kConsumerBarrier, kThreads);
+    return staged;
   }
 
   /// The wgmma accumulators as a row-major BM x BN float tile in shared memory.

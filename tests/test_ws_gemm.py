@@ -1,0 +1,133 @@
+"""The warp-specialised sm_90a mainloop on the CPU emulator (kernels/ws_gemm_test.cu): a
+producer warp fills the stages (A rows gathered by cp.async with an mbarrier arrive-on,
+B rows by cp.async or TMA), the consumer warpgroup multiplies on wgmma and frees each
+stage on an empty barrier, tiles go to the producer as jobs on a third barrier. Checked
+against NumPy, and seeded protocol bugs must be reported."""
+
+import numpy as np
+import pytest
+
+from conftest import emulator_checks, seed_mutant
+from flashmoe_core.emulator import EmulatorError, EmulatorOptions, ws_gemm_test
+from flashmoe_core.host.abi import PHASES
+from flashmoe_core.numerics import round_to
+
+pytestmark = pytest.mark.emulator
+
+GEMM = "include/flashmoe/gemm/tile_gemm.cuh"
+
+
+def operands(dtype, rows, n, k, m=None, seed=0):
+    """a [rows, K], b [N, K] rounded to dtype, and a gather of m rows of a."""
+    rng = np.random.default_rng(seed)
+    a = round_to(rng.standard_normal((rows, k)).astype(np.float32), dtype)
+    b = round_to(rng.standard_normal((n, k)).astype(np.float32), dtype)
+    idx = None if m is None else rng.permutation(rows)[:m].astype(np.int32)
+    return a, b, idx
+
+
+def reference(a, b, idx):
+    a64 = a.astype(np.float64)[idx if idx is not None else slice(None)]
+    return a64 @ b.astype(np.float64).T
+
+
+def check(c, want):
+    assert not np.isnan(c).any()
+    assert np.abs(c - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["b-cp.async", "b-tma"])
+def test_warp_specialised_gemm_matches_numpy(tma):
+    # 200 gathered rows: a full and a 72-row tile; 3 x 2 tiles on 2 blocks, so each
+    # producer takes 3 jobs and 5 k-tiles a job run 4 stages round more than once. K =
+    # 312 ends inside a vector span: the tail of the last k-tile loads as zeros.
+    a, b, idx = operands("bfloat16", 300, 256, 312, m=200)
+    c, fault = ws_gemm_test(a, b, idx, tma=tma, options=emulator_checks())
+    assert fault["code"] == 0
+    check(c, reference(a, b, idx))
+
+
+def test_half_tiles_and_other_shapes():
+    # float16; 190 rows: the second m-tile (62 rows) is a half tile (only its first 64
+    # rows are loaded and multiplied); N = 200 ends inside a tile; one block takes all.
+    a, b, _ = operands("float16", 190, 200, 128, seed=1)
+    c, fault = ws_gemm_test(a, b, None, grid=1, options=EmulatorOptions(seed=4))
+    assert fault["code"] == 0
+    check(c, reference(a, b, None))
+
+
+# ------------------------------------------------------------------ seeded bugs
+def _mutant(tmp_path, monkeypatch, *edits):
+    seed_mutant(tmp_path, monkeypatch, GEMM, *edits)
+
+
+def _small():
+    return operands("bfloat16", 256, 128, 512, m=256, seed=2)
+
+
+def test_a_stage_freed_before_its_wgmmas_retired_is_reported(tmp_path, monkeypatch):
+    # The consumers free the stage they are about to read: the producer refills it
+    # while the wgmmas on it are in flight.
+    _mutant(tmp_path, monkeypatch,
+            "      sm90::fence_proxy_async();\n      wgmma_k_tile<kHalves>(acc, gA, gB, da0, db0, "
+            "int(stage));\n      if (prev >= 0) sm90::mbarrier_arrive(&ws->empty[prev]);\n",
+            "      sm90::fence_proxy_async();\n      sm90::mbarrier_arrive(&ws->empty[stage]);\n"
+            "      wgmma_k_tile<kHalves>(acc, gA, gB, da0, db0, int(stage));\n",
+            "    if (prev >= 0) sm90::mbarrier_arrive(&ws->empty[prev]);\n    named_sync(",
+            "    named_sync(")
+    with pytest.raises(EmulatorError, match="was written before the wait_group"):
+        for seed in (1, 2, 3):
+            ws_gemm_test(*_small(), tma=True, grid=1, options=EmulatorOptions(seed=seed))
+
+
+def test_a_producer_that_does_not_wait_for_a_free_stage_is_reported(tmp_path, monkeypatch):
+    _mutant(tmp_path, monkeypatch,
+            "        if (!wait_barrier(&ws->empty[stage], phase, site.timeout_ns)) {",
+            "        if (false) {")
+    with pytest.raises(EmulatorError, match="was written before the wait_group|every arrival|never waited for|lands after the phase"):
+        for seed in (1, 2, 3):
+            ws_gemm_test(*_small(), tma=True, grid=1, options=EmulatorOptions(seed=seed))
+
+
+def test_a_full_barrier_counting_too_few_arrivals_is_reported(tmp_path, monkeypatch):
+    # Lane 0's own arrival left out of the count: the phase completes one arrival early,
+    # before the last lane's copies landed.
+    _mutant(tmp_path, monkeypatch, "kFullArrivals = 33;", "kFullArrivals = 32;")
+    with pytest.raises(EmulatorError, match="lands after the phase it was issued in"):
+        ws_gemm_test(*_small(), grid=1, options=EmulatorOptions(seed=1))
+
+
+def test_consumers_that_do_not_fence_the_producers_rows_are_reported(tmp_path, monkeypatch):
+    # cp.async writes are the generic proxy's: a wgmma reading them needs a proxy fence
+    # after the barrier that handed them over (checked builds).
+    _mutant(tmp_path, monkeypatch,
+            "      sm90::fence_proxy_async();\n      wgmma_k_tile<kHalves>(",
+            "      wgmma_k_tile<kHalves>(")
+    with pytest.raises(EmulatorError, match="issued no fence.proxy.async"):
+        ws_gemm_test(*_small(), grid=1, options=emulator_checks())
+
+
+def test_a_job_posted_before_every_row_was_written_is_a_race(tmp_path, monkeypatch):
+    # Without the consumers' named barrier, thread 0 posts the job while others still
+    # write their rows of the table the producer reads: the happens-before order of
+    # named barriers and mbarrier phases finds it (checked builds).
+    _mutant(tmp_path, monkeypatch,
+            "    sm90::fence_proxy_async();\n    named_sync(kConsumerBarrier, kThreads);\n"
+            "    const bool full",
+            "    sm90::fence_proxy_async();\n    const bool full")
+    with pytest.raises(EmulatorError, match="shared-memory race"):
+        ws_gemm_test(*_small(), grid=1, options=emulator_checks())
+
+
+def test_a_stage_that_never_fills_times_out_with_the_producer_named(tmp_path, monkeypatch):
+    # The producer stops after its first job: the consumers' next tile waits for a
+    # stage nobody fills, gives up and the fault names the TMA wait; the producer's
+    # own waits are bounded as well (kPhaseStageFree when the consumers never post).
+    _mutant(tmp_path, monkeypatch, "      if (j.quit) return true;",
+            "      if (j.quit || tiles > 0) return true;")
+    a, b, idx = _small()
+    c, fault = ws_gemm_test(a, np.concatenate([b, b]), idx, grid=1, timeout_s=0.5,
+                            options=EmulatorOptions(seed=1))
+    assert fault["code_name"] == "timeout"
+    assert PHASES[fault["phase"]] == "TMA load of a weight tile"
+    assert fault["task"] == 1  # the block's second tile
