@@ -131,3 +131,28 @@ def test_a_stage_that_never_fills_times_out_with_the_producer_named(tmp_path, mo
     assert fault["code_name"] == "timeout"
     assert PHASES[fault["phase"]] == "TMA load of a weight tile"
     assert fault["task"] == 1  # the block's second tile
+
+
+@pytest.mark.compile
+def test_the_sm90a_build_keeps_the_consumer_loop_on_hgmma_without_local_memory(tmp_path):
+    from flashmoe_core.host import sass
+    from flashmoe_core.host.cache import KernelCache
+    from flashmoe_core.host.compiler import build
+    from flashmoe_core.host.toolchain import find_toolchain
+    from flashmoe_core.kernel.specs import ws_gemm_test_spec
+
+    k = build(ws_gemm_test_spec("bfloat16", 4), "sm_90a", find_toolchain(),
+              cache=KernelCache(tmp_path))
+    ins = sass.disassemble(k.cubin)["flashmoe_ws_gemm_test"]
+    ops = [i.opcode.split(".")[0] for i in ins]
+    assert "ARRIVES" in ops  # the producer's cp.async.mbarrier.arrive
+    assert ops.count("UTMALDG") >= 1 and "LDGSTS" in ops
+    assert not {"LDL", "STL"} & set(ops)  # no local memory anywhere in the kernel
+    res = sass.resources(k.cubin)["flashmoe_ws_gemm_test"]
+    assert res.stack == 0 and res.local == 0
+    loops = sass.mma_loops(ins)
+    # The consumer's k-loops: a full tile's 8 wgmmas and a half tile's 4 per k-tile,
+    # nothing spilled, no loads issued (the producer's job).
+    assert sorted(l.kinds["mma"] for l in loops) == [4, 8]
+    for loop in loops:
+        assert loop.kinds["spill"] == 0 and loop.kinds["gmem->smem"] == 0

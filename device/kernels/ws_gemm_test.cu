@@ -58,7 +58,7 @@ flashmoe_ws_gemm_test(const S* __restrict__ A, const int* __restrict__ a_index,
           const int n = n0 + r;
           return n < N ? B + int64_t(n) * K : nullptr;
         },
-        use_tma ? &b : nullptr, site, t, min(G::BM, M - m0));
+        b, use_tma != 0, site, t, min(G::BM, M - m0));
     for (int v = threadIdx.x; v < G::BM * G::BN; v += G::kThreads) {
       const int r = v / G::BN, c = v % G::BN;
       if (m0 + r < M && n0 + c < N) C[int64_t(m0 + r) * N + n0 + c] = staged[r * G::kStageLd + c];

@@ -785,12 +785,13 @@ struct TileGemm {
     WsState* ws = ws_state(smem);
     uint32_t stage = ws->stage, phase = ws->phase;
     const int num_k = (K + BK - 1) / BK;
+    const uint64_t timeout_ns = site.timeout_ns;  // in a register, not read in the loop
     bool landed = true;
     int lost = -1;
     int prev = -1;
     CUTE_NO_UNROLL
     for (int kt = 0; kt < num_k; ++kt) {
-      if (landed && !wait_barrier(stage_barriers(smem) + stage, phase, site.timeout_ns)) {
+      if (landed && !wait_barrier(stage_barriers(smem) + stage, phase, timeout_ns)) {
         landed = false;
         lost = kt;
       }
@@ -821,18 +822,19 @@ struct TileGemm {
 
   /**
    * compute_tile for the consumer warpgroup of a warp-specialised block: the row
-   * tables from a_row / b_row (b_row unused when b is given: B by TMA), the tile posted
+   * tables from a_row / b_row (b_row unused with b_tma: B by TMA as b says), the tile posted
    * to the producer warp, the product staged as compute_tile stages it (row stride
    * kStageLd), the consumers synchronised (named barrier; the producer runs on).
    */
   template <class ARow, class BRow>
   FMOE_DEVICE static const float* compute_tile_ws(char* smem, int K, ARow a_row, BRow b_row,
-                                                  const BTma* b, const WaitSite& site,
-                                                  int task, int rows = BM) {
+                                                  const BTma& b, bool b_tma,
+                                                  const WaitSite& site, int task,
+                                                  int rows = BM) {
     const Storage** ra = rows_a(smem);
     const Storage** rb = rows_b(smem);
     for (int r = threadIdx.x; r < BM; r += kThreads) ra[r] = a_row(r);
-    if (b == nullptr) {
+    if (!b_tma) {
       for (int r = threadIdx.x; r < BN; r += kThreads) rb[r] = b_row(r);
     }
     // This thread's earlier accesses of the stages (the last tile's staging and
@@ -842,8 +844,8 @@ struct TileGemm {
     const bool full = rows > kHalfRows;
     if (threadIdx.x == 0) {
       WsState* ws = ws_state(smem);
-      ws->j = WsJob{b ? b->map0 : nullptr, b ? b->map1 : nullptr, b ? b->parts : 0,
-                    b ? b->n0 : 0, b ? b->e : 0, K, full ? 1 : 0, 0, task};
+      ws->j = WsJob{b_tma ? b.map0 : nullptr, b.map1, b.parts, b.n0, b.e, K, full ? 1 : 0, 0,
+                    task};
       sm90::mbarrier_arrive(&ws->job);
     }
     AccSm90 acc;
