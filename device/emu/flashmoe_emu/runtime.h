@@ -316,8 +316,8 @@ struct Block {
   struct Named {
     int arrived = 0, count = 0;
     unsigned gen = 0;
-    int all = 1;  // bar.red.and of the arrivals
-    int result = 1;
+    int all = 1, any = 0;  // bar.red.and / .or of the arrivals
+    int result_and = 1, result_or = 0;
     Site site;
   } named[kNamedBarriers];
   bool failed = false;
@@ -583,12 +583,13 @@ FMOE_EMU_RT inline void complete_syncwarp(Block& b, int w) {
 }
 
 // ------------------------------------------------------------------ named barriers
-/// bar.sync / bar.arrive / bar.red.and.pred on named barrier `id` expecting `count`
+/// bar.sync / bar.arrive / bar.red.{and,or}.pred on named barrier `id` expecting `count`
 /// threads (a multiple of 32, whole warps): the count-th arrival completes it, the
-/// waiting (sync) arrivals go on; arrive-only ones went on at once. Returns the AND of
-/// the arrivals' predicates to the waiting threads. Mixed counts, an id out of range
-/// and more threads than the count are reported.
-FMOE_EMU_RT inline int named_barrier(int id, int count, bool wait, int pred, const Site& site) {
+/// waiting (sync) arrivals go on; arrive-only ones went on at once. Returns the AND (or,
+/// with red_or, the OR) of the arrivals' predicates to the waiting threads. Mixed
+/// counts, an id out of range and more threads than the count are reported.
+FMOE_EMU_RT inline int named_barrier(int id, int count, bool wait, int pred, const Site& site,
+                                     bool red_or = false) {
   Block& b = *tls.block;
   Fiber& f = cur_fiber();
   f.site = site;
@@ -602,15 +603,18 @@ FMOE_EMU_RT inline int named_barrier(int id, int count, bool wait, int pred, con
     nb.count = count;
     nb.site = site;
     nb.all = 1;
+    nb.any = 0;
   } else if (nb.count != count) {
     fatal("threads arrive at named barrier " + std::to_string(id) + " expecting " +
           std::to_string(count) + " and " + std::to_string(nb.count) + " threads: " +
           describe(site) + " and " + describe(nb.site));
   }
   nb.all &= pred != 0;
+  nb.any |= pred != 0;
   on_named_arrive(id);
   if (++nb.arrived == nb.count) {
-    nb.result = nb.all;
+    nb.result_and = nb.all;
+    nb.result_or = nb.any;
     nb.arrived = 0;
     for (Fiber& g : b.fibers) {
       if (g.waiting == Wait::Named && g.wait_id == id && g.wait_gen == nb.gen) {
@@ -621,14 +625,14 @@ FMOE_EMU_RT inline int named_barrier(int id, int count, bool wait, int pred, con
     if (wait) on_named_acquire(b, f.tid, id);
     on_named_reset(b, id);
     ++nb.gen;
-    return nb.result;
+    return red_or ? nb.result_or : nb.result_and;
   }
   if (!wait) return 1;
   f.waiting = Wait::Named;
   f.wait_id = id;
   f.wait_gen = nb.gen;
   yield();
-  return b.named[id].result;
+  return red_or ? b.named[id].result_or : b.named[id].result_and;
 }
 
 // ------------------------------------------------------------------ launch

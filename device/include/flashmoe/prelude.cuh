@@ -64,6 +64,12 @@ FMOE_DEVICE bool named_sync_and(int id, int count, bool pred, const char* file =
                                 int line = __builtin_LINE()) {
   return fmoe_emu::named_barrier(id, count, true, pred ? 1 : 0, {file, line, "bar.red.and"}) != 0;
 }
+/// bar.red.or.pred: named_sync that returns whether `pred` held in any arrival.
+FMOE_DEVICE bool named_sync_or(int id, int count, bool pred, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE()) {
+  return fmoe_emu::named_barrier(id, count, true, pred ? 1 : 0, {file, line, "bar.red.or"},
+                                 true) != 0;
+}
 /// Arrive at named barrier `id` without waiting (bar.arrive): the producer side.
 FMOE_DEVICE void named_arrive(int id, int count, const char* file = __builtin_FILE(),
                               int line = __builtin_LINE()) {
@@ -85,8 +91,78 @@ FMOE_DEVICE bool named_sync_and(int id, int count, bool pred) {
       : "memory");
   return r != 0u;
 }
+FMOE_DEVICE bool named_sync_or(int id, int count, bool pred) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p, q;\n"
+      "setp.ne.u32 p, %1, 0;\n"
+      "bar.red.or.pred q, %2, %3, p;\n"
+      "selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"(uint32_t(pred)), "r"(id), "r"(count)
+      : "memory");
+  return r != 0u;
+}
 FMOE_DEVICE void named_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+#endif
+
+/// The barriers of a kernel's body. kBody 0: the whole block (__syncthreads and its
+/// reductions); kBody > 0: the first kBody threads of a warp-specialised block (named
+/// barrier 1), while the producer warp after them goes on.
+constexpr int kBodyBarrier = 1;
+#if FMOE_HOST_EMU
+template <int kBody = 0>
+FMOE_DEVICE void body_sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  if constexpr (kBody == 0) {
+    __syncthreads(file, line);
+  } else {
+    named_sync(kBodyBarrier, kBody, file, line);
+  }
+}
+template <int kBody = 0>
+FMOE_DEVICE bool body_sync_and(bool p, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE()) {
+  if constexpr (kBody == 0) {
+    return __syncthreads_and(p, file, line) != 0;
+  } else {
+    return named_sync_and(kBodyBarrier, kBody, p, file, line);
+  }
+}
+template <int kBody = 0>
+FMOE_DEVICE bool body_sync_or(bool p, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  if constexpr (kBody == 0) {
+    return __syncthreads_or(p, file, line) != 0;
+  } else {
+    return named_sync_or(kBodyBarrier, kBody, p, file, line);
+  }
+}
+#else
+template <int kBody = 0>
+FMOE_DEVICE void body_sync() {
+  if constexpr (kBody == 0) {
+    __syncthreads();
+  } else {
+    named_sync(kBodyBarrier, kBody);
+  }
+}
+template <int kBody = 0>
+FMOE_DEVICE bool body_sync_and(bool p) {
+  if constexpr (kBody == 0) {
+    return __syncthreads_and(p) != 0;
+  } else {
+    return named_sync_and(kBodyBarrier, kBody, p);
+  }
+}
+template <int kBody = 0>
+FMOE_DEVICE bool body_sync_or(bool p) {
+  if constexpr (kBody == 0) {
+    return __syncthreads_or(p) != 0;
+  } else {
+    return named_sync_or(kBodyBarrier, kBody, p);
+  }
 }
 #endif
 

@@ -68,9 +68,10 @@ using abi::kPhaseRingSlot;
  * (i + 1) * gridDim.x arrivals. Returns false if the wait failed (fault recorded or
  * seen); the caller must leave the kernel.
  */
+template <int kBody = 0>
 FMOE_DEVICE bool grid_barrier(uint32_t* state, int index, const WaitSite& site, int32_t phase) {
   __shared__ int ok;
-  __syncthreads();
+  body_sync<kBody>();
   if (threadIdx.x == 0) {
     __threadfence();
     atomicAdd(&state[abi::kBarrier], 1u);
@@ -83,15 +84,16 @@ FMOE_DEVICE bool grid_barrier(uint32_t* state, int index, const WaitSite& site, 
         });
     __threadfence();
   }
-  __syncthreads();
+  body_sync<kBody>();
   return ok != 0;
 }
 
 /// Leave the launch: the last block out resets the barrier/exit words and advances the
 /// epoch (so the next launch, or a replayed graph, sees fresh ring tags). Returns true
 /// in thread 0 of the last block out.
+template <int kBody = 0>
 FMOE_DEVICE bool leave_launch(uint32_t* state) {
-  __syncthreads();
+  body_sync<kBody>();
   bool last = false;
   if (threadIdx.x == 0) {
     __threadfence();

@@ -624,8 +624,8 @@ struct TileGemm {
   // producer as a job on a third barrier. Stages and parities run on across tiles.
 
   static constexpr int kWsThreads = kThreads + 32;
-  /// The consumers' named barrier (they meet while the producer goes on).
-  static constexpr int kConsumerBarrier = 1;
+  /// The consumers' named barrier (they are the kernel's body: its barrier).
+  static constexpr int kConsumerBarrier = kBodyBarrier;
   /// Arrivals per full phase: 32 producer lanes' cp.async arrive-on, and lane 0's.
   static constexpr uint32_t kFullArrivals = 33;
 

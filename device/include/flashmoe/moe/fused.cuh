@@ -82,6 +82,9 @@ struct Config {
   using S = typename G::Storage;
   static constexpr int kThreads = G::kThreads;
   static constexpr int kWarps = kThreads / 32;
+  /// The body's barriers (body_sync): the whole block. A warp-specialised build would
+  /// name its kThreads body threads here, beside the producer warp.
+  static constexpr int kBody = 0;
   static constexpr int kUpCols = kGated ? G::BN / 2 : G::BN;  // output columns of an up task
   static constexpr int kUpTiles = (F + kUpCols - 1) / kUpCols;
   static constexpr int kDownTiles = (H + G::BN - 1) / G::BN;
@@ -185,7 +188,7 @@ struct Kernel {
       sum += v;
     }
     s_part[threadIdx.x] = sum;
-    __syncthreads();
+    body_sync<C::kBody>();
     if (threadIdx.x == 0) {
       int run = 0;
       for (int i = 0; i < C::kThreads; ++i) {
@@ -195,9 +198,9 @@ struct Kernel {
       }
       data[n] = run;
     }
-    __syncthreads();
+    body_sync<C::kBody>();
     for (int i = lo; i < hi; ++i) data[i] += s_part[threadIdx.x];
-    __syncthreads();
+    body_sync<C::kBody>();
   }
 
   FMOE_DEVICE static int tiles_of(int rows) { return (rows + kTile - 1) / kTile; }
@@ -276,7 +279,7 @@ struct Kernel {
         dst[1] = make_float4(v[4], v[5], v[6], v[7]);
       });
     }
-    __syncthreads();
+    body_sync<C::kBody>();
   }
 
   // ---------------------------------------------------------------- phase 1: top-k
@@ -518,9 +521,9 @@ struct Kernel {
         s_lexp[e] = e;
       }
     }
-    __syncthreads();
+    body_sync<C::kBody>();
     for (int le = threadIdx.x; le < el; le += C::kThreads) s_rtoff[le] = tiles_of(s_eoff[s_lexp[le]]);
-    __syncthreads();
+    body_sync<C::kBody>();
     block_scan(s_eoff, C::E);
     block_scan(s_rtoff, el);
     return s_rtoff[el];
@@ -538,7 +541,7 @@ struct Kernel {
     for (int i = threadIdx.x; i < n; i += C::kThreads) {
       s_ex[i] = load_cg(&L.topk_expert[t0 * C::K + i]);
     }
-    __syncthreads();
+    body_sync<C::kBody>();
     int kept_here = 0;
     for (int i = threadIdx.x; i < n; i += C::kThreads) {
       const int e = s_ex[i];
@@ -560,7 +563,7 @@ struct Kernel {
       }
     }
     atomicAdd(&s_kept, kept_here);
-    __syncthreads();
+    body_sync<C::kBody>();
     bool ok = true;
     // The shared experts' down tasks credit every token of the tile too.
     const int target = s_kept + (C::kShared ? min(kTile, T - t0) : 0);
@@ -713,7 +716,7 @@ struct Kernel {
       }
       gemm::store8<Elem>(out + int64_t(r) * kF + n, v);
     });
-    __syncthreads();
+    body_sync<C::kBody>();
   }
 
   /// Down projection of one BN-column slice of an MLP of width kF: out = Z W2^T + b2
@@ -744,7 +747,7 @@ struct Kernel {
       }
       gemm::store8<Elem>(out + int64_t(r) * C::H + n, v);
     });
-    __syncthreads();
+    body_sync<C::kBody>();
   }
 
   /// Credit `len` finished rows of token tile tt in column c; whether this credit
@@ -807,7 +810,7 @@ struct Kernel {
     const int r = threadIdx.x;
     if (r == 0) s_nready = 0;
     if (r < rows) s_tt[r] = load_cg(&L.row_token[row0 + r]) / kTile;
-    __syncthreads();
+    body_sync<C::kBody>();
     bool ok = true;
     if (r < rows && (r == 0 || s_tt[r - 1] != s_tt[r])) {
       int len = 1;
@@ -823,7 +826,7 @@ struct Kernel {
       }
     }
     if constexpr (kInlineCombine) {
-      __syncthreads();
+      body_sync<C::kBody>();
       const int ready = s_nready;
       for (int i = 0; i < ready; ++i) combine_task(s_ready[i] * C::kDownTiles + col);
     }
@@ -913,7 +916,7 @@ struct Kernel {
         ok = credit_run(tt, tile.rows, col, col + 1);
       }
     }
-    __syncthreads();
+    body_sync<C::kBody>();
     if (kInlineCombine && s_done) combine_task(tt * C::kDownTiles + col);
     return ok;
   }
@@ -1064,7 +1067,7 @@ struct Kernel {
       s_src[p] = in;
       s_dst[p] = out;
     }
-    __syncthreads();
+    body_sync<C::kBody>();
     block_scan(s_src, L.world);
     block_scan(s_dst, L.world);
     return true;
@@ -1082,7 +1085,7 @@ struct Kernel {
       *reinterpret_cast<uint4*>(stage + int64_t(r) * C::H + c) =
           *reinterpret_cast<const uint4*>(src);
     }
-    __syncthreads();
+    body_sync<C::kBody>();
     __threadfence();
     S* dst = static_cast<S*>(L.recv_rows) + (int64_t(L.rank) * L.slot_rows + t.dst_row) * C::H;
     nvshmemx_putmem_signal_nbi_block(dst, stage, size_t(t.rows) * C::H * sizeof(S),
@@ -1139,7 +1142,7 @@ struct Kernel {
       s_last = atomicAdd(&L.dep_remote[2 * g + 1], 1u) + 1u == uint32_t(C::kDownTiles);
       __threadfence();
     }
-    __syncthreads();
+    body_sync<C::kBody>();
     if (s_last) {
       // Every thread acquires before the put's copy reads rows other blocks wrote
       // (the copy's loads are plain, and only thread 0 observed the counter).
@@ -1211,7 +1214,7 @@ struct Kernel {
         }
       }
     }
-    return __syncthreads_and(ok) != 0;
+    return body_sync_and<C::kBody>(ok);
   }
 
   /// Tell every peer this launch is over for us (after our puts completed).
@@ -1231,11 +1234,11 @@ struct Kernel {
 #if FLASHMOE_NVSHMEM
     if constexpr (C::kEP) {
       nvshmem_quiet();
-      if (leave_launch(L.state) && threadIdx.x == 0) announce_done();
+      if (leave_launch<C::kBody>(L.state) && threadIdx.x == 0) announce_done();
       return;
     }
 #endif
-    leave_launch(L.state);
+    leave_launch<C::kBody>(L.state);
   }
 
   // ---------------------------------------------------------------- the task loop
@@ -1271,10 +1274,10 @@ struct Kernel {
         }
         s_start = tracing() ? global_timer_ns() : 0u;
       }
-      __syncthreads();
+      body_sync<C::kBody>();
       const int64_t task = s_task;
       const uint64_t started = s_start;
-      __syncthreads();
+      body_sync<C::kBody>();
       if (task == -2) return true;
       if (task < 0) return false;
       const int index = int(task >> 3);
@@ -1297,7 +1300,7 @@ struct Kernel {
         default: ok = false; break;
       }
       // Publication can fail in one thread only; every thread must leave together.
-      if (!__syncthreads_and(ok)) return false;
+      if (!body_sync_and<C::kBody>(ok)) return false;
       trace(started, uint32_t(task));
     }
   }
@@ -1317,7 +1320,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     s_epoch = read_epoch(L.state);
     C::G::init_stage_barriers(smem);
   }
-  __syncthreads();
+  __syncthreads();  // the whole block, a producer warp too
   int32_t* tables = reinterpret_cast<int32_t*>(smem + C::G::kSmemBytes);
   int32_t* peer_tables = tables + 3 * (C::E + 1);
   Kernel<C> k{L, x, y, tokens, (tokens + C::kTile - 1) / C::kTile, capacity, smem,
@@ -1342,7 +1345,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
       L.state[abi::kHead] = 0u;
       L.state[abi::kTraced] = 0u;
     }
-    if (!grid_barrier(L.state, 0, k.site, kPhaseBarrierGate)) return;
+    if (!grid_barrier<C::kBody>(L.state, 0, k.site, kPhaseBarrierGate)) return;
     typename Kernel<C>::Counts n{0, 0, 0, 0, 0, uint32_t(k.TT * C::kDownTiles)};
     if (!k.task_loop(n, true)) return;
     k.finish();
@@ -1368,7 +1371,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
         k.gate_tile(tile, true);
       }
     }
-    if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierGate)) return;
+    if (!grid_barrier<C::kBody>(L.state, barrier++, k.site, kPhaseBarrierGate)) return;
     const int lane = threadIdx.x & 31;
     for (int t = gwarp; t < tokens; t += warps) {
       if (lane < C::K) {
@@ -1383,7 +1386,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   } else {
     for (int tile = blockIdx.x; tile < k.TT * C::kGateTiles; tile += gridDim.x) k.gate_tile(tile);
     if constexpr (!C::kFusedTopk) {
-      if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierGate)) return;
+      if (!grid_barrier<C::kBody>(L.state, barrier++, k.site, kPhaseBarrierGate)) return;
       k.trace(t0, abi::kTraceGate);  // recorded after the barrier: the trace counter is zeroed
       t0 = k.tracing() ? global_timer_ns() : 0u;
       for (int t = gwarp; t < tokens; t += warps) k.topk_token(t);
@@ -1393,7 +1396,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     k.finish();
     return;
   }
-  if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierTopk)) return;
+  if (!grid_barrier<C::kBody>(L.state, barrier++, k.site, kPhaseBarrierTopk)) return;
   // Recorded after the barrier (the trace counter is zeroed in phase 0); with top-k
   // in the gate, this span is gate and top-k together.
   k.trace(t0, C::kFusedTopk ? abi::kTraceGate : abi::kTraceTopk);
@@ -1401,7 +1404,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   t0 = k.tracing() ? global_timer_ns() : 0u;
   for (int e = gwarp; e < C::E; e += warps) k.scan_expert(e);
   k.trace(t0, abi::kTraceScan);
-  if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierScan)) return;
+  if (!grid_barrier<C::kBody>(L.state, barrier++, k.site, kPhaseBarrierScan)) return;
 
   t0 = k.tracing() ? global_timer_ns() : 0u;
   const int local_rowtiles = k.expert_offsets();
@@ -1416,7 +1419,7 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
     k.finish();
     return;
   }
-  if (!grid_barrier(L.state, barrier++, k.site, kPhaseBarrierLists)) return;
+  if (!grid_barrier<C::kBody>(L.state, barrier++, k.site, kPhaseBarrierLists)) return;
 
   // One PE combines in the down epilogue (Kernel::kInlineCombine): no combine tasks.
   typename Kernel<C>::Counts n{0, uint32_t(local_rowtiles * C::kUpTiles),
