@@ -4,6 +4,8 @@ against the oracle at the shapes where TMA's bounds matter, and the bugs of this
 the emulator must catch (every emulator run forces the sm_90a mainloop)."""
 
 
+import re
+
 import numpy as np
 import pytest
 
@@ -128,26 +130,28 @@ SMALL = MoEConfig(tokens=64, hidden=128, ffn=256, experts=4, top_k=2, dtype="bfl
 
 @pytest.mark.emulator
 def test_reading_a_stage_before_its_barrier_phase_gives_wrong_results(tmp_path, monkeypatch):
-    # No wait for the B tile: the wgmmas read the bytes TMA has not landed yet.
+    # The consumers do not wait for a stage's full phase: the wgmmas read bytes that
+    # have not landed (NaN), or the loads land under them, or the producer's arrivals
+    # meet phases that already moved on.
     _mutant(tmp_path, monkeypatch,
-            "      if (landed && !wait_stage_b(smem, stage, (parities >> stage) & 1u, *b.site)) {",
+            "      if (!wait_barrier(stage_barriers(smem) + stage, phase, timeout_ns, &ws->gone)) {",
             "      if (false) {")
-    # A barrier whose phase never completes is arrived on again when its stage comes
-    # round; a block that never reuses a stage computes on the unlanded (NaN) bytes.
     try:
         res = _run(SMALL)
     except EmulatorError as exc:
-        assert "mbarrier.arrive on a phase that has every arrival already" in str(exc), exc
+        assert re.search("every arrival already|lands after the phase|before the wait_group|"
+                         "never waited for", str(exc)), exc
     else:
         assert not res["rel_error"] <= TOLERANCE[SMALL.dtype], res
 
 
 @pytest.mark.emulator
 def test_a_weight_tile_that_never_lands_is_a_timeout_naming_the_wait(tmp_path, monkeypatch):
-    # No load issued: every stage's phase stays open; the bounded wait gives up and the
-    # fault record says which wait it was.
+    # The first box of every stage is declared but never loaded: its phase stays open;
+    # the consumers' bounded wait gives up and the fault record says which wait it was.
     _mutant(tmp_path, monkeypatch,
-            "      if (loader) load_stage_b_tma(smem, b, k_tile, stage);\n", "")
+            "      sm90::tma_load_3d(dst + kb * BN * 128, static_cast<const sm90::TensorMap*>"
+            "(b.map0), bar,\n                        k0 + kb * kBoxK, b.n0, b.e);\n", "")
     w = MoEWeights.random(SMALL, 0)
     layer = MoELayer(SMALL, w, backend="emulator", timeout_s=0.5)
     with pytest.raises(FlashMoETimeout, match="TMA load of a weight tile"):
@@ -156,11 +160,11 @@ def test_a_weight_tile_that_never_lands_is_a_timeout_naming_the_wait(tmp_path, m
 
 @pytest.mark.emulator
 def test_a_refill_without_the_proxy_fence_is_reported(tmp_path, monkeypatch):
-    # The last tile's staging (generic stores) and the TMA refill of the same shared
-    # memory without fence.proxy.async between them: the store may land after the load.
+    # The producer's TMA refill over B rows its other lanes wrote by cp.async for the
+    # gate (generic-proxy writes), without fence.proxy.async after they reached it.
     _mutant(tmp_path, monkeypatch,
-            "      sm90::fence_proxy_async();\n      __syncthreads();\n      AccSm90 acc;\n",
-            "      __syncthreads();\n      AccSm90 acc;\n")
+            "            sm90::fence_proxy_async();\n            load_stage_b_tma(",
+            "            load_stage_b_tma(")
     with pytest.raises(EmulatorError, match=r"cp\.async\.bulk\.tensor\.3d at \S*sm90\.cuh:\d+ "
                                             r"overwrites .* wrote through the generic proxy"):
         _run(SMALL, emulator_checks(1))
@@ -168,9 +172,9 @@ def test_a_refill_without_the_proxy_fence_is_reported(tmp_path, monkeypatch):
 
 @pytest.mark.emulator
 def test_a_store_over_a_live_stage_barrier_is_reported(tmp_path, monkeypatch):
-    # The parity word placed over the last stage barrier.
+    # The consumers' stage word stored over the job barrier.
     _mutant(tmp_path, monkeypatch,
-            "    return reinterpret_cast<uint32_t*>(stage_barriers(smem) + kStages);",
-            "    return reinterpret_cast<uint32_t*>(stage_barriers(smem) + kStages - 1);")
+            "      ws->stage = stage;\n",
+            "      reinterpret_cast<uint32_t*>(&ws->job)[0] = stage;\n")
     with pytest.raises(EmulatorError, match="ordinary store overwrote since its mbarrier.init"):
         _run(SMALL)

@@ -70,10 +70,11 @@ def test_a_stage_freed_before_its_wgmmas_retired_is_reported(tmp_path, monkeypat
     # while the wgmmas on it are in flight.
     _mutant(tmp_path, monkeypatch,
             "      sm90::fence_proxy_async();\n      wgmma_k_tile<kHalves>(acc, gA, gB, da0, db0, "
-            "int(stage));\n      if (prev >= 0) sm90::mbarrier_arrive(&ws->empty[prev]);\n",
+            "int(stage));\n",
             "      sm90::fence_proxy_async();\n      sm90::mbarrier_arrive(&ws->empty[stage]);\n"
             "      wgmma_k_tile<kHalves>(acc, gA, gB, da0, db0, int(stage));\n",
-            "    if (prev >= 0) sm90::mbarrier_arrive(&ws->empty[prev]);\n    named_sync(",
+            "      if (prev >= 0) sm90::mbarrier_arrive(&ws->empty[prev]);\n", "",
+            "    if (prev >= 0 && landed) sm90::mbarrier_arrive(&ws->empty[prev]);\n    named_sync(",
             "    named_sync(")
     with pytest.raises(EmulatorError, match="was written before the wait_group"):
         for seed in (1, 2, 3):
@@ -82,7 +83,7 @@ def test_a_stage_freed_before_its_wgmmas_retired_is_reported(tmp_path, monkeypat
 
 def test_a_producer_that_does_not_wait_for_a_free_stage_is_reported(tmp_path, monkeypatch):
     _mutant(tmp_path, monkeypatch,
-            "        if (!wait_barrier(&ws->empty[stage], phase, site.timeout_ns)) {",
+            "        if (!wait_barrier(&ws->empty[stage], phase, site.timeout_ns, &ws->gone)) {",
             "        if (false) {")
     with pytest.raises(EmulatorError, match="was written before the wait_group|every arrival|never waited for|lands after the phase"):
         for seed in (1, 2, 3):

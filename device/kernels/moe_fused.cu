@@ -2,7 +2,8 @@
  * @file moe_fused.cu
  * @brief Entry point of the persistent fused MoE forward kernel.
  *
- * Launch contract (docs/design.md): block 128 threads; grid = every co-resident block
+ * Launch contract (docs/design.md): block flashmoe_moe_threads threads (128; 160 in
+ * warp-specialised sm_90a builds); grid = every co-resident block
  * (occupancy x SMs, from the host's occupancy query); dynamic shared memory
  * flashmoe_moe_smem bytes (opt-in above 48 KiB); `layout` points to a MoeLayout in
  * device memory; the fault record it names is host-visible. Not cooperative-launched:
@@ -27,7 +28,11 @@ extern "C" __device__ const unsigned flashmoe_moe_abi = flashmoe::abi::kAbiVersi
 /// weights' tensor maps (sm_90a builds of 16-bit types); 0: they are not read.
 extern "C" __device__ const int flashmoe_moe_tma = Cfg::G::kTmaB ? 1 : 0;
 
-extern "C" __global__ void __launch_bounds__(128)
+/// Threads per block: 128, or 160 in warp-specialised builds (sm_90a, 16-bit): the
+/// body's warpgroup and a producer warp.
+extern "C" __device__ const int flashmoe_moe_threads = Cfg::kBlockThreads;
+
+extern "C" __global__ void __launch_bounds__(Cfg::kBlockThreads)
 flashmoe_moe_forward(const flashmoe::abi::MoeLayout* __restrict__ layout,
                      const S* __restrict__ x, S* __restrict__ y, int tokens, int capacity,
                      int mode) {

@@ -37,14 +37,12 @@ H100 = {
 }
 """The limits and peaks the report assumes (dense tensor-core rates, vendor figures)."""
 
-_THREADS = 128
-
-
-def blocks_per_sm(registers: int, smem_bytes: int, gpu: dict = H100) -> Dict[str, int]:
-    """Resident blocks of 128 threads per SM by each limit (registers are allotted per
-    warp in units of 256)."""
+def blocks_per_sm(registers: int, smem_bytes: int, gpu: dict = H100,
+                  threads: int = 128) -> Dict[str, int]:
+    """Resident blocks of ``threads`` threads per SM by each limit (registers are
+    allotted per warp in units of 256)."""
     per_warp = math.ceil(registers * 32 / 256) * 256
-    warps = _THREADS // 32
+    warps = math.ceil(threads / 32)
     by_regs = (gpu["regs_per_sm"] // per_warp) // warps if per_warp else gpu["max_blocks_per_sm"]
     need = smem_bytes + gpu["smem_reserved_per_block"]
     by_smem = gpu["smem_per_sm"] // need
@@ -56,13 +54,17 @@ def blocks_per_sm(registers: int, smem_bytes: int, gpu: dict = H100) -> Dict[str
 
 
 def kernel_report(cubin: bytes, kernel: str = "flashmoe_moe_forward",
-                  smem_symbol: Optional[str] = "flashmoe_moe_smem") -> dict:
+                  smem_symbol: Optional[str] = "flashmoe_moe_smem",
+                  threads_symbol: Optional[str] = "flashmoe_moe_threads") -> dict:
     """Resources, occupancy and mainloop instruction mix of one kernel in a cubin."""
     res = sass.resources(cubin)[kernel]
     insns = sass.disassemble(cubin)[kernel]
     dynamic = 0
     if smem_symbol:
         dynamic = int(np.frombuffer(sass.read_symbol(cubin, smem_symbol), np.int32)[0])
+    threads = 128
+    if threads_symbol:
+        threads = int(np.frombuffer(sass.read_symbol(cubin, threads_symbol), np.int32)[0])
     spills = {op: sum(1 for i in insns if i.opcode.split(".")[0] == op) for op in ("LDL", "STL")}
     # Global atomics, exchanges apart: each returns a value the thread waits for.
     atomic = [i.opcode for i in insns if i.opcode.split(".")[0] in ("ATOM", "ATOMG", "RED")]
@@ -78,7 +80,9 @@ def kernel_report(cubin: bytes, kernel: str = "flashmoe_moe_forward",
     return {"kernel": kernel, "registers": res.registers, "stack_bytes": res.stack,
             "local_bytes": res.local, "static_smem": res.shared, "dynamic_smem": dynamic,
             "spill_instructions": spills, "atomics": atomics, "instructions": len(insns),
-            "blocks_per_sm_h100": blocks_per_sm(res.registers, res.shared + dynamic),
+            "threads": threads,
+            "blocks_per_sm_h100": blocks_per_sm(res.registers, res.shared + dynamic,
+                                                threads=threads),
             "mainloops": loops}
 
 

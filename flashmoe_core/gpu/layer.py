@@ -174,8 +174,10 @@ class MoELayer(GpuTraining):
         self.smem = int(self._module.read_global("flashmoe_moe_smem", np.int32)[0]) + \
             (2 * (self.world + 1) * 4 if self.world > 1 else 0)
         self._module.ensure_smem(self._kernel, self.smem, self.device)
-        resident, self.blocks_per_sm = _launch.resident_grid(self._kernel, self.device, 128,
-                                                             self.smem)
+        # 128 threads, or 160 in warp-specialised builds (a producer warp beside them).
+        self.threads = int(self._module.read_global("flashmoe_moe_threads", np.int32)[0])
+        resident, self.blocks_per_sm = _launch.resident_grid(self._kernel, self.device,
+                                                             self.threads, self.smem)
         # Ranks sharing a GPU run their kernels side by side: each gets its share of the
         # resident blocks, so that every block of every kernel is resident at once.
         self.grid = max(2, resident // max(sharing, 1))
@@ -343,7 +345,7 @@ class MoELayer(GpuTraining):
         cap = self.cfg.capacity(tokens)
         args = (np.uint64(int(self._layout.handle)), np.uint64(x_ptr), np.uint64(y_ptr),
                 np.int32(tokens), np.int32(-1 if cap is None else cap), np.int32(MODES[mode]))
-        _launch.launch_kernel(stream, self._kernel, (self.grid, 1, 1), (128, 1, 1), args,
+        _launch.launch_kernel(stream, self._kernel, (self.grid, 1, 1), (self.threads, 1, 1), args,
                               smem=self.smem)
 
     def __call__(self, x: Any, out: Any = None, stream: Any = None,

@@ -958,6 +958,17 @@ FMOE_EMU_RT inline uint32_t hb_snapshot_cur(uint32_t* out) {
   return row[t]++;
 }
 
+/// While alive, the current thread keeps its turn at memory accesses (no preemption).
+struct HoldTurn {
+  MemBlock* m;
+  FMOE_EMU_RT HoldTurn() : m(cur_mem()) {
+    if (m != nullptr) ++m->hold;
+  }
+  FMOE_EMU_RT ~HoldTurn() {
+    if (m != nullptr) --m->hold;
+  }
+};
+
 /// While alive, the current thread's shared-memory accesses count as thread `tid`'s
 /// at its own clock `clk` (copies landing for the thread that issued them).
 struct ActAs {
@@ -1264,6 +1275,7 @@ inline uint32_t hb_snapshot_cur(uint32_t*) { return 0; }
 struct ActAs {
   ActAs(int, uint32_t) {}
 };
+struct HoldTurn {};
 inline void after_strong() {}
 inline void on_spin() {}
 inline void copy_l2(void* dst, const void* src, size_t n, uintptr_t) { std::memcpy(dst, src, n); }

@@ -186,6 +186,22 @@ inline void nvshmem_putmem_signal_nbi(void* dest, const void* src, size_t bytes,
   fmoe_emu::put_signal(dest, src, bytes, sig, value, op, pe, "nvshmem_putmem_signal_nbi",
                        FMOE_EMU_PC());
 }
+/// Warp-collective form: every lane of the warp calls it; lane 0 moves the data.
+FMOE_EMU_RT inline void nvshmemx_putmem_signal_nbi_warp(void* dest, const void* src,
+                                                        size_t bytes, uint64_t* sig,
+                                                        uint64_t value, int op, int pe,
+                                                        const char* file = __builtin_FILE(),
+                                                        int line = __builtin_LINE()) {
+  const uintptr_t pc = FMOE_EMU_PC();
+  fmoe_emu::warp_collective(0xffffffffu, &fmoe_emu::complete_syncwarp,
+                            {file, line, "nvshmemx_putmem_signal_nbi_warp"});
+  if (fmoe_emu::lane_id() == 0) {
+    fmoe_emu::put_signal(dest, src, bytes, sig, value, op, pe, "nvshmemx_putmem_signal_nbi_warp",
+                         pc);
+  }
+  fmoe_emu::warp_collective(0xffffffffu, &fmoe_emu::complete_syncwarp,
+                            {file, line, "nvshmemx_putmem_signal_nbi_warp (end)"});
+}
 /// Block-collective form: every thread of the block calls it; one thread moves the data.
 FMOE_EMU_RT inline void nvshmemx_putmem_signal_nbi_block(void* dest, const void* src,
                                                          size_t bytes, uint64_t* sig,

@@ -310,28 +310,28 @@ FMOE_EMU_RT inline void tma_land(const PendingTma& t) {
 }
 
 /// Land the loads and cp.async arrivals that complete `bar`'s phase (before a wait on it
-/// looks), in issue order.
+/// looks), in issue order. Landing reads global memory through the memory model, which
+/// may hand the thread's turn away: each pending operation is taken out before it lands
+/// and the lists are searched afresh after, so other threads' landings in between are
+/// safe, and the thread does not yield in the middle of one (HoldTurn).
 FMOE_EMU_RT inline void land_for(const void* bar) {
   FMOE_SM90_GUARD;
-  auto it = pending_tma.begin();
-  while (it != pending_tma.end()) {
-    if (it->bar == bar) {
-      const PendingTma t = *it;
-      it = pending_tma.erase(it);
-      tma_land(t);
-    } else {
-      ++it;
-    }
+  const HoldTurn hold;
+  for (;;) {  // bounded: every round removes one pending load
+    auto it = std::find_if(pending_tma.begin(), pending_tma.end(),
+                           [bar](const PendingTma& t) { return t.bar == bar; });
+    if (it == pending_tma.end()) break;
+    const PendingTma t = *it;
+    pending_tma.erase(it);
+    tma_land(t);
   }
-  auto jt = pending_cp_arrive.begin();
-  while (jt != pending_cp_arrive.end()) {
-    if (jt->bar == bar) {
-      PendingCpArrive r = std::move(*jt);
-      jt = pending_cp_arrive.erase(jt);
-      cp_arrive_land(r);
-    } else {
-      ++jt;
-    }
+  for (;;) {  // bounded: every round removes one pending arrival
+    auto it = std::find_if(pending_cp_arrive.begin(), pending_cp_arrive.end(),
+                           [bar](const PendingCpArrive& r) { return r.bar == bar; });
+    if (it == pending_cp_arrive.end()) break;
+    PendingCpArrive r = std::move(*it);
+    pending_cp_arrive.erase(it);
+    cp_arrive_land(r);
   }
 }
 

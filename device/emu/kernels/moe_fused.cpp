@@ -48,7 +48,7 @@ FMOE_EMU_EXPORT int emu_moe_forward(int pes, const flashmoe::abi::MoeLayout* con
   (void)heap_bytes;
 #endif
   const bool ok = fmoe_emu::launch(
-      pes, dim3(unsigned(grid)), dim3(128),
+      pes, dim3(unsigned(grid)), dim3(unsigned(Cfg::kBlockThreads)),
       [&](int pe) {
         if (launched[pe]) flashmoe_moe_forward(layouts[pe], x[pe], y[pe], tokens[pe], capacity[pe], mode);
       },

@@ -66,6 +66,13 @@ FMOE_DEVICE void report_fault(const WaitSite& site, uint32_t code, int32_t phase
   __threadfence_system();
 }
 
+/// A flag another thread sets once (a strong store) and waits read while they poll:
+/// set_flag / flag_set.
+FMOE_DEVICE void set_flag(uint32_t* flag) { *reinterpret_cast<volatile uint32_t*>(flag) = 1u; }
+FMOE_DEVICE bool flag_set(const uint32_t* flag) {
+  return *reinterpret_cast<const volatile uint32_t*>(flag) != 0u;
+}
+
 /// True once any block (or peer-facing code) has reported a fault this launch.
 FMOE_DEVICE bool fault_raised(const WaitSite& site) {
   return site.record != nullptr &&
@@ -74,9 +81,10 @@ FMOE_DEVICE bool fault_raised(const WaitSite& site) {
 
 /// fault_raised() as one answer for the whole block: thread 0 reads the record (or
 /// any thread reports `failed_here`) and every thread gets the same result, so a fault
-/// recorded between two threads' reads cannot split the block. Every thread calls it.
+/// recorded between two threads' reads cannot split the block. Every body thread calls it.
+template <int kBody = 0>
 FMOE_DEVICE bool block_fault_raised(const WaitSite& site, bool failed_here = false) {
-  return __syncthreads_or(failed_here || (threadIdx.x == 0 && fault_raised(site))) != 0;
+  return body_sync_or<kBody>(failed_here || (threadIdx.x == 0 && fault_raised(site)));
 }
 
 /**

@@ -507,12 +507,15 @@ struct TileGemm {
   /// plain deadline bounds the spin: a stage's loads take microseconds and depend on no
   /// other block, so no progress stamps (and no call: a call would save the live
   /// accumulators to local memory).
-  FMOE_DEVICE static bool wait_barrier(uint64_t* bar, uint32_t parity, uint64_t timeout_ns) {
+  FMOE_DEVICE static bool wait_barrier(uint64_t* bar, uint32_t parity, uint64_t timeout_ns,
+                                       const uint32_t* gone = nullptr) {
     if (__builtin_expect(sm90::mbarrier_try_wait_parity(bar, parity), 1)) return true;
-    // (Another block's fault does not stop these loads landing: no need to watch it.)
+    // (Another block's fault does not stop these loads landing: no need to watch it.
+    // `gone`: a flag that, once set, means nobody will complete the phase.)
     const uint64_t start = global_timer_ns();
     while (!sm90::mbarrier_try_wait_parity(bar, parity)) {  // bounded: timeout_ns
       if (global_timer_ns() - start > timeout_ns) return false;
+      if (gone != nullptr && flag_set(gone)) return false;
     }
     return true;
   }
@@ -644,6 +647,8 @@ struct TileGemm {
     uint64_t empty[kStages];
     uint64_t job;
     uint32_t stage, phase;  ///< the consumers' next stage and its full-barrier parity
+    uint32_t gone;          ///< 1: the producer gave up (the consumers' waits stop)
+    uint32_t pad;
     WsJob j;
   };
   static_assert(kSmemBytes % 8 == 0, "the warp-specialised state is 8-byte aligned");
@@ -664,6 +669,7 @@ struct TileGemm {
     sm90::mbarrier_init(&ws->job, 1u);
     ws->stage = 0u;
     ws->phase = 0u;
+    ws->gone = 0u;
     sm90::fence_mbarrier_init();
   }
 
@@ -672,7 +678,8 @@ struct TileGemm {
    * the stages as they come free: lane 0 declares and issues the B boxes (TMA jobs) or
    * arrives, every lane issues its A rows (and B rows, no TMA) by cp.async and arrives
    * on the stage's full barrier once they land. Returns true at a quit job, false after
-   * a wait of site.timeout_ns for a free stage or a job (reported: kPhaseStageFree).
+   * site.timeout_ns waiting for a free stage, or for a job without the kernel's progress
+   * (reported: kPhaseStageFree), or at another block's fault.
    */
   FMOE_DEVICE static bool produce_ws(char* smem, const WaitSite& site) {
     using namespace cute;
@@ -684,11 +691,16 @@ struct TileGemm {
     uint32_t stage = 0, phase = 1;  // a fresh barrier's phase "-1" counts as complete
     uint32_t job_phase = 0;
     for (int tiles = 0;; ++tiles) {  // bounded: every wait is, and the consumers end with a quit
-      if (!wait_barrier(&ws->job, job_phase, site.timeout_ns)) {
-        report_fault(site, abi::kTimeout, abi::kPhaseStageFree, -1, tiles, -1, -1,
-                     site.timeout_ns);
-        return false;
-      }
+      // The body may work for long between tiles (grid barriers, remote waits): this
+      // wait gives up only without progress, or at another block's fault.
+      const bool posted = bounded_wait(
+          site, abi::kPhaseStageFree, -1, -1,
+          [&] { return sm90::mbarrier_try_wait_parity(&ws->job, job_phase); },
+          [&](int64_t& seen, int64_t& expected) {
+            seen = tiles;
+            expected = tiles + 1;
+          });
+      if (!posted) return give_up_ws(ws);
       job_phase ^= 1u;
       const WsJob j = ws->j;
       if (j.quit) return true;
@@ -704,14 +716,20 @@ struct TileGemm {
       const BTma b{j.map0, j.map1, j.parts, j.n0, j.e, &site, j.task};
       const int num_k = (j.K + BK - 1) / BK;
       for (int kt = 0; kt < num_k; ++kt) {
-        if (!wait_barrier(&ws->empty[stage], phase, site.timeout_ns)) {
-          report_fault(site, abi::kTimeout, abi::kPhaseStageFree, j.task, kt, num_k, -1,
-                       site.timeout_ns);
-          return false;
+        if (!wait_barrier(&ws->empty[stage], phase, site.timeout_ns, &ws->gone)) {
+          if (!flag_set(&ws->gone)) {
+            report_fault(site, abi::kTimeout, abi::kPhaseStageFree, j.task, kt, num_k, -1,
+                         site.timeout_ns);
+          }
+          return give_up_ws(ws);
         }
         uint64_t* full = stage_barriers(smem) + stage;
         if (lane == 0) {
           if (tma) {
+            // The stage's last generic writes (other lanes' cp.async of an earlier job, the
+            // consumers' staging) came to this thread through the barriers: fence them
+            // before the async proxy writes over them.
+            sm90::fence_proxy_async();
             load_stage_b_tma(smem, b, kt, int(stage));
           } else {
             sm90::mbarrier_arrive(full);
@@ -749,6 +767,12 @@ struct TileGemm {
     }
   }
 
+  /// The producer leaves without finishing: its consumers must not wait for it.
+  FMOE_DEVICE static bool give_up_ws(WsState* ws) {
+    set_flag(&ws->gone);
+    return false;
+  }
+
   /// Consumers: the producer has no more tiles (post once, before the consumers end).
   FMOE_DEVICE static void post_quit_ws(char* smem) {
     WsState* ws = ws_state(smem);
@@ -762,7 +786,7 @@ struct TileGemm {
   /// The consumers' side of one tile: per k-tile wait for the stage's full phase, fence
   /// the async proxy (the producer's cp.async rows are generic-proxy writes this thread
   /// acquired), issue its wgmmas, and once the previous k-tile's group retired free that
-  /// stage. A stage that never fills: the loop runs out on poison and false returns.
+  /// stage. A stage that never fills: the loop stops there and false returns.
   template <bool kFull>
   FMOE_DEVICE static bool consume_ws(AccSm90& acc, char* smem, int K, const WaitSite& site,
                                      int task) {
@@ -791,9 +815,10 @@ struct TileGemm {
     int prev = -1;
     CUTE_NO_UNROLL
     for (int kt = 0; kt < num_k; ++kt) {
-      if (landed && !wait_barrier(stage_barriers(smem) + stage, phase, timeout_ns)) {
-        landed = false;
+      if (!wait_barrier(stage_barriers(smem) + stage, phase, timeout_ns, &ws->gone)) {
+        landed = false;  // the pipeline is abandoned: nothing more is read or freed
         lost = kt;
+        break;
       }
       sm90::fence_proxy_async();
       wgmma_k_tile<kHalves>(acc, gA, gB, da0, db0, int(stage));
@@ -807,11 +832,14 @@ struct TileGemm {
     sm90::wgmma_wait<0>();
     CUTE_UNROLL
     for (int h = 0; h < BM / 64; ++h) sm90::fence_operands(acc[h]);
-    if (prev >= 0) sm90::mbarrier_arrive(&ws->empty[prev]);
+    if (prev >= 0 && landed) sm90::mbarrier_arrive(&ws->empty[prev]);
     named_sync(kConsumerBarrier, kThreads);  // every consumer read ws->stage
     if (threadIdx.x == 0) {
       ws->stage = stage;
       ws->phase = phase;
+      // A stage that never filled leaves the barriers out of step: the producer and
+      // the later tiles' waits stop at once (the caller leaves at the fault).
+      if (!landed) set_flag(&ws->gone);
     }
     if (!landed) {
       report_fault(site, abi::kTimeout, abi::kPhaseTmaWait, task, lost, num_k, -1,

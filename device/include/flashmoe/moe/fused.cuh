@@ -82,9 +82,17 @@ struct Config {
   using S = typename G::Storage;
   static constexpr int kThreads = G::kThreads;
   static constexpr int kWarps = kThreads / 32;
-  /// The body's barriers (body_sync): the whole block. A warp-specialised build would
-  /// name its kThreads body threads here, beside the producer warp.
-  static constexpr int kBody = 0;
+  /// Warp-specialised (sm_90a, 16-bit: the builds whose weights come by TMA; FMOE_WS=0
+  /// keeps them on the single-warpgroup mainloop): kThreads body threads, the consumer
+  /// warpgroup of every GEMM, and a producer warp after them that fills the stages.
+#ifndef FMOE_WS
+#define FMOE_WS 1
+#endif
+  static constexpr bool kWs = G::kTmaB && FMOE_WS;
+  /// The body's barriers (body_sync): its kThreads threads, or the whole block.
+  static constexpr int kBody = kWs ? kThreads : 0;
+  /// Threads per block (the launch's block size).
+  static constexpr int kBlockThreads = kWs ? G::kWsThreads : kThreads;
   static constexpr int kUpCols = kGated ? G::BN / 2 : G::BN;  // output columns of an up task
   static constexpr int kUpTiles = (F + kUpCols - 1) / kUpCols;
   static constexpr int kDownTiles = (H + G::BN - 1) / G::BN;
@@ -110,7 +118,9 @@ struct Config {
   static constexpr int kSmemTables = 3 * (E + 1) * int(sizeof(int32_t));
   static constexpr int kSmemScratch = kTile * K * int(sizeof(int32_t));
   static_assert(kSmemScratch <= G::kSmemPipe, "list scratch must fit the GEMM pipeline area");
-  static constexpr int kSmemBytes = G::kSmemBytes + kSmemTables;
+  /// The tile GEMM's shared memory (with the warp-specialised mainloop's state).
+  static constexpr int kSmemGemm = kWs ? G::kSmemBytesWs : G::kSmemBytes;
+  static constexpr int kSmemBytes = kSmemGemm + kSmemTables;
 };
 
 using abi::TaskKind;
@@ -238,6 +248,29 @@ struct Kernel {
     }
   }
 
+  /// One tile GEMM with B rows from b_row (the gate): on the producer warp (kWs) or the
+  /// whole block.
+  template <class ARow, class BRow>
+  FMOE_DEVICE const float* gemm_rows(int K, ARow a_row, BRow b_row, int rows) {
+    if constexpr (C::kWs) {
+      return G::compute_tile_ws(smem, K, a_row, b_row, typename G::BTma{}, false, site, -1,
+                                rows);
+    } else {
+      return G::compute_tile(smem, K, a_row, b_row, rows);
+    }
+  }
+  /// One tile GEMM of a weight matrix: B by TMA as b says where the build loads so,
+  /// else from b_row (the two describe the same rows).
+  template <class ARow, class BRow>
+  FMOE_DEVICE const float* gemm_weights(int K, ARow a_row, BRow b_row,
+                                        const typename G::BTma& b, int rows) {
+    if constexpr (C::kWs) {
+      return G::compute_tile_ws(smem, K, a_row, b_row, b, true, site, b.task, rows);
+    } else {
+      return G::compute_tile_tma(smem, K, a_row, b_row, b, rows);
+    }
+  }
+
   /// Router logits of kTile tokens x BN gate columns (experts, then the shared gate);
   /// then either top-k for the tile's tokens straight from shared memory (kFusedTopk)
   /// or the logits to [T, Ep] float32. `routed`: the caller chose the experts, only the
@@ -253,8 +286,8 @@ struct Kernel {
       }
     }
     const S* router = static_cast<const S*>(L.router_t);
-    const float* staged = G::compute_tile(
-        smem, C::H,
+    const float* staged = gemm_rows(
+        C::H,
         [&](int r) -> const S* { return t0 + r < T ? x + int64_t(t0 + r) * C::H : nullptr; },
         [&](int r) -> const S* {
           if (e0 + r < C::E) return router + int64_t(e0 + r) * C::H;
@@ -580,7 +613,7 @@ struct Kernel {
         }, site);
       }
     }
-    return !block_fault_raised(site, !ok);
+    return !block_fault_raised<C::kBody>(site, !ok);
   }
 
   // ---------------------------------------------------------------- expert tiles
@@ -676,8 +709,8 @@ struct Kernel {
     // Gated: B rows [0, kUpCols) are Wg rows, [kUpCols, BN) the matching Wu rows (by
     // TMA: one box of each).
     const typename G::BTma b{w.map_up, w.map_up2, C::kGated ? 2 : 1, n0, w.map_e, &site, -1};
-    const float* staged = G::compute_tile_tma(
-        smem, C::H, [&](int r) -> const S* { return r < tile.rows ? a_row(r) : nullptr; },
+    const float* staged = gemm_weights(
+        C::H, [&](int r) -> const S* { return r < tile.rows ? a_row(r) : nullptr; },
         [&](int r) -> const S* {
           const int half = r / C::kUpCols, n = n0 + r % C::kUpCols;
           return n < kF ? (half ? w.w_up2 : w.w_up) + int64_t(n) * C::H : nullptr;
@@ -728,8 +761,8 @@ struct Kernel {
     const int n0 = col * G::BN;
     const S* w_down = w.w_down;
     const typename G::BTma b{w.map_down, w.map_down, 1, n0, w.map_e, &site, -1};
-    const float* staged = G::compute_tile_tma(
-        smem, kF,
+    const float* staged = gemm_weights(
+        kF,
         [&](int r) -> const S* { return r < tile.rows ? z + int64_t(r) * kF : nullptr; },
         [&](int r) -> const S* {
           return n0 + r < C::H ? w_down + int64_t(n0 + r) * kF : nullptr;
@@ -1052,7 +1085,7 @@ struct Kernel {
       }
       __threadfence_system();  // acquire: the headers were written by other GPUs
     }
-    if (block_fault_raised(site)) return false;
+    if (block_fault_raised<C::kBody>(site)) return false;
     // Tiles per source (from its header to us) and per peer (from our header to it).
     for (int p = threadIdx.x; p < L.world; p += C::kThreads) {
       int in = 0, out = 0;
@@ -1088,9 +1121,22 @@ struct Kernel {
     body_sync<C::kBody>();
     __threadfence();
     S* dst = static_cast<S*>(L.recv_rows) + (int64_t(L.rank) * L.slot_rows + t.dst_row) * C::H;
-    nvshmemx_putmem_signal_nbi_block(dst, stage, size_t(t.rows) * C::H * sizeof(S),
-                                     &L.dispatch_sig[int64_t(L.rank) * L.max_peer_tiles + t.index],
-                                     tag, NVSHMEM_SIGNAL_SET, t.peer);
+    put_signal(dst, stage, size_t(t.rows) * C::H * sizeof(S),
+               &L.dispatch_sig[int64_t(L.rank) * L.max_peer_tiles + t.index], t.peer);
+  }
+
+  /// Rows to a peer and then its signal (= tag), by the body's threads together: the
+  /// block-collective put, or in a warp-specialised block (whose producer warp cannot
+  /// join a block collective) the warp-collective one by the body's first warp.
+  FMOE_DEVICE void put_signal(S* dst, const S* src, size_t bytes, uint64_t* sig, int peer) {
+    if constexpr (C::kBody == 0) {
+      nvshmemx_putmem_signal_nbi_block(dst, src, bytes, sig, tag, NVSHMEM_SIGNAL_SET, peer);
+    } else {
+      if (threadIdx.x < 32) {
+        nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, sig, tag, NVSHMEM_SIGNAL_SET, peer);
+      }
+      body_sync<C::kBody>();
+    }
   }
 
   FMOE_DEVICE bool up_remote_task(int index) {
@@ -1148,9 +1194,8 @@ struct Kernel {
       // (the copy's loads are plain, and only thread 0 observed the counter).
       __threadfence();
       S* dst = static_cast<S*>(L.y_expert) + int64_t(pt.src_row) * C::H;
-      nvshmemx_putmem_signal_nbi_block(dst, out, size_t(pt.rows) * C::H * sizeof(S),
-                                       &L.return_sig[int64_t(L.rank) * L.max_peer_tiles + pt.index],
-                                       tag, NVSHMEM_SIGNAL_SET, pt.peer);
+      put_signal(dst, out, size_t(pt.rows) * C::H * sizeof(S),
+                 &L.return_sig[int64_t(L.rank) * L.max_peer_tiles + pt.index], pt.peer);
     }
   }
 
@@ -1318,10 +1363,27 @@ FMOE_DEVICE void forward(const abi::MoeLayout* layout, const typename C::S* x, t
   const abi::MoeLayout& L = *layout;
   if (threadIdx.x == 0) {
     s_epoch = read_epoch(L.state);
-    C::G::init_stage_barriers(smem);
+    if constexpr (C::kWs) {
+      C::G::init_ws(smem);
+    } else {
+      C::G::init_stage_barriers(smem);
+    }
   }
   __syncthreads();  // the whole block, a producer warp too
-  int32_t* tables = reinterpret_cast<int32_t*>(smem + C::G::kSmemBytes);
+  if constexpr (C::kWs) {
+    if (int(threadIdx.x) >= C::kThreads) {  // the producer warp: the stages, nothing else
+      C::G::produce_ws(smem, WaitSite{L.fault, L.timeout_ns, L.rank, s_epoch, L.state, L.world});
+      return;
+    }
+  }
+  // However the body leaves, the producer warp is told (it would time out otherwise).
+  struct ProducerQuit {
+    char* smem;
+    FMOE_DEVICE ~ProducerQuit() {
+      if constexpr (C::kWs) C::G::post_quit_ws(smem);
+    }
+  } const quit{smem};
+  int32_t* tables = reinterpret_cast<int32_t*>(smem + C::kSmemGemm);
   int32_t* peer_tables = tables + 3 * (C::E + 1);
   Kernel<C> k{L, x, y, tokens, (tokens + C::kTile - 1) / C::kTile, capacity, smem,
               tables, tables + (C::E + 1), tables + 2 * (C::E + 1),
