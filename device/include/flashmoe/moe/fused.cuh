@@ -58,6 +58,19 @@ struct Shared {
   static_assert(F % 8 == 0 && (F > 0 || !kGate), "shared width a multiple of 8; a gate needs it");
 };
 
+/// Block size and tile-GEMM shared memory with (kWs) or without the warp-specialised
+/// mainloop, whose members exist only in the builds that have it.
+template <class G, bool kWs>
+struct WsSizes {
+  static constexpr int kThreads = G::kThreads;
+  static constexpr int kSmem = G::kSmemBytes;
+};
+template <class G>
+struct WsSizes<G, true> {
+  static constexpr int kThreads = G::kWsThreads;
+  static constexpr int kSmem = G::kSmemBytesWs;
+};
+
 /// Compile-time shape and numerics of one layer (the JIT's constants).
 template <int kDtype_, int H_, int F_, int E_, int K_, bool kGated_, int kAct_, bool kRenorm_,
           int BM_, int BN_, int BK_, int kStages_, bool kEP_, class Route_ = Route<>,
@@ -92,7 +105,7 @@ struct Config {
   /// The body's barriers (body_sync): its kThreads threads, or the whole block.
   static constexpr int kBody = kWs ? kThreads : 0;
   /// Threads per block (the launch's block size).
-  static constexpr int kBlockThreads = kWs ? G::kWsThreads : kThreads;
+  static constexpr int kBlockThreads = WsSizes<G, kWs>::kThreads;
   static constexpr int kUpCols = kGated ? G::BN / 2 : G::BN;  // output columns of an up task
   static constexpr int kUpTiles = (F + kUpCols - 1) / kUpCols;
   static constexpr int kDownTiles = (H + G::BN - 1) / G::BN;
@@ -119,7 +132,7 @@ struct Config {
   static constexpr int kSmemScratch = kTile * K * int(sizeof(int32_t));
   static_assert(kSmemScratch <= G::kSmemPipe, "list scratch must fit the GEMM pipeline area");
   /// The tile GEMM's shared memory (with the warp-specialised mainloop's state).
-  static constexpr int kSmemGemm = kWs ? G::kSmemBytesWs : G::kSmemBytes;
+  static constexpr int kSmemGemm = WsSizes<G, kWs>::kSmem;
   static constexpr int kSmemBytes = kSmemGemm + kSmemTables;
 };
 
