@@ -12,7 +12,7 @@ from flashmoe_core.host.toolchain import find_toolchain
 from flashmoe_core import MoEConfig
 from flashmoe_core.kernel.specs import (abi_check_spec, gmma_test_spec, moe_backward_spec,
                                         moe_spec, nvshmem_ping_spec, ring_test_spec,
-                                        tile_gemm_spec)
+                                        tile_gemm_spec, ws_gemm_test_spec)
 
 pytestmark = pytest.mark.compile
 
@@ -48,15 +48,18 @@ MATRIX = [
                                            top_k=2, world_size=8))),
     # Hopper's wgmma / mbarrier building blocks (sm_90a only).
     ("sm_90a", gmma_test_spec("bfloat16", 256, "128B")),
+    # The warp-specialised mainloop on its own (sm_90a only).
+    ("sm_90a", ws_gemm_test_spec("bfloat16", 4)),
 ]
-HOPPER_ONLY = {"kernels/gmma_test.cu"}
+HOPPER_ONLY = {"kernels/gmma_test.cu", "kernels/ws_gemm_test.cu"}
 SYMBOLS = {"kernels/tile_gemm.cu": b"flashmoe_tile_gemm",
            "kernels/nvshmem_ping.cu": b"flashmoe_nvshmem_ping",
            "kernels/abi_check.cu": b"flashmoe_abi_check",
            "kernels/ring_test.cu": b"flashmoe_ring_test",
            "kernels/moe_fused.cu": b"flashmoe_moe_forward",
            "kernels/moe_backward.cu": b"flashmoe_moe_backward",
-           "kernels/gmma_test.cu": b"flashmoe_gmma_test"}
+           "kernels/gmma_test.cu": b"flashmoe_gmma_test",
+           "kernels/ws_gemm_test.cu": b"flashmoe_ws_gemm_test"}
 
 
 @pytest.fixture(scope="module")
