@@ -110,6 +110,15 @@ def tile_gemm(a: np.ndarray, b: np.ndarray, dtype: str, bias: Optional[np.ndarra
     return out
 
 
+def _wgmma_dtype(a: np.ndarray) -> str:
+    """The 16-bit storage type wgmma takes, by name, of an operand array."""
+    dtype = {np.dtype(storage_dtype("bfloat16")): "bfloat16",
+             np.dtype(np.float16): "float16"}.get(a.dtype)
+    if dtype is None:
+        raise ValueError(f"a and b must be bfloat16 or float16, not {a.dtype}")
+    return dtype
+
+
 def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B", tma: bool = False,
               map_k: Optional[int] = None, options: EmulatorOptions = EmulatorOptions()):
     """``kernels/gmma_test.cu`` (Hopper's wgmma, descriptors, mbarriers and TMA) on the
@@ -128,10 +137,7 @@ def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B", tma: bool = F
             a.shape[1] % 64 or a.dtype != b.dtype:
         raise ValueError(f"a must be [64, K] and b [N, K] of one dtype, K a multiple of 64; got "
                          f"{a.shape} {a.dtype} and {b.shape} {b.dtype}")
-    dtype = {np.dtype(storage_dtype("bfloat16")): "bfloat16",
-             np.dtype(np.float16): "float16"}.get(a.dtype)
-    if dtype is None:
-        raise ValueError(f"a and b must be bfloat16 or float16, not {a.dtype}")
+    dtype = _wgmma_dtype(a)
     lib = emulator_library(gmma_test_spec(dtype, b.shape[0], swizzle), options.checked)
     mismatches = lib.function("emu_gmma_layout_mismatches", [], ctypes.c_int)()
     if mismatches:
@@ -167,10 +173,7 @@ def ws_gemm_test(a: np.ndarray, b: np.ndarray, a_index: Optional[np.ndarray] = N
             a.dtype != b.dtype:
         raise ValueError(f"a must be [rows, K] and b [N, K] of one dtype, K a multiple of 8; "
                          f"got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
-    dtype = {np.dtype(storage_dtype("bfloat16")): "bfloat16",
-             np.dtype(np.float16): "float16"}.get(a.dtype)
-    if dtype is None:
-        raise ValueError(f"a and b must be bfloat16 or float16, not {a.dtype}")
+    dtype = _wgmma_dtype(a)
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     if a_index is not None:
         a_index = np.ascontiguousarray(a_index, np.int32)
