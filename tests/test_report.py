@@ -114,15 +114,16 @@ def test_report_of_a_real_sm90a_build(tmp_cache):
     assert 0 < k["registers"] <= 255 and k["dynamic_smem"] > 64 * 1024
     assert k["mainloops"], "no tensor-core loop found in the fused kernel"
     for loop in k["mainloops"]:
-        # Hopper: the wgmma mainloop. A bf16 128x128x64 k-tile is 4 k16 steps of two
-        # m64n128 halves, from one warpgroup; a half tile's loop has the first halves.
-        assert loop["mma_opcodes"] in ({"HGMMA": 8}, {"HGMMA": 4}), loop
+        # Hopper: the wgmma mainloop. A bf16 128x128x32 k-tile (the sm_90a tile) is 2 k16
+        # steps of two m64n128 halves, from one warpgroup; a half tile's loop has the
+        # first halves.
+        assert loop["mma_opcodes"] in ({"HGMMA": 4}, {"HGMMA": 2}), loop
         assert loop["kinds"]["spill"] == 0, loop  # no local memory in the mainloop
         # One wait per k-tile: ptxas did not serialise the wgmmas (it waits after each
         # when, say, one sits under a branch inside the loop).
         assert loop["wgmma_waits"] == 1, loop
         assert sum(loop["kinds"].values()) == loop["instructions_per_k_tile"]
-    assert {loop["mma_opcodes"]["HGMMA"] for loop in k["mainloops"]} == {4, 8}
+    assert {loop["mma_opcodes"]["HGMMA"] for loop in k["mainloops"]} == {2, 4}
     assert rep["layer"]["tasks"]["combine"] == 0  # folded into the down epilogue
 
 

@@ -28,20 +28,20 @@ def test_tensor_map_fields_of_every_weight():
     addr = {n: 4096 * (i + 1) for i, n in enumerate(TENSOR_MAP_SLOTS)}
     f = tensor_map_fields(cfg, addr.get, local_experts=4)
     assert set(f) == set(TENSOR_MAP_SLOTS)
-    # {in, out, expert}; a box is 64 bf16 (128 B) of K by the rows of one B-tile part:
-    # gated up tiles are 64 Wg rows then 64 Wu rows, down tiles 128 rows.
+    # {in, out, expert}; a box is 32 bf16 (64 B, the sm_90a tile's BK) of K by the rows
+    # of one B-tile part: gated up tiles are 64 Wg rows then 64 Wu rows, down tiles 128.
     assert f["w_up"] == dict(address=addr["w_up"], elem_bytes=2, dims=(256, 320, 4),
-                             strides=(512, 320 * 512), box=(64, 64, 1), swizzle="128B")
+                             strides=(512, 320 * 512), box=(32, 64, 1), swizzle="64B")
     assert f["w_up2"]["address"] == addr["w_up2"] and f["w_up2"]["dims"] == (256, 320, 4)
     assert f["w_down"] == dict(address=addr["w_down"], elem_bytes=2, dims=(320, 256, 4),
-                               strides=(640, 256 * 640), box=(64, 128, 1), swizzle="128B")
-    assert f["ws_up"]["dims"] == (256, 192, 1) and f["ws_up2"]["box"] == (64, 64, 1)
+                               strides=(640, 256 * 640), box=(32, 128, 1), swizzle="64B")
+    assert f["ws_up"]["dims"] == (256, 192, 1) and f["ws_up2"]["box"] == (32, 64, 1)
     assert f["ws_down"]["dims"] == (192, 256, 1) and f["ws_down"]["strides"] == (384, 256 * 384)
 
     plain = cfg.replace(mlp="vanilla", n_shared=0, shared_ffn=None, dtype="float16")
     g = tensor_map_fields(plain, addr.get)
     assert set(g) == {"w_up", "w_down"}
-    assert g["w_up"]["dims"] == (256, 320, 8) and g["w_up"]["box"] == (64, 128, 1)
+    assert g["w_up"]["dims"] == (256, 320, 8) and g["w_up"]["box"] == (32, 128, 1)
     blob = tensor_maps(plain, addr.get, encode_emulated)
     assert blob.shape == (TENSOR_MAPS * TENSOR_MAP_BYTES,)
     for name, slot in TENSOR_MAP_SLOTS.items():
@@ -150,8 +150,9 @@ def test_a_weight_tile_that_never_lands_is_a_timeout_naming_the_wait(tmp_path, m
     # The first box of every stage is declared but never loaded: its phase stays open;
     # the consumers' bounded wait gives up and the fault record says which wait it was.
     _mutant(tmp_path, monkeypatch,
-            "      sm90::tma_load_3d(dst + kb * BN * 128, static_cast<const sm90::TensorMap*>"
-            "(b.map0), bar,\n                        k0 + kb * kBoxK, b.n0, b.e);\n", "")
+            "      sm90::tma_load_3d(dst + kb * BN * kSpanBytes, static_cast<const "
+            "sm90::TensorMap*>(b.map0),\n                        bar, k0 + kb * kBoxK, b.n0, "
+            "b.e);\n", "")
     w = MoEWeights.random(SMALL, 0)
     layer = MoELayer(SMALL, w, backend="emulator", timeout_s=0.5)
     with pytest.raises(FlashMoETimeout, match="TMA load of a weight tile"):

@@ -56,6 +56,16 @@ def test_half_tiles_and_other_shapes():
     check(c, reference(a, b, None))
 
 
+def test_six_stages_of_64_byte_spans():
+    # The sm_90a fused tile: BK = 32 (64-byte spans, 64-byte swizzle on both the cp.async
+    # A rows and the TMA B boxes) in 6 stages. 190 gathered rows: the second m-tile is a
+    # half tile; K = 296 is 9.25 k-tiles, so the stages wrap and the tail is zeros.
+    a, b, idx = operands("bfloat16", 256, 256, 296, m=190, seed=2)
+    c, fault = ws_gemm_test(a, b, idx, tma=True, stages=6, bk=32, options=emulator_checks(3))
+    assert fault["code"] == 0
+    check(c, reference(a, b, idx))
+
+
 # ------------------------------------------------------------------ seeded bugs
 def _mutant(tmp_path, monkeypatch, *edits):
     seed_mutant(tmp_path, monkeypatch, GEMM, *edits)

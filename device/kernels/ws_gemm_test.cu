@@ -7,24 +7,28 @@
  * first), so the producer warp gets several jobs and the stages and parities run on
  * across tiles. A rows are gathered through a_index (no index: row m), B rows come by
  * cp.async through the row table or, with use_tma, by TMA from tma_b (a 3-D map
- * {K, N, 1}, a box of one 128-byte span by 128 rows, 128-byte swizzle). A tile with at
- * most 64 valid rows is a half tile. Waits give up after timeout_ns into `record`.
+ * {K, N, 1}, a box of one swizzle span by 128 rows: 128 bytes and 128-byte swizzle, or
+ * 64 and 64 for a BK of 32). A tile with at most 64 valid rows is a half tile. Waits
+ * give up after timeout_ns into `record`.
  *
  * Launch contract: grid <= tiles, block 160 (a consumer warpgroup, then the producer
  * warp); dynamic shared memory flashmoe_ws_gemm_test_smem bytes. Compile-time:
- * FMOE_DTYPE (2 bfloat16, 3 float16), FMOE_STAGES. sm_90a only (FMOE_MAINLOOP=90 in
- * emulator builds).
+ * FMOE_DTYPE (2 bfloat16, 3 float16), FMOE_STAGES, FMOE_BK (64 or 32; default 64).
+ * sm_90a only (FMOE_MAINLOOP=90 in emulator builds).
  */
 #include <flashmoe/gemm/tile_gemm.cuh>
 
 #if !defined(FMOE_DTYPE) || !defined(FMOE_STAGES)
 #error "FMOE_DTYPE and FMOE_STAGES must be defined"
 #endif
+#ifndef FMOE_BK
+#define FMOE_BK 64
+#endif
 #if !FMOE_SM90_MAINLOOP
 #error "the warp-specialised mainloop is sm_90a's (emulator builds: FMOE_MAINLOOP=90)"
 #endif
 
-using G = flashmoe::gemm::TileGemm<FMOE_DTYPE, 128, 128, 64, FMOE_STAGES>;
+using G = flashmoe::gemm::TileGemm<FMOE_DTYPE, 128, 128, FMOE_BK, FMOE_STAGES>;
 using S = G::Storage;
 static_assert(G::kWgmma && G::kTmaB, "16-bit operands on wgmma");
 

@@ -159,13 +159,13 @@ def gmma_test(a: np.ndarray, b: np.ndarray, swizzle: str = "128B", tma: bool = F
 
 
 def ws_gemm_test(a: np.ndarray, b: np.ndarray, a_index: Optional[np.ndarray] = None,
-                 tma: bool = False, grid: int = 2, stages: int = 4, timeout_s: float = 10.0,
-                 options: EmulatorOptions = EmulatorOptions()):
+                 tma: bool = False, grid: int = 2, stages: int = 4, bk: int = 64,
+                 timeout_s: float = 10.0, options: EmulatorOptions = EmulatorOptions()):
     """``kernels/ws_gemm_test.cu`` (the warp-specialised wgmma mainloop: a producer warp
     fills the stages, the consumer warpgroup multiplies) on the emulator: ``c =
     a[a_index] b^T`` in float32 for a [rows, K] and b [N, K] of one 16-bit storage type
-    (K a multiple of 8), on a persistent grid of ``grid`` blocks; ``tma``: b's tiles by
-    TMA. Returns ``(c, fault)``, fault the decoded fault record (code 0: none)."""
+    (K a multiple of 8), on a persistent grid of ``grid`` blocks, ``stages`` stages of
+    ``bk`` (64 or 32); ``tma``: b's tiles by TMA. Returns ``(c, fault)``, fault the decoded fault record (code 0: none)."""
     from ..host.tma import encode_emulated
     from ..kernel.specs import ws_gemm_test_spec
 
@@ -182,14 +182,15 @@ def ws_gemm_test(a: np.ndarray, b: np.ndarray, a_index: Optional[np.ndarray] = N
             raise ValueError(f"a_index must be 1-D row indices of a (0..{a.shape[0] - 1})")
     m = a.shape[0] if a_index is None else a_index.size
     n, k = b.shape
-    lib = emulator_library(ws_gemm_test_spec(dtype, stages), options.checked)
+    lib = emulator_library(ws_gemm_test_spec(dtype, stages, bk), options.checked)
     fn = lib.function("emu_ws_gemm_test", [ctypes.c_int, _P, _P, _P, _P, ctypes.c_int,
                                            ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P,
                                            ctypes.c_ulonglong])
     c = np.full((m, n), np.nan, np.float32)
     eb = a.itemsize
-    map_b = encode_emulated(_addr(b), eb, (k, n, 1), (k * eb, n * k * eb), (128 // eb, 128, 1),
-                            "128B")
+    span = bk * eb  # one swizzle span of K per box row: 128 or 64 bytes
+    map_b = encode_emulated(_addr(b), eb, (k, n, 1), (k * eb, n * k * eb), (span // eb, 128, 1),
+                            f"{span}B")
     record = np.zeros(1, FAULT_RECORD)
     spans = (_span("A", a) + _span("a_index", a_index) + _span("B", b) + _span("C", c) +
              _span("fault record", record))

@@ -78,20 +78,22 @@ def tensor_map_fields(cfg: MoEConfig, ptr, local_experts: Optional[int] = None) 
     layer has; ``ptr`` gives a buffer's address.
 
     Every map is 3-D, innermost first: {in (K), out (rows of the B tile), expert}; the
-    shared experts' matrices are one expert. A box is one 128-byte swizzle span of K by
-    the GEMM tile's rows of one part: up maps the up task's columns (gated: Wg's and
-    Wu's rows are two boxes of one B tile), the down map the tile's N.
+    shared experts' matrices are one expert. A box is one swizzle span of K of the sm_90a
+    tile (64 bytes, 64-byte swizzle) by the GEMM tile's rows of one part: up maps the up
+    task's columns (gated: Wg's and Wu's rows are two boxes of one B tile), the down map
+    the tile's N.
     """
     tile = tile_config(cfg.dtype)
     eb = np.dtype(storage_dtype(cfg.dtype)).itemsize
     h, f = cfg.hidden, cfg.ffn
     el = cfg.experts if local_experts is None else local_experts
     up_rows = tile.up_cols(cfg.mlp == "gated")
-    span = 128 // eb
+    span = tile.span_bytes90
 
     def fields(name, k, n, e, rows):
         return dict(address=ptr(name), elem_bytes=eb, dims=(k, n, e),
-                    strides=(k * eb, n * k * eb), box=(span, rows, 1), swizzle="128B")
+                    strides=(k * eb, n * k * eb), box=(span // eb, rows, 1),
+                    swizzle=f"{span}B")
     out = {"w_up": fields("w_up", h, f, el, up_rows), "w_down": fields("w_down", f, h, el, tile.bn)}
     if cfg.mlp == "gated":
         out["w_up2"] = fields("w_up2", h, f, el, up_rows)

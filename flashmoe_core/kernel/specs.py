@@ -45,16 +45,21 @@ def computed_rows(rows: int, half: bool = True) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """The tensor-core tile of the SM80-style mainloop for one element type.
+    """The tensor-core tile of one element type.
 
-    Each stage holds bm x bk of A and bn x bk of B; three stages take 96 KiB, so two
-    blocks fit on an SM of Ampere or Hopper.
+    Each stage holds bm x bk of A and bn x bk of B. The mma.sync mainloop runs three
+    stages of bk (96 KiB for 16-bit types: two blocks fit on an SM of Ampere or Hopper);
+    the sm_90a wgmma builds (16-bit types) run ``stages90`` stages of ``bk90`` instead:
+    six of 32 (64-byte swizzle spans) in the same 96 KiB, so the producer keeps up to
+    five stages in flight, not two. The kernels take both; each arch builds its own.
     """
 
     bm: int
     bn: int
     bk: int
     stages: int
+    bk90: int
+    stages90: int
 
     def up_cols(self, gated: bool) -> int:
         """Output columns of one up-projection task (gated: Wg and Wu rows share B)."""
@@ -63,13 +68,21 @@ class TileConfig:
     def defines(self) -> Dict[str, int]:
         """The kernels' compile-time constants for this tile."""
         return {"FMOE_BM": self.bm, "FMOE_BN": self.bn, "FMOE_BK": self.bk,
-                "FMOE_STAGES": self.stages}
+                "FMOE_STAGES": self.stages, "FMOE_BK90": self.bk90,
+                "FMOE_STAGES90": self.stages90}
+
+    @property
+    def span_bytes90(self) -> int:
+        """Bytes of K per swizzle span (and TMA box row) of the sm_90a tile."""
+        return 64 if self.bk90 * 2 == 64 else 128
 
 
 def tile_config(dtype: str) -> TileConfig:
-    """The tile of an element type (BK spans one 128-byte shared-memory row)."""
-    return TileConfig(bm=TILE, bn=TILE, bk=64 if dtype in ("bfloat16", "float16") else 32,
-                      stages=3)
+    """The tile of an element type (BK spans one 128-byte shared-memory row; the
+    sm_90a tile of 16-bit types one 64-byte span)."""
+    if dtype in ("bfloat16", "float16"):
+        return TileConfig(bm=TILE, bn=TILE, bk=64, stages=3, bk90=32, stages90=6)
+    return TileConfig(bm=TILE, bn=TILE, bk=32, stages=3, bk90=32, stages90=3)
 
 
 def tile_gemm_spec(dtype: str) -> KernelSpec:
@@ -116,16 +129,21 @@ def abi_check_spec() -> KernelSpec:
                            family="abi_check")
 
 
-def ws_gemm_test_spec(dtype: str = "bfloat16", stages: int = 4) -> KernelSpec:
+def ws_gemm_test_spec(dtype: str = "bfloat16", stages: int = 4, bk: int = 64) -> KernelSpec:
     """The warp-specialised sm_90a mainloop on its own: a persistent grid of 128 x 128
-    tiles, a producer warp filling ``stages`` stages (kernel-level test; Hopper only)."""
+    tiles, a producer warp filling ``stages`` stages of ``bk`` (64: 128-byte spans, 32:
+    64-byte) (kernel-level test; Hopper only)."""
     if dtype not in ("bfloat16", "float16"):
         raise ValueError(f"the warp-specialised test takes bfloat16 or float16, not {dtype!r}")
     if not 2 <= int(stages) <= 8:
         raise ValueError(f"stages must be 2..8, not {stages}")
-    defines = {"FMOE_DTYPE": DTYPE_IDS[dtype], "FMOE_STAGES": int(stages), "FMOE_MAINLOOP": 90}
+    if bk not in (32, 64):
+        raise ValueError(f"bk must be 32 or 64, not {bk}")
+    defines = {"FMOE_DTYPE": DTYPE_IDS[dtype], "FMOE_STAGES": int(stages), "FMOE_BK": int(bk),
+               "FMOE_MAINLOOP": 90}
     return KernelSpec.make("kernels/ws_gemm_test.cu", defines,
-                           label=f"the {dtype} warp-specialised GEMM test ({stages} stages)",
+                           label=f"the {dtype} warp-specialised GEMM test ({stages} stages "
+                                 f"of k {bk})",
                            family="ws_gemm_test", context={"dtype": dtype})
 
 

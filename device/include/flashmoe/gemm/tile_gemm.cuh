@@ -15,7 +15,7 @@
  * Hopper WGMMA/TMA path replaces this file's mainloop, not its interface.
  *
  * Shape rules: K is a multiple of 8 (whole 16-byte vectors), BM and BN multiples of
- * 32, BK whole 128-byte shared-memory rows. Any M, N: tails read as zeros.
+ * 32, BK 64 bytes or whole 128-byte shared-memory rows. Any M, N: tails read as zeros.
  *
  * Half tiles: a tile whose valid rows fit in its first BM / 2 (an expert's tail tile,
  * the last token tile) loads and multiplies only those, so routed rows cost compute in
@@ -73,6 +73,11 @@ FMOE_DEVICE void cp_async_wait() {
 }
 #endif
 
+/// Whether this build multiplies kDtype on wgmma (sm_90a mainloop, 16-bit operands):
+/// the builds that take a tile's Hopper form (specs.py: TileConfig).
+template <int kDtype>
+constexpr bool kWgmmaDtype = FMOE_SM90_MAINLOOP && sizeof(typename Element<kDtype>::Operand) == 2;
+
 template <int kDtype, int BM_, int BN_, int BK_, int kStages_>
 struct TileGemm {
   using E = Element<kDtype>;
@@ -82,21 +87,24 @@ struct TileGemm {
   static constexpr int kThreads = 128;
   static constexpr int kBytes = sizeof(T);
   static constexpr int kVec = 16 / kBytes;     // elements per 16-byte vector
-  static constexpr int kAtomK = 128 / kBytes;  // elements per 128-byte smem row
+  /// Bytes of K per swizzle span: 128, or 64 for a BK of 64 bytes (twice the stages in
+  /// the same shared memory).
+  static constexpr int kSpanBytes = BK * kBytes == 64 ? 64 : 128;
+  static constexpr int kAtomK = kSpanBytes / kBytes;  // elements per span row
   static_assert(sizeof(Storage) == sizeof(T), "storage and operand types must match in size");
-  static_assert(BK % kAtomK == 0, "BK must be whole 128-byte shared-memory rows");
+  static_assert(BK % kAtomK == 0, "BK must be 64 bytes or whole 128-byte shared-memory rows");
   static_assert(BM % 32 == 0 && BN % 32 == 0, "BM and BN must be multiples of 32");
   static_assert(kStages >= 2, "the pipeline needs at least two stages");
   /// The wgmma mainloop (16-bit operands, two m64 halves of a 128-row tile): the same
-  /// cp.async pipeline fills the same 128-byte swizzled stages (CuTe's GMMA K-major
-  /// SW128 atom is this layout), one warpgroup reads them through descriptors.
+  /// cp.async pipeline fills the same swizzled stages (CuTe's GMMA K-major SW128 / SW64
+  /// atom is this layout), one warpgroup reads them through descriptors.
   static constexpr bool kWgmma = FMOE_SM90_MAINLOOP && kBytes == 2 && BM == 128 &&
                                  (BN == 64 || BN == 128 || BN == 256) && BK % 16 == 0;
 
-  // 128-byte swizzle: 8 rows of 128 B, 16-byte chunks XOR-permuted by row, so that
-  // cp.async writes and ldmatrix reads are free of bank conflicts.
+  // 128- (64-) byte swizzle: 8 rows of a span, its 16-byte chunks XOR-permuted by row,
+  // so that cp.async writes and ldmatrix / wgmma reads are free of bank conflicts.
   using SmemAtom = decltype(cute::composition(
-      cute::Swizzle<3, (kBytes == 2 ? 3 : 2), 3>{},
+      cute::Swizzle<(kSpanBytes == 128 ? 3 : 2), (kBytes == 2 ? 3 : 2), 3>{},
       cute::Layout<cute::Shape<cute::_8, cute::Int<kAtomK>>,
                    cute::Stride<cute::Int<kAtomK>, cute::_1>>{}));
   using LayoutA = decltype(cute::tile_to_shape(
@@ -125,13 +133,13 @@ struct TileGemm {
   /// Shared memory one tile needs (pipeline, row tables, stage barriers); the output
   /// staging reuses the pipeline area.
   static constexpr int kSmemBytes = kSmemPipe + kSmemRowTables + kSmemBarriers;
-  /// A box's inner extent in elements: one 128-byte swizzle span of K.
+  /// A box's inner extent in elements: one swizzle span of K.
   static constexpr int kBoxK = kAtomK;
 
   /**
    * Where a B tile comes from by TMA: `parts` (1 or 2) boxes of BN / parts rows side by
    * side, part p from tensor map map<p> (a flashmoe::sm90::TensorMap in global memory)
-   * at rows n0.. of its dimension 1 and index e of its dimension 2; K in 128-byte spans
+   * at rows n0.. of its dimension 1 and index e of its dimension 2; K in swizzle spans
    * of dimension 0. Rows and columns past the tensor's end load as zeros. A load that
    * never lands is reported to `site` as kPhaseTmaWait with `task`.
    */
@@ -365,17 +373,21 @@ struct TileGemm {
   }
 
 #if FMOE_SM90_MAINLOOP
-  /// Byte offsets of a k16 step's sub-tile in the 128-byte swizzled stages from stage
-  /// 0's first: whole stages, m64 halves of 64 rows of 128 B (A), 32-byte steps within
-  /// a span of K, spans of every row further on (CuTe's tile_to_shape order).
+  /// The GMMA layout atom of the stages: CuTe's K-major atom of the span's swizzle.
+  using GmmaAtom = cute::conditional_t<kSpanBytes == 128, cute::GMMA::Layout_K_SW128_Atom<T>,
+                                       cute::GMMA::Layout_K_SW64_Atom<T>>;
+
+  /// Byte offsets of a k16 step's sub-tile in the swizzled stages from stage 0's first:
+  /// whole stages, m64 halves of 64 span rows (A), 32-byte steps within a span of K,
+  /// spans of every row further on (CuTe's tile_to_shape order).
   FMOE_DEVICE static uint32_t a_offset(int stage, int h, int kb) {
-    constexpr int kSteps = kAtomK / 16;  // k16 steps per 128-byte span
-    return uint32_t(stage * (BM * BK * kBytes) + h * (64 * 128) +
-                    (kb / kSteps) * (BM * 128) + (kb % kSteps) * 32);
+    constexpr int kSteps = kAtomK / 16;  // k16 steps per span
+    return uint32_t(stage * (BM * BK * kBytes) + h * (64 * kSpanBytes) +
+                    (kb / kSteps) * (BM * kSpanBytes) + (kb % kSteps) * 32);
   }
   FMOE_DEVICE static uint32_t b_offset(int stage, int kb) {
     constexpr int kSteps = kAtomK / 16;
-    return uint32_t(stage * (BN * BK * kBytes) + (kb / kSteps) * (BN * 128) +
+    return uint32_t(stage * (BN * BK * kBytes) + (kb / kSteps) * (BN * kSpanBytes) +
                     (kb % kSteps) * 32);
   }
 
@@ -442,7 +454,7 @@ struct TileGemm {
   FMOE_DEVICE static void mainloop_sm90(AccSm90& acc, char* smem, int K) {
     constexpr int kHalves = kFull ? BM / 64 : BM / 128;  // m64 halves multiplied
     using namespace cute;
-    using Atom = GMMA::Layout_K_SW128_Atom<T>;
+    using Atom = GmmaAtom;
     Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
                            tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
     Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
@@ -488,15 +500,15 @@ struct TileGemm {
   FMOE_DEVICE static void load_stage_b_tma(char* smem, const BTma& b, int k_tile, int stage) {
     uint64_t* bar = stage_barriers(smem) + stage;
     sm90::mbarrier_arrive_expect_tx(bar, uint32_t(BN * BK * kBytes));
-    // The stage's B buffer: 8-row swizzle atoms of 128 B down the rows, then spans of K.
+    // The stage's B buffer: 8-row swizzle atoms of a span down the rows, then spans of K.
     char* dst = smem + kSmemA + stage * (BN * BK * kBytes);
     const int k0 = k_tile * BK;
     CUTE_UNROLL
     for (int kb = 0; kb < BK / kBoxK; ++kb) {
-      sm90::tma_load_3d(dst + kb * BN * 128, static_cast<const sm90::TensorMap*>(b.map0), bar,
-                        k0 + kb * kBoxK, b.n0, b.e);
+      sm90::tma_load_3d(dst + kb * BN * kSpanBytes, static_cast<const sm90::TensorMap*>(b.map0),
+                        bar, k0 + kb * kBoxK, b.n0, b.e);
       if (b.parts == 2) {  // the second half of the tile's rows
-        sm90::tma_load_3d(dst + (kb * BN + BN / 2) * 128,
+        sm90::tma_load_3d(dst + (kb * BN + BN / 2) * kSpanBytes,
                           static_cast<const sm90::TensorMap*>(b.map1), bar, k0 + kb * kBoxK,
                           b.n0, b.e);
       }
@@ -537,7 +549,7 @@ struct TileGemm {
   FMOE_DEVICE static void mainloop_sm90_tma(AccSm90& acc, char* smem, int K, const BTma& b) {
     constexpr int kHalves = kFull ? BM / 64 : BM / 128;
     using namespace cute;
-    using Atom = GMMA::Layout_K_SW128_Atom<T>;
+    using Atom = GmmaAtom;
     Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
                            tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
     Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
@@ -792,7 +804,7 @@ struct TileGemm {
                                      int task) {
     constexpr int kHalves = kFull ? BM / 64 : BM / 128;
     using namespace cute;
-    using Atom = GMMA::Layout_K_SW128_Atom<T>;
+    using Atom = GmmaAtom;
     Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
                            tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
     Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),

@@ -6,7 +6,8 @@
  *
  * Constants (flashmoe_core/kernel/specs.py: moe_defines): FMOE_DTYPE, FMOE_H, FMOE_F,
  * FMOE_E, FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM, the tile FMOE_BM, FMOE_BN, FMOE_BK,
- * FMOE_STAGES (required), and with defaults FMOE_EP, the routing rules FMOE_SIGMOID,
+ * FMOE_STAGES and its sm_90a wgmma form FMOE_BK90, FMOE_STAGES90 (required), and with
+ * defaults FMOE_EP, the routing rules FMOE_SIGMOID,
  * FMOE_SOFTMAX_AFTER_TOPK, FMOE_ROUTER_BIAS, FMOE_SELECTION_BIAS, FMOE_GROUPS,
  * FMOE_TOPK_GROUPS, FMOE_SCALE_BITS (float32 bits), FMOE_ROUND_LOGITS, the capacity rules
  * FMOE_SLOT_MAJOR and FMOE_DROP_RENORM, the gated-MLP variants FMOE_MLP_BIAS,
@@ -19,8 +20,9 @@
 
 #if !defined(FMOE_DTYPE) || !defined(FMOE_H) || !defined(FMOE_F) || !defined(FMOE_E) || \
     !defined(FMOE_K) || !defined(FMOE_GATED) || !defined(FMOE_ACT) || !defined(FMOE_RENORM) || \
-    !defined(FMOE_BM) || !defined(FMOE_BN) || !defined(FMOE_BK) || !defined(FMOE_STAGES)
-#error "the MoE kernels need FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM and the tile FMOE_BM, FMOE_BN, FMOE_BK, FMOE_STAGES (flashmoe_core/kernel/specs.py)"
+    !defined(FMOE_BM) || !defined(FMOE_BN) || !defined(FMOE_BK) || !defined(FMOE_STAGES) || \
+    !defined(FMOE_BK90) || !defined(FMOE_STAGES90)
+#error "the MoE kernels need FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED, FMOE_ACT, FMOE_RENORM and the tile FMOE_BM, FMOE_BN, FMOE_BK, FMOE_STAGES, FMOE_BK90, FMOE_STAGES90 (flashmoe_core/kernel/specs.py)"
 #endif
 
 #ifndef FMOE_EP
@@ -83,7 +85,12 @@ using Mlp = flashmoe::moe::Mlp<FMOE_MLP_BIAS != 0, FMOE_SWIGLU_ALPHA_BITS,
 #define FMOE_SHARED_GATE 0
 #endif
 using Shared = flashmoe::moe::Shared<FMOE_SHARED_F, FMOE_SHARED_GATE != 0>;
+// The tile: wgmma builds (sm_90a, 16-bit) take its Hopper form, the others the mma.sync one.
+constexpr bool kHopperTile = flashmoe::gemm::kWgmmaDtype<FMOE_DTYPE>;
+constexpr int kBK = kHopperTile ? FMOE_BK90 : FMOE_BK;
+constexpr int kStages = kHopperTile ? FMOE_STAGES90 : FMOE_STAGES;
 using Cfg = flashmoe::moe::Config<FMOE_DTYPE, FMOE_H, FMOE_F, FMOE_E, FMOE_K, FMOE_GATED != 0,
-                                  FMOE_ACT, FMOE_RENORM != 0, FMOE_BM, FMOE_BN, FMOE_BK,
-                                  FMOE_STAGES, FMOE_EP != 0, Route, Mlp, Shared>;
+                                  FMOE_ACT, FMOE_RENORM != 0, FMOE_BM, FMOE_BN, kBK, kStages,
+                                  FMOE_EP != 0, Route, Mlp, Shared>;
+static_assert(Cfg::G::kWgmma == kHopperTile, "the Hopper tile is the wgmma builds' tile");
 }  // namespace fmoe_entry
