@@ -13,10 +13,13 @@ on the CPU emulator (``emulator``), the emulator at shapes a CPU gets through.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,85 @@ def pytest_addoption(parser):
         help="without a GPU: run the GPU tests (not the mpirun ones) only up to the first "
              "kernel each loads, and write those kernels to FILE (a listing for python -m "
              "flashmoe_core.build --requests); nothing is checked")
+    parser.addoption(
+        "--record-builds", metavar="FILE", default=None,
+        help="list the kernel builds this run makes into the session's caches, with the "
+             "test that asked for each, in FILE (tests/kernel_builds.json is the list the "
+             "background cache warming uses)")
+    parser.addoption(
+        "--no-warm-builds", action="store_true", default=False,
+        help="do not build the listed kernels of the selected tests in the background")
+
+
+_session = {}  # the shared cache folder, the recorder, the warming process
+
+
+def pytest_configure(config):
+    given = os.environ.get("FLASHMOE_TEST_CACHE_DIR")
+    _session["shared"] = Path(given) if given else Path(
+        tempfile.mkdtemp(prefix="flashmoe-test-kcache-"))
+    _session["own_shared"] = not given
+    if config.getoption("--record-builds"):
+        from flashmoe_core import env
+        from flashmoe_core.host.toolchain import find_toolchain
+        from kernel_builds import Recorder
+
+        rec = Recorder({"default": env.cache_dir(), "shared": _session["shared"]},
+                       find_toolchain(env.device_dir(), env.cutlass_include()).device_root)
+        _session["patch"] = pytest.MonkeyPatch()
+        rec.install(_session["patch"])
+        _session["recorder"] = rec
+
+
+def pytest_unconfigure(config):
+    if _session.pop("own_shared", False):
+        shutil.rmtree(_session["shared"], ignore_errors=True)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    rec = _session.get("recorder")
+    if rec is not None:
+        rec.test = nodeid
+
+
+def _may_warm(config) -> bool:
+    from flashmoe_core import env
+
+    if config.getoption("--no-warm-builds") or config.getoption("--list-kernels") or \
+            config.getoption("--record-builds") or config.getoption("collectonly"):
+        return False
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    # One core: the builds would only take turns with the tests. A kit or a disabled
+    # JIT: nothing compiles.
+    return cores >= 2 and not env.jit_disabled() and env.kernel_kit() is None
+
+
+def pytest_collection_finish(session):
+    """Start building the listed kernels of the selected tests in the background
+    (tests/kernel_builds.py says why and how)."""
+    from kernel_builds import LIST, jobs
+
+    if not LIST.exists() or not _may_warm(session.config):
+        return
+    from flashmoe_core import env
+
+    todo = jobs([item.nodeid for item in session.items], json.loads(LIST.read_text()))
+    if not todo:
+        return
+    task = _session["shared"] / "warm-builds.json"
+    task.parent.mkdir(parents=True, exist_ok=True)
+    task.write_text(json.dumps({"caches": {"default": str(env.cache_dir()),
+                                           "shared": str(_session["shared"])},
+                                "jobs": todo}))
+    log = open(_session["shared"] / "warm-builds.log", "w")
+    _session["warm"] = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("kernel_builds.py")), str(task)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        preexec_fn=lambda: os.nice(5))  # the tests first where both want a core
+    log.close()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -103,10 +185,10 @@ def tmp_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
-    """One kernel cache for the whole session (compile once, reuse)."""
-    d = Path(os.environ.get("FLASHMOE_TEST_CACHE_DIR") or tmp_path_factory.mktemp("kcache"))
-    return d
+def shared_cache():
+    """One kernel cache for the whole session (compile once, reuse; the background
+    warming builds into it too)."""
+    return _session["shared"] / "kcache"
 
 
 def seed_mutant(tmp_path, monkeypatch, file, *edits):
@@ -169,7 +251,29 @@ def _kernel_listing(request, monkeypatch):
     ops.runtime.cache_clear()
 
 
+def _stop_warming() -> None:
+    proc = _session.pop("warm", None)
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # it and its compilers
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def pytest_sessionfinish(session):
+    _stop_warming()
+    rec = _session.pop("recorder", None)
+    if rec is not None:
+        _session.pop("patch").undo()
+        rec.write(Path(session.config.getoption("--record-builds")))
+        print(f"\nrecorded {len(rec.entries)} kernel builds -> "
+              f"{session.config.getoption('--record-builds')}")
     path = session.config.getoption("--list-kernels")
     if not path:
         return
