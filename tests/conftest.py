@@ -81,7 +81,7 @@ def _may_warm(config) -> bool:
     from flashmoe_core import env
 
     if config.getoption("--no-warm-builds") or config.getoption("--list-kernels") or \
-            config.getoption("--record-builds") or config.getoption("collectonly"):
+            config.getoption("collectonly"):
         return False
     try:
         cores = len(os.sched_getaffinity(0))
