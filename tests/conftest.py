@@ -56,11 +56,11 @@ def pytest_configure(config):
     _session["own_shared"] = not given
     if config.getoption("--record-builds"):
         from flashmoe_core import env
-        from flashmoe_core.host.toolchain import find_toolchain
+        from flashmoe_core.host.toolchain import device_root
         from kernel_builds import Recorder
 
-        rec = Recorder({"default": env.cache_dir(), "shared": _session["shared"]},
-                       find_toolchain(env.device_dir(), env.cutlass_include()).device_root)
+        rec = Recorder({"default": env.cache_dir(), "shared": _session["shared"] / "kcache"},
+                       device_root(env.device_dir()))
         _session["patch"] = pytest.MonkeyPatch()
         rec.install(_session["patch"])
         _session["recorder"] = rec
@@ -107,7 +107,7 @@ def pytest_collection_finish(session):
     task = _session["shared"] / "warm-builds.json"
     task.parent.mkdir(parents=True, exist_ok=True)
     task.write_text(json.dumps({"caches": {"default": str(env.cache_dir()),
-                                           "shared": str(_session["shared"])},
+                                           "shared": str(_session["shared"] / "kcache")},
                                 "jobs": todo}))
     log = open(_session["shared"] / "warm-builds.log", "w")
     _session["warm"] = subprocess.Popen(
