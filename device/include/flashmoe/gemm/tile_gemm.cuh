@@ -413,6 +413,37 @@ struct TileGemm {
   /// This thread's accumulators of the wgmma mainloop: [m64 half][BN / 2].
   using AccSm90 = float[BM / 64][BN / 2];
 
+  /// What every wgmma mainloop starts from: the stages as CuTe GMMA tensors
+  /// ([rows, k, stage], A then B), stage 0's first k16 descriptors (an m64 half of A,
+  /// all of B; desc_at moves them on), and zeroed accumulators.
+  FMOE_DEVICE static auto gmma_a(char* smem) {
+    using namespace cute;
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
+                       tile_to_shape(GmmaAtom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
+  }
+  FMOE_DEVICE static auto gmma_b(char* smem) {
+    using namespace cute;
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
+                       tile_to_shape(GmmaAtom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
+  }
+  template <class TA>
+  FMOE_DEVICE static uint64_t base_desc_a(const TA& gA) {
+    using namespace cute;
+    return sm90::descriptor(local_tile(gA(_, _, 0), Shape<_64, _16>{}, make_coord(0, 0)));
+  }
+  template <class TB>
+  FMOE_DEVICE static uint64_t base_desc_b(const TB& gB) {
+    using namespace cute;
+    return sm90::descriptor(local_tile(gB(_, _, 0), Shape<Int<BN>, _16>{}, make_coord(0, 0)));
+  }
+  FMOE_DEVICE static void zero_acc(AccSm90& acc) {
+    CUTE_UNROLL
+    for (int h = 0; h < BM / 64; ++h) {
+      CUTE_UNROLL
+      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.0f;
+    }
+  }
+
   /// One k-tile's wgmmas on stage `stage` (landed, the block met) as one committed
   /// group: BK / 16 k16 steps of kHalves m64 halves. Returns with this group in flight
   /// and the previous one retired.
@@ -454,20 +485,10 @@ struct TileGemm {
   FMOE_DEVICE static void mainloop_sm90(AccSm90& acc, char* smem, int K) {
     constexpr int kHalves = kFull ? BM / 64 : BM / 128;  // m64 halves multiplied
     using namespace cute;
-    using Atom = GmmaAtom;
-    Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
-                           tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
-    Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
-                           tile_to_shape(Atom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
-    const uint64_t da0 = sm90::descriptor(local_tile(gA(_, _, 0), Shape<_64, _16>{},
-                                                     make_coord(0, 0)));
-    const uint64_t db0 = sm90::descriptor(local_tile(gB(_, _, 0), Shape<Int<BN>, _16>{},
-                                                     make_coord(0, 0)));
-    CUTE_UNROLL
-    for (int h = 0; h < BM / 64; ++h) {
-      CUTE_UNROLL
-      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.0f;
-    }
+    const auto gA = gmma_a(smem);
+    const auto gB = gmma_b(smem);
+    const uint64_t da0 = base_desc_a(gA), db0 = base_desc_b(gB);
+    zero_acc(acc);
     const int num_k = (K + BK - 1) / BK;
     CUTE_UNROLL
     for (int s = 0; s < kStages - 1; ++s) {
@@ -549,20 +570,10 @@ struct TileGemm {
   FMOE_DEVICE static void mainloop_sm90_tma(AccSm90& acc, char* smem, int K, const BTma& b) {
     constexpr int kHalves = kFull ? BM / 64 : BM / 128;
     using namespace cute;
-    using Atom = GmmaAtom;
-    Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
-                           tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
-    Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
-                           tile_to_shape(Atom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
-    const uint64_t da0 = sm90::descriptor(local_tile(gA(_, _, 0), Shape<_64, _16>{},
-                                                     make_coord(0, 0)));
-    const uint64_t db0 = sm90::descriptor(local_tile(gB(_, _, 0), Shape<Int<BN>, _16>{},
-                                                     make_coord(0, 0)));
-    CUTE_UNROLL
-    for (int h = 0; h < BM / 64; ++h) {
-      CUTE_UNROLL
-      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.0f;
-    }
+    const auto gA = gmma_a(smem);
+    const auto gB = gmma_b(smem);
+    const uint64_t da0 = base_desc_a(gA), db0 = base_desc_b(gB);
+    zero_acc(acc);
     const bool loader = threadIdx.x == 0;
     uint32_t parities = *stage_parities(smem);  // block-uniform
     const int num_k = (K + BK - 1) / BK;
@@ -804,20 +815,10 @@ struct TileGemm {
                                      int task) {
     constexpr int kHalves = kFull ? BM / 64 : BM / 128;
     using namespace cute;
-    using Atom = GmmaAtom;
-    Tensor gA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem)),
-                           tile_to_shape(Atom{}, Shape<Int<BM>, Int<BK>, Int<kStages>>{}));
-    Tensor gB = make_tensor(make_smem_ptr(reinterpret_cast<T*>(smem + kSmemA)),
-                           tile_to_shape(Atom{}, Shape<Int<BN>, Int<BK>, Int<kStages>>{}));
-    const uint64_t da0 = sm90::descriptor(local_tile(gA(_, _, 0), Shape<_64, _16>{},
-                                                     make_coord(0, 0)));
-    const uint64_t db0 = sm90::descriptor(local_tile(gB(_, _, 0), Shape<Int<BN>, _16>{},
-                                                     make_coord(0, 0)));
-    CUTE_UNROLL
-    for (int h = 0; h < BM / 64; ++h) {
-      CUTE_UNROLL
-      for (int i = 0; i < BN / 2; ++i) acc[h][i] = 0.0f;
-    }
+    const auto gA = gmma_a(smem);
+    const auto gB = gmma_b(smem);
+    const uint64_t da0 = base_desc_a(gA), db0 = base_desc_b(gB);
+    zero_acc(acc);
     WsState* ws = ws_state(smem);
     uint32_t stage = ws->stage, phase = ws->phase;
     const int num_k = (K + BK - 1) / BK;
