@@ -96,12 +96,12 @@ def test_computed_rows_of_an_expert():
     assert [computed_rows(n, half=False) for n in (1, 64, 129)] == [128, 128, 256]
 
 
-def _small_report(arch):
+def _small_report(arch, *extra):
     """The command line's JSON report of a small layer's fused kernel for ``arch``."""
     p = subprocess.run([sys.executable, "-m", "flashmoe_core.build", "--arch", arch,
                         "--report", "--json", "--tokens", "256", "--hidden", "128", "--ffn",
-                        "256", "--experts", "8"], capture_output=True, text=True, cwd=REPO,
-                       timeout=900)
+                        "256", "--experts", "8", *extra], capture_output=True, text=True,
+                       cwd=REPO, timeout=900)
     assert p.returncode == 0, p.stderr
     (rep,) = json.loads(p.stdout)
     return rep
@@ -109,7 +109,7 @@ def _small_report(arch):
 
 @pytest.mark.compile
 def test_report_of_a_real_sm90a_build(tmp_cache):
-    rep = _small_report("sm_90a")
+    rep = _small_report("sm_90a", "--training")
     k = rep["kernel"]
     assert 0 < k["registers"] <= 255 and k["dynamic_smem"] > 64 * 1024
     assert k["mainloops"], "no tensor-core loop found in the fused kernel"
@@ -125,6 +125,12 @@ def test_report_of_a_real_sm90a_build(tmp_cache):
         assert sum(loop["kinds"].values()) == loop["instructions_per_k_tile"]
     assert {loop["mma_opcodes"]["HGMMA"] for loop in k["mainloops"]} == {2, 4}
     assert rep["layer"]["tasks"]["combine"] == 0  # folded into the down epilogue
+    # --training: the backward kernel too (one warpgroup of 128 threads, wgmma loops).
+    b = rep["backward"]
+    assert b["kernel"] == "flashmoe_moe_backward" and b["threads"] == 128
+    assert b["spill_instructions"] == {"LDL": 0, "STL": 0} and b["mainloops"]
+    assert all("HGMMA" in loop["mma_opcodes"] and loop["kinds"]["spill"] == 0
+               for loop in b["mainloops"]), b["mainloops"]
 
 
 @pytest.mark.compile

@@ -182,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .report import format_report, report
 
             cfg = config_from_args(args)
-            reps = [report(cfg, arch) for arch in archs]
+            reps = [report(cfg, arch, training=args.training) for arch in archs]
             print(json.dumps(reps, indent=1) if args.json else
                   "\n\n".join(format_report(r) for r in reps))
             return 0

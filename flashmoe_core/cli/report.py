@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import MoEConfig
 from ..host import sass
-from ..kernel.specs import TILE, computed_rows, moe_spec, tile_config
+from ..kernel.specs import TILE, computed_rows, moe_backward_spec, moe_spec, tile_config
 from ..numerics import itemsize
 
 __all__ = ["H100", "kernel_report", "layer_report", "report", "format_report"]
@@ -143,22 +143,26 @@ def layer_report(cfg: MoEConfig, counts: Optional[np.ndarray] = None,
     }
 
 
-def report(cfg: MoEConfig, arch: str = "sm_90a") -> dict:
-    """The whole report: the fused kernel of ``cfg`` for ``arch`` (compiled or cached)
-    and the configuration's numbers."""
+def report(cfg: MoEConfig, arch: str = "sm_90a", training: bool = False) -> dict:
+    """The whole report: the fused kernel of ``cfg`` for ``arch`` (compiled or cached),
+    with ``training`` its backward kernel too, and the configuration's numbers."""
     from ..kernel.jit import compile_kernel
 
     cubin = compile_kernel(moe_spec(cfg), arch).cubin
-    return {"config": cfg.to_dict(), "arch": arch, "kernel": kernel_report(cubin),
-            "layer": layer_report(cfg)}
+    rep = {"config": cfg.to_dict(), "arch": arch, "kernel": kernel_report(cubin),
+           "layer": layer_report(cfg)}
+    if training:
+        # The backward: 128 threads (no producer warp), its own shared memory symbol.
+        rep["backward"] = kernel_report(compile_kernel(moe_backward_spec(cfg), arch).cubin,
+                                        "flashmoe_moe_backward", "flashmoe_moe_backward_smem",
+                                        threads_symbol=None)
+    return rep
 
 
-def format_report(rep: dict) -> str:
-    """The report as text."""
-    k, lay = rep["kernel"], rep["layer"]
+def _format_kernel(k: dict, arch: str) -> list:
     occ = k["blocks_per_sm_h100"]
     lines = [
-        f"{k['kernel']} for {rep['arch']}: {k['registers']} registers, stack "
+        f"{k['kernel']} for {arch}: {k['registers']} registers, stack "
         f"{k['stack_bytes']} B, spills {k['spill_instructions']['LDL']} LDL / "
         f"{k['spill_instructions']['STL']} STL, shared {k['static_smem']} B static + "
         f"{k['dynamic_smem']} B dynamic, {k['instructions']} instructions, atomics "
@@ -172,6 +176,15 @@ def format_report(rep: dict) -> str:
         waits = f", {loop['wgmma_waits']} wgmma waits" if "HGMMA" in loop["mma_opcodes"] else ""
         lines.append(f"mainloop {i} [{loop['address']}]: {loop['instructions_per_k_tile']} "
                      f"instructions per k-tile ({mma}{waits}): {kinds}")
+    return lines
+
+
+def format_report(rep: dict) -> str:
+    """The report as text."""
+    lay = rep["layer"]
+    lines = _format_kernel(rep["kernel"], rep["arch"])
+    if "backward" in rep:
+        lines += _format_kernel(rep["backward"], rep["arch"])
     tasks = ", ".join(f"{n} {kind}" for kind, n in lay["tasks"].items())
     lines += [
         f"layer at {lay['tokens']} tokens: {lay['assignments']} assignments (experts "
