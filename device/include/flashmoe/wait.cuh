@@ -66,9 +66,10 @@ FMOE_DEVICE void report_fault(const WaitSite& site, uint32_t code, int32_t phase
   __threadfence_system();
 }
 
-/// A flag another thread sets once (a strong store) and waits read while they poll:
-/// set_flag / flag_set.
-FMOE_DEVICE void set_flag(uint32_t* flag) { *reinterpret_cast<volatile uint32_t*>(flag) = 1u; }
+/// A flag threads set (once, or several at a time: every producer lane that gives up
+/// does, so an atomic exchange, not a store) and waits read while they poll: set_flag /
+/// flag_set.
+FMOE_DEVICE void set_flag(uint32_t* flag) { atomicExch(flag, 1u); }
 FMOE_DEVICE bool flag_set(const uint32_t* flag) {
   return *reinterpret_cast<const volatile uint32_t*>(flag) != 0u;
 }

@@ -713,11 +713,15 @@ struct TileGemm {
     constexpr int kVecsPerRow = BK / kVec;
     uint32_t stage = 0, phase = 1;  // a fresh barrier's phase "-1" counts as complete
     uint32_t job_phase = 0;
+    // The body may work for long between tiles (grid barriers, remote waits): the wait
+    // for a job gives up only without progress, or at another block's fault, and allows
+    // twice the body's time, so that a stalled body reports its own wait (the cause)
+    // and posts the quit as it leaves; this one reports only a body that does neither.
+    WaitSite idle = site;
+    idle.timeout_ns = 2 * site.timeout_ns;
     for (int tiles = 0;; ++tiles) {  // bounded: every wait is, and the consumers end with a quit
-      // The body may work for long between tiles (grid barriers, remote waits): this
-      // wait gives up only without progress, or at another block's fault.
       const bool posted = bounded_wait(
-          site, abi::kPhaseStageFree, -1, -1,
+          idle, abi::kPhaseStageFree, -1, -1,
           [&] { return sm90::mbarrier_try_wait_parity(&ws->job, job_phase); },
           [&](int64_t& seen, int64_t& expected) {
             seen = tiles;
