@@ -15,21 +15,79 @@ Regenerate the list after changing which kernels the tests build::
     python -m pytest --record-builds tests/kernel_builds.json
 
 Only builds into the session's own caches are listed (the default kernel cache and the
-``shared_cache`` fixture's), of the checkout's own device sources; a fused-kernel entry
-keeps the layer configuration it came from, so that the list survives changes to the
-compile-time constants a configuration turns into.
+``shared_cache`` fixture's). A fused-kernel entry keeps the layer configuration it came
+from, so that the list survives changes to the compile-time constants a configuration
+turns into. A build of seeded device sources (a mutant test's copy of device/) keeps its
+edits as text replacements, which the warming applies to its own copy: the same sources
+make the same cache key wherever they lie; an edit whose old text is gone is passed over.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 LIST = Path(__file__).with_name("kernel_builds.json")
 
 _MOE = ("moe_spec", "moe_backward_spec")
+_SOURCES = (".cuh", ".cu", ".h", ".cpp")  # what the device tree's digest covers
+
+
+def _replacements(old: str, new: str) -> Optional[List[List[str]]]:
+    """[old, new] text pairs that turn ``old`` into ``new`` applied in order, each old
+    text found once (whole changed lines, widened by context lines until unique)."""
+    a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    out = []
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    for tag, i1, i2, j1, j2 in ops:
+        if tag == "equal":
+            continue
+        for k in range(len(a) + 1):  # bounded: the whole file is unique
+            lo, hi = max(0, i1 - k), min(len(a), i2 + k)
+            o = "".join(a[lo:hi])
+            if o and old.count(o) == 1:
+                out.append([o, "".join(a[lo:i1] + b[j1:j2] + a[i2:hi])])
+                break
+        else:
+            return None
+    return out
+
+
+def _mutation(base: Path, root: Path) -> Optional[Dict[str, List[List[str]]]]:
+    """The edits that make device tree ``root`` from ``base`` (None: not text edits of
+    files both have)."""
+    files = lambda r: {p.relative_to(r).as_posix() for p in r.rglob("*")  # noqa: E731
+                       if p.is_file() and p.suffix in _SOURCES}
+    if files(base) != files(root):
+        return None
+    edits = {}
+    for rel in sorted(files(root)):
+        x, y = (base / rel).read_text(), (root / rel).read_text()
+        if x != y:
+            r = _replacements(x, y)
+            if r is None:
+                return None
+            edits[rel] = r
+    return edits
+
+
+def seeded_tree(base: Path, dest: Path, edits: Dict[str, List[List[str]]]) -> bool:
+    """Copy device tree ``base`` to ``dest`` with ``edits``; False if one no longer applies."""
+    shutil.copytree(base, dest)
+    for rel, pairs in edits.items():
+        path = dest / rel
+        text = path.read_text()
+        for o, n in pairs:
+            if text.count(o) != 1:
+                return False
+            text = text.replace(o, n)
+        path.write_text(text)
+    return True
 
 
 def _derive(spec) -> dict:
@@ -87,8 +145,14 @@ class Recorder:
 
     def _add(self, entry: dict, toolchain, cache) -> None:
         name = self._cache_name(cache)
-        if name is None or Path(toolchain.device_root).resolve() != self.device_root:
-            return  # a private cache or seeded device sources: nothing to share
+        if name is None:
+            return  # a private cache: nothing to share
+        root = Path(toolchain.device_root).resolve()
+        if root != self.device_root:
+            edits = _mutation(self.device_root, root)
+            if not edits:
+                return
+            entry = dict(entry, mutant=edits)
         key = json.dumps(entry, sort_keys=True)
         if (name, key) in self._seen:
             return
@@ -154,12 +218,19 @@ def warm(job_list: List[dict], caches: Dict[str, str]) -> None:
     from flashmoe_core.host.cache import KernelCache
     from flashmoe_core.host.toolchain import find_toolchain
 
-    tc = find_toolchain(env.device_dir(), env.cutlass_include())
+    base = find_toolchain(env.device_dir(), env.cutlass_include())
     cxx = None
     for job in job_list:
+        tmp = None
         try:
             spec = _spec(job)
             cache = KernelCache(caches[job["cache"]])
+            tc = base
+            if job.get("mutant"):
+                tmp = Path(tempfile.mkdtemp(prefix="flashmoe-warm-"))
+                if not seeded_tree(base.device_root, tmp / "device", job["mutant"]):
+                    continue
+                tc = find_toolchain(str(tmp / "device"), env.cutlass_include())
             if job["kind"] == "emulator":
                 cxx = cxx or emulator.find_compiler(env.cxx())
                 checked = job["checked"]
@@ -175,6 +246,9 @@ def warm(job_list: List[dict], caches: Dict[str, str]) -> None:
         except Exception as exc:  # the test that needs it reports it properly
             print(f"kernel_builds: {job.get('test')}: {type(exc).__name__}: {exc}"[:400],
                   file=sys.stderr, flush=True)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The background cache warming of the test sessions (tests/kernel_builds.py)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,31 @@ def test_fused_specs_are_listed_by_their_configuration_and_made_again():
     # Any other spec is kept as it is.
     entry = json.loads(json.dumps(kernel_builds._derive(ring_test_spec())))
     assert set(entry) == {"spec"} and kernel_builds._spec(entry) == ring_test_spec()
+
+
+def test_a_seeded_tree_is_listed_as_edits_that_make_the_same_sources_again(tmp_path):
+    from flashmoe_core.host.toolchain import device_tree_digest, find_toolchain
+
+    base = find_toolchain().device_root
+    mutant = tmp_path / "m" / "device"
+    shutil.copytree(base, mutant)
+    gemm = mutant / "include/flashmoe/gemm/tile_gemm.cuh"
+    text = gemm.read_text()
+    # Two edits, one of a line that occurs more than once (context makes it unique).
+    assert text.count("    sm90::wgmma_commit();\n") == 1 and text.count("    CUTE_UNROLL\n") > 1
+    gemm.write_text(text.replace("    sm90::wgmma_commit();\n", "")
+                    .replace("    CUTE_UNROLL\n", "    CUTE_NO_UNROLL\n", 1))
+    edits = json.loads(json.dumps(kernel_builds._mutation(base, mutant)))
+    assert list(edits) == ["include/flashmoe/gemm/tile_gemm.cuh"] and len(edits[list(edits)[0]]) == 2
+    again = tmp_path / "again" / "device"
+    assert kernel_builds.seeded_tree(base, again, edits)
+    assert device_tree_digest(again) == device_tree_digest(mutant) != device_tree_digest(base)
+    # An edit whose old text is gone is not applied.
+    stale = {"include/flashmoe/gemm/tile_gemm.cuh": [["no such text", ""]]}
+    assert not kernel_builds.seeded_tree(base, tmp_path / "stale" / "device", stale)
+    # A tree with a file more is not text edits.
+    (mutant / "include/extra.cuh").write_text("x")
+    assert kernel_builds._mutation(base, mutant) is None
 
 
 def test_jobs_follow_the_selected_tests_order_and_skip_the_others():
