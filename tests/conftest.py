@@ -77,19 +77,24 @@ def pytest_runtest_logstart(nodeid, location):
         rec.test = nodeid
 
 
-def _may_warm(config) -> bool:
+def _warm_workers(config) -> int:
+    """How many background build processes to start (0: none)."""
     from flashmoe_core import env
 
     if config.getoption("--no-warm-builds") or config.getoption("--list-kernels") or \
             config.getoption("collectonly"):
-        return False
+        return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
     # One core: the builds would only take turns with the tests. A kit or a disabled
-    # JIT: nothing compiles.
-    return cores >= 2 and not env.jit_disabled() and env.kernel_kit() is None
+    # JIT: nothing compiles. Else one per core (at most 4: a build takes ~1.5 GB), at a
+    # low priority: whenever the tests wait (for a build, a subprocess) every core
+    # builds, and while they run they keep their core.
+    if cores < 2 or env.jit_disabled() or env.kernel_kit() is not None:
+        return 0
+    return min(cores, 4)
 
 
 def pytest_collection_finish(session):
@@ -97,7 +102,8 @@ def pytest_collection_finish(session):
     (tests/kernel_builds.py says why and how)."""
     from kernel_builds import LIST, jobs
 
-    if not LIST.exists() or not _may_warm(session.config):
+    workers = _warm_workers(session.config)
+    if not LIST.exists() or not workers:
         return
     from flashmoe_core import env
 
@@ -109,12 +115,15 @@ def pytest_collection_finish(session):
     task.write_text(json.dumps({"caches": {"default": str(env.cache_dir()),
                                            "shared": str(_session["shared"] / "kcache")},
                                 "jobs": todo}))
-    log = open(_session["shared"] / "warm-builds.log", "w")
-    _session["warm"] = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("kernel_builds.py")), str(task)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        preexec_fn=lambda: os.nice(5))  # the tests first where both want a core
-    log.close()
+    # Each worker takes the next job that is neither built nor being built.
+    _session["warm"] = []
+    for i in range(workers):
+        with open(_session["shared"] / f"warm-builds-{i}.log", "w") as log:
+            _session["warm"].append(subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("kernel_builds.py")), str(task),
+                 str(i)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                preexec_fn=lambda: os.nice(10)))  # the tests first where both want a core
 
 
 def pytest_collection_modifyitems(config, items):
@@ -252,18 +261,18 @@ def _kernel_listing(request, monkeypatch):
 
 
 def _stop_warming() -> None:
-    proc = _session.pop("warm", None)
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # it and its compilers
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    for proc in _session.pop("warm", []):
+        if proc.poll() is not None:
+            continue
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+            os.killpg(proc.pid, signal.SIGTERM)  # it and its compilers
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
 
 def pytest_sessionfinish(session):

@@ -254,8 +254,10 @@ def warm(job_list: List[dict], caches: Dict[str, str]) -> None:
 if __name__ == "__main__":
     import signal
 
-    # python tests/kernel_builds.py JOBS.json: {"caches": {...}, "jobs": [...]}. The
-    # session ends it with SIGTERM: leave at once (no next job), temporary folders removed.
+    # python tests/kernel_builds.py JOBS.json [I]: {"caches": {...}, "jobs": [...]}; worker
+    # I starts at job I (the workers do not all start with the same build). The session
+    # ends it with SIGTERM: leave at once (no next job), temporary folders removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     task = json.loads(Path(sys.argv[1]).read_text())
-    warm(task["jobs"], task["caches"])
+    first = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    warm(task["jobs"][first:] + task["jobs"][:first], task["caches"])
