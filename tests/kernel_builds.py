@@ -4,11 +4,11 @@ Most of the suite's time on a CPU machine is compiling: each emulated kernel is 
 build (10-20 s), each compile test an NVRTC build (10-70 s), one after the other while
 the second core idles. ``kernel_builds.json`` lists the builds a whole run makes, in the
 order the tests first ask for them, each with the test that asked. At the start of a
-session conftest.py hands the entries of the selected tests to a background process
-(this file run as a script), which builds them into the same caches; a test that gets
-there first builds the kernel itself (the caches' per-entry locks keep one build of
-each). Nothing depends on the list being current: a stale entry builds something no
-test asks for, a missing one is built by its test as before.
+session conftest.py hands the entries of the selected tests to background processes
+(this file run as a script, one per core), which build them into the same caches; a
+test that gets there first builds the kernel itself (the caches' per-entry locks keep
+one build of each). Nothing depends on the list being current: a stale entry builds
+something no test asks for, a missing one is built by its test as before.
 
 Regenerate the list after changing which kernels the tests build::
 
@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 LIST = Path(__file__).with_name("kernel_builds.json")
 
 _MOE = ("moe_spec", "moe_backward_spec")
-_SOURCES = (".cuh", ".cu", ".h", ".cpp")  # what the device tree's digest covers
+from flashmoe_core.host.toolchain import _DEVICE_SUFFIXES as _SOURCES  # what the digest covers
 
 
 def _replacements(old: str, new: str) -> Optional[List[List[str]]]:
@@ -211,7 +211,7 @@ def _busy(cache, key: str) -> bool:
 
 def warm(job_list: List[dict], caches: Dict[str, str]) -> None:
     """Build every job into its cache, quietly: those already built or being built by a
-    test are passed over (both cores compile, never the same kernel); a build that fails
+    test or another worker are passed over (never two builds of one kernel); a build that fails
     is left to its test to report."""
     from flashmoe_core import env
     from flashmoe_core.host import compiler, emulator

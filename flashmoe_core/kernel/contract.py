@@ -88,7 +88,7 @@ def tensor_map_fields(cfg: MoEConfig, ptr, local_experts: Optional[int] = None) 
     h, f = cfg.hidden, cfg.ffn
     el = cfg.experts if local_experts is None else local_experts
     up_rows = tile.up_cols(cfg.mlp == "gated")
-    span = tile.span_bytes90
+    span = 64 if tile.bk90 * eb == 64 else 128  # bytes of K per swizzle span (TileGemm)
 
     def fields(name, k, n, e, rows):
         return dict(address=ptr(name), elem_bytes=eb, dims=(k, n, e),

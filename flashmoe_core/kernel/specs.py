@@ -71,11 +71,6 @@ class TileConfig:
                 "FMOE_STAGES": self.stages, "FMOE_BK90": self.bk90,
                 "FMOE_STAGES90": self.stages90}
 
-    @property
-    def span_bytes90(self) -> int:
-        """Bytes of K per swizzle span (and TMA box row) of the sm_90a tile."""
-        return 64 if self.bk90 * 2 == 64 else 128
-
 
 def tile_config(dtype: str) -> TileConfig:
     """The tile of an element type (BK spans one 128-byte shared-memory row; the
